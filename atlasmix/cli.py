@@ -1,0 +1,209 @@
+"""The ``atlasmix`` command line (typer). Every user error prints one line and exits with code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from atlasmix.errors import AtlasmixError
+
+app = typer.Typer(help="atlasmix: a TileDB-SOMA data lake for training-data composition studies.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+store_app = typer.Typer(help="Create and inspect a store.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+console = Console(stderr=True)
+
+
+def _kv(items: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise AtlasmixError(f"{what} expects KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+@store_app.command("init")
+def store_init(store: Annotated[str, typer.Argument(help="Local path or s3:// URI of the new store.")]):
+    """Create an empty store (one SOMA Experiment)."""
+    from atlasmix.store import Store
+
+    s = Store.create(store)
+    console.print(f"created store {s.uri}")
+
+
+@store_app.command("info")
+def store_info(store: str, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+    """Datasets, cells, genes, presence and size on disk."""
+    from atlasmix.store import Store
+
+    info = Store(store).info()
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    t = Table(title=f"{info['uri']}: {info['n_cells']:,} cells, {info['n_genes']:,} genes "
+                    f"({info['n_genes_measured']:,} measured), "
+                    f"{(info['size_bytes'] or 0) / 2**20:.1f} MiB")
+    for c in ["dataset_id", "status", "cells", "genes measured", "mapped", "qc_pass", "format", "organism"]:
+        t.add_column(c)
+    for d in info["datasets"]:
+        gm = d["gene_mapping"]
+        t.add_row(d["dataset_id"], d["status"], f"{d['n_cells']:,}", f"{d['n_genes_measured']:,}",
+                  f"{gm.get('n_mapped', 0)}/{gm.get('n_source_genes', 0)}",
+                  "" if d["qc_pass_fraction"] is None else f"{d['qc_pass_fraction']:.0%}",
+                  d["source_format"], d["organism"])
+    Console().print(t)
+
+
+@store_app.command("export")
+def store_export(store: str, out: Annotated[Path, typer.Argument(help="Output .h5ad")],
+                 where: Annotated[str, typer.Option(help="SQL predicate over obs (duckdb).")],
+                 genes: Annotated[str, typer.Option(help="measured | all")] = "measured"):
+    """Write the cells matching --where to an h5ad (streamed)."""
+    from atlasmix.store import Store
+    from atlasmix.store.query import export_h5ad
+
+    if genes not in ("measured", "all"):
+        raise AtlasmixError("--genes must be 'measured' or 'all'")
+    r = export_h5ad(Store(store), where, out, genes=genes)
+    console.print(f"wrote {r['n_cells']:,} cells x {r['n_genes']:,} genes to {r['path']}")
+
+
+def _plan_requests(plan: Path, common: dict) -> list:
+    from atlasmix.ingest import DatasetRequest
+
+    if not plan.exists():
+        raise AtlasmixError(f"plan not found: {plan}")
+    try:
+        doc = tomllib.loads(plan.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise AtlasmixError(f"bad plan {plan}: {e}") from e
+    items = doc.get("dataset")
+    if not isinstance(items, list) or not items:
+        raise AtlasmixError(f"plan {plan} has no [[dataset]] entries")
+    reqs = []
+    for i, d in enumerate(items):
+        d = dict(common) | dict(d)
+        src = d.get("source", "")
+        if src and "://" not in src and not Path(src).is_absolute():
+            d["source"] = str((plan.parent / src).resolve())
+        for k in ("obs_table", "gene_table"):
+            if d.get(k) and not Path(d[k]).is_absolute():
+                d[k] = str((plan.parent / d[k]).resolve())
+        try:
+            reqs.append(DatasetRequest(**d))
+        except Exception as e:  # pydantic ValidationError: point at the entry and key
+            first = e.errors()[0] if hasattr(e, "errors") else {"loc": (), "msg": str(e)}
+            loc = ".".join(map(str, first["loc"]))
+            raise AtlasmixError(f"plan {plan.name}: dataset[{i}].{loc}: {first['msg']}") from e
+    return reqs
+
+
+@app.command("ingest")
+def ingest_cmd(
+    store: Annotated[str, typer.Argument(help="Store path or URI.")],
+    source: Annotated[Optional[str], typer.Argument(help="h5ad, AnnData zarr, 10x MEX dir, 10x .h5 or SOMA URI.")] = None,
+    dataset_id: Annotated[Optional[str], typer.Option("--dataset-id")] = None,
+    organism: Annotated[str, typer.Option(help="human | mouse | Homo sapiens | ...")] = "human",
+    tissue: Annotated[Optional[str], typer.Option()] = None,
+    title: Annotated[str, typer.Option()] = "",
+    citation: Annotated[str, typer.Option()] = "",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="obs column = constant, e.g. assay=10x 3' v3")] = None,
+    obs_map: Annotated[Optional[list[str]], typer.Option("--obs-map", help="store_col=source_col")] = None,
+    obs_table: Annotated[Optional[str], typer.Option(help="CSV/TSV of extra obs, first column = barcode")] = None,
+    obs_filter: Annotated[Optional[str], typer.Option(help="Keep cells matching this predicate (duckdb SQL over the source obs; for SOMA sources a tiledbsoma value_filter)")] = None,
+    gene_id_column: Annotated[Optional[str], typer.Option(help="var column holding gene ids/symbols (default: var index)")] = None,
+    gene_table: Annotated[Optional[str], typer.Option(help="GTF or CSV gene table instead of the built-in one")] = None,
+    layer: Annotated[Optional[str], typer.Option(help="X (default), raw (raw/X) or a layer name; X layer for SOMA")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="h5ad | zarr | mex | 10x_h5 | soma (default: detect)")] = None,
+    assume_counts: Annotated[bool, typer.Option(help="Accept non-integer values as counts")] = False,
+    on_duplicate_genes: Annotated[str, typer.Option(help="sum | refuse")] = "sum",
+    replace: Annotated[bool, typer.Option(help="Replace an existing dataset with the same id")] = False,
+    qc_max_pct_mt: Annotated[float, typer.Option(help="QC: pct_counts_mt below this passes")] = 10.0,
+    qc_min_counts: Annotated[float, typer.Option(help="QC: total_counts above this passes")] = 1000.0,
+    qc_min_genes: Annotated[int, typer.Option(help="QC: at least this many genes detected")] = 0,
+    plan: Annotated[Optional[Path], typer.Option(help="TOML plan with [[dataset]] entries")] = None,
+    chunk_size: Annotated[int, typer.Option(help="Cells per chunk")] = 4096,
+    parallel: Annotated[bool, typer.Option(help="Parallel prepare/write of plan datasets (dask threads)")] = True,
+):
+    """Append datasets to a store: validated, QC-flagged, crash-safe."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from atlasmix.ingest import DatasetRequest, QCPolicy, ingest
+
+    qc = QCPolicy(max_pct_counts_mt=qc_max_pct_mt, min_total_counts=qc_min_counts, min_genes=qc_min_genes)
+    common = dict(organism=organism, tissue=tissue, assume_counts=assume_counts, on_duplicate_genes=on_duplicate_genes,
+                  replace=replace, qc=qc, layer=layer, gene_table=gene_table, format=fmt)
+    if plan is not None:
+        if source or dataset_id:
+            raise AtlasmixError("give either SOURCE --dataset-id or --plan, not both")
+        reqs = _plan_requests(plan, {k: v for k, v in common.items() if v is not None and k != "qc"} | {"qc": qc})
+    else:
+        if not source or not dataset_id:
+            raise AtlasmixError("need SOURCE and --dataset-id (or --plan plan.toml)")
+        if on_duplicate_genes not in ("sum", "refuse"):
+            raise AtlasmixError("--on-duplicate-genes must be sum or refuse")
+        reqs = [DatasetRequest(dataset_id=dataset_id, source=source, title=title, citation=citation,
+                               set=_kv(set_, "--set"), obs_map=_kv(obs_map, "--obs-map"), obs_table=obs_table,
+                               obs_filter=obs_filter, gene_id_column=gene_id_column, **common)]
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False, disable=not sys.stderr.isatty()) as prog:
+        tasks: dict = {}
+
+        def progress(ds, phase, done, total):
+            key = (ds, phase)
+            if key not in tasks:
+                tasks[key] = prog.add_task(f"{phase:9s} {ds}", total=total)
+            prog.update(tasks[key], completed=done)
+
+        reports = ingest(store, reqs, chunk_size=chunk_size, parallel=parallel,
+                         progress=progress, on_wait=lambda: console.print("waiting for the store's write lock..."))
+    for r in reports:
+        gm = r["gene_mapping"]
+        console.print(f"ingested {r['dataset_id']}: {r['n_cells']:,} cells, genes mapped {gm['n_mapped']}/"
+                      f"{gm['n_source_genes']} ({gm['mapped_fraction']:.1%}; unmapped {gm['n_unmapped']}, "
+                      f"ambiguous {gm['n_ambiguous']}, duplicates summed {gm['n_duplicates']}; "
+                      f"by rule {gm['by_method']}), qc_pass {r['qc_pass_fraction']:.1%}")
+
+
+def _register_optional() -> None:
+    try:
+        from atlasmix.simulate.cli import register
+    except ImportError:
+        return
+    register(app)
+
+
+_register_optional()
+
+
+def main() -> None:
+    """Console-script entry point: run the app; AtlasmixError -> one line on stderr, exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except AtlasmixError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # click usage errors and aborts
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+    except SystemExit:
+        raise
+
+
+if __name__ == "__main__":
+    main()

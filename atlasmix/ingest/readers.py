@@ -1,0 +1,397 @@
+"""Source readers: h5ad, AnnData zarr, 10x MEX, 10x HDF5 and SOMA experiments, read in row chunks.
+
+Every reader gives ``obs()`` (source obs, index = barcodes), ``var()`` (index = gene identifiers),
+``n_obs`` and ``iter_rows(rows, chunk_size)`` which yields CSR blocks of the selected rows (cells x
+source genes) without loading the whole matrix, plus ``provenance()``.
+
+Memory: h5ad / zarr / 10x HDF5 / SOMA are read with bounded memory (one chunk of rows at a time,
+through ``anndata.io.sparse_dataset``, h5py or tiledbsoma). 10x MEX is a text coordinate file with
+no row index; it is parsed with ``scipy.io.mmread`` as a whole (memory O(nnz)) — convert very large
+MEX directories to 10x HDF5 or h5ad first.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from atlasmix.errors import IngestError
+
+FORMATS = ["h5ad", "zarr", "mex", "10x_h5", "soma"]
+
+
+def _contiguous_windows(rows: np.ndarray, chunk_size: int) -> Iterator[np.ndarray]:
+    for s in range(0, len(rows), chunk_size):
+        yield rows[s:s + chunk_size]
+
+
+def sha256_of(path: str | Path) -> str:
+    """sha256 of a file, or of a directory's files (sorted relative names and contents). Streams 8 MiB blocks."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(8 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+def detect_format(source: str) -> str:
+    """Guess the format of ``source`` from its name and content.
+
+    Raises
+    ------
+    IngestError
+        Missing path, empty file, or an unknown format.
+    """
+    if "://" in source and not source.startswith("file://"):
+        return "soma"
+    p = Path(source.removeprefix("file://"))
+    if not p.exists():
+        raise IngestError(f"source not found: {p}")
+    if p.is_dir():
+        names = {f.name for f in p.iterdir()}
+        if names & {"matrix.mtx", "matrix.mtx.gz"}:
+            return "mex"
+        if names & {"zarr.json", ".zgroup", ".zattrs"}:
+            return "zarr"
+        if {"obs", "ms"} <= names or "__tiledb_group.tdb" in names or "__group" in names:
+            return "soma"
+        raise IngestError(f"unknown format: directory {p} is neither 10x MEX, AnnData zarr nor a SOMA experiment")
+    if p.stat().st_size == 0:
+        raise IngestError(f"empty file: {p}")
+    with open(p, "rb") as fh:
+        magic = fh.read(8)
+    if magic != b"\x89HDF\r\n\x1a\n":
+        raise IngestError(f"unknown format: {p.name} is not HDF5 (h5ad / 10x h5), zarr, MEX or SOMA")
+    try:
+        with h5py.File(p, "r") as f:
+            if "matrix" in f and "barcodes" in f["matrix"]:
+                return "10x_h5"
+            if "X" in f and "obs" in f:
+                return "h5ad"
+    except OSError as e:
+        raise IngestError(f"truncated or unreadable HDF5 file {p.name}: {e}") from e
+    raise IngestError(f"unknown format: HDF5 file {p.name} is neither h5ad nor 10x HDF5")
+
+
+class Reader:
+    """Base class; see the module docstring for the contract."""
+
+    format = ""
+    n_obs = 0
+
+    def obs(self) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def var(self) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def iter_rows(self, rows: np.ndarray, chunk_size: int) -> Iterator[sp.csr_matrix]:
+        """Yield CSR blocks (float, cells x source genes) for ``rows`` (sorted source row indices)."""
+        raise NotImplementedError
+
+    def provenance(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class AnnDataReader(Reader):
+    """h5ad or AnnData zarr. ``layer``: ``None``/``"X"``, ``"raw"`` (``raw/X`` with ``raw/var``) or a layer name."""
+
+    def __init__(self, path: str, fmt: str, layer: str | None = None):
+        import anndata as ad
+
+        self.format = fmt
+        self.path = path
+        try:
+            if fmt == "h5ad":
+                self._file = h5py.File(path, "r")
+            else:
+                import zarr
+
+                self._file = zarr.open_group(path, mode="r")
+            self._obs = ad.io.read_elem(self._file["obs"])
+            if layer in (None, "X"):
+                xg, varg = self._file["X"], self._file["var"]
+            elif layer == "raw":
+                if "raw" not in self._file:
+                    raise IngestError(f"{Path(path).name} has no raw/X")
+                xg, varg = self._file["raw/X"], self._file["raw/var"]
+            else:
+                if "layers" not in self._file or layer not in self._file["layers"]:
+                    raise IngestError(f"{Path(path).name} has no layer {layer!r}")
+                xg, varg = self._file["layers"][layer], self._file["var"]
+            self._var = ad.io.read_elem(varg)
+            self._uns_prov = self._read_provenance()
+        except IngestError:
+            raise
+        except Exception as e:  # truncated datasets, broken encodings
+            raise IngestError(f"unreadable {fmt} file {Path(path).name}: {type(e).__name__}: {e}".splitlines()[0]) from e
+        enc = dict(xg.attrs).get("encoding-type", "array")
+        if enc in ("csr_matrix", "csc_matrix"):
+            self._X = ad.io.sparse_dataset(xg)
+        else:
+            self._X = xg
+        self._enc = enc
+        self.n_obs = len(self._obs)
+        if self._X.shape != (len(self._obs), len(self._var)):
+            raise IngestError(f"{Path(path).name}: X shape {tuple(self._X.shape)} does not match obs x var")
+
+    def _read_provenance(self) -> dict:
+        try:
+            if "uns" in self._file and "provenance" in self._file["uns"]:
+                import anndata as ad
+
+                return dict(ad.io.read_elem(self._file["uns"]["provenance"]))
+        except Exception:  # provenance is informative only
+            return {}
+        return {}
+
+    def obs(self) -> pd.DataFrame:
+        return self._obs
+
+    def var(self) -> pd.DataFrame:
+        return self._var
+
+    def provenance(self) -> dict:
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in self._uns_prov.items()}
+
+    def iter_rows(self, rows, chunk_size):
+        for win in _contiguous_windows(rows, chunk_size):
+            lo, hi = int(win[0]), int(win[-1]) + 1
+            try:
+                block = self._X[lo:hi]
+            except Exception as e:
+                raise IngestError(f"truncated or corrupt X in {Path(self.path).name}: {type(e).__name__}") from e
+            block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()
+            yield block[win - lo] if len(win) != hi - lo else block
+
+    def close(self):
+        if self.format == "h5ad":
+            self._file.close()
+
+
+def _read_tsv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", header=None, dtype=str,
+                       compression="gzip" if path.name.endswith(".gz") else None)
+
+
+def _first(d: Path, *names: str) -> Path:
+    for n in names:
+        if (d / n).exists():
+            return d / n
+    raise IngestError(f"10x MEX directory {d} lacks {names[0]}")
+
+
+class MexReader(Reader):
+    """10x MEX directory: ``matrix.mtx(.gz)`` (genes x cells), ``features.tsv(.gz)``/``genes.tsv(.gz)``, ``barcodes.tsv(.gz)``.
+
+    Only ``Gene Expression`` features are kept when a feature-type column exists.
+    """
+
+    format = "mex"
+
+    def __init__(self, path: str):
+        import scipy.io
+
+        d = Path(path)
+        self.path = path
+        feats = _read_tsv(_first(d, "features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"))
+        bcs = _read_tsv(_first(d, "barcodes.tsv.gz", "barcodes.tsv"))
+        mtx = _first(d, "matrix.mtx.gz", "matrix.mtx")
+        try:
+            m = scipy.io.mmread(str(mtx))
+        except Exception as e:
+            raise IngestError(f"truncated or corrupt {mtx.name}: {type(e).__name__}: {e}".splitlines()[0]) from e
+        if m.shape != (len(feats), len(bcs)):
+            raise IngestError(f"{mtx.name} is {m.shape[0]} x {m.shape[1]} but features/barcodes give "
+                              f"{len(feats)} x {len(bcs)}")
+        keep = np.ones(len(feats), bool)
+        if feats.shape[1] >= 3:
+            keep = (feats[2] == "Gene Expression").to_numpy()
+        self._X = sp.csr_matrix(m.T)[:, np.flatnonzero(keep)]
+        feats = feats[keep]
+        self._var = pd.DataFrame({"gene_ids": feats[0].to_numpy(),
+                                  "gene_symbols": feats[1 if feats.shape[1] > 1 else 0].to_numpy()})
+        ids = feats[0]
+        ensembl_like = ids.str.match(r"^ENS[A-Z]*G\d{11}").mean() > 0.5
+        self._var.index = pd.Index(self._var["gene_ids" if ensembl_like else "gene_symbols"].astype(str))
+        self._obs = pd.DataFrame(index=pd.Index(bcs[0].astype(str), name=None))
+        self.n_obs = len(self._obs)
+
+    def obs(self):
+        return self._obs
+
+    def var(self):
+        return self._var
+
+    def iter_rows(self, rows, chunk_size):
+        for win in _contiguous_windows(rows, chunk_size):
+            yield self._X[win]
+
+
+class TenxH5Reader(Reader):
+    """10x Genomics HDF5 feature-barcode matrix (Cell Ranger >= 3 ``matrix`` group; v2 genome groups too).
+
+    The file stores CSC of genes x cells = CSR of cells x genes, so rows are sliced through ``indptr``.
+    """
+
+    format = "10x_h5"
+
+    def __init__(self, path: str):
+        self.path = path
+        self._f = h5py.File(path, "r")
+        g = self._f["matrix"] if "matrix" in self._f else self._f[list(self._f.keys())[0]]
+        self._g = g
+        try:
+            if "features" in g:
+                ids = g["features/id"][:].astype(str)
+                names = g["features/name"][:].astype(str)
+                ftype = g["features/feature_type"][:].astype(str) if "feature_type" in g["features"] else None
+            else:
+                ids, names, ftype = g["genes"][:].astype(str), g["gene_names"][:].astype(str), None
+            self._barcodes = g["barcodes"][:].astype(str)
+            self._indptr = g["indptr"][:]
+            self._shape = tuple(int(x) for x in g["shape"][:])
+        except Exception as e:
+            raise IngestError(f"truncated or corrupt 10x HDF5 {Path(path).name}: {type(e).__name__}") from e
+        self._keep = np.ones(len(ids), bool) if ftype is None else (ftype == "Gene Expression")
+        self._var = pd.DataFrame({"gene_ids": ids[self._keep], "gene_symbols": names[self._keep]},
+                                 index=pd.Index(ids[self._keep]))
+        self._obs = pd.DataFrame(index=pd.Index(self._barcodes))
+        self.n_obs = len(self._barcodes)
+
+    def obs(self):
+        return self._obs
+
+    def var(self):
+        return self._var
+
+    def iter_rows(self, rows, chunk_size):
+        n_genes = self._shape[0]
+        for win in _contiguous_windows(rows, chunk_size):
+            lo, hi = int(win[0]), int(win[-1]) + 1
+            a, b = int(self._indptr[lo]), int(self._indptr[hi])
+            try:
+                data = self._g["data"][a:b]
+                ind = self._g["indices"][a:b]
+            except Exception as e:
+                raise IngestError(f"truncated or corrupt 10x HDF5 {Path(self.path).name}: {type(e).__name__}") from e
+            block = sp.csr_matrix((data, ind, self._indptr[lo:hi + 1] - a), shape=(hi - lo, n_genes))
+            block = block[:, np.flatnonzero(self._keep)] if not self._keep.all() else block
+            yield block[win - lo] if len(win) != hi - lo else block
+
+    def close(self):
+        self._f.close()
+
+
+class SomaReader(Reader):
+    """Another SOMA experiment (e.g. a CELLxGENE Census release), filtered by ``value_filter`` on obs.
+
+    var identifiers are ``var.feature_id`` (Ensembl ids in Census). Cells are read through an
+    ``axis_query`` in chunks of joinids; ``layer`` names the X layer (default ``raw``).
+    """
+
+    format = "soma"
+
+    def __init__(self, uri: str, measurement: str = "RNA", layer: str | None = None,
+                 value_filter: str | None = None, context=None):
+        import tiledbsoma as soma
+
+        self.path = uri
+        self._ms = measurement
+        self._layer = layer or "raw"
+        try:
+            self._exp = soma.Experiment.open(uri, context=context)
+            q = self._exp.axis_query(measurement, obs_query=soma.AxisQuery(value_filter=value_filter))
+            obs = q.obs().concat().to_pandas()
+            var = self._exp.ms[measurement].var.read().concat().to_pandas()
+        except Exception as e:
+            raise IngestError(f"cannot read SOMA experiment {uri}: {type(e).__name__}: {e}".splitlines()[0]) from e
+        if self._layer not in self._exp.ms[measurement].X:
+            raise IngestError(f"SOMA experiment {uri} has no X layer {self._layer!r}")
+        self._joinids = obs["soma_joinid"].to_numpy()
+        self._var_joinids = var["soma_joinid"].to_numpy()
+        idx = obs["obs_id"].astype(str) if "obs_id" in obs.columns else obs["soma_joinid"].astype(str)
+        self._obs = obs.drop(columns=["soma_joinid"]).set_index(pd.Index(idx.to_numpy()))
+        ids = var["feature_id"] if "feature_id" in var.columns else var.iloc[:, 1]
+        self._var = var.drop(columns=["soma_joinid"]).set_index(pd.Index(ids.astype(str).to_numpy()))
+        self.n_obs = len(self._obs)
+        self._value_filter = value_filter
+
+    def obs(self):
+        return self._obs
+
+    def var(self):
+        return self._var
+
+    def provenance(self):
+        return {"soma_uri": self.path, "value_filter": self._value_filter or ""}
+
+    def iter_rows(self, rows, chunk_size):
+        import pyarrow as pa
+
+        X = self._exp.ms[self._ms].X[self._layer]
+        col_of = pd.Series(np.arange(len(self._var_joinids)), index=self._var_joinids)
+        for win in _contiguous_windows(rows, chunk_size):
+            ids = self._joinids[win]
+            order = np.argsort(ids)
+            t = X.read(coords=(pa.array(ids[order]),)).tables().concat()
+            pos = order[np.searchsorted(ids[order], t["soma_dim_0"].to_numpy())]
+            cols = col_of.reindex(t["soma_dim_1"].to_numpy()).to_numpy()
+            yield sp.csr_matrix((t["soma_data"].to_numpy(), (pos, cols)), shape=(len(ids), len(self._var_joinids)))
+
+    def close(self):
+        self._exp.close()
+
+
+def open_reader(source: str, fmt: str | None = None, layer: str | None = None,
+                value_filter: str | None = None, context=None) -> Reader:
+    """Open ``source`` with the reader for ``fmt`` (auto-detected when None).
+
+    Raises
+    ------
+    IngestError
+        Unknown format, empty/truncated file, missing layer.
+    """
+    fmt = fmt or detect_format(source)
+    if fmt not in FORMATS:
+        raise IngestError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt in ("h5ad", "zarr"):
+        return AnnDataReader(source, fmt, layer)
+    if fmt == "mex":
+        return MexReader(source)
+    if fmt == "10x_h5":
+        return TenxH5Reader(source)
+    return SomaReader(source, layer=layer, value_filter=value_filter, context=context)
+
+
+def read_obs_table(path: str) -> pd.DataFrame:
+    """Read a CSV/TSV obs table whose first column is the barcode (``--obs-table``)."""
+    p = Path(path)
+    if not p.exists():
+        raise IngestError(f"obs table not found: {p}")
+    sep = "\t" if ".tsv" in p.name else ","
+    return pd.read_csv(p, sep=sep, index_col=0, dtype=str,
+                       compression="gzip" if p.name.endswith(".gz") else None)
+
+
+def provenance_json(d: dict) -> str:
+    return json.dumps(d, default=str, sort_keys=True)
+
+
+__all__ = ["FORMATS", "Reader", "open_reader", "detect_format", "sha256_of", "read_obs_table"]

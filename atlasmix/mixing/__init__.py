@@ -1,0 +1,1 @@
+"""atlasmix.mixing — see the open issues for what this stage will hold."""

@@ -1,0 +1,403 @@
+"""The atlasmix store: one TileDB-SOMA Experiment holding every ingested dataset.
+
+Visibility and crash safety
+---------------------------
+A dataset becomes visible in one atomic step. An ingest (see :mod:`atlasmix.ingest`) takes the
+store's write lock, allocates a fresh ``soma_joinid`` range (ranges are never reused), writes a
+catalog row with status ``ingesting``, then X, the presence row, the side table and, last, all obs
+rows of the dataset in a single write (one TileDB fragment, atomic), and finally flips the catalog
+row to ``complete``. Readers of this module only return cells inside the joinid ranges of
+``complete`` datasets, so a killed ingest is never seen. The next writer that takes the lock runs
+:meth:`Store.recover`, which deletes the cells of any ``ingesting`` (crashed) or ``replaced`` dataset
+(``delete_cells``) and marks crashed ones ``failed``.
+
+The lock is an exclusive ``fcntl.flock`` on ``STORE/.atlasmix.lock`` (local stores). Object-store
+URIs (``s3://``) have no lock: use one writer at a time there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import scipy.sparse as sp
+import tiledbsoma as soma
+
+from atlasmix.errors import StoreError
+from atlasmix.store import schema as S
+
+LOCK_NAME = ".atlasmix.lock"
+
+
+def is_local(uri: str) -> bool:
+    """True when ``uri`` is a local path (no ``scheme://``) or a ``file://`` URI."""
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _local_path(uri: str) -> Path:
+    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
+def make_context(tiledb_config: dict[str, str] | None = None) -> soma.SOMATileDBContext:
+    """A tiledbsoma context; ``tiledb_config`` passes TileDB settings (e.g. ``vfs.s3.region``).
+
+    S3 credentials are read by TileDB from the usual AWS environment variables.
+    """
+    return soma.SOMATileDBContext(tiledb_config=dict(tiledb_config or {}))
+
+
+def _empty_table(schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist([], schema=schema)
+
+
+class Store:
+    """Handle on an atlasmix store (a SOMA Experiment at ``uri``).
+
+    Parameters
+    ----------
+    uri : str
+        Local path or ``s3://`` URI of the store.
+    context : tiledbsoma.SOMATileDBContext, optional
+        TileDB context (configuration for object stores).
+
+    Raises
+    ------
+    StoreError
+        ``uri`` is not an atlasmix store (use :meth:`create` first).
+    """
+
+    def __init__(self, uri: str, context: soma.SOMATileDBContext | None = None):
+        self.uri = str(uri).rstrip("/")
+        self.context = context or make_context()
+        if not soma.Experiment.exists(self.uri, context=self.context):
+            raise StoreError(f"no atlasmix store at {self.uri} (create it with `atlasmix store init`)")
+        with self.open_experiment() as exp:
+            if exp.metadata.get("atlasmix_store_schema") is None:
+                raise StoreError(f"{self.uri} is a SOMA experiment but not an atlasmix store")
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def create(cls, uri: str, context: soma.SOMATileDBContext | None = None) -> "Store":
+        """Create an empty store at ``uri`` and return it.
+
+        Creates the Experiment with ``obs``, measurement ``RNA`` (``var``, X layer ``raw`` float32,
+        the presence matrix) and the ``atlasmix`` collection with the dataset catalog.
+
+        Raises
+        ------
+        StoreError
+            Something already exists at ``uri``.
+        """
+        uri = str(uri).rstrip("/")
+        ctx = context or make_context()
+        if soma.Experiment.exists(uri, context=ctx) or (is_local(uri) and _local_path(uri).exists()
+                                                        and any(_local_path(uri).iterdir())):
+            raise StoreError(f"{uri} already exists; refusing to overwrite it")
+        from atlasmix import __version__
+
+        with soma.Experiment.create(uri, context=ctx) as exp:
+            exp.metadata["atlasmix_store_schema"] = S.STORE_SCHEMA_VERSION
+            exp.metadata["atlasmix_version"] = __version__
+            exp.metadata["created"] = pd.Timestamp.now(tz="UTC").isoformat()
+            exp.add_new_dataframe("obs", schema=S.OBS_SCHEMA, index_column_names=["soma_joinid"],
+                                  domain=[(0, 0)], platform_config=S.DF_CREATE_OPTIONS)
+            ms = exp.add_new_collection("ms")
+            rna = ms.add_new_collection(S.MEASUREMENT, soma.Measurement)
+            rna.add_new_dataframe("var", schema=S.VAR_SCHEMA, index_column_names=["soma_joinid"],
+                                  domain=[(0, 0)], platform_config=S.DF_CREATE_OPTIONS)
+            X = rna.add_new_collection("X")
+            X.add_new_sparse_ndarray(S.X_LAYER, type=pa.float32(), shape=(1, 1),
+                                     platform_config=S.X_CREATE_OPTIONS)
+            rna.add_new_sparse_ndarray(S.PRESENCE, type=pa.bool_(), shape=(1, 1))
+            am = exp.add_new_collection(S.ATLASMIX)
+            am.add_new_dataframe(S.CATALOG, schema=S.CATALOG_SCHEMA, index_column_names=["soma_joinid"],
+                                 domain=[(0, S.MAX_DATASETS - 1)], platform_config=S.DF_CREATE_OPTIONS)
+            am.add_new_collection(S.OBS_EXTRA)
+        return cls(uri, ctx)
+
+    # ------------------------------------------------------------------ opening
+    def open_experiment(self, mode: str = "r") -> soma.Experiment:
+        """Open the underlying SOMA Experiment (``mode`` ``"r"`` or ``"w"``)."""
+        return soma.Experiment.open(self.uri, mode, context=self.context)
+
+    def _open(self, path: str, mode: str = "r"):
+        return soma.open(f"{self.uri}/{path}", mode, context=self.context)
+
+    # ------------------------------------------------------------------ catalog
+    def catalog(self, include_all: bool = False) -> pd.DataFrame:
+        """The dataset catalog, one row per dataset.
+
+        Parameters
+        ----------
+        include_all : bool
+            Also return ``ingesting``/``failed``/``replaced`` rows (default: ``complete`` only).
+
+        Returns
+        -------
+        pandas.DataFrame
+            Index ``soma_joinid`` (dataset joinid, int64); columns of ``CATALOG_SCHEMA``.
+        """
+        with self._open(f"{S.ATLASMIX}/{S.CATALOG}") as df:
+            t = df.read().concat()
+        cat = t.to_pandas().set_index("soma_joinid").sort_index() if t.num_rows else \
+            _empty_table(S.CATALOG_SCHEMA).to_pandas().rename_axis("soma_joinid")
+        if not include_all:
+            cat = cat[cat["status"] == S.STATUS_COMPLETE]
+        return cat
+
+    def write_catalog_rows(self, rows: Sequence[dict]) -> None:
+        """Write (insert or overwrite by ``soma_joinid``) catalog rows in one atomic write."""
+        t = pa.Table.from_pylist(list(rows), schema=pa.schema([pa.field("soma_joinid", pa.int64(), nullable=False)]
+                                                                + list(S.CATALOG_SCHEMA)))
+        with self._open(f"{S.ATLASMIX}/{S.CATALOG}", "w") as df:
+            df.write(t)
+
+    def complete_ranges(self) -> np.ndarray:
+        """Joinid ranges of complete datasets, shape (n_datasets, 2), int64, ``[start, end)``, sorted."""
+        cat = self.catalog()
+        r = cat[["obs_joinid_start", "obs_joinid_end"]].to_numpy(dtype=np.int64).reshape(-1, 2)
+        return r[np.argsort(r[:, 0])]
+
+    def next_obs_joinid(self) -> int:
+        """First joinid never allocated (ranges of failed ingests are never reused)."""
+        cat = self.catalog(include_all=True)
+        return int(cat["obs_joinid_end"].max()) if len(cat) else 0
+
+    def next_dataset_joinid(self) -> int:
+        cat = self.catalog(include_all=True)
+        return int(cat.index.max()) + 1 if len(cat) else 0
+
+    # ------------------------------------------------------------------ var / presence
+    def var(self) -> pd.DataFrame:
+        """All genes of the store: index ``soma_joinid``; ``feature_id``, ``feature_name``, ``feature_biotype``, ``species``."""
+        with self._open(f"ms/{S.MEASUREMENT}/var") as df:
+            t = df.read().concat()
+        if not t.num_rows:
+            return _empty_table(S.VAR_SCHEMA).to_pandas().rename_axis("soma_joinid")
+        return t.to_pandas().set_index("soma_joinid").sort_index()
+
+    def presence(self) -> sp.csr_matrix:
+        """Gene-presence matrix, shape (n_dataset_joinids, n_var), bool: gene measured in dataset.
+
+        Rows of datasets that are not complete are zeroed, so "not measured" is never "zero".
+        """
+        n_ds = self.next_dataset_joinid()
+        n_var = len(self.var())
+        with self._open(f"ms/{S.MEASUREMENT}/{S.PRESENCE}") as arr:
+            t = arr.read().tables().concat()
+        rows = t["soma_dim_0"].to_numpy()
+        cols = t["soma_dim_1"].to_numpy()
+        keep = np.isin(rows, self.catalog().index.to_numpy())
+        m = sp.coo_matrix((np.ones(int(keep.sum()), dtype=bool), (rows[keep], cols[keep])),
+                          shape=(max(n_ds, 1), max(n_var, 1)))
+        return m.tocsr()[:n_ds, :n_var]
+
+    # ------------------------------------------------------------------ obs
+    def obs(self, column_names: Sequence[str] | None = None, value_filter: str | None = None) -> pa.Table:
+        """obs rows of complete datasets only.
+
+        Parameters
+        ----------
+        column_names : list of str, optional
+            Columns to read (``soma_joinid`` is always included). Default: all.
+        value_filter : str, optional
+            A tiledbsoma value filter pushed down to the read (e.g. ``"cell_type == 'B cell'"``).
+
+        Returns
+        -------
+        pyarrow.Table
+            Sorted by ``soma_joinid``. Memory is O(cells x columns read): read few columns at scale.
+        """
+        cols = None if column_names is None else ["soma_joinid"] + [c for c in column_names if c != "soma_joinid"]
+        ranges = self.complete_ranges()
+        parts = []
+        with self._open("obs") as df:
+            for start, end in ranges:  # one ranged read per dataset: a crash's rows are never returned
+                parts.append(df.read(coords=[slice(int(start), int(end) - 1)], column_names=cols,
+                                     value_filter=value_filter).concat())
+            empty_schema = df.schema if cols is None else pa.schema([df.schema.field(c) for c in cols])
+        if not parts:
+            return _empty_table(empty_schema)
+        return pa.concat_tables(parts).sort_by("soma_joinid")
+
+    def obs_extra(self, dataset_id: str) -> pd.DataFrame:
+        """The source's other obs columns for ``dataset_id``, indexed by cell ``soma_joinid``."""
+        cat = self.catalog()
+        hit = cat[cat["dataset_id"] == dataset_id]
+        if hit.empty:
+            raise StoreError(f"no complete dataset {dataset_id!r} in {self.uri}")
+        key = f"d{int(hit.index[0])}"
+        with self._open(f"{S.ATLASMIX}/{S.OBS_EXTRA}/{key}") as df:
+            return df.read().concat().to_pandas().set_index("soma_joinid")
+
+    # ------------------------------------------------------------------ X
+    def iter_X(self, joinids: np.ndarray, var_joinids: np.ndarray | None = None,
+               chunk_size: int = 8192) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        """Stream X rows of ``joinids`` in chunks.
+
+        Parameters
+        ----------
+        joinids : numpy.ndarray of int64
+            Cell soma_joinids, sorted ascending.
+        var_joinids : numpy.ndarray of int64, optional
+            Genes to return (columns in this order). Default: all var.
+        chunk_size : int
+            Cells per chunk.
+
+        Yields
+        ------
+        (numpy.ndarray, scipy.sparse.csr_matrix)
+            The chunk's joinids and its counts, shape (len(chunk), len(var_joinids)), float32.
+        """
+        if var_joinids is None:
+            var_joinids = self.var().index.to_numpy(dtype=np.int64)
+        var_joinids = np.asarray(var_joinids, dtype=np.int64)
+        col_of = np.full(int(var_joinids.max(initial=-1)) + 1, -1, dtype=np.int64)
+        col_of[var_joinids] = np.arange(len(var_joinids))
+        with self._open(f"ms/{S.MEASUREMENT}/X/{S.X_LAYER}") as X:
+            for s in range(0, len(joinids), chunk_size):
+                ids = np.asarray(joinids[s:s + chunk_size], dtype=np.int64)
+                t = X.read(coords=(pa.array(ids), pa.array(var_joinids))).tables().concat()
+                r = np.searchsorted(ids, t["soma_dim_0"].to_numpy())
+                c = col_of[t["soma_dim_1"].to_numpy()]
+                m = sp.csr_matrix((t["soma_data"].to_numpy(), (r, c)), shape=(len(ids), len(var_joinids)),
+                                  dtype=np.float32)
+                m.sort_indices()
+                yield ids, m
+
+    # ------------------------------------------------------------------ locking & recovery
+    @contextlib.contextmanager
+    def write_lock(self, timeout: float = 3600.0, on_wait=None) -> Iterator[None]:
+        """Hold the store's exclusive write lock (blocks up to ``timeout`` seconds).
+
+        Raises
+        ------
+        StoreError
+            The lock could not be taken within ``timeout``.
+        """
+        if not is_local(self.uri):
+            yield
+            return
+        path = _local_path(self.uri) / LOCK_NAME
+        fh = open(path, "a+")
+        try:
+            t0 = time.monotonic()
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not told and on_wait is not None:
+                        on_wait()
+                        told = True
+                    if time.monotonic() - t0 > timeout:
+                        raise StoreError(f"store {self.uri} is locked by another writer (waited {timeout:.0f} s)")
+                    time.sleep(0.2)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+    def delete_dataset_cells(self, dataset_joinid: int, start: int, end: int) -> None:
+        """Delete obs, X, presence and side-table rows of one dataset (``[start, end)`` cell joinids)."""
+        if end > start:
+            with self._open("obs", "d") as df:
+                df.delete_cells(coords=[slice(start, end - 1)])
+            with self._open(f"ms/{S.MEASUREMENT}/X/{S.X_LAYER}", "d") as X:
+                X.delete_cells(coords=[slice(start, end - 1)])
+        with self._open(f"ms/{S.MEASUREMENT}/{S.PRESENCE}", "d") as P:
+            if dataset_joinid < P.shape[0]:
+                P.delete_cells(coords=[slice(dataset_joinid, dataset_joinid)])
+        key = f"d{dataset_joinid}"
+        with self._open(f"{S.ATLASMIX}/{S.OBS_EXTRA}", "w") as coll:
+            if key in coll:
+                del coll[key]
+
+    def recover(self) -> list[str]:
+        """Clean up after killed ingests; call with the write lock held.
+
+        Deletes the cells of ``ingesting`` datasets (an ingest that holds no lock is dead) and marks
+        them ``failed``; deletes leftover cells of ``replaced`` datasets. Idempotent.
+
+        Returns
+        -------
+        list of str
+            dataset_ids that were rolled back.
+        """
+        cat = self.catalog(include_all=True)
+        rolled = []
+        for jid, row in cat[cat["status"].isin([S.STATUS_INGESTING, S.STATUS_REPLACED])].iterrows():
+            self.delete_dataset_cells(int(jid), int(row["obs_joinid_start"]), int(row["obs_joinid_end"]))
+            if row["status"] == S.STATUS_INGESTING:
+                rec = row.to_dict() | {"soma_joinid": int(jid), "status": S.STATUS_FAILED, "n_cells": 0}
+                self.write_catalog_rows([rec])
+                rolled.append(str(row["dataset_id"]))
+            else:
+                rec = row.to_dict() | {"soma_joinid": int(jid), "status": S.STATUS_RETIRED}
+                self.write_catalog_rows([rec])
+        return rolled
+
+    # ------------------------------------------------------------------ info
+    def size_on_disk(self) -> int | None:
+        """Bytes used by the store directory, or None for object-store URIs."""
+        if not is_local(self.uri):
+            return None
+        return sum(p.stat().st_size for p in _local_path(self.uri).rglob("*") if p.is_file())
+
+    def info(self) -> dict:
+        """Summary of the store for ``atlasmix store info``.
+
+        Returns
+        -------
+        dict
+            ``uri``, ``n_cells`` (complete datasets only), ``n_genes`` (var rows),
+            ``n_genes_measured`` (genes present in >= 1 complete dataset), ``size_bytes``,
+            ``datasets`` (list of dicts: ``dataset_id``, ``n_cells``, ``n_genes_measured``,
+            ``status``, ``organism``, ``source_format``, ``qc_pass_fraction``, ``gene_mapping``, ...).
+        """
+        cat = self.catalog(include_all=True)
+        var = self.var()
+        pres = self.presence()
+        qc = {}
+        obs = self.obs(["dataset_id", "qc_pass"])
+        if obs.num_rows:
+            qdf = obs.to_pandas().groupby("dataset_id")["qc_pass"].mean()
+            qc = qdf.to_dict()
+        datasets = []
+        for jid, row in cat.iterrows():
+            if row["status"] == S.STATUS_RETIRED:
+                continue
+            datasets.append({
+                "dataset_id": row["dataset_id"], "dataset_joinid": int(jid), "status": row["status"],
+                "n_cells": int(row["n_cells"]) if row["status"] == S.STATUS_COMPLETE else 0,
+                "n_genes_measured": int(row["n_genes_measured"]), "organism": row["organism"],
+                "source_format": row["source_format"], "title": row["title"],
+                "obs_joinid_range": [int(row["obs_joinid_start"]), int(row["obs_joinid_end"])],
+                "qc_pass_fraction": float(qc[row["dataset_id"]]) if row["status"] == S.STATUS_COMPLETE
+                and row["dataset_id"] in qc else None,
+                "gene_mapping": json.loads(row["gene_mapping"]), "ingest_time": row["ingest_time"],
+            })
+        complete = [d for d in datasets if d["status"] == S.STATUS_COMPLETE]
+        return {
+            "uri": self.uri,
+            "n_cells": int(sum(d["n_cells"] for d in complete)),
+            "n_genes": int(len(var)),
+            "n_genes_measured": int((np.asarray(pres.sum(axis=0)).ravel() > 0).sum()) if pres.shape[0] else 0,
+            "n_datasets": len(complete),
+            "size_bytes": self.size_on_disk(),
+            "datasets": datasets,
+        }

@@ -1,0 +1,1 @@
+"""atlasmix.training — see the open issues for what this stage will hold."""
