@@ -156,7 +156,10 @@ class AnnDataReader(Reader):
             if "uns" in self._file and "provenance" in self._file["uns"]:
                 import anndata as ad
 
-                return dict(ad.io.read_elem(self._file["uns"]["provenance"]))
+                v = ad.io.read_elem(self._file["uns"]["provenance"])
+                if isinstance(v, (str, bytes)):  # often stored as a JSON string
+                    v = json.loads(v)
+                return dict(v) if isinstance(v, dict) else {"provenance": str(v)}
         except Exception:  # provenance is informative only
             return {}
         return {}
