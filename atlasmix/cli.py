@@ -131,7 +131,7 @@ def ingest_cmd(
     qc_min_counts: Annotated[float, typer.Option(help="QC: total_counts above this passes")] = 1000.0,
     qc_min_genes: Annotated[int, typer.Option(help="QC: at least this many genes detected")] = 0,
     plan: Annotated[Optional[Path], typer.Option(help="TOML plan with [[dataset]] entries")] = None,
-    chunk_size: Annotated[int, typer.Option(help="Cells per chunk")] = 4096,
+    chunk_size: Annotated[int, typer.Option(help="Cells per chunk")] = 8192,
     parallel: Annotated[bool, typer.Option(help="Parallel prepare/write of plan datasets (dask threads)")] = True,
 ):
     """Append datasets to a store: validated, QC-flagged, crash-safe."""

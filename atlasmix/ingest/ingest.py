@@ -180,7 +180,7 @@ def _build_obs(req: DatasetRequest, src_obs: pd.DataFrame, organism_label: str) 
     return obs, extra
 
 
-def prepare(req: DatasetRequest, chunk_size: int = 4096, context=None) -> Prepared:
+def prepare(req: DatasetRequest, chunk_size: int = 8192, context=None) -> Prepared:
     """Validate one dataset and compute its obs/QC without writing anything.
 
     Raises
@@ -306,22 +306,67 @@ def _write_X(store: Store, p: Prepared, start: int, var_jid_of: dict[str, int], 
     uri = f"{store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}"
     import tiledbsoma as soma
 
-    pos = 0
-    with soma.SparseNDArray.open(uri, "w", context=store.context) as X:
+    def transformed():
+        pos = 0
         for block in p.reader.iter_rows(p.rows, chunk_size):
             y = (block.astype(np.float32) @ M).tocsr()
             y.sum_duplicates()
             y.sort_indices()
             y.eliminate_zeros()
             rows = np.repeat(np.arange(pos + start, pos + start + y.shape[0], dtype=np.int64), np.diff(y.indptr))
-            if y.nnz:
-                X.write(pa.Table.from_arrays(
-                    [pa.array(rows), pa.array(gcols[y.indices]), pa.array(y.data.astype(np.float32))],
-                    names=["soma_dim_0", "soma_dim_1", "soma_data"]))
+            # CSR with sorted indices is already TileDB's global order for X's full-width gene tile
+            # (schema.X_CREATE_OPTIONS), so the writer skips its sort: ~8x faster writes.
+            tbl = pa.Table.from_arrays([pa.array(rows), pa.array(gcols[y.indices]), pa.array(y.data)],
+                                       names=["soma_dim_0", "soma_dim_1", "soma_data"])
             pos += y.shape[0]
+            yield pos, tbl
+
+    with soma.SparseNDArray.open(uri, "w", context=store.context) as X:
+        for done, tbl in _prefetch(transformed(), depth=2):
+            if tbl.num_rows:
+                X.write(tbl, platform_config=soma.TileDBWriteOptions(sort_coords=False))
             _checkpoint("x_chunk")
             if progress:
-                progress(p.req.dataset_id, "write", pos, len(p.rows))
+                progress(p.req.dataset_id, "write", done, len(p.rows))
+
+
+def _prefetch(it, depth: int = 2):
+    """Run iterator ``it`` in a background thread, ``depth`` items ahead (reading/transforming the next
+    chunk overlaps the TileDB write of this one; both release the GIL). Re-raises its exceptions."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def run():
+        try:
+            for item in it:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(end)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)
 
 
 def _write_rest(store: Store, p: Prepared, ds_jid: int, start: int, var_jid_of: dict[str, int]) -> None:
@@ -365,7 +410,7 @@ def _run_parallel(fns: list[Callable], parallel: bool) -> list:
     return list(dask.compute(*[dask.delayed(f)() for f in fns], scheduler="threads"))
 
 
-def ingest(store_uri: str | Store, requests: list[DatasetRequest], chunk_size: int = 4096,
+def ingest(store_uri: str | Store, requests: list[DatasetRequest], chunk_size: int = 8192,
            parallel: bool = True, progress: Callable | None = None, on_wait: Callable | None = None) -> list[dict]:
     """Ingest one or more datasets into a store; all of them become visible together.
 
