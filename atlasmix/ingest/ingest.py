@@ -322,12 +322,16 @@ def _write_X(store: Store, p: Prepared, start: int, var_jid_of: dict[str, int], 
             yield pos, tbl
 
     with soma.SparseNDArray.open(uri, "w", context=store.context) as X:
+        pending = None  # one chunk of look-ahead so the last write can also consolidate metadata
         for done, tbl in _prefetch(transformed(), depth=2):
-            if tbl.num_rows:
-                X.write(tbl, platform_config=soma.TileDBWriteOptions(sort_coords=False))
+            if pending is not None:
+                X.write(pending, platform_config=soma.TileDBWriteOptions(sort_coords=False))
+            pending = tbl if tbl.num_rows else None
             _checkpoint("x_chunk")
             if progress:
                 progress(p.req.dataset_id, "write", done, len(p.rows))
+        if pending is not None:
+            X.write(pending, platform_config=S.WRITE_LAST_SORTED)
 
 
 def _prefetch(it, depth: int = 2):
@@ -377,7 +381,8 @@ def _write_rest(store: Store, p: Prepared, ds_jid: int, start: int, var_jid_of: 
     with soma.SparseNDArray.open(f"{store.uri}/ms/{S.MEASUREMENT}/{S.PRESENCE}", "w", context=store.context) as P:
         P.write(pa.Table.from_arrays([pa.array(np.full(len(gcols), ds_jid, np.int64)), pa.array(gcols),
                                       pa.array(np.ones(len(gcols), bool))],
-                                     names=["soma_dim_0", "soma_dim_1", "soma_data"]))
+                                     names=["soma_dim_0", "soma_dim_1", "soma_data"]),
+                platform_config=S.WRITE_LAST)
     joinids = np.arange(start, start + n, dtype=np.int64)
     extra = p.extra.copy()
     extra.insert(0, "soma_joinid", joinids)
@@ -398,7 +403,7 @@ def _write_rest(store: Store, p: Prepared, ds_jid: int, start: int, var_jid_of: 
     t = pa.Table.from_pandas(obs, schema=pa.schema([pa.field("soma_joinid", pa.int64(), nullable=False)]
                                                    + list(S.OBS_SCHEMA)), preserve_index=False)
     with soma.DataFrame.open(f"{store.uri}/obs", "w", context=store.context) as df:
-        df.write(t)  # one write = one fragment: all of the dataset's cells appear at once
+        df.write(t, platform_config=S.WRITE_LAST)  # one write = one fragment: the dataset's cells appear at once
     _checkpoint("before_commit")
 
 
@@ -498,7 +503,7 @@ def ingest(store_uri: str | Store, requests: list[DatasetRequest], chunk_size: i
                                          schema=pa.schema([pa.field("soma_joinid", pa.int64(), nullable=False)]
                                                           + list(S.VAR_SCHEMA)))
                 with soma.DataFrame.open(f"{store.uri}/ms/{S.MEASUREMENT}/var", "w", context=store.context) as df:
-                    df.write(t)
+                    df.write(t, platform_config=S.WRITE_LAST)
             store.write_catalog_rows([_catalog_row(p, j, s, S.STATUS_INGESTING) for p, j, s in plan])
             _checkpoint("after_catalog")
             _run_parallel([lambda a=a: _write_X(store, a[0], a[2], var_jid_of, chunk_size, progress)

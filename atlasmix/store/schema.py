@@ -127,3 +127,11 @@ X_CREATE_OPTIONS = {
 }
 #: obs/var/catalog: zstd on everything, large row tiles (column reads for duckdb queries dominate).
 DF_CREATE_OPTIONS = {"tiledb": {"create": {"capacity": 2**16, "dataframe_dim_zstd_level": 3}}}
+
+#: Consolidation. Every ingest ends each array's writes with ``consolidate_and_vacuum`` of the
+#: fragment metadata and commit files (tiledbsoma's default modes), which is cheap (no data is
+#: rewritten) and keeps opening an array O(1) files however many ingests happened. X fragments are
+#: not merged: each covers a disjoint block of cell joinids (one per ingest chunk, ~8k cells), so a
+#: row read only touches the fragments whose non-empty domain overlaps it.
+WRITE_LAST = {"tiledb": {"write": {"consolidate_and_vacuum": True}}}
+WRITE_LAST_SORTED = {"tiledb": {"write": {"consolidate_and_vacuum": True, "sort_coords": False}}}

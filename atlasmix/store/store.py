@@ -47,11 +47,30 @@ def _local_path(uri: str) -> Path:
 
 
 def make_context(tiledb_config: dict[str, str] | None = None) -> soma.SOMATileDBContext:
-    """A tiledbsoma context; ``tiledb_config`` passes TileDB settings (e.g. ``vfs.s3.region``).
+    """A tiledbsoma context for local or object-store URIs.
 
-    S3 credentials are read by TileDB from the usual AWS environment variables.
+    Parameters
+    ----------
+    tiledb_config : dict, optional
+        TileDB settings (e.g. ``{"vfs.s3.region": "eu-west-1"}``), merged over the JSON object in the
+        environment variable ``ATLASMIX_TILEDB_CONFIG`` (how the CLI is configured for ``s3://``:
+        endpoint, region, scheme...). S3 credentials come from the usual AWS environment variables,
+        read by TileDB itself.
+
+    Raises
+    ------
+    StoreError
+        ``ATLASMIX_TILEDB_CONFIG`` is not a JSON object.
     """
-    return soma.SOMATileDBContext(tiledb_config=dict(tiledb_config or {}))
+    cfg: dict[str, str] = {}
+    env = os.environ.get("ATLASMIX_TILEDB_CONFIG")
+    if env:
+        try:
+            cfg = {str(k): str(v) for k, v in json.loads(env).items()}
+        except (ValueError, AttributeError) as e:
+            raise StoreError(f"ATLASMIX_TILEDB_CONFIG must be a JSON object: {e}") from e
+    cfg.update(tiledb_config or {})
+    return soma.SOMATileDBContext(tiledb_config=cfg)
 
 
 def _empty_table(schema: pa.Schema) -> pa.Table:
@@ -158,7 +177,7 @@ class Store:
         t = pa.Table.from_pylist(list(rows), schema=pa.schema([pa.field("soma_joinid", pa.int64(), nullable=False)]
                                                                 + list(S.CATALOG_SCHEMA)))
         with self._open(f"{S.ATLASMIX}/{S.CATALOG}", "w") as df:
-            df.write(t)
+            df.write(t, platform_config=S.WRITE_LAST)
 
     def complete_ranges(self) -> np.ndarray:
         """Joinid ranges of complete datasets, shape (n_datasets, 2), int64, ``[start, end)``, sorted."""
