@@ -175,11 +175,17 @@ def ingest_cmd(
 
 
 def _register_optional() -> None:
-    try:
-        from atlasmix.simulate.cli import register
-    except ImportError:
-        return
-    register(app)
+    """Let each stage add its commands: ``atlasmix.<stage>.cli.register(app)`` where it exists."""
+    import importlib
+
+    for mod in ("atlasmix.simulate.cli", "atlasmix.mixing.cli", "atlasmix.training.cli", "atlasmix.evaluation.cli"):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                continue
+            raise
+        m.register(app)
 
 
 _register_optional()

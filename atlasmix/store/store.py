@@ -18,10 +18,12 @@ URIs (``s3://``) have no lock: use one writer at a time there.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import fcntl
 import json
 import os
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -126,6 +128,7 @@ class Store:
             exp.metadata["atlasmix_store_schema"] = S.STORE_SCHEMA_VERSION
             exp.metadata["atlasmix_version"] = __version__
             exp.metadata["created"] = pd.Timestamp.now(tz="UTC").isoformat()
+            exp.metadata["store_id"] = str(uuid.uuid4())
             exp.add_new_dataframe("obs", schema=S.OBS_SCHEMA, index_column_names=["soma_joinid"],
                                   domain=[(0, 0)], platform_config=S.DF_CREATE_OPTIONS)
             ms = exp.add_new_collection("ms")
@@ -370,6 +373,25 @@ class Store:
                 self.write_catalog_rows([rec])
         return rolled
 
+    def identity(self) -> dict:
+        """What a manifest must record so that a later ingest cannot silently change its meaning.
+
+        Returns
+        -------
+        dict
+            ``store_id`` (UUID written at ``store init``), ``uri``, ``n_cells`` and ``state_hash``: sha256
+            over the complete datasets' (joinid, dataset_id, joinid range, source sha256, ingest time).
+            Any ingest, replace or failure recovery that changes visible cells changes ``state_hash``.
+        """
+        with self.open_experiment() as exp:
+            sid = str(exp.metadata.get("store_id", ""))
+        cat = self.catalog()
+        h = hashlib.sha256()
+        for jid, r in cat.sort_index().iterrows():
+            h.update(f"{jid}|{r.dataset_id}|{r.obs_joinid_start}|{r.obs_joinid_end}|{r.source_sha256}|"
+                     f"{r.ingest_time}\n".encode())
+        return {"store_id": sid, "uri": self.uri, "n_cells": int(cat["n_cells"].sum()), "state_hash": h.hexdigest()}
+
     # ------------------------------------------------------------------ info
     def size_on_disk(self) -> int | None:
         """Bytes used by the store directory, or None for object-store URIs."""
@@ -418,5 +440,6 @@ class Store:
             "n_genes_measured": int((np.asarray(pres.sum(axis=0)).ravel() > 0).sum()) if pres.shape[0] else 0,
             "n_datasets": len(complete),
             "size_bytes": self.size_on_disk(),
+            "identity": self.identity(),
             "datasets": datasets,
         }
