@@ -429,3 +429,26 @@ def test_cli_simulate(tmp_path):
     assert isinstance(r.exception, AtlasmixError)
     r = CliRunner().invoke(app, ["simulate", str(tmp_path), "--cells", "lots"])
     assert isinstance(r.exception, AtlasmixError)
+
+
+def test_dropout_removes_counts_and_keeps_the_rest(tmp_path):
+    """Splatter's logistic dropout zeroes drawn counts (mostly of low-mean genes) and changes nothing else."""
+    base = preset("blood_b")
+    drop = preset("blood_b", dropout_mid=0.0, dropout_shape=-1.0)
+    simulate_atlas(tmp_path / "a", 300, sources=[base], n_genes=SMALL_GENES, seed=2)
+    simulate_atlas(tmp_path / "b", 300, sources=[drop], n_genes=SMALL_GENES, seed=2)
+    a, b = _read(tmp_path / "a" / "blood_b.h5ad"), _read(tmp_path / "b" / "blood_b.h5ad")
+    assert b.X.nnz < 0.9 * a.X.nnz
+    kept = b.X.astype(bool)
+    assert (a.X.multiply(kept) != b.X).nnz == 0  # surviving entries are unchanged
+    removed = a.X - a.X.multiply(kept)
+    assert removed.data.mean() < a.X.data.mean()  # low counts are dropped preferentially
+
+
+def test_gene_space_beyond_protein_coding():
+    space = model.gene_space(21000, 0)
+    assert space.n_genes == 21000 and space.var.index.is_unique
+    assert space.var["feature_name"].str.startswith("MT-").sum() == 13
+    small = model.gene_space(600, 0)
+    assert small.n_genes == 600 and (small.base_mean > 0).sum() == 600 - 13  # MT genes are drawn apart
+    assert small.var["feature_name"].isin(["CD3E", "CD14", "MS4A1", "POU5F1", "MT-CO1"]).sum() == 5

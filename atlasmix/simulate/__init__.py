@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from atlasmix.errors import AtlasmixError
 from atlasmix.simulate import model
@@ -39,7 +38,7 @@ __all__ = ["DEFAULT_SOURCES", "FORMATS", "PRESET_NAMES", "SourceSpec", "iter_chu
 #: Output formats.
 FORMATS = ("h5ad", "zarr", "mex")
 #: Default number of cells per written chunk.
-DEFAULT_CHUNK = 10_000
+DEFAULT_CHUNK = 8192
 
 
 def resolve_sources(sources: str | Sequence[str | SourceSpec] | None) -> list[SourceSpec]:
@@ -97,55 +96,29 @@ def split_cells(n_cells: int, weights: Sequence[float]) -> list[int]:
     return [int(c) for c in counts]
 
 
-def iter_chunks(src: CompiledSource, n_cells: int, chunk_size: int) -> Iterator[model.Block]:
+def iter_chunks(src: CompiledSource, n_cells: int, chunk_size: int, copy: bool = True) -> Iterator[model.Block]:
     """Yield the source's cells as CSR chunks of exactly ``chunk_size`` rows (the last may be smaller).
 
     Cells are generated in fixed blocks of :data:`atlasmix.simulate.model.BLOCK` cells with one
     random stream per block, then re-cut into chunks, so the output never depends on ``chunk_size``.
-    Peak memory is about one chunk plus one block.
+    Peak memory is about one chunk plus one block. With ``copy=False`` the chunks are views of an
+    internal buffer, valid only until the next chunk is requested.
+
+    Raises
+    ------
+    AtlasmixError
+        ``chunk_size`` < 1.
     """
     if chunk_size < 1:
         raise AtlasmixError("chunk size must be >= 1")
-    pending: list[model.Block] = []
-    n_pending = 0
+    buf = model.RowBuffer()
     n_blocks = -(-n_cells // BLOCK)
     for b in range(n_blocks):
-        pending.append(model.generate_block(src, b, n_cells))
-        n_pending += pending[-1].n
-        while n_pending >= chunk_size or (b == n_blocks - 1 and n_pending > 0):
-            take = min(chunk_size, n_pending)
-            chunk, pending = _cut(pending, take)
-            n_pending -= take
-            yield chunk
-
-
-def _cut(blocks: list[model.Block], n: int) -> tuple[model.Block, list[model.Block]]:
-    """Concatenate the first ``n`` rows of ``blocks``; return them and the remaining blocks."""
-    parts, rest, left = [], [], n
-    for blk in blocks:
-        if left == 0:
-            rest.append(blk)
-        elif blk.n <= left:
-            parts.append(blk)
-            left -= blk.n
-        else:
-            parts.append(_slice(blk, 0, left))
-            rest.append(_slice(blk, left, blk.n))
-            left = 0
-    if len(parts) == 1:
-        return parts[0], rest
-    offs = np.cumsum([0] + [p.indptr[-1] for p in parts])
-    indptr = np.concatenate([[0]] + [p.indptr[1:] + o for p, o in zip(parts, offs)]).astype(np.int64)
-    return model.Block(indptr, np.concatenate([p.indices for p in parts]),
-                       np.concatenate([p.data for p in parts]), np.concatenate([p.group for p in parts]),
-                       np.concatenate([p.donor for p in parts]),
-                       np.concatenate([p.cell_index for p in parts])), rest
-
-
-def _slice(blk: model.Block, a: int, b: int) -> model.Block:
-    lo, hi = blk.indptr[a], blk.indptr[b]
-    return model.Block(blk.indptr[a:b + 1] - lo, blk.indices[lo:hi], blk.data[lo:hi], blk.group[a:b],
-                       blk.donor[a:b], blk.cell_index[a:b])
+        model.generate_block(src, b, n_cells, into=buf)
+        while buf.n >= chunk_size or (b == n_blocks - 1 and buf.n > 0):
+            take = min(chunk_size, buf.n)
+            yield buf.take(take, copy)
+            buf.drop(take)
 
 
 def _source_path(out_dir: Path, name: str, fmt: str) -> Path:
@@ -227,11 +200,11 @@ def simulate_atlas(out_dir: str | Path, n_cells: int, sources: str | Sequence[st
         w = writers.MexWriter(path, space.var) if fmt == "mex" else \
             writers.AnnDataWriter(path, space.var, fmt, compression)
         groups, donors, cells = [], [], []
-        for chunk in iter_chunks(src, n_src, chunk_size):
+        for chunk in iter_chunks(src, n_src, chunk_size, copy=False):
             w.append(chunk.indptr, chunk.indices, chunk.data)
-            groups.append(chunk.group)
-            donors.append(chunk.donor)
-            cells.append(chunk.cell_index)
+            groups.append(chunk.group.copy())
+            donors.append(chunk.donor.copy())
+            cells.append(chunk.cell_index.copy())
             if progress is not None:
                 progress(spec.name, w.n_obs, n_src)
         obs = model.build_obs(src, np.concatenate(groups), np.concatenate(donors), np.concatenate(cells))

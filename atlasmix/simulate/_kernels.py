@@ -90,16 +90,20 @@ def build_alias(weights):
 def _logseries(rec, u):
     """Inverse-CDF draw from a logarithmic-series distribution.
 
-    ``rec`` holds ``(F1, F2, F3, q)``: the CDF at 1, 2, 3 and the parameter ``q``. Sizes 1-3
-    (~90 % of draws) are found without branches; larger ones continue the recursion
-    ``P(k+1) = P(k) * q * k / (k + 1)``.
+    ``rec`` holds ``(P(1), q)`` (P(1) = -q / log(1 - q)). Sizes 1-3 (~90 % of draws) are found
+    without branches from ``P(k+1) = P(k) * q * k / (k + 1)``; larger ones continue the recursion.
     """
-    s = 1 + (u > rec[0]) + (u > rec[1]) + (u > rec[2])
+    p1 = float(rec[0])
+    q = float(rec[1])
+    p2 = p1 * q * 0.5
+    p3 = p2 * q * (2.0 / 3.0)
+    f2 = p1 + p2
+    f3 = f2 + p3
+    s = 1 + (u > p1) + (u > f2) + (u > f3)
     if s < 4:
         return s
-    q = float(rec[3])
-    cdf = float(rec[2])
-    pk = cdf - float(rec[1])
+    cdf = f3
+    pk = p3
     k = 3
     while u > cdf:
         pk = pk * q * k / (k + 1)
@@ -111,7 +115,7 @@ def _logseries(rec, u):
 
 
 def logseries_records(q: np.ndarray) -> np.ndarray:
-    """Records ``(F1, F2, F3, q)`` (float32, shape ``q.shape + (4,)``) for :func:`_logseries`.
+    """Records ``(P(1), q)`` (float32, shape ``q.shape + (2,)``) for :func:`_logseries`.
 
     Parameters
     ----------
@@ -120,14 +124,19 @@ def logseries_records(q: np.ndarray) -> np.ndarray:
     """
     with np.errstate(divide="ignore", invalid="ignore"):
         p1 = np.where(q > 0, q / -np.log1p(-q), 1.0)
-    p2 = p1 * q / 2.0
-    p3 = p2 * q * 2.0 / 3.0
-    return np.stack([p1, p1 + p2, p1 + p2 + p3, q], axis=-1).astype(np.float32)
+    return np.stack([p1, q], axis=-1).astype(np.float32)
+
+
+#: De Bruijn sequence and table: index of the lowest set bit of a 64-bit word without a branch.
+_DEBRUIJN = 0x03F79D71B4CB0A89
+_DEBRUIJN_TABLE = (0, 1, 48, 2, 57, 49, 28, 3, 61, 58, 50, 42, 38, 29, 17, 4, 62, 55, 59, 36, 53, 51, 43,
+                   22, 45, 39, 33, 30, 24, 18, 12, 5, 63, 47, 56, 27, 60, 41, 37, 16, 54, 35, 52, 21,
+                   44, 32, 23, 11, 46, 26, 40, 15, 34, 20, 31, 10, 25, 14, 19, 9, 13, 8, 7, 6)
 
 
 @njit(cache=True)
-def _draw_clusters(buf, st, n_clusters, alias, lsr):
-    """Add ``n_clusters`` NB clusters of one cell to ``buf``; return the RNG state.
+def _draw_clusters(buf, bits, st, n_clusters, alias, lsr):
+    """Add ``n_clusters`` NB clusters of one cell to ``buf`` (marking genes in ``bits``); return the RNG state.
 
     One 64-bit draw per cluster: its high 32 bits pick an alias column and test its threshold,
     its low 32 bits give the uniform of the cluster size.
@@ -136,6 +145,7 @@ def _draw_clusters(buf, st, n_clusters, alias, lsr):
     lo32 = np.uint64(0xFFFFFFFF)
     thr_mask = np.uint64((1 << _THR_BITS) - 1)
     g64 = np.uint64(G)
+    one = np.uint64(1)
     for _ in range(n_clusters):
         st, z = _next(st)
         x = (z >> np.uint64(32)) * g64
@@ -144,12 +154,14 @@ def _draw_clusters(buf, st, n_clusters, alias, lsr):
         gene = i if (x & lo32) < (rec & thr_mask) else rec >> np.uint64(_THR_BITS)
         u2 = (float(z & lo32) + 0.5) * (1.0 / 4294967296.0)
         buf[gene] += _logseries(lsr[gene], u2)
+        bits[gene >> np.uint64(6)] |= one << (gene & np.uint64(63))
     return st
 
 
 @njit(parallel=True, cache=True)
 def sample_cells(table, n_clusters, lib_nuc, mito_counts, mito_idx, seeds,
-                 alias, lsr, pmean, dropout_on, dropout_mid, dropout_shape, n_threads):
+                 alias, lsr, pmean, dropout_on, dropout_mid, dropout_shape, n_threads,
+                 work_idx, work_val, out_idx, out_val, out_base):
     """Draw the sparse count rows of a block of cells (compound-Poisson NB, see module docstring).
 
     Parameters
@@ -168,7 +180,7 @@ def sample_cells(table, n_clusters, lib_nuc, mito_counts, mito_idx, seeds,
         SplitMix64 seed per cell.
     alias : uint64 (T, G)
         Packed alias tables over genes of the cluster rates (:func:`build_alias`).
-    lsr : float32 (T, G, 4)
+    lsr : float32 (T, G, 2)
         Logarithmic-series records of the cluster sizes per gene (:func:`logseries_records`).
     pmean : float64 (T, G)
         Expected proportion of each gene (used only by dropout).
@@ -179,11 +191,19 @@ def sample_cells(table, n_clusters, lib_nuc, mito_counts, mito_idx, seeds,
     n_threads : int
         Number of cell partitions processed in parallel (``numba.get_num_threads()``); the result
         does not depend on it.
+    work_idx : int32 (>= W,), work_val : float32 (>= W,)
+        Scratch space, ``W = sum(n_clusters) + n * M`` (reused between calls: fresh memory costs
+        page faults).
+    out_idx : int32 (>= out_base + W,), out_val : float32 (>= out_base + W,)
+        Destination of the CSR column indices and values.
+    out_base : int
+        Position in ``out_idx``/``out_val`` of the block's first non-zero.
 
     Returns
     -------
-    indptr : int64 (n + 1,), indices : int32 (nnz,), data : float32 (nnz,)
-        The CSR rows, column indices sorted within each row.
+    ndarray of int64, shape (n + 1,)
+        CSR row pointer of the block, starting at 0 (add ``out_base`` for positions in ``out_*``);
+        column indices are sorted within each row.
     """
     n = table.shape[0]
     G = alias.shape[1]
@@ -192,23 +212,35 @@ def sample_cells(table, n_clusters, lib_nuc, mito_counts, mito_idx, seeds,
     offs[0] = 0
     for c in range(n):
         offs[c + 1] = offs[c] + n_clusters[c] + M
-    tmp_idx = np.empty(offs[n], np.int32)
-    tmp_val = np.empty(offs[n], np.float32)
     nnz = np.zeros(n, np.int64)
     order = np.argsort(table, kind="mergesort")  # cells of one table together: cache locality
     nth = min(n_threads, max(n, 1))
+    nw = (G + 63) // 64
+    db = np.uint64(_DEBRUIJN)
     for th in prange(nth):
         buf = np.zeros(G, np.int32)
+        bits = np.zeros(nw, np.uint64)
         for oc in range(th * n // nth, (th + 1) * n // nth):
             c = order[oc]
             t = table[c]
-            st = _draw_clusters(buf, seeds[c], n_clusters[c], alias[t], lsr[t])
+            st = _draw_clusters(buf, bits, seeds[c], n_clusters[c], alias[t], lsr[t])
             for m in range(M):
-                buf[mito_idx[m]] += mito_counts[c, m]
+                if mito_counts[c, m] > 0:
+                    g = mito_idx[m]
+                    buf[g] += mito_counts[c, m]
+                    bits[g >> 6] |= np.uint64(1) << np.uint64(g & 63)
             pos = offs[c]
-            for j in range(G):
-                v = buf[j]
-                if v != 0:
+            # visit the touched genes in increasing order through the bitmap (no scan of all G)
+            for w in range(nw):
+                word = bits[w]
+                if word == 0:
+                    continue
+                bits[w] = 0
+                while word != 0:
+                    low = word & (~word + np.uint64(1))
+                    j = w * 64 + _DEBRUIJN_TABLE[(low * db) >> np.uint64(58)]
+                    word ^= low
+                    v = buf[j]
                     buf[j] = 0
                     if dropout_on:
                         mu = lib_nuc[c] * pmean[t, j]
@@ -217,23 +249,21 @@ def sample_cells(table, n_clusters, lib_nuc, mito_counts, mito_idx, seeds,
                             st, z = _next(st)
                             if float(z >> np.uint64(11)) * (1.0 / 9007199254740992.0) < pdrop:
                                 continue
-                    tmp_idx[pos] = j
-                    tmp_val[pos] = v
+                    work_idx[pos] = j
+                    work_val[pos] = v
                     pos += 1
             nnz[c] = pos - offs[c]
     indptr = np.empty(n + 1, np.int64)
     indptr[0] = 0
     for c in range(n):
         indptr[c + 1] = indptr[c] + nnz[c]
-    indices = np.empty(indptr[n], np.int32)
-    data = np.empty(indptr[n], np.float32)
     for c in prange(n):
         a = offs[c]
-        b = indptr[c]
+        b = out_base + indptr[c]
         for k in range(nnz[c]):
-            indices[b + k] = tmp_idx[a + k]
-            data[b + k] = tmp_val[a + k]
-    return indptr, indices, data
+            out_idx[b + k] = work_idx[a + k]
+            out_val[b + k] = work_val[a + k]
+    return indptr
 
 
 @njit(inline="always", cache=True)

@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
                                   help="Number of genes (default: all 19,907 protein-coding genes; "
                                        "MT- and marker genes are always included; minimum 500)."),
         fmt: str = typer.Option("h5ad", "--format", "-f", help="h5ad, zarr or mex (10x)."),
-        chunk_size: str = typer.Option("10000", "--chunk-size",
+        chunk_size: str = typer.Option("8192", "--chunk-size",
                                        help="Cells written per chunk (bounds memory; output does not depend on it)."),
         compression: str = typer.Option("", "--compression", help="h5ad only: gzip or lzf (default none)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
