@@ -1,0 +1,160 @@
+"""Geometric sketching of a component's cells on an out-of-core PCA.
+
+Geometric sketching (Hie, Cho, DeMeo, Bryson & Berger 2019, *Geometric sketching compactly
+summarizes the single-cell transcriptomic landscape*, Cell Systems 8:483) covers the embedding with
+equal-volume boxes and draws cells box by box, so rare cell states keep their share. We call the
+``geosketch`` package on a PCA of the component's cells.
+
+The PCA never holds X in memory. X is streamed from the store in row chunks
+(:meth:`atlasmix.store.Store.iter_X`) and normalised as in scanpy's default pipeline: counts per
+10,000 per cell (CP10k), then ``log1p``.
+
+1. pass 1, all genes: per-cell library size and per-gene sum and sum of squares of log1p(CP10k);
+   the ``n_top_genes`` genes with the largest variance are kept (highly variable genes, HVGs);
+2. pass 2, HVGs only: the Gram matrix ``sum_chunks x_c^T x_c`` (n_hvg x n_hvg, float64) and column
+   sums give the exact covariance, whose top eigenvectors are the principal axes (an exact PCA,
+   independent of chunking, unlike incremental PCA);
+3. projection: each chunk is centred and projected (pass 3), unless the HVG chunks of pass 2 fitted
+   in a small cache, then those are projected without re-reading X.
+
+Memory: O(chunk x genes per cell + n_hvg^2 + n_cells x n_pcs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import scipy.sparse as sp
+
+#: Keep the HVG chunks of pass 2 in memory (and skip pass 3) while they hold fewer nonzeros.
+CACHE_NNZ = 20_000_000
+
+
+def _log_cp10k(m: sp.csr_matrix, lib: np.ndarray) -> sp.csr_matrix:
+    scale = np.divide(1e4, lib, out=np.zeros_like(lib, dtype=np.float64), where=lib > 0)
+    out = sp.csr_matrix(m, dtype=np.float64, copy=True)
+    out.data *= np.repeat(scale, np.diff(out.indptr))
+    np.log1p(out.data, out=out.data)
+    return out
+
+
+def streamed_pca(iter_x: Callable, joinids: np.ndarray, var_joinids: np.ndarray, n_pcs: int = 20,
+                 n_top_genes: int = 2000, chunk_size: int = 8192) -> np.ndarray:
+    """PCA scores of cells from streamed counts.
+
+    Parameters
+    ----------
+    iter_x : callable
+        ``iter_x(joinids, var_joinids, chunk_size=...)`` yielding ``(ids, csr_matrix)`` chunks with
+        columns in the order of ``var_joinids``, as :meth:`atlasmix.store.Store.iter_X`.
+    joinids : numpy.ndarray of int64
+        Cells, sorted ascending.
+    var_joinids : numpy.ndarray of int64
+        Genes considered (normally every gene of the store; library sizes are summed over them).
+    n_pcs, n_top_genes, chunk_size : int
+        Components kept, HVGs used, cells per chunk.
+
+    Returns
+    -------
+    numpy.ndarray, shape (len(joinids), k), float64
+        Scores on the top ``k = min(n_pcs, n_hvg, len(joinids) - 1)`` principal axes, rows in the
+        order of ``joinids``. Axis signs are fixed (largest-magnitude loading positive), so results
+        are deterministic.
+    """
+    joinids = np.asarray(joinids, dtype=np.int64)
+    n = len(joinids)
+    libs = np.zeros(n, dtype=np.float64)
+    s1 = s2 = None
+    var_joinids = np.asarray(var_joinids, dtype=np.int64)
+    pos = 0
+    for ids, m in iter_x(joinids, var_joinids, chunk_size=chunk_size):
+        lib = np.asarray(m.sum(axis=1), dtype=np.float64).ravel()
+        libs[pos:pos + len(ids)] = lib
+        pos += len(ids)
+        x = _log_cp10k(m, lib)
+        if s1 is None:
+            s1 = np.zeros(m.shape[1])
+            s2 = np.zeros(m.shape[1])
+        s1 += np.bincount(x.indices, weights=x.data, minlength=m.shape[1])
+        s2 += np.bincount(x.indices, weights=x.data ** 2, minlength=m.shape[1])
+    if s1 is None or n < 2:
+        return np.zeros((n, 0))
+    mean = s1 / n
+    var = s2 / n - mean ** 2
+    informative = np.flatnonzero(var > 0)
+    order = informative[np.lexsort((informative, -var[informative]))]
+    hvg_cols = np.sort(order[:n_top_genes])
+    if len(hvg_cols) == 0:
+        return np.zeros((n, 0))
+    var_ids = var_joinids[hvg_cols]  # ascending, as hvg_cols is
+    h = len(var_ids)
+    gram = np.zeros((h, h))
+    colsum = np.zeros(h)
+    cache: list[sp.csr_matrix] | None = []
+    cached_nnz = 0
+    pos = 0
+    for ids, m in iter_x(joinids, var_ids, chunk_size=chunk_size):
+        x = _log_cp10k(m, libs[pos:pos + len(ids)])
+        pos += len(ids)
+        gram += (x.T @ x).toarray()
+        colsum += np.asarray(x.sum(axis=0)).ravel()
+        if cache is not None:
+            cached_nnz += x.nnz
+            if cached_nnz > CACHE_NNZ:
+                cache = None
+            else:
+                cache.append(x)
+    mu = colsum / n
+    cov = gram / n - np.outer(mu, mu)
+    k = max(1, min(n_pcs, h, n - 1))
+    import scipy.linalg as sl
+    from threadpoolctl import threadpool_limits
+
+    # top-k eigenpairs only (LAPACK syevr); one BLAS thread: multi-threaded OpenBLAS eigensolvers
+    # slow down by 10x on a busy machine
+    with threadpool_limits(1):
+        w, v = sl.eigh(cov, subset_by_index=[h - k, h - 1], driver="evr")
+    top = v[:, np.argsort(w)[::-1]]
+    signs = np.sign(top[np.abs(top).argmax(axis=0), np.arange(k)])
+    top *= np.where(signs == 0, 1, signs)
+    shift = mu @ top
+    if cache is not None:
+        return np.vstack([np.asarray(x @ top) for x in cache]) - shift
+    out = np.empty((n, k))
+    pos = 0
+    for ids, m in iter_x(joinids, var_ids, chunk_size=chunk_size):
+        x = _log_cp10k(m, libs[pos:pos + len(ids)])
+        out[pos:pos + len(ids)] = np.asarray(x @ top) - shift
+        pos += len(ids)
+    return out
+
+
+def geometric_sketch(scores: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices (rows of ``scores``) of a geometric sketch of ``n`` cells, sorted (int64).
+
+    Calls ``geosketch.gs(scores, n, replace=False, seed=seed)`` (Hie et al. 2019). geosketch seeds
+    numpy's global RNG; its state is restored afterwards.
+
+    Parameters
+    ----------
+    scores : numpy.ndarray, shape (n_cells, n_dims)
+        Embedding (e.g. :func:`streamed_pca` scores).
+    n : int
+        Sketch size, ``<= n_cells``.
+    seed : int
+        0 <= seed < 2**32.
+    """
+    n_cells = scores.shape[0]
+    if n >= n_cells:
+        return np.arange(n_cells, dtype=np.int64)
+    if scores.shape[1] == 0 or not np.ptp(scores, axis=0).any():  # no geometry: plain seeded draw
+        return np.sort(np.random.default_rng(seed).choice(n_cells, n, replace=False)).astype(np.int64)
+    from geosketch import gs
+
+    state = np.random.get_state()
+    try:
+        idx = gs(np.ascontiguousarray(scores, dtype=np.float64), int(n), replace=False, seed=int(seed))
+    finally:
+        np.random.set_state(state)
+    return np.sort(np.asarray(idx, dtype=np.int64))
