@@ -92,7 +92,7 @@ def test_soma_experiment_source_with_value_filter(store_with_all_formats, tmp_pa
     census_like = tmp_path / "census_like"
     sio.from_anndata(str(census_like), a, measurement_name="RNA", X_layer_name="raw")
     dst = Store.create(str(tmp_path / "dst"))
-    rep = ingest(dst, [DatasetRequest(dataset_id="census_b", source=str(census_like), format="soma",
+    rep = ingest(dst, [DatasetRequest(dataset_id="census_b", source=str(census_like),  # format detected
                                       obs_filter="cell_type == 'B' and is_primary_data == True",
                                       obs_map={"cell_type": "cell_type"})])
     assert rep[0]["n_cells"] == int((a.obs.cell_type == "B").sum()) == 344

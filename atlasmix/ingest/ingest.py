@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from atlasmix.errors import IngestError
 from atlasmix.ingest.harmonize import GeneMapping, check_usable, harmonize_genes
-from atlasmix.ingest.readers import Reader, open_reader, provenance_json, read_obs_table, sha256_of
+from atlasmix.ingest.readers import Reader, detect_format, open_reader, provenance_json, read_obs_table, sha256_of
 from atlasmix.store import Store
 from atlasmix.store import schema as S
 from atlasmix.store.genes import ORGANISMS, gene_table, mitochondrial_mask, normalize_organism
@@ -146,25 +146,41 @@ def _build_obs(req: DatasetRequest, src_obs: pd.DataFrame, organism_label: str) 
             obs[c] = default
     obs["organism"] = organism_label
     obs["is_malignant"] = False
-    if req.tissue:
-        obs["tissue"] = req.tissue
-        obs["tissue_general"] = req.tissue
-    used = set()
+    # precedence: --set / --tissue  >  --obs-map  >  a source column of the same name  >  default
+    mapping = {c: c for c in S.SETTABLE_OBS_COLUMNS if c in src_obs.columns and c != "organism"}
     for col, src_col in req.obs_map.items():
         if col not in S.SETTABLE_OBS_COLUMNS:
             raise IngestError(f"--obs-map: {col!r} is not a settable obs column ({', '.join(S.SETTABLE_OBS_COLUMNS)})")
         if src_col not in src_obs.columns:
             raise IngestError(f"--obs-map {col}={src_col}: the source has no obs column {src_col!r} "
                               f"(has: {', '.join(map(str, src_obs.columns[:12]))})")
-        vals = src_obs[src_col]
-        obs[col] = _as_bool(vals) if col == "is_malignant" else vals.astype(str).fillna("unknown").to_numpy()
-        used.add(src_col)
-    for col, val in req.set.items():
+        mapping[col] = src_col
+    constants = dict(req.set)
+    if req.tissue:
+        constants.setdefault("tissue", req.tissue)
+    for col in constants:
         if col not in S.SETTABLE_OBS_COLUMNS:
             raise IngestError(f"--set: {col!r} is not a settable obs column ({', '.join(S.SETTABLE_OBS_COLUMNS)})")
-        obs[col] = _as_bool(pd.Series([val] * n)) if col == "is_malignant" else val
-    if "tissue" in req.set and "tissue_general" not in req.set and "tissue_general" not in req.obs_map:
-        obs["tissue_general"] = req.set["tissue"]
+    if "tissue_general" not in mapping and "tissue_general" not in constants:
+        if "tissue" in constants:
+            constants["tissue_general"] = constants["tissue"]
+        elif "tissue" in mapping:
+            mapping["tissue_general"] = mapping["tissue"]
+    used = set()
+    for col, src_col in mapping.items():
+        if col in constants:
+            continue
+        vals = src_obs[src_col]
+        if col == "is_malignant":
+            obs[col] = _as_bool(vals)
+        else:
+            obs[col] = vals.astype(object).where(vals.notna(), S.OBS_STRING_COLUMNS[col]).astype(str).to_numpy()
+        used.add(src_col)
+    for col, val in constants.items():
+        obs[col] = bool(_as_bool(pd.Series([val]))[0]) if col == "is_malignant" else val
+    for c in S.OBS_STRING_COLUMNS:  # few distinct values: categorical codes, ~1 byte per cell
+        if c != "obs_id":
+            obs[c] = obs[c].astype(str).astype("category")
     extra = src_obs.drop(columns=[c for c in src_obs.columns if c in used]).reset_index(drop=True)
     for c in list(extra.columns):
         s = extra[c]
@@ -195,9 +211,10 @@ def prepare(req: DatasetRequest, chunk_size: int = 8192, context=None) -> Prepar
     org = normalize_organism(req.organism)
     organism_label = ORGANISMS.get(org, req.organism)
     table = gene_table(org, req.gene_table)
-    reader = open_reader(req.source, req.format, req.layer,
-                         value_filter=req.obs_filter if (req.format or "") == "soma" or "://" in req.source
-                         else None, context=context)
+    fmt = req.format or detect_format(req.source)
+    # SOMA sources get the filter pushed down as a tiledbsoma value_filter; files filter with duckdb
+    reader = open_reader(req.source, fmt, req.layer, value_filter=req.obs_filter if fmt == "soma" else None,
+                         context=context)
     try:
         src_obs = reader.obs()
         if req.obs_table:
@@ -298,7 +315,8 @@ def _catalog_row(p: Prepared, ds_jid: int, start: int, status: str) -> dict:
 
 
 def _write_X(store: Store, p: Prepared, start: int, var_jid_of: dict[str, int], chunk_size: int,
-             progress: Callable | None) -> None:
+             progress: Callable | None) -> pa.Table | None:
+    """Write a dataset's X chunks; return the last chunk unwritten (see :func:`ingest`)."""
     targets = sorted(p.mapping.target_ids, key=var_jid_of.__getitem__)  # ascending global joinid
     local = {f: i for i, f in enumerate(targets)}
     M = p.mapping.matrix(local, len(targets))
@@ -330,8 +348,7 @@ def _write_X(store: Store, p: Prepared, start: int, var_jid_of: dict[str, int], 
             _checkpoint("x_chunk")
             if progress:
                 progress(p.req.dataset_id, "write", done, len(p.rows))
-        if pending is not None:
-            X.write(pending, platform_config=S.WRITE_LAST_SORTED)
+    return pending  # written by the caller, serially, so X is consolidated once no writer runs
 
 
 def _prefetch(it, depth: int = 2):
@@ -400,8 +417,12 @@ def _write_rest(store: Store, p: Prepared, ds_jid: int, start: int, var_jid_of: 
     _checkpoint("before_obs")
     obs = p.obs.copy()
     obs.insert(0, "soma_joinid", joinids)
-    t = pa.Table.from_pandas(obs, schema=pa.schema([pa.field("soma_joinid", pa.int64(), nullable=False)]
-                                                   + list(S.OBS_SCHEMA)), preserve_index=False)
+    t = pa.Table.from_pandas(obs, preserve_index=False)
+    # categorical string columns stay dictionary-encoded (tiledbsoma writes their values); the rest
+    # is cast to the obs schema's exact types
+    sch = pa.schema([pa.field("soma_joinid", pa.int64(), nullable=False)] + list(S.OBS_SCHEMA))
+    t = pa.table({f.name: t[f.name] if pa.types.is_dictionary(t[f.name].type) else t[f.name].cast(f.type)
+                  for f in sch})
     with soma.DataFrame.open(f"{store.uri}/obs", "w", context=store.context) as df:
         df.write(t, platform_config=S.WRITE_LAST)  # one write = one fragment: the dataset's cells appear at once
     _checkpoint("before_commit")
@@ -506,8 +527,14 @@ def ingest(store_uri: str | Store, requests: list[DatasetRequest], chunk_size: i
                     df.write(t, platform_config=S.WRITE_LAST)
             store.write_catalog_rows([_catalog_row(p, j, s, S.STATUS_INGESTING) for p, j, s in plan])
             _checkpoint("after_catalog")
-            _run_parallel([lambda a=a: _write_X(store, a[0], a[2], var_jid_of, chunk_size, progress)
-                           for a in plan], parallel)
+            last = _run_parallel([lambda a=a: _write_X(store, a[0], a[2], var_jid_of, chunk_size, progress)
+                                  for a in plan], parallel)
+            last = [t for t in last if t is not None]
+            with soma.SparseNDArray.open(f"{store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}", "w",
+                                         context=store.context) as X:
+                for i, t in enumerate(last):  # the final write also consolidates X's fragment metadata
+                    X.write(t, platform_config=S.WRITE_LAST_SORTED if i == len(last) - 1 else
+                            soma.TileDBWriteOptions(sort_coords=False))
             for p, j, s in plan:
                 _write_rest(store, p, j, s, var_jid_of)
             commit = [_catalog_row(p, j, s, S.STATUS_COMPLETE) for p, j, s in plan]
