@@ -1,0 +1,576 @@
+"""Stream the cells of a resolved mixture from the store as shuffled torch minibatches.
+
+How an epoch is ordered
+-----------------------
+The cells of one manifest split (``cells``: unique soma_joinids, sorted) are cut into *locality
+blocks* of ``block_size`` consecutive cells (store order). Epoch ``e`` draws a fresh permutation of
+those blocks from ``numpy.random.default_rng([seed, e])`` -- no offline pre-shuffle, a new order
+every epoch, the same order for the same (seed, epoch). The permuted cell sequence is then
+
+1. made a multiple of ``world_size * num_workers`` (``uneven="drop"``: the last cells of the
+   permuted sequence are dropped, fewer than ``world_size * num_workers`` per epoch and different
+   cells every epoch; ``uneven="pad"``: the sequence is padded with its own first cells, so a few
+   cells are seen twice), and
+2. dealt out interleaved: shard ``k = rank * num_workers + worker`` takes positions ``k, k + K,
+   k + 2K, ...`` (``K = world_size * num_workers``). Every shard has the same number of cells, hence
+   the same number of minibatches: DDP ranks never wait on each other at the end of an epoch, and no
+   rank or worker ever owns a fixed contiguous slice of the store (tiledbsoma-ml 0.1.0's defect).
+3. Each shard is cut into *IO batches* of ``io_batch_size`` cells (a multiple of ``batch_size``).
+   The joinids of one IO batch are sorted and read from ``ms/RNA/X/raw`` in one TileDB read with
+   point coordinates ``(cells, var joinids)`` -- store order, so the read touches each data tile at
+   most once. The IO batch is then shuffled in memory with ``default_rng([seed, e, k, io_index])``
+   and cut into minibatches.
+
+With ``block_size=1`` every minibatch is a uniformly random subset of the corpus (i.i.d. quality);
+``block_size > 1`` trades a little shuffle quality for read locality (a TileDB data tile holds ~64
+cells at 2k nonzeros per cell, so a random cell costs a whole tile decompressed). After the in-memory
+shuffle a minibatch holds cells from ``io_batch_size / block_size`` blocks, so per-batch
+``dataset_id`` entropy stays at the i.i.d. level while ``io_batch_size / block_size >> batch_size``;
+:func:`shuffle_entropy` measures it.
+
+Prefetch and memory
+-------------------
+A background thread assembles minibatches (CPU tensors) into a bounded queue; it reads IO batches
+with a pool of ``io_threads`` threads (TileDB releases the GIL), at most ``prefetch_io`` IO batches
+ahead. Memory held is O((prefetch_io + 1) * io_batch_size * nnz per cell), independent of corpus
+size, plus the per-cell index arrays (joinids and covariate codes: ~8 bytes + 4 bytes per covariate
+per manifest cell). Processes are not used: TileDB is opened in the loader's own threads, so there
+is nothing to fork; :class:`MixtureLoader` objects are picklable (the store is reopened by URI), so a
+``spawn`` worker may build one with ``num_workers``/``worker`` set.
+
+Resume
+------
+:meth:`MixtureLoader.state_dict` records ``epoch`` and ``batches_done`` (minibatches handed to the
+consumer this epoch); after :meth:`MixtureLoader.load_state_dict` the next iteration continues
+exactly with the next minibatch of that epoch (same cells, same order) because every order is a
+pure function of (seed, epoch, shard, IO batch index).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.sparse as sp
+import torch
+
+from atlasmix.errors import AtlasmixError
+from atlasmix.store import schema as S
+
+LIBRARY_SOURCES = ("counts", "total_counts")
+
+
+# ---------------------------------------------------------------------------------------------- ordering
+def epoch_order(n_cells: int, seed: int, epoch: int, block_size: int = 1, shuffle: bool = True) -> np.ndarray:
+    """Positions ``0..n_cells-1`` (into the sorted cell array) in epoch ``epoch``'s order.
+
+    Parameters
+    ----------
+    n_cells : int
+        Cells in the split.
+    seed, epoch : int
+        The order is ``default_rng([seed, epoch])``'s permutation of locality blocks, with the
+        cells inside each block also permuted.
+    block_size : int
+        Consecutive cells (store order) kept together; 1 = a uniform permutation of cells.
+    shuffle : bool
+        False: store order (validation / inference).
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (n_cells,)
+    """
+    pos = np.arange(n_cells, dtype=np.int64)
+    if not shuffle or n_cells == 0:
+        return pos
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    if block_size <= 1:
+        return rng.permutation(n_cells).astype(np.int64)
+    n_blocks = math.ceil(n_cells / block_size)
+    blocks = rng.permutation(n_blocks)
+    starts = blocks * block_size
+    lens = np.minimum(starts + block_size, n_cells) - starts
+    # concatenated aranges: start of each block repeated, plus the offset inside the block
+    offs = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+    pos = np.repeat(starts, lens) + offs
+    # cells inside each block in a fresh random order too: otherwise, with block_size a multiple of
+    # the number of shards, shard k would always get the cells at offsets k, k + K, ... of every block
+    within = np.lexsort((rng.random(n_cells), np.repeat(np.arange(n_blocks), lens)))
+    return pos[within]
+
+
+def shard_order(order: np.ndarray, shard: int, n_shards: int, uneven: str = "drop") -> np.ndarray:
+    """The interleaved shard ``shard`` of ``n_shards`` of an epoch order, all shards equal-sized.
+
+    Parameters
+    ----------
+    order : numpy.ndarray of int64
+        An epoch order (:func:`epoch_order`).
+    shard, n_shards : int
+        ``shard = rank * num_workers + worker``; ``n_shards = world_size * num_workers``.
+    uneven : {"drop", "pad"}
+        ``drop``: the order's last ``len(order) % n_shards`` positions are left out this epoch;
+        ``pad``: the order is extended with its first ``(-len(order)) % n_shards`` positions.
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (len(order) // n_shards,) for drop, ceil for pad.
+
+    Raises
+    ------
+    AtlasmixError
+        ``shard`` out of range or ``uneven`` not drop/pad.
+    """
+    if not 0 <= shard < n_shards:
+        raise AtlasmixError(f"shard {shard} out of range for {n_shards} shards")
+    n = len(order)
+    if uneven == "drop":
+        order = order[: n - n % n_shards]
+    elif uneven == "pad":
+        extra = (-n) % n_shards
+        if extra:
+            order = np.concatenate([order, np.resize(order, extra)])
+    else:
+        raise AtlasmixError(f"uneven must be 'drop' or 'pad', got {uneven!r}")
+    return order[shard::n_shards]
+
+
+# ---------------------------------------------------------------------------------------------- entropy
+def _entropy(codes: np.ndarray, n_categories: int) -> float:
+    p = np.bincount(codes, minlength=n_categories).astype(np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def shuffle_entropy(batches: Sequence[np.ndarray], seed: int = 0, n_categories: int | None = None) -> dict[str, float]:
+    """Per-minibatch covariate entropy of a loader against i.i.d. sampling of the same cells.
+
+    Parameters
+    ----------
+    batches : sequence of numpy.ndarray of int
+        The covariate codes (e.g. ``dataset_id``) of each minibatch, in order.
+    seed : int
+        Seed of the i.i.d. reference: the same codes, uniformly permuted and cut into minibatches
+        of the same sizes.
+    n_categories : int, optional
+        Default: max code + 1.
+
+    Returns
+    -------
+    dict
+        ``entropy_bits`` (mean Shannon entropy, bits, over minibatches), ``iid_entropy_bits`` (the
+        same for the i.i.d. reference), ``ratio`` (entropy / i.i.d.; 1 = as good as i.i.d., a loader
+        that serves one dataset at a time gives ~0), ``n_batches``.
+    """
+    batches = [np.asarray(b, dtype=np.int64).ravel() for b in batches if len(b)]
+    if not batches:
+        return {"entropy_bits": 0.0, "iid_entropy_bits": 0.0, "ratio": float("nan"), "n_batches": 0}
+    allc = np.concatenate(batches)
+    k = int(n_categories or allc.max() + 1)
+    ent = float(np.mean([_entropy(b, k) for b in batches]))
+    perm = np.random.default_rng(seed).permutation(allc)
+    cuts = np.cumsum([len(b) for b in batches])[:-1]
+    iid = float(np.mean([_entropy(b, k) for b in np.split(perm, cuts)]))
+    return {"entropy_bits": ent, "iid_entropy_bits": iid, "ratio": ent / iid if iid > 0 else float("nan"),
+            "n_batches": len(batches)}
+
+
+# ---------------------------------------------------------------------------------------------- genes
+def mixture_genes(store, cells: np.ndarray, genes: Sequence[str] | None = None) -> np.ndarray:
+    """Var joinids of a mixture's gene axis.
+
+    Parameters
+    ----------
+    store : atlasmix.store.Store
+    cells : numpy.ndarray of int64
+        The mixture's cell joinids (any order).
+    genes : sequence of str, optional
+        Explicit gene list: Ensembl ``feature_id`` values (or ``feature_name`` symbols when unique),
+        returned in this order. Default: genes measured in *every* dataset that contributes cells
+        (the intersection of the datasets' rows of the presence matrix), sorted by var joinid.
+
+    Returns
+    -------
+    numpy.ndarray of int64
+
+    Raises
+    ------
+    AtlasmixError
+        A listed gene is not in the store, or the default intersection is empty.
+    """
+    var = store.var()
+    if genes is not None:
+        by_id = dict(zip(var["feature_id"], var.index))
+        names = var["feature_name"].value_counts()
+        by_name = {n: j for n, j in zip(var["feature_name"], var.index) if names[n] == 1}
+        out, missing = [], []
+        for g in genes:
+            j = by_id.get(g, by_name.get(g))
+            (missing if j is None else out).append(g if j is None else int(j))
+        if missing:
+            raise AtlasmixError(f"{len(missing)} genes are not in the store (first: {missing[0]!r})")
+        return np.asarray(out, dtype=np.int64)
+    ranges = store.complete_ranges()
+    cat = store.catalog()
+    start_to_jid = dict(zip(cat["obs_joinid_start"].to_numpy(), cat.index.to_numpy()))
+    which = np.unique(np.searchsorted(ranges[:, 0], np.unique(cells), side="right") - 1)
+    ds = [int(start_to_jid[int(ranges[i, 0])]) for i in which]
+    pres = store.presence()
+    keep = np.asarray(pres[ds].sum(axis=0)).ravel() == len(ds)
+    out = var.index.to_numpy(dtype=np.int64)[keep[: len(var)]]
+    if len(out) == 0:
+        raise AtlasmixError("the datasets of this mixture measure no gene in common; pass an explicit gene list")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- loader
+class MixtureLoader:
+    """Minibatches of one split of a mixture, streamed from the store.
+
+    Parameters
+    ----------
+    store : atlasmix.store.Store
+    manifest : path, pyarrow.Table or numpy.ndarray
+        A manifest ``.parquet`` (read with :func:`atlasmix.mixing.read_manifest`, which refuses a
+        manifest of another store or of a changed store state), its table (``soma_joinid``,
+        ``split``), or plain cell joinids (then ``split`` is ignored).
+    split : str
+        ``train``, ``validation`` or ``eval`` (cells of several eval sets are served once).
+    genes : sequence of str, optional
+        The gene axis (see :func:`mixture_genes`); default genes measured in every dataset.
+    var_joinids : numpy.ndarray of int64, optional
+        The gene axis as var joinids (overrides ``genes``), e.g. a trained model's genes.
+    batch_size : int
+        Cells per minibatch.
+    io_batch_size : int
+        Cells per TileDB read; rounded up to a multiple of ``batch_size``.
+    block_size : int
+        Locality block (consecutive store cells kept together in the permutation), see module doc.
+    shuffle : bool
+        False: store order, no permutation (inference, validation).
+    seed : int
+    drop_last : bool
+        Drop each shard's last short minibatch.
+    obs_columns : sequence of str
+        obs columns delivered as int64 codes (shape (B,)); categories are the sorted distinct
+        values over *all* the manifest's cells (every split), so train and validation agree; see
+        :attr:`categories`.
+    library : {"counts", "total_counts"}
+        ``library_size`` of a minibatch: ``counts`` = sum of the counts over the loader's gene axis
+        (what a model of these genes sees); ``total_counts`` = obs ``total_counts`` (all genes the
+        source measured, computed at ingest).
+    device : str or torch.device
+        Where ``X`` and ``library_size`` are placed. On CUDA the CSR parts are pinned, copied
+        asynchronously and densified on the GPU.
+    sparse : bool
+        Deliver ``X`` as a ``torch.sparse_csr_tensor`` instead of dense.
+    rank, world_size : int
+        DDP position (default: from ``torch.distributed`` when initialised, else 0 / 1).
+    worker, num_workers : int
+        Position among data workers of one rank (multi-process loading: each worker builds its own
+        loader with its ``worker`` index).
+    uneven : {"drop", "pad"}
+        Equalising shards (see :func:`shard_order`).
+    prefetch_io : int
+        IO batches read ahead of the consumer (bounds memory).
+    io_threads : int
+        Threads issuing TileDB reads.
+
+    Yields
+    ------
+    dict
+        ``X`` float32 (B, n_genes) on ``device`` (dense, or CSR with ``sparse=True``);
+        ``library_size`` float32 (B, 1) on ``device``; ``soma_joinid`` int64 (B,); one int64 (B,)
+        tensor of codes per ``obs_columns`` entry.
+
+    Raises
+    ------
+    AtlasmixError
+        Empty split, bad options, manifest of another store.
+    """
+
+    def __init__(self, store, manifest: Any, split: str = "train", *, genes: Sequence[str] | None = None,
+                 var_joinids: np.ndarray | None = None, batch_size: int = 1024, io_batch_size: int = 65536,
+                 block_size: int = 64, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                 obs_columns: Sequence[str] = ("dataset_id",), library: str = "counts",
+                 device: str | torch.device = "cpu", sparse: bool = False, rank: int | None = None,
+                 world_size: int | None = None, worker: int = 0, num_workers: int = 1, uneven: str = "drop",
+                 prefetch_io: int = 2, io_threads: int = 2, categories: dict[str, list[str]] | None = None):
+        if batch_size < 1 or io_batch_size < 1 or block_size < 1:
+            raise AtlasmixError("batch_size, io_batch_size and block_size must be >= 1")
+        if library not in LIBRARY_SOURCES:
+            raise AtlasmixError(f"library must be one of {LIBRARY_SOURCES}, got {library!r}")
+        if uneven not in ("drop", "pad"):
+            raise AtlasmixError(f"uneven must be 'drop' or 'pad', got {uneven!r}")
+        if rank is None or world_size is None:
+            dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = (torch.distributed.get_rank() if dist else 0) if rank is None else rank
+            world_size = (torch.distributed.get_world_size() if dist else 1) if world_size is None else world_size
+        if not (0 <= rank < world_size and 0 <= worker < num_workers):
+            raise AtlasmixError(f"rank {rank}/{world_size}, worker {worker}/{num_workers} out of range")
+        self.store = store
+        self.split = split
+        self.batch_size = int(batch_size)
+        self.io_batch_size = int(math.ceil(io_batch_size / batch_size) * batch_size)
+        self.block_size = int(block_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.obs_columns = list(obs_columns)
+        self.library = library
+        self.device = torch.device(device)
+        self.sparse = bool(sparse)
+        self.rank, self.world_size, self.worker, self.num_workers = int(rank), int(world_size), int(worker), int(num_workers)
+        self.uneven = uneven
+        self.prefetch_io = max(1, int(prefetch_io))
+        self.io_threads = max(1, int(io_threads))
+        self.epoch = 0
+        self.batches_done = 0
+        self.manifest_sha256: str | None = None
+
+        all_ids, self.cells = self._cells(manifest, split)
+        if len(self.cells) == 0:
+            raise AtlasmixError(f"the manifest has no {split!r} cells")
+        self.var_joinids = (np.asarray(var_joinids, dtype=np.int64) if var_joinids is not None
+                            else mixture_genes(store, all_ids, genes))
+        self._read_obs(all_ids, categories or {})
+
+    # -------------------------------------------------------------- setup
+    def _cells(self, manifest: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(manifest, (str, Path)):
+            from atlasmix.mixing import read_manifest
+
+            table, side = read_manifest(manifest, store=self.store)
+            self.manifest_sha256 = side["manifest"]["sha256"]
+            manifest = table
+        if isinstance(manifest, pa.Table):
+            ids = manifest["soma_joinid"].to_numpy()
+            is_split = pc.equal(manifest["split"].cast(pa.string()), split).to_numpy(zero_copy_only=False)
+            return np.unique(ids), np.unique(ids[is_split])
+        ids = np.unique(np.asarray(manifest, dtype=np.int64))
+        return ids, ids
+
+    def _read_obs(self, all_ids: np.ndarray, categories: dict[str, list[str]]) -> None:
+        cols = list(self.obs_columns) + (["total_counts"] if self.library == "total_counts" else [])
+        obs = self.store.obs(cols) if cols else self.store.obs([])
+        jid = obs["soma_joinid"].to_numpy()
+        pos_all = np.searchsorted(jid, all_ids)
+        if np.any(pos_all >= len(jid)) or np.any(jid[np.minimum(pos_all, len(jid) - 1)] != all_ids):
+            raise AtlasmixError("the manifest names cells that are not (complete) in this store")
+        pos = np.searchsorted(jid, self.cells)
+        self.categories: dict[str, list[str]] = {}
+        self.codes: dict[str, np.ndarray] = {}
+        for c in self.obs_columns:
+            vals = obs[c].to_numpy(zero_copy_only=False)
+            cats = list(categories.get(c) or sorted(set(vals[pos_all].tolist())))
+            lut = {v: i for i, v in enumerate(cats)}
+            sub = vals[pos]
+            uniq, inv = np.unique(sub, return_inverse=True)
+            missing = [u for u in uniq if u not in lut]
+            if missing:
+                raise AtlasmixError(f"obs {c} value {missing[0]!r} is not among the given categories")
+            self.categories[c] = cats
+            self.codes[c] = np.asarray([lut[u] for u in uniq], dtype=np.int64)[inv.ravel()]
+        self.total_counts = (obs["total_counts"].to_numpy()[pos].astype(np.float32)
+                             if self.library == "total_counts" else None)
+
+    # -------------------------------------------------------------- sizes / order
+    @property
+    def n_obs(self) -> int:
+        """Cells of the split (all shards)."""
+        return int(len(self.cells))
+
+    @property
+    def n_vars(self) -> int:
+        return int(len(self.var_joinids))
+
+    @property
+    def shard_size(self) -> int:
+        """Cells this shard serves per epoch."""
+        k = self.world_size * self.num_workers
+        return self.n_obs // k if self.uneven == "drop" else -(-self.n_obs // k)
+
+    def __len__(self) -> int:
+        """Minibatches per epoch for this shard (the same on every shard)."""
+        m = self.shard_size
+        return m // self.batch_size if self.drop_last else -(-m // self.batch_size)
+
+    def shard_positions(self, epoch: int | None = None) -> np.ndarray:
+        """Positions into :attr:`cells` served by this shard in ``epoch``, in serving order before the
+        in-memory shuffle of each IO batch (int64, shape (shard_size,))."""
+        e = self.epoch if epoch is None else epoch
+        order = epoch_order(self.n_obs, self.seed, e, self.block_size, self.shuffle)
+        return shard_order(order, self.rank * self.num_workers + self.worker, self.world_size * self.num_workers,
+                           self.uneven)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first minibatch at the next iteration."""
+        self.epoch, self.batches_done = int(epoch), 0
+
+    # -------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Resume point: ``epoch``, ``batches_done`` (minibatches consumed this epoch) and the options
+        that determine the order (checked on load)."""
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed, "n_obs": self.n_obs,
+                "batch_size": self.batch_size, "io_batch_size": self.io_batch_size, "block_size": self.block_size,
+                "rank": self.rank, "world_size": self.world_size, "worker": self.worker,
+                "num_workers": self.num_workers, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the next iteration continues with the next minibatch.
+
+        Raises
+        ------
+        AtlasmixError
+            The state was saved by a loader with another order (seed, cells, sizes, sharding).
+        """
+        for k in ("seed", "n_obs", "batch_size", "io_batch_size", "block_size", "rank", "world_size", "worker",
+                  "num_workers", "shuffle"):
+            if k in state and state[k] != getattr(self, k):
+                raise AtlasmixError(f"loader state has {k}={state[k]}, this loader {getattr(self, k)}")
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+
+    # -------------------------------------------------------------- reading
+    def _read(self, X, ids_sorted: np.ndarray, col_of: np.ndarray) -> sp.csr_matrix:
+        t = X.read(coords=(pa.array(ids_sorted), pa.array(self.var_joinids))).tables().concat()
+        r = np.searchsorted(ids_sorted, t["soma_dim_0"].to_numpy())
+        c = col_of[t["soma_dim_1"].to_numpy()]
+        m = sp.csr_matrix((t["soma_data"].to_numpy().astype(np.float32, copy=False), (r, c)),
+                          shape=(len(ids_sorted), self.n_vars))
+        m.sum_duplicates()
+        return m
+
+    def _io_batch(self, X, positions: np.ndarray, shard: int, io_index: int, col_of: np.ndarray):
+        """Read one IO batch in store order, then shuffle it in memory. Returns (positions, csr)."""
+        ids = self.cells[positions]
+        order = np.argsort(ids, kind="stable")
+        m = self._read(X, ids[order], col_of)
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, self.epoch, shard, io_index]).permutation(len(ids))
+        else:
+            perm = np.arange(len(ids))
+        # row k of the result is sorted row perm[k]
+        return positions[order][perm], m[perm]
+
+    def _to_batch(self, pos: np.ndarray, m: sp.csr_matrix) -> dict[str, Any]:
+        out: dict[str, Any] = {"soma_joinid": torch.from_numpy(self.cells[pos])}
+        if self.library == "counts":
+            lib = np.asarray(m.sum(axis=1), dtype=np.float32).reshape(-1, 1)
+        else:
+            lib = self.total_counts[pos].reshape(-1, 1)
+        out["library_size"] = torch.from_numpy(lib)
+        for c in self.obs_columns:
+            out[c] = torch.from_numpy(self.codes[c][pos])
+        out["_csr"] = (torch.from_numpy(m.indptr.astype(np.int64)), torch.from_numpy(m.indices.astype(np.int64)),
+                       torch.from_numpy(m.data))
+        if self.device.type == "cuda":
+            out["_csr"] = tuple(t.pin_memory() for t in out["_csr"])
+        return out
+
+    def _finish(self, b: dict[str, Any]) -> dict[str, Any]:
+        """Move a CPU batch to the device and build X there (dense or CSR)."""
+        indptr, indices, data = b.pop("_csr")
+        n = len(indptr) - 1
+        nb = self.device.type == "cuda"
+        indptr, indices, data = (t.to(self.device, non_blocking=nb) for t in (indptr, indices, data))
+        if self.sparse:
+            b["X"] = torch.sparse_csr_tensor(indptr, indices, data, size=(n, self.n_vars))
+        elif self.device.type == "cpu":
+            X = torch.zeros((n, self.n_vars), dtype=torch.float32)
+            rows = torch.repeat_interleave(torch.arange(n), indptr.diff())
+            X[rows, indices] = data
+            b["X"] = X
+        else:
+            b["X"] = torch.sparse_csr_tensor(indptr, indices, data, size=(n, self.n_vars)).to_dense()
+        b["library_size"] = b["library_size"].to(self.device, non_blocking=nb)
+        return b
+
+    def _produce(self, start_batch: int, q: queue.Queue, stop: threading.Event) -> None:
+        import tiledbsoma as soma
+
+        try:
+            shard = self.rank * self.num_workers + self.worker
+            seq = self.shard_positions()
+            nb = len(self)
+            if self.drop_last:
+                seq = seq[: nb * self.batch_size]
+            col_of = np.full(int(self.var_joinids.max()) + 1, -1, dtype=np.int64)
+            col_of[self.var_joinids] = np.arange(self.n_vars)
+            first_io = (start_batch * self.batch_size) // self.io_batch_size
+            skip = start_batch - first_io * (self.io_batch_size // self.batch_size)
+            io_starts = list(range(first_io * self.io_batch_size, len(seq), self.io_batch_size))
+            local = threading.local()
+            ctx = self.store.context
+
+            def job(i: int, s: int):
+                if not hasattr(local, "X"):
+                    local.X = soma.open(f"{self.store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}", "r", context=ctx)
+                return self._io_batch(local.X, seq[s:s + self.io_batch_size], shard, i, col_of)
+
+            with ThreadPoolExecutor(self.io_threads) as pool:
+                futs: list = []
+                nxt = 0
+                for k in range(len(io_starts)):
+                    while nxt < len(io_starts) and nxt <= k + self.prefetch_io:
+                        futs.append(pool.submit(job, first_io + nxt, io_starts[nxt]))
+                        nxt += 1
+                    pos, m = futs[k].result()
+                    futs[k] = None
+                    for b0 in range((skip if k == 0 else 0) * self.batch_size, len(pos), self.batch_size):
+                        if stop.is_set():
+                            return
+                        q.put(self._to_batch(pos[b0:b0 + self.batch_size], m[b0:b0 + self.batch_size]))
+                for f in futs:
+                    if f is not None:
+                        f.cancel()
+            q.put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        n = len(self)
+        if self.batches_done >= n:
+            self.set_epoch(self.epoch + 1)
+        q: queue.Queue = queue.Queue(maxsize=max(2, self.io_batch_size // self.batch_size))
+        stop = threading.Event()
+        th = threading.Thread(target=self._produce, args=(self.batches_done, q, stop), daemon=True,
+                              name="atlasmix-loader")
+        th.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                self.batches_done += 1
+                yield self._finish(item)
+            # epoch complete: the next iteration starts the next epoch
+            self.set_epoch(self.epoch + 1)
+        finally:
+            stop.set()
+            while th.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            th.join()
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["store"] = self.store.uri
+        return d
+
+    def __setstate__(self, d):
+        from atlasmix.store import Store
+
+        d["store"] = Store(d["store"])
+        self.__dict__.update(d)

@@ -1,0 +1,193 @@
+"""The streaming loader: coverage, per-epoch order, DDP shards, resume and content, on the real-data store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from atlasmix.errors import AtlasmixError
+from atlasmix.mixing import loads_spec, read_manifest, resolve, write_manifest
+from atlasmix.training.loader import MixtureLoader, epoch_order, shard_order, shuffle_entropy
+
+PBMC = "dataset_id IN ('pbmc3k', 'pisces_pbmc1k', 'pbmc10k_cite', 'kang_ifnb')"
+
+
+@pytest.fixture(scope="module")
+def mix(shared_store, tmp_path_factory):
+    store = shared_store[0]
+    spec = loads_spec(f'name = "loader"\nseed = 5\nvalidation_fraction = 0.1\n[[components]]\nname = "pbmc"\n'
+                      f'where = "{PBMC}"\nn_cells = 1500\n', "loader.toml")
+    path = tmp_path_factory.mktemp("mix") / "loader.parquet"
+    write_manifest(resolve(spec, store), path)
+    table, _ = read_manifest(path, store=store)
+    split = table["split"].cast("string").to_numpy(zero_copy_only=False)
+    train = np.unique(table["soma_joinid"].to_numpy()[split == "train"])
+    return store, path, train
+
+
+def make(mix, **kw):
+    store, path, _ = mix
+    opts = dict(batch_size=64, io_batch_size=256, block_size=4, seed=3)
+    opts.update(kw)
+    return MixtureLoader(store, path, "train", **opts)
+
+
+def ids_of(batches):
+    return np.concatenate([b["soma_joinid"].numpy() for b in batches])
+
+
+def test_every_cell_once_per_epoch_and_a_new_order_each_epoch(mix):
+    _, _, train = mix
+    L = make(mix)
+    assert L.n_obs == len(train) and len(L) == -(-len(train) // 64)
+    e0 = [b for b in L]
+    e1 = [b for b in L]
+    assert L.epoch == 2
+    a, b = ids_of(e0), ids_of(e1)
+    for x in (a, b):
+        assert len(x) == len(train) and np.array_equal(np.sort(x), train)  # each cell exactly once
+    assert [len(x["soma_joinid"]) for x in e0] == [64] * (len(L) - 1) + [len(train) - 64 * (len(L) - 1)]
+    assert not np.array_equal(a, b)  # the order changes between epochs ...
+    assert np.mean(a == b) < 0.05
+    # ... is reproducible per seed, and a different seed gives another order
+    again = make(mix)
+    assert np.array_equal(ids_of(list(again)), a) and np.array_equal(ids_of(list(again)), b)
+    assert not np.array_equal(ids_of(list(make(mix, seed=4))), a)
+    # not store order
+    assert np.mean(np.diff(a) > 0) < 0.7
+
+
+def test_batches_equal_the_stores_counts(mix):
+    store, _, _ = mix
+    L = make(mix)
+    obs = store.obs(["dataset_id", "total_counts"]).to_pandas().set_index("soma_joinid")
+    for i, b in enumerate(L):
+        if i == 3:
+            break
+        ids = b["soma_joinid"].numpy()
+        order = np.argsort(ids)
+        (got_ids, m), = list(store.iter_X(ids[order], L.var_joinids, chunk_size=10_000))
+        expect = np.empty((len(ids), L.n_vars), dtype=np.float32)
+        expect[order] = m.toarray()
+        X = b["X"]
+        assert X.dtype == torch.float32 and X.shape == (len(ids), L.n_vars) and X.layout == torch.strided
+        assert np.array_equal(X.numpy(), expect)
+        assert X.sum() > 0
+        np.testing.assert_allclose(b["library_size"].numpy().ravel(), expect.sum(axis=1), rtol=1e-6)
+        names = np.asarray(L.categories["dataset_id"])[b["dataset_id"].numpy()]
+        assert (names == obs.loc[ids, "dataset_id"].to_numpy()).all()
+    # CSR on request carries the same counts; obs total_counts as the library size on request
+    Ls = make(mix, sparse=True, library="total_counts")
+    b = next(iter(Ls))
+    assert b["X"].layout == torch.sparse_csr
+    first = next(iter(make(mix)))
+    assert torch.equal(b["X"].to_dense(), first["X"])
+    np.testing.assert_allclose(b["library_size"].numpy().ravel(),
+                               obs.loc[b["soma_joinid"].numpy(), "total_counts"].to_numpy(), rtol=1e-6)
+
+
+def test_gene_axis_default_intersection_and_explicit_list(mix):
+    store, path, _ = mix
+    L = make(mix)
+    pres = store.presence()
+    cat = store.catalog().reset_index().set_index("dataset_id")
+    ds = [int(cat.loc[d, "soma_joinid"]) for d in L.categories["dataset_id"]]
+    inter = np.flatnonzero(np.asarray(pres[ds].sum(axis=0)).ravel() == len(ds))
+    assert np.array_equal(L.var_joinids, inter)
+    var = store.var()
+    genes = list(var.loc[inter[[5, 0, 9]], "feature_id"])
+    Lg = make(mix, genes=genes)
+    assert Lg.n_vars == 3 and list(var.loc[Lg.var_joinids, "feature_id"]) == genes
+    full = next(iter(make(mix)))
+    part = next(iter(Lg))
+    assert torch.equal(part["X"], full["X"][:, [5, 0, 9]])
+    with pytest.raises(AtlasmixError, match="not in the store"):
+        make(mix, genes=["ENSG_NOT_A_GENE"])
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("uneven", ["drop", "pad"])
+def test_ddp_shards_are_disjoint_equal_and_cover(mix, world, uneven):
+    _, _, train = mix
+    n = len(train)
+    for epoch in (0, 1):
+        shards = []
+        for r in range(world):
+            L = make(mix, rank=r, world_size=world, uneven=uneven)
+            L.set_epoch(epoch)
+            shards.append(L.cells[L.shard_positions()])
+            assert len(L) == len(make(mix, rank=0, world_size=world, uneven=uneven))  # equal batch counts
+        sizes = {len(s) for s in shards}
+        assert len(sizes) == 1
+        allc = np.concatenate(shards)
+        if uneven == "drop":
+            assert len(np.unique(allc)) == len(allc)  # disjoint
+            assert n - len(allc) == n % world  # fewer than world cells left out
+        else:
+            assert np.array_equal(np.unique(allc), train)  # covers the manifest
+            assert len(allc) - n == (-n) % world  # the few padded cells are the only repeats
+    # ranks do not own a fixed slice: a rank's cells change between epochs, and are spread over the store
+    L = make(mix, rank=1, world_size=world)
+    s0 = set(L.cells[L.shard_positions(0)])
+    s1 = set(L.cells[L.shard_positions(1)])
+    assert len(s0 & s1) < 0.8 * len(s0)
+    assert np.ptp(L.cells[L.shard_positions(0)]) > 0.8 * np.ptp(train)
+
+
+def test_ddp_ranks_and_workers_iterate_their_shards(mix):
+    _, _, train = mix
+    got = []
+    lens = set()
+    for r in range(2):
+        for w in range(2):
+            L = make(mix, rank=r, world_size=2, worker=w, num_workers=2, drop_last=True)
+            batches = list(L)
+            lens.add(len(batches))
+            assert all(len(b["soma_joinid"]) == 64 for b in batches)
+            got.append(ids_of(batches))
+    assert len(lens) == 1
+    allc = np.concatenate(got)
+    assert len(np.unique(allc)) == len(allc) and np.isin(allc, train).all()
+    assert len(train) - len(allc) < 4 * 64
+
+
+def test_mid_epoch_resume_continues_exactly(mix):
+    ref = make(mix)
+    e0 = ids_of(list(ref))
+    e1 = ids_of(list(ref))
+    L = make(mix)
+    it = iter(L)
+    first = [next(it) for _ in range(7)]  # crosses an IO batch boundary (4 minibatches per IO batch)
+    state = L.state_dict()
+    del it
+    assert state["epoch"] == 0 and state["batches_done"] == 7
+    R = make(mix)
+    R.load_state_dict(state)
+    rest = ids_of(list(R))
+    assert np.array_equal(np.concatenate([ids_of(first), rest]), e0)
+    assert np.array_equal(ids_of(list(R)), e1)  # and the next epoch is the uninterrupted run's
+    with pytest.raises(AtlasmixError, match="seed"):
+        make(mix, seed=9).load_state_dict(state)
+
+
+def test_shuffle_entropy_against_iid(mix):
+    L = make(mix, block_size=1)
+    codes = [b["dataset_id"].numpy() for b in L]
+    good = shuffle_entropy(codes)
+    assert good["n_batches"] == len(L) and 0.9 < good["ratio"] < 1.1
+    seq = make(mix, shuffle=False)
+    bad = shuffle_entropy([b["dataset_id"].numpy() for b in seq])
+    assert bad["ratio"] < 0.3  # store order serves one dataset at a time
+    assert np.array_equal(ids_of(list(make(mix, shuffle=False))), mix[2])
+
+
+def test_order_helpers():
+    o = epoch_order(103, seed=1, epoch=0, block_size=8)
+    assert np.array_equal(np.sort(o), np.arange(103))
+    assert len(set(o[:8] // 8)) == 1  # a locality block stays together (cells inside it permuted)
+    assert not np.array_equal(o, epoch_order(103, seed=1, epoch=1, block_size=8))
+    assert np.array_equal(o, epoch_order(103, seed=1, epoch=0, block_size=8))
+    assert len(shard_order(o, 0, 4)) == 25 and len(shard_order(o, 3, 4, "pad")) == 26
+    with pytest.raises(AtlasmixError):
+        shard_order(o, 4, 4)
