@@ -1,0 +1,66 @@
+"""``atlasmix train ...``: model training on mixtures streamed from the store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from atlasmix.training.ldvae import DEFAULTS
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``train`` sub-commands (``ldvae``) to ``app``."""
+    train = typer.Typer(help="Train models on a mixture, streamed from the store.", no_args_is_help=True)
+    app.add_typer(train, name="train")
+
+    @train.command("ldvae")
+    def ldvae_cmd(
+        store: Annotated[str, typer.Option("--store", help="Store path or URI.")],
+        mixture: Annotated[Path, typer.Option("--mixture", help="Resolved manifest (.parquet) to train on "
+                                                                "(its train split; validation split for losses).")],
+        out: Annotated[Path, typer.Option("--out", help="Output directory (model/, loadings.parquet, "
+                                                        "training_curve.csv/png, run.json, checkpoints/).")],
+        accelerator: Annotated[str, typer.Option(help="Lightning accelerator: auto (CUDA when present), cpu, gpu.")] = "auto",
+        batch_size: Annotated[int, typer.Option(help="Cells per minibatch.")] = DEFAULTS["batch_size"],
+        max_epochs: Annotated[int, typer.Option(help="Epochs.")] = DEFAULTS["max_epochs"],
+        seed: Annotated[int, typer.Option(help="Seed of weights, dropout and the data order.")] = 0,
+        n_latent: Annotated[int, typer.Option(help="Latent dimensions.")] = DEFAULTS["n_latent"],
+        n_layers: Annotated[int, typer.Option(help="Encoder hidden layers.")] = DEFAULTS["n_layers"],
+        n_hidden: Annotated[int, typer.Option(help="Units per encoder hidden layer.")] = DEFAULTS["n_hidden"],
+        dropout_rate: Annotated[float, typer.Option(help="Encoder dropout.")] = DEFAULTS["dropout_rate"],
+        gene_likelihood: Annotated[str, typer.Option(help="nb, zinb or poisson.")] = DEFAULTS["gene_likelihood"],
+        dispersion: Annotated[str, typer.Option(help="gene, gene-batch, gene-label or gene-cell.")] = DEFAULTS["dispersion"],
+        lr: Annotated[float, typer.Option(help="Adam learning rate.")] = DEFAULTS["lr"],
+        early_stopping: Annotated[bool, typer.Option(help="Stop when the validation loss stalls.")] = DEFAULTS["early_stopping"],
+        batch_key: Annotated[str, typer.Option(help="obs column used as batch covariate; 'none' for no batch.")] = "dataset_id",
+        genes: Annotated[Optional[Path], typer.Option(help="Text file with one gene (feature_id or symbol) per line; "
+                                                           "default: genes measured in every dataset of the mixture.")] = None,
+        io_batch_size: Annotated[int, typer.Option(help="Cells per store read (memory ~ (prefetch+1) x this).")] = 65536,
+        block_size: Annotated[int, typer.Option(help="Consecutive store cells kept together when shuffling.")] = 64,
+        prefetch: Annotated[int, typer.Option(help="IO batches read ahead.")] = 2,
+        io_threads: Annotated[int, typer.Option(help="Threads reading the store.")] = 2,
+        validation: Annotated[bool, typer.Option(help="Validation losses each epoch.")] = True,
+        checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N epochs (0: never).")] = 10,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from checkpoints/last.ckpt.")] = False,
+        progress: Annotated[bool, typer.Option(help="Progress bar.")] = True,
+    ):
+        """Train scvi-tools LinearSCVI (LDVAE) on MIXTURE from STORE without building an AnnData of it."""
+        from atlasmix.store import Store
+        from atlasmix.training.ldvae import train_ldvae
+
+        gl = None
+        if genes is not None:
+            gl = [g.strip() for g in genes.read_text().splitlines() if g.strip()]
+        run = train_ldvae(Store(store), mixture, out, accelerator=accelerator, batch_size=batch_size,
+                          max_epochs=max_epochs, seed=seed, n_latent=n_latent, n_layers=n_layers, n_hidden=n_hidden,
+                          dropout_rate=dropout_rate, gene_likelihood=gene_likelihood, dispersion=dispersion, lr=lr,
+                          early_stopping=early_stopping, batch_key=None if batch_key.lower() == "none" else batch_key,
+                          genes=gl, io_batch_size=io_batch_size, block_size=block_size, prefetch_io=prefetch,
+                          io_threads=io_threads, validation=validation, checkpoint_every=checkpoint_every,
+                          resume=resume, progress=progress)
+        typer.echo(json.dumps({k: run[k] for k in ("n_cells", "n_genes", "epochs_run_this_call", "wall_s",
+                                                   "train_cells_per_s")}))
+        typer.echo(f"model: {Path(out) / 'model'}  loadings: {Path(out) / 'loadings.parquet'}", err=True)

@@ -1,0 +1,449 @@
+"""Train scvi-tools' LinearSCVI (LDVAE, Svensson et al. 2020) on a mixture streamed from the store.
+
+No AnnData of the mixture is ever built. The cells reach the model through
+:class:`StoreDataModule`, a ``LightningDataModule`` that follows scvi-tools 1.4's custom-dataloader
+contract for ``model.train(datamodule=...)``: minibatches are dicts keyed by scvi's
+``REGISTRY_KEYS`` (``X`` counts float32 (B, G), ``batch`` int64 (B, 1), ``labels`` int64 (B, 1)),
+and the datamodule exposes ``n_obs``, ``n_vars``, ``n_batch``, ``n_train``, ``n_val``.
+
+The template AnnData
+--------------------
+``LinearSCVI.__init__`` still wants an AnnData: it reads the gene axis, the number of batches and,
+from the counts, the per-batch mean and variance of log library size (the prior of the library
+latent ``l``, used because ``use_observed_lib_size=False`` is LDVAE's default). We give it a small
+*template*: ``n_template`` real training cells (read from the store, <= 1,000 by default) whose
+``var`` is the mixture's gene axis (index ``feature_id``, column ``feature_name``) and whose
+``obs["batch"]`` is a categorical holding *every* batch category of the mixture (so ``n_batch`` is
+right even when the template lacks a batch). The library-size priors computed by scvi-tools on the
+template are then replaced by priors computed over a random sample of up to ``prior_cells`` training
+cells (all of them when fewer) streamed from the store: per batch, mean and variance of
+``log(sum of counts over the gene axis)``; a batch absent from the sample gets the pooled values.
+The template is saved with the model so ``scvi.model.LinearSCVI.load(OUT/model)`` works as usual.
+
+Outputs of :func:`train_ldvae` (directory ``out``)
+--------------------------------------------------
+``model/``                 ``LinearSCVI.save`` (model.pt + template adata.h5ad)
+``loadings.parquet``       ``get_loadings()``: genes x ``Z_0..Z_{n_latent-1}``, index ``feature_id``,
+                           plus ``feature_name``
+``training_curve.csv/png`` per-epoch losses from ``model.history`` (ELBO, reconstruction, KL, train
+                           and validation)
+``run.json``               options, manifest path / sha256 / spec hash, store identity, gene axis,
+                           cells, wall time, cells/s
+``checkpoints/``           Lightning checkpoints every ``checkpoint_every`` epochs and ``last.ckpt``
+                           (``resume=True`` continues from it; the data order is a function of
+                           (seed, epoch) and the checkpoint carries the torch RNG state, so a
+                           resumed run matches an uninterrupted one)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch import LightningDataModule
+
+from atlasmix.errors import AtlasmixError
+from atlasmix.training.loader import MixtureLoader
+
+#: scFM-datamix's LDVAE settings (scvi-tools LinearSCVI).
+DEFAULTS: dict[str, Any] = {"n_latent": 10, "n_layers": 2, "n_hidden": 128, "dropout_rate": 0.1,
+                            "gene_likelihood": "nb", "dispersion": "gene", "lr": 5e-3, "max_epochs": 250,
+                            "batch_size": 128, "early_stopping": False}
+
+
+class _ScviBatches:
+    """An iterable view of a :class:`MixtureLoader` yielding scvi-keyed minibatches.
+
+    Sets the loader's epoch to the trainer's current epoch at the start of each epoch (so the
+    order is a function of (seed, epoch), also after a resume), unless it is mid-epoch.
+    """
+
+    def __init__(self, loader: MixtureLoader, batch_key: str | None, trainer_ref=None, record: bool = False):
+        self.loader, self.batch_key, self.trainer_ref, self.record = loader, batch_key, trainer_ref, record
+        self.joinids: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        tr = self.trainer_ref() if self.trainer_ref else None
+        if tr is not None and self.loader.batches_done == 0 and self.loader.shuffle:
+            self.loader.set_epoch(int(tr.current_epoch))
+        for b in self.loader:
+            X = b["X"]
+            n = X.shape[0]
+            if self.batch_key is None:
+                batch = torch.zeros((n, 1), dtype=torch.int64, device=X.device)
+            else:
+                batch = b[self.batch_key].to(X.device).reshape(-1, 1)
+            if self.record:
+                self.joinids.append(b["soma_joinid"].numpy())
+            yield {"X": X, "batch": batch, "labels": torch.zeros((n, 1), dtype=torch.int64, device=X.device)}
+
+
+class StoreDataModule(LightningDataModule):
+    """Train (and validation) minibatches of a mixture for ``model.train(datamodule=...)``.
+
+    Parameters
+    ----------
+    train : MixtureLoader
+        The training split's loader.
+    validation : MixtureLoader, optional
+        The validation split's loader (``shuffle=False``).
+    batch_key : str or None
+        obs column used as scvi's batch covariate (must be one of the loaders' ``obs_columns``).
+
+    Notes
+    -----
+    The loaders are moved to the trainer's device at ``setup`` (CSR minibatches are densified on
+    the GPU there). ``state_dict`` (saved in Lightning checkpoints) holds the training loader's
+    position and the torch RNG states, restored by ``load_state_dict`` on resume.
+    """
+
+    def __init__(self, train: MixtureLoader, validation: MixtureLoader | None = None,
+                 batch_key: str | None = "dataset_id"):
+        super().__init__()
+        if batch_key is not None and batch_key not in train.obs_columns:
+            raise AtlasmixError(f"batch key {batch_key!r} is not among the loader's obs columns {train.obs_columns}")
+        self.train_loader, self.val_loader, self.batch_key = train, validation, batch_key
+
+    # attributes scvi-tools reads
+    @property
+    def n_obs(self) -> int:
+        return self.train_loader.n_obs
+
+    @property
+    def n_train(self) -> int:
+        return self.train_loader.n_obs
+
+    @property
+    def n_val(self) -> int:
+        return self.val_loader.n_obs if self.val_loader is not None else 0
+
+    @property
+    def n_vars(self) -> int:
+        return self.train_loader.n_vars
+
+    @property
+    def n_batch(self) -> int:
+        return len(self.train_loader.categories[self.batch_key]) if self.batch_key else 1
+
+    def setup(self, stage: str | None = None) -> None:
+        dev = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        for L in (self.train_loader, self.val_loader):
+            if L is not None:
+                L.device = dev
+
+    def _trainer(self):
+        return self.trainer
+
+    def train_dataloader(self):
+        return _ScviBatches(self.train_loader, self.batch_key, self._trainer)
+
+    def val_dataloader(self):
+        if self.val_loader is None:
+            return []
+        return _ScviBatches(self.val_loader, self.batch_key)
+
+    def state_dict(self) -> dict[str, Any]:
+        st = {"loader": self.train_loader.state_dict(), "torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            st["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return st
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def _checkpoint_callback(dirpath: Path, every: int):
+    """A plain Lightning ``ModelCheckpoint`` (every ``every`` epochs, keep all, ``last.ckpt``) typed as
+    scvi's ``SaveCheckpoint`` so scvi's Trainer accepts it without adding its own monitor-based one."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from scvi.train import SaveCheckpoint
+
+    class EpochCheckpoint(SaveCheckpoint):
+        def __init__(self):
+            ModelCheckpoint.__init__(self, dirpath=str(dirpath), filename="epoch{epoch:04d}",
+                                     auto_insert_metric_name=False, every_n_epochs=every, save_top_k=-1,
+                                     save_last=True, monitor=None)
+            self.load_best_on_end = False
+            self.loss_is_nan = False
+
+        on_save_checkpoint = ModelCheckpoint.on_save_checkpoint
+        _remove_checkpoint = ModelCheckpoint._remove_checkpoint
+        _update_best_and_save = ModelCheckpoint._update_best_and_save
+        on_train_end = ModelCheckpoint.on_train_end
+        on_train_batch_end = ModelCheckpoint.on_train_batch_end
+
+    return EpochCheckpoint()
+
+
+def library_priors(loader: MixtureLoader, batch_key: str | None, max_cells: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Per-batch mean and variance of log library size from a random sample of training cells.
+
+    Parameters
+    ----------
+    loader : MixtureLoader
+        A shuffled loader over the training split (a copy: its position is consumed).
+    batch_key : str or None
+    max_cells : int
+        Stop after this many cells (the loader's order is a uniform block permutation, so the first
+        cells are a random sample).
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray, dict)
+        ``library_log_means`` and ``library_log_vars``, float32, shape (1, n_batch) (scvi-tools'
+        layout), and a sample: ``X`` (scipy CSR of the first cells), ``batch`` codes, ``soma_joinid``.
+    """
+    import scipy.sparse as sp
+
+    n_batch = len(loader.categories[batch_key]) if batch_key else 1
+    logs, codes, keep_X, keep_b, keep_id = [], [], [], [], []
+    seen = 0
+    for b in loader:
+        lib = b["library_size"].cpu().numpy().ravel()
+        c = b[batch_key].numpy() if batch_key else np.zeros(len(lib), dtype=np.int64)
+        logs.append(np.log(np.maximum(lib, 1.0)))  # log(0) guarded as scvi-tools does (empty cells)
+        codes.append(c)
+        keep_X.append(sp.csr_matrix(b["X"].cpu().numpy()))
+        keep_b.append(c)
+        keep_id.append(b["soma_joinid"].numpy())
+        seen += len(lib)
+        if seen >= max_cells:
+            break
+    logs_a, codes_a = np.concatenate(logs)[:max_cells], np.concatenate(codes)[:max_cells]
+    means = np.full(n_batch, logs_a.mean(), dtype=np.float64)
+    var = np.full(n_batch, logs_a.var(), dtype=np.float64)
+    for k in range(n_batch):
+        sel = logs_a[codes_a == k]
+        if len(sel):
+            means[k] = sel.mean()
+            var[k] = sel.var() if len(sel) > 1 else var[k]
+    sample = {"X": sp.vstack(keep_X).tocsr(), "batch": np.concatenate(keep_b), "soma_joinid": np.concatenate(keep_id)}
+    return means.reshape(1, -1).astype(np.float32), var.reshape(1, -1).astype(np.float32), sample
+
+
+def template_anndata(store, loader: MixtureLoader, sample: dict, batch_key: str | None, n_template: int):
+    """The small AnnData LinearSCVI is constructed with (see module doc): ``n_template`` sampled cells.
+
+    Returns
+    -------
+    anndata.AnnData
+        X CSR float32 (n_template, n_genes) counts; obs ``batch`` (categorical over every batch
+        category), ``soma_joinid``; var index ``feature_id``, column ``feature_name``.
+    """
+    import anndata as ad
+
+    var = store.var().loc[loader.var_joinids]
+    n = min(n_template, sample["X"].shape[0])
+    cats = loader.categories[batch_key] if batch_key else ["all"]
+    obs = pd.DataFrame({"batch": pd.Categorical.from_codes(sample["batch"][:n], categories=cats),
+                        "soma_joinid": sample["soma_joinid"][:n]},
+                       index=[f"cell{j}" for j in sample["soma_joinid"][:n]])
+    vdf = pd.DataFrame({"feature_name": var["feature_name"].to_numpy(),
+                        "soma_joinid": loader.var_joinids}, index=pd.Index(var["feature_id"].to_numpy(), name="feature_id"))
+    return ad.AnnData(X=sample["X"][:n].astype(np.float32), obs=obs, var=vdf)
+
+
+def _history_frame(model) -> pd.DataFrame:
+    hist = getattr(model, "history", None) or {}
+    frames = [v for v in hist.values() if isinstance(v, pd.DataFrame) and len(v)]
+    if not frames:
+        return pd.DataFrame()
+    df = pd.concat(frames, axis=1)
+    df.index.name = "epoch"
+    return df.reset_index()
+
+
+def _plot_curve(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for col, ax in (("elbo", axes[0]), ("reconstruction_loss", axes[1])):
+        for split in ("train", "validation"):
+            c = f"{col}_{split}"
+            if c in df:
+                ax.plot(df["epoch"], df[c], label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{col} (nats per cell)")
+        ax.legend()
+    if "train_loss_epoch" in df and "elbo_train" not in df:
+        axes[0].plot(df["epoch"], df["train_loss_epoch"], label="train loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: str = "auto",
+                batch_size: int = DEFAULTS["batch_size"], max_epochs: int = DEFAULTS["max_epochs"], seed: int = 0,
+                n_latent: int = DEFAULTS["n_latent"], n_layers: int = DEFAULTS["n_layers"],
+                n_hidden: int = DEFAULTS["n_hidden"], dropout_rate: float = DEFAULTS["dropout_rate"],
+                gene_likelihood: str = DEFAULTS["gene_likelihood"], dispersion: str = DEFAULTS["dispersion"],
+                lr: float = DEFAULTS["lr"], early_stopping: bool = DEFAULTS["early_stopping"],
+                batch_key: str | None = "dataset_id", genes: list[str] | None = None,
+                io_batch_size: int = 65536, block_size: int = 64, prefetch_io: int = 2, io_threads: int = 2,
+                validation: bool = True, checkpoint_every: int = 10, resume: bool = False, prior_cells: int = 50_000,
+                n_template: int = 1000, progress: bool = True) -> dict[str, Any]:
+    """Train LinearSCVI on a mixture manifest's train split, streamed from the store.
+
+    Parameters
+    ----------
+    store : atlasmix.store.Store
+    manifest : path
+        Resolved manifest ``.parquet`` (its store and state are checked).
+    out : path
+        Output directory (see module doc). Must be empty unless ``resume``.
+    accelerator : str
+        Lightning accelerator: ``auto`` (CUDA when present), ``cpu``, ``gpu``.
+    batch_size, max_epochs, seed, n_latent, n_layers, n_hidden, dropout_rate, gene_likelihood,
+    dispersion, lr, early_stopping
+        LinearSCVI / training settings; defaults are scFM-datamix's (:data:`DEFAULTS`).
+    batch_key : str or None
+        obs column used as the batch covariate (default ``dataset_id``; None: no batch).
+    genes : list of str, optional
+        Explicit gene axis (feature_id or unique symbol); default genes measured in every dataset.
+    io_batch_size, block_size, prefetch_io, io_threads
+        Loader settings (:class:`atlasmix.training.loader.MixtureLoader`).
+    validation : bool
+        Compute validation losses each epoch on the manifest's validation split (if it has one).
+    checkpoint_every : int
+        Lightning checkpoint every this many epochs (and ``last.ckpt``); 0 disables.
+    resume : bool
+        Continue from ``out/checkpoints/last.ckpt``.
+    prior_cells : int
+        Cells sampled to estimate the library-size priors.
+    n_template : int
+        Cells in the template AnnData saved with the model.
+
+    Returns
+    -------
+    dict
+        The contents of ``run.json``.
+
+    Raises
+    ------
+    AtlasmixError
+        ``out`` not empty (without resume), nothing to resume, bad manifest or options.
+    """
+    import scvi
+    from lightning.pytorch import seed_everything
+
+    from atlasmix.mixing import read_sidecar
+
+    out = Path(out)
+    ckdir = out / "checkpoints"
+    last = ckdir / "last.ckpt"
+    if resume and not last.is_file():
+        raise AtlasmixError(f"nothing to resume: {last} does not exist")
+    if not resume and out.exists() and any(out.iterdir()):
+        raise AtlasmixError(f"{out} is not empty (pass --resume to continue a run there)")
+    out.mkdir(parents=True, exist_ok=True)
+    if gene_likelihood not in ("nb", "zinb", "poisson"):
+        raise AtlasmixError(f"gene likelihood must be nb, zinb or poisson, got {gene_likelihood!r}")
+    side = read_sidecar(manifest)
+    seed_everything(seed, workers=True, verbose=False)
+    scvi.settings.seed = seed
+
+    obs_cols = [batch_key] if batch_key else []
+    common = dict(batch_size=batch_size, io_batch_size=io_batch_size, block_size=block_size, obs_columns=obs_cols,
+                  prefetch_io=prefetch_io, io_threads=io_threads, genes=genes)
+    train = MixtureLoader(store, manifest, "train", seed=seed, **common)
+    val = None
+    if validation and side.get("counts", {}).get("validation", 0):
+        val = MixtureLoader(store, manifest, "validation", shuffle=False, var_joinids=train.var_joinids,
+                            categories=train.categories, **{k: v for k, v in common.items() if k != "genes"})
+
+    # library-size priors and the template AnnData (module doc)
+    sampler = MixtureLoader(store, manifest, "train", seed=seed + 1, var_joinids=train.var_joinids,
+                            categories=train.categories, **{k: v for k, v in common.items() if k != "genes"})
+    means, variances, sample = library_priors(sampler, batch_key, prior_cells)
+    adata = template_anndata(store, train, sample, batch_key, n_template)
+    scvi.model.LinearSCVI.setup_anndata(adata, batch_key="batch")
+    model = scvi.model.LinearSCVI(adata, n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers,
+                                  dropout_rate=dropout_rate, dispersion=dispersion, gene_likelihood=gene_likelihood)
+    model.module.library_log_means.copy_(torch.from_numpy(means))
+    model.module.library_log_vars.copy_(torch.from_numpy(variances))
+
+    dm = StoreDataModule(train, val, batch_key)
+    callbacks = [_checkpoint_callback(ckdir, checkpoint_every)] if checkpoint_every > 0 else []
+    t0 = time.perf_counter()
+    model.train(max_epochs=max_epochs, datamodule=dm, accelerator=accelerator, devices=1,
+                early_stopping=early_stopping, plan_kwargs={"lr": lr}, callbacks=callbacks,
+                enable_checkpointing=bool(callbacks), enable_progress_bar=progress,
+                check_val_every_n_epoch=1 if val is not None else None,
+                ckpt_path=str(last) if resume else None)
+    wall = time.perf_counter() - t0
+
+    model.save(str(out / "model"), save_anndata=True, overwrite=True)
+    load = model.get_loadings()
+    load.insert(0, "feature_name", adata.var["feature_name"].to_numpy())
+    load.to_parquet(out / "loadings.parquet")
+    curve = _history_frame(model)
+    if resume and (out / "training_curve.csv").is_file():
+        old = pd.read_csv(out / "training_curve.csv")
+        if len(curve):
+            old = old[old["epoch"] < curve["epoch"].min()]
+        curve = pd.concat([old, curve], ignore_index=True)
+    curve.to_csv(out / "training_curve.csv", index=False)
+    if len(curve):
+        _plot_curve(curve, out / "training_curve.png")
+    epochs_run = int(len(_history_frame(model)))
+    run = {
+        "model": "scvi.model.LinearSCVI",
+        "scvi_tools_version": scvi.__version__,
+        "options": {"batch_size": batch_size, "max_epochs": max_epochs, "seed": seed, "n_latent": n_latent,
+                    "n_layers": n_layers, "n_hidden": n_hidden, "dropout_rate": dropout_rate,
+                    "gene_likelihood": gene_likelihood, "dispersion": dispersion, "lr": lr,
+                    "early_stopping": early_stopping, "batch_key": batch_key, "accelerator": accelerator,
+                    "io_batch_size": train.io_batch_size, "block_size": block_size, "checkpoint_every": checkpoint_every},
+        "manifest": {"path": str(Path(manifest).resolve()), "sha256": side["manifest"]["sha256"],
+                     "name": side.get("name"), "spec_hash": side.get("spec_hash")},
+        "store": store.identity(),
+        "n_cells": {"train": train.n_obs, "validation": val.n_obs if val is not None else 0},
+        "n_genes": train.n_vars,
+        "batch_categories": train.categories.get(batch_key, []) if batch_key else [],
+        "library_prior": {"n_cells_sampled": int(min(prior_cells, len(sample["batch"]))),
+                          "log_means": means.ravel().tolist(), "log_vars": variances.ravel().tolist()},
+        "resumed": bool(resume),
+        "epochs_run_this_call": epochs_run,
+        "wall_s": round(wall, 3),
+        "train_cells_per_s": round(train.n_obs * max(epochs_run, 1) / wall, 1) if wall > 0 else None,
+    }
+    (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
+    return run
+
+
+def latent_representation(model, loader: MixtureLoader, batch_key: str | None = "dataset_id") -> pd.DataFrame:
+    """Posterior means of the latent for a loader's cells, streamed (no AnnData).
+
+    Parameters
+    ----------
+    model : scvi.model.LinearSCVI
+        A trained model (e.g. from ``LinearSCVI.load(OUT/model)``).
+    loader : MixtureLoader
+        Any split, built with ``var_joinids`` = the model's genes and the training ``categories``
+        (``shuffle=False`` gives store order).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``soma_joinid``; columns ``Z_0..``, float32.
+    """
+    view = _ScviBatches(loader, batch_key, record=True)
+    dev = model.device
+    loader.device = torch.device(dev)
+    z = model.get_latent_representation(dataloader=view)
+    ids = np.concatenate(view.joinids)
+    return pd.DataFrame(z, index=pd.Index(ids, name="soma_joinid"), columns=[f"Z_{i}" for i in range(z.shape[1])])

@@ -1,0 +1,106 @@
+"""LDVAE trained from the store (no AnnData of the mixture), saved, loaded, resumed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from atlasmix.mixing import loads_spec, resolve, write_manifest
+from tests.conftest import run_cli
+
+PBMC = "dataset_id IN ('pbmc3k', 'pisces_pbmc1k', 'kang_ifnb')"
+SMALL = ["--max-epochs", "2", "--n-hidden", "16", "--n-layers", "1", "--batch-size", "128", "--io-batch-size", "512",
+         "--checkpoint-every", "1", "--no-progress", "--accelerator", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def mix(shared_store, tmp_path_factory):
+    store = shared_store[0]
+    spec = loads_spec(f'name = "ldvae"\nseed = 2\nvalidation_fraction = 0.2\n[[components]]\nname = "pbmc"\n'
+                      f'where = "{PBMC}"\nn_cells = 700\n', "ldvae.toml")
+    d = tmp_path_factory.mktemp("ldvae")
+    path = d / "ldvae.parquet"
+    write_manifest(resolve(spec, store), path)
+    from atlasmix.training.loader import mixture_genes
+
+    cells = pd.read_parquet(path)["soma_joinid"].to_numpy()
+    var = store.var()
+    genes = var.loc[mixture_genes(store, cells)[:150], "feature_id"].tolist()  # a small gene axis keeps CPU time low
+    (d / "genes.txt").write_text("\n".join(genes) + "\n")
+    return store, path, d / "genes.txt", genes
+
+
+def test_train_save_load_loadings_latents(mix, tmp_path):
+    import scvi
+
+    store, path, genes_file, genes = mix
+    out = tmp_path / "run"
+    r = run_cli("train", "ldvae", "--store", store.uri, "--mixture", path, "--out", out, "--genes", genes_file, *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    side = json.loads(path.with_suffix(".json").read_text())
+    assert run["manifest"]["sha256"] == side["manifest"]["sha256"] and run["store"] == store.identity()
+    assert run["n_genes"] == 150 and run["epochs_run_this_call"] == 2
+    assert run["n_cells"]["train"] + run["n_cells"]["validation"] == 700
+    assert run["options"]["n_latent"] == 10 and run["options"]["gene_likelihood"] == "nb"
+    assert sorted(run["batch_categories"]) == ["kang_ifnb", "pbmc3k", "pisces_pbmc1k"]
+
+    model = scvi.model.LinearSCVI.load(str(out / "model"))
+    assert model.adata.n_obs <= 1000 and list(model.adata.var_names) == genes  # the template, not the mixture
+    assert model.summary_stats.n_batch == 3
+    # library priors are the store-estimated ones, not the template's
+    np.testing.assert_allclose(model.module.library_log_means.numpy().ravel(), run["library_prior"]["log_means"], rtol=1e-6)
+    load = pd.read_parquet(out / "loadings.parquet")
+    assert load.shape == (150, 11) and list(load.index) == genes and np.isfinite(load.filter(like="Z_")).all().all()
+    np.testing.assert_allclose(load.filter(like="Z_").to_numpy(), model.get_loadings().to_numpy(), rtol=1e-6)
+    curve = pd.read_csv(out / "training_curve.csv")
+    assert list(curve["epoch"]) == [0, 1] and {"elbo_train", "elbo_validation"} <= set(curve.columns)
+    assert (out / "training_curve.png").stat().st_size > 1000
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+
+    # latents streamed from the store for the validation split, and from the template AnnData
+    from atlasmix.training.ldvae import latent_representation
+    from atlasmix.training.loader import MixtureLoader
+
+    cats = {"dataset_id": list(model.adata.obs["batch"].cat.categories)}
+    val = MixtureLoader(store, path, "validation", shuffle=False, batch_size=64, io_batch_size=256,
+                        var_joinids=model.adata.var["soma_joinid"].to_numpy(), categories=cats)
+    z = latent_representation(model, val)
+    assert z.shape == (run["n_cells"]["validation"], 10) and np.isfinite(z.to_numpy()).all()
+    assert np.array_equal(z.index.to_numpy(), val.cells)
+    assert model.get_latent_representation().shape == (model.adata.n_obs, 10)
+    # the same cell gives the same latent mean either way
+    tid = model.adata.obs["soma_joinid"].to_numpy()
+    tr = MixtureLoader(store, path, "train", shuffle=False, batch_size=64, io_batch_size=256,
+                       var_joinids=model.adata.var["soma_joinid"].to_numpy(), categories=cats)
+    zt = latent_representation(model, tr)
+    np.testing.assert_allclose(zt.loc[tid].to_numpy(), model.get_latent_representation(), rtol=1e-4, atol=1e-5)
+
+    # refuses to overwrite a run
+    again = run_cli("train", "ldvae", "--store", store.uri, "--mixture", path, "--out", out, *SMALL)
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_resume_matches_uninterrupted_run(mix, tmp_path):
+    from atlasmix.training.ldvae import train_ldvae
+
+    store, path, _, genes = mix
+    kw = dict(n_hidden=16, n_layers=1, batch_size=128, io_batch_size=512, checkpoint_every=1, progress=False,
+              accelerator="cpu", genes=genes, seed=7, prior_cells=2000)
+    full = train_ldvae(store, path, tmp_path / "full", max_epochs=3, **kw)
+    train_ldvae(store, path, tmp_path / "cut", max_epochs=2, **kw)  # "killed" after epoch 2
+    resumed = train_ldvae(store, path, tmp_path / "cut", max_epochs=3, resume=True, **kw)
+    assert full["epochs_run_this_call"] == 3 and resumed["resumed"]
+    a = torch.load(tmp_path / "full" / "model" / "model.pt", weights_only=False)["model_state_dict"]
+    b = torch.load(tmp_path / "cut" / "model" / "model.pt", weights_only=False)["model_state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    ca = pd.read_csv(tmp_path / "full" / "training_curve.csv")
+    cb = pd.read_csv(tmp_path / "cut" / "training_curve.csv")
+    assert list(cb["epoch"]) == [0, 1, 2]
+    np.testing.assert_allclose(ca["elbo_train"], cb["elbo_train"], rtol=1e-4)
