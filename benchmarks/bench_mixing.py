@@ -112,7 +112,7 @@ def build_store(uri: Path, n_cells: int, seed: int = 0) -> dict:
     schema = pa.schema([pa.field("soma_joinid", pa.int64(), nullable=False)] + list(S.OBS_SCHEMA))
 
     def cat(values: list[str], codes: np.ndarray) -> pa.Array:
-        return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(values)).cast(pa.large_string())
+        return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(values, pa.large_string()))
 
     def const(v: str, n: int) -> pa.Array:
         return cat([v], np.zeros(n, np.int32))
@@ -145,7 +145,7 @@ def build_store(uri: Path, n_cells: int, seed: int = 0) -> dict:
         stage = spec.development_stage or "adult human stage"
         t = pa.table({
             "soma_joinid": ids,
-            "obs_id": pc.binary_join_element_wise(const(f"{spec.name}:", n), pc.cast(pa.array(ids), pa.large_string()),
+            "obs_id": pc.binary_join_element_wise(pa.scalar(f"{spec.name}:", pa.large_string()), pc.cast(pa.array(ids), pa.large_string()),
                                                 pa.scalar("", pa.large_string())),
             "dataset_id": const(spec.name, n), "assay": const(spec.assay, n), "organism": const("Homo sapiens", n),
             "tissue": const(spec.tissue, n), "tissue_general": const(spec.tissue_general, n),

@@ -417,12 +417,9 @@ def _write_rest(store: Store, p: Prepared, ds_jid: int, start: int, var_jid_of: 
     _checkpoint("before_obs")
     obs = p.obs.copy()
     obs.insert(0, "soma_joinid", joinids)
-    t = pa.Table.from_pandas(obs, preserve_index=False)
-    # categorical string columns stay dictionary-encoded (tiledbsoma writes their values); the rest
-    # is cast to the obs schema's exact types
+    t = pa.Table.from_pandas(obs, preserve_index=False)  # categoricals -> dictionary (enumeration) columns
     sch = pa.schema([pa.field("soma_joinid", pa.int64(), nullable=False)] + list(S.OBS_SCHEMA))
-    t = pa.table({f.name: t[f.name] if pa.types.is_dictionary(t[f.name].type) else t[f.name].cast(f.type)
-                  for f in sch})
+    t = pa.table({f.name: t[f.name].cast(f.type) for f in sch})
     with soma.DataFrame.open(f"{store.uri}/obs", "w", context=store.context) as df:
         df.write(t, platform_config=S.WRITE_LAST)  # one write = one fragment: the dataset's cells appear at once
     _checkpoint("before_commit")

@@ -138,6 +138,15 @@ def _selections(spec: MixtureSpec) -> list[tuple[str, Selection]]:
 
 
 # ---------------------------------------------------------------------------------------------- obs context
+def _index_in(col: pa.ChunkedArray, value_set: pa.Array) -> pa.ChunkedArray:
+    """``pc.index_in`` that works on dictionary (enumeration) columns without decoding them."""
+    if pa.types.is_dictionary(col.type):
+        vs = value_set.cast(col.type.value_type)
+        return pa.chunked_array([pc.index_in(ch.dictionary, value_set=vs).take(ch.indices) for ch in col.chunks],
+                                type=pa.int32())
+    return pc.index_in(col, value_set=value_set.cast(col.type))
+
+
 class ObsContext:
     """duckdb connection over the obs columns a resolution needs.
 
@@ -170,7 +179,7 @@ class ObsContext:
         want = list(CATALOG_IN_OBS) if catalog_columns is None else [c for c in CATALOG_IN_OBS if c in catalog_columns]
         want = [c for c in want if c not in obs.column_names]
         if want and "dataset_id" in obs.column_names and obs.num_rows:
-            idx = pc.index_in(obs["dataset_id"], value_set=ds_table["dataset_id"].cast(obs.schema.field("dataset_id").type))
+            idx = _index_in(obs["dataset_id"], ds_table["dataset_id"])
             for c in want:
                 obs = obs.append_column(c, ds_table[CATALOG_IN_OBS[c]].take(idx))
         self.obs = obs

@@ -52,8 +52,12 @@ OBS_STRING_COLUMNS: dict[str, str] = {
     "donor_id": "unknown",
 }
 
+#: Low-cardinality string columns are TileDB enumerations (arrow dictionary, as CELLxGENE Census
+#: obs): 4 bytes per cell on disk and in memory, faster reads, and duckdb sees them as ENUMs.
+#: Enumerations grow automatically when an ingest writes new values. ``obs_id`` is a plain string.
+OBS_ENUM = pa.dictionary(pa.int32(), pa.large_string())
 OBS_SCHEMA = pa.schema(
-    [pa.field(c, pa.large_string(), nullable=False) for c in OBS_STRING_COLUMNS]
+    [pa.field(c, pa.large_string() if c == "obs_id" else OBS_ENUM, nullable=False) for c in OBS_STRING_COLUMNS]
     + [
         pa.field("is_malignant", pa.bool_(), nullable=False),
         pa.field("total_counts", pa.float64(), nullable=False),

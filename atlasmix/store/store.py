@@ -416,7 +416,7 @@ class Store:
         qc = {}
         obs = self.obs(["dataset_id", "qc_pass"])
         if obs.num_rows:
-            qdf = obs.to_pandas().groupby("dataset_id")["qc_pass"].mean()
+            qdf = obs.to_pandas().groupby("dataset_id", observed=True)["qc_pass"].mean()
             qc = qdf.to_dict()
         datasets = []
         for jid, row in cat.iterrows():
