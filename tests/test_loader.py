@@ -33,6 +33,16 @@ def make(mix, **kw):
     return MixtureLoader(store, path, "train", **opts)
 
 
+_BASE: dict = {}
+
+
+def base_loader(mix):
+    """One loader built once (DDP shards are cheap copies of it, as a training script would make)."""
+    if "L" not in _BASE:
+        _BASE["L"] = make(mix)
+    return _BASE["L"]
+
+
 def ids_of(batches):
     return np.concatenate([b["soma_joinid"].numpy() for b in batches])
 
@@ -111,13 +121,14 @@ def test_gene_axis_default_intersection_and_explicit_list(mix):
 def test_ddp_shards_are_disjoint_equal_and_cover(mix, world, uneven):
     _, _, train = mix
     n = len(train)
+    base = base_loader(mix)
     for epoch in (0, 1):
         shards = []
         for r in range(world):
-            L = make(mix, rank=r, world_size=world, uneven=uneven)
+            L = base.with_shard(r, world, uneven=uneven)
             L.set_epoch(epoch)
             shards.append(L.cells[L.shard_positions()])
-            assert len(L) == len(make(mix, rank=0, world_size=world, uneven=uneven))  # equal batch counts
+            assert len(L) == len(base.with_shard(0, world, uneven=uneven))  # equal batch counts
         sizes = {len(s) for s in shards}
         assert len(sizes) == 1
         allc = np.concatenate(shards)
@@ -128,7 +139,7 @@ def test_ddp_shards_are_disjoint_equal_and_cover(mix, world, uneven):
             assert np.array_equal(np.unique(allc), train)  # covers the manifest
             assert len(allc) - n == (-n) % world  # the few padded cells are the only repeats
     # ranks do not own a fixed slice: a rank's cells change between epochs, and are spread over the store
-    L = make(mix, rank=1, world_size=world)
+    L = base.with_shard(1, world)
     s0 = set(L.cells[L.shard_positions(0)])
     s1 = set(L.cells[L.shard_positions(1)])
     assert len(s0 & s1) < 0.8 * len(s0)
@@ -169,6 +180,11 @@ def test_mid_epoch_resume_continues_exactly(mix):
     assert np.array_equal(ids_of(list(R)), e1)  # and the next epoch is the uninterrupted run's
     with pytest.raises(AtlasmixError, match="seed"):
         make(mix, seed=9).load_state_dict(state)
+    # a loader pickles (for spawn-started workers: the store is reopened by URI) with its position
+    import pickle
+
+    P = pickle.loads(pickle.dumps(L))
+    assert P.state_dict() == state and np.array_equal(ids_of(list(P)), rest)
 
 
 def test_shuffle_entropy_against_iid(mix):

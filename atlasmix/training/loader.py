@@ -411,6 +411,27 @@ class MixtureLoader:
         return shard_order(order, self.rank * self.num_workers + self.worker, self.world_size * self.num_workers,
                            self.uneven)
 
+    def with_shard(self, rank: int, world_size: int, worker: int = 0, num_workers: int = 1,
+                   uneven: str | None = None) -> "MixtureLoader":
+        """A copy of this loader serving another shard (shares the cell and code arrays; no store reads).
+
+        Raises
+        ------
+        AtlasmixError
+            Position out of range.
+        """
+        import copy
+
+        if not (0 <= rank < world_size and 0 <= worker < num_workers):
+            raise AtlasmixError(f"rank {rank}/{world_size}, worker {worker}/{num_workers} out of range")
+        other = copy.copy(self)
+        other.rank, other.world_size, other.worker, other.num_workers = rank, world_size, worker, num_workers
+        other.uneven = uneven or self.uneven
+        if other.uneven not in ("drop", "pad"):
+            raise AtlasmixError(f"uneven must be 'drop' or 'pad', got {other.uneven!r}")
+        other.epoch, other.batches_done = self.epoch, 0
+        return other
+
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its first minibatch at the next iteration."""
         self.epoch, self.batches_done = int(epoch), 0
