@@ -1,0 +1,61 @@
+"""The example mixtures of examples/mixtures resolve, as a user would run them, on the data they target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from atlasmix.cli import _plan_requests
+from atlasmix.ingest import QCPolicy, ingest
+from atlasmix.mixing import resolve
+from atlasmix.simulate import simulate_atlas
+from atlasmix.store import Store
+from conftest import ROOT, needs_shared
+
+EXAMPLES = ROOT / "examples" / "mixtures"
+
+
+def _check_design(results: dict, base_name: str = "base_model") -> None:
+    """Every mixture resolves with train disjoint from eval; each '+source' mixture keeps the base draw."""
+    for name, res in results.items():
+        t = res.table.to_pandas()
+        train = set(t.loc[t.split != "eval", "soma_joinid"])
+        ev = set(t.loc[t.split == "eval", "soma_joinid"])
+        assert train and ev and not (train & ev), name
+    base = results[base_name].table.to_pandas()
+    base_cells = set(base.loc[(base.component == "base") & (base.split != "eval"), "soma_joinid"])
+    for name, res in results.items():
+        t = res.table.to_pandas()
+        if name.startswith("base_plus") and "balanced" not in name:
+            assert base_cells <= set(t.loc[t.split != "eval", "soma_joinid"]), name
+
+
+def test_demo_mixtures_on_a_simulated_corpus(tmp_path):
+    info = simulate_atlas(tmp_path / "sim", 6000, seed=1, n_genes=800)
+    store = Store.create(str(tmp_path / "store"))
+    ingest(store, _plan_requests(Path(info["plan"]), {"qc": QCPolicy()}), chunk_size=1000)
+    results = {}
+    for f in sorted((EXAMPLES / "demo").glob("*.toml")):
+        if f.name in {"eval_sets.toml", "base_sketch_fixed_budget.toml"}:  # the sketch one needs >= 100k cells
+            continue
+        results[f.stem] = resolve(f, store)
+    _check_design(results)
+    alone = results["malignant_only"].table.to_pandas()
+    obs = store.obs(["dataset_id"]).to_pandas().set_index("soma_joinid")
+    tr = alone.loc[alone.split != "eval", "soma_joinid"]
+    assert set(obs.loc[tr, "dataset_id"]) == {"malignant"}
+
+
+@needs_shared
+def test_shared_mixtures_on_the_real_store(shared_store):
+    store = shared_store[0]
+    results = {f.stem: resolve(f, store) for f in sorted((EXAMPLES / "shared").glob("*.toml"))
+               if f.name != "eval_sets.toml"}
+    _check_design(results)
+    obs = store.obs(["dataset_id"]).to_pandas().set_index("soma_joinid")
+    t = results["base_model"].table.to_pandas()
+    ds = set(obs.loc[t.loc[t.split == "train", "soma_joinid"], "dataset_id"])
+    assert ds and ds <= {"zheng_pbmc8k", "pbmc3k", "pisces_pbmc1k", "pbmc10k_cite", "pbmc5k_cite", "kang_ifnb"}
