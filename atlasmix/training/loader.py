@@ -298,7 +298,7 @@ class MixtureLoader:
     """
 
     def __init__(self, store, manifest: Any, split: str = "train", *, genes: Sequence[str] | None = None,
-                 var_joinids: np.ndarray | None = None, batch_size: int = 1024, io_batch_size: int = 65536,
+                 var_joinids: np.ndarray | None = None, batch_size: int = 1024, io_batch_size: int = 16384,
                  block_size: int = 64, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
                  obs_columns: Sequence[str] = ("dataset_id",), library: str = "counts",
                  device: str | torch.device = "cpu", sparse: bool = False, rank: int | None = None,
@@ -341,6 +341,10 @@ class MixtureLoader:
             raise AtlasmixError(f"the manifest has no {split!r} cells")
         self.var_joinids = (np.asarray(var_joinids, dtype=np.int64) if var_joinids is not None
                             else mixture_genes(store, all_ids, genes))
+        var_index = store.var().index
+        self._n_var_store = int(var_index.max()) + 1 if len(var_index) else 0
+        if len(np.unique(self.var_joinids)) != len(self.var_joinids):
+            raise AtlasmixError("the gene list names a gene twice")
         self._read_obs(all_ids, categories or {})
 
     # -------------------------------------------------------------- setup
@@ -460,16 +464,55 @@ class MixtureLoader:
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
 
     # -------------------------------------------------------------- reading
-    def _read(self, X, ids_sorted: np.ndarray, col_of: np.ndarray) -> sp.csr_matrix:
-        t = X.read(coords=(pa.array(ids_sorted), pa.array(self.var_joinids))).tables().concat()
-        r = np.searchsorted(ids_sorted, t["soma_dim_0"].to_numpy())
-        c = col_of[t["soma_dim_1"].to_numpy()]
-        m = sp.csr_matrix((t["soma_data"].to_numpy().astype(np.float32, copy=False), (r, c)),
-                          shape=(len(ids_sorted), self.n_vars))
-        m.sum_duplicates()
-        return m
+    def _read(self, X, ids_sorted: np.ndarray, col_of: np.ndarray | None) -> sp.csr_matrix:
+        """One TileDB read of cells ``ids_sorted`` x the gene axis, as CSR (rows in ``ids_sorted`` order).
 
-    def _io_batch(self, X, positions: np.ndarray, shard: int, io_index: int, col_of: np.ndarray):
+        The arrow result pieces are converted one at a time to int32 (row, column) codes, so the
+        transient memory is ~ one piece plus the CSR being built (8 bytes per nonzero).
+        """
+        n = len(ids_sorted)
+        pieces = []
+        # Rows only: X's space tiles span the whole gene axis, so a gene subset saves no IO, while
+        # point ranges on soma_dim_1 (cells x genes subarray ranges) make TileDB's read far slower.
+        for t in X.read(coords=(pa.array(ids_sorted),)).tables():
+            d0 = t["soma_dim_0"].to_numpy()
+            c = t["soma_dim_1"].to_numpy()
+            v = t["soma_data"].to_numpy()
+            if col_of is not None:  # gene subset / reorder: map var joinid -> column, drop other genes
+                c = col_of[c]
+                keep = c >= 0
+                d0, c, v = d0[keep], c[keep], v[keep]
+            pieces.append((d0, c.astype(np.int32), v.astype(np.float32, copy=False)))
+        d0s = [p[0] for p in pieces if len(p[0])]
+        ordered = all(bool(np.all(a[1:] >= a[:-1])) for a in d0s) and all(
+            a[-1] <= b[0] for a, b in zip(d0s[:-1], d0s[1:]))
+        c = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.int32)
+        v = np.concatenate([p[2] for p in pieces]) if pieces else np.zeros(0, np.float32)
+        if ordered:  # TileDB returns row-major order: row starts from n binary searches per piece
+            counts = np.zeros(n, dtype=np.int64)
+            for a in d0s:
+                counts += np.searchsorted(a, ids_sorted, "right") - np.searchsorted(a, ids_sorted, "left")
+        else:  # fallback: sort nonzeros by row
+            d0 = np.concatenate(d0s)
+            o = np.argsort(d0, kind="stable")
+            c, v = c[o], v[o]
+            counts = np.bincount(np.searchsorted(ids_sorted, d0), minlength=n)
+        del pieces, d0s
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return sp.csr_matrix((v, c, indptr), shape=(n, self.n_vars))
+
+    def _col_of(self) -> np.ndarray | None:
+        """var joinid -> column of the gene axis (-1: not on it), covering every var joinid of the
+        store; None when the gene axis is the whole store var in joinid order (no mapping needed)."""
+        n = self._n_var_store
+        if len(self.var_joinids) == n and np.array_equal(self.var_joinids, np.arange(n)):
+            return None
+        col_of = np.full(max(n, int(self.var_joinids.max()) + 1), -1, dtype=np.int64)
+        col_of[self.var_joinids] = np.arange(self.n_vars)
+        return col_of
+
+    def _io_batch(self, X, positions: np.ndarray, shard: int, io_index: int, col_of: np.ndarray | None):
         """Read one IO batch in store order, then shuffle it in memory. Returns (positions, csr)."""
         ids = self.cells[positions]
         order = np.argsort(ids, kind="stable")
@@ -490,6 +533,11 @@ class MixtureLoader:
         out["library_size"] = torch.from_numpy(lib)
         for c in self.obs_columns:
             out[c] = torch.from_numpy(self.codes[c][pos])
+        if self.device.type == "cpu" and not self.sparse:  # densify here, in the prefetch thread
+            X = np.zeros((m.shape[0], self.n_vars), dtype=np.float32)
+            X[np.repeat(np.arange(m.shape[0]), np.diff(m.indptr)), m.indices] = m.data
+            out["X"] = torch.from_numpy(X)
+            return out
         out["_csr"] = (torch.from_numpy(m.indptr.astype(np.int64)), torch.from_numpy(m.indices.astype(np.int64)),
                        torch.from_numpy(m.data))
         if self.device.type == "cuda":
@@ -498,6 +546,10 @@ class MixtureLoader:
 
     def _finish(self, b: dict[str, Any]) -> dict[str, Any]:
         """Move a CPU batch to the device and build X there (dense or CSR)."""
+        if "_csr" not in b:  # dense on the CPU: built by the prefetch thread
+            if self.device.type != "cpu":  # the device changed after the batch was made
+                b["X"], b["library_size"] = b["X"].to(self.device), b["library_size"].to(self.device)
+            return b
         indptr, indices, data = b.pop("_csr")
         n = len(indptr) - 1
         nb = self.device.type == "cuda"
@@ -523,8 +575,7 @@ class MixtureLoader:
             nb = len(self)
             if self.drop_last:
                 seq = seq[: nb * self.batch_size]
-            col_of = np.full(int(self.var_joinids.max()) + 1, -1, dtype=np.int64)
-            col_of[self.var_joinids] = np.arange(self.n_vars)
+            col_of = self._col_of()
             first_io = (start_batch * self.batch_size) // self.io_batch_size
             skip = start_batch - first_io * (self.io_batch_size // self.batch_size)
             io_starts = list(range(first_io * self.io_batch_size, len(seq), self.io_batch_size))

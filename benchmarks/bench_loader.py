@@ -1,0 +1,203 @@
+"""Loader throughput, peak RSS and shuffle quality: atlasmix vs tiledbsoma-ml vs scvi-tools in memory.
+
+Usage::
+
+    python benchmarks/bench_loader.py --n-cells 1000000 --workdir /tmp/bench_loader --max-cells 200000
+
+Builds (once, cached in ``--workdir``) a store from a simulated atlas (``atlasmix.simulate``: all
+presets, 19,907 protein-coding genes, several sources = several ``dataset_id`` values), ingested
+with ``atlasmix.ingest`` through the simulator's plan. Then, each loader in its own subprocess (so
+peak RSS is that process's ``ru_maxrss``), over the same cells (every cell of the store) and genes
+(every gene of the store), with the same minibatch size:
+
+* ``atlasmix``: :class:`atlasmix.training.loader.MixtureLoader` (dense float32 batch ready on
+  ``--device``), shuffled;
+* ``tiledbsoma_ml``: ``tiledbsoma_ml.ExperimentDataset`` 0.1.0 (``shuffle=True``, its default
+  ``shuffle_chunk_size=64``, same ``io_batch_size``), batches converted to dense torch tensors on
+  the device;
+* ``scvi_memory``: scvi-tools' own ``AnnDataLoader`` over an in-memory AnnData of the same cells
+  (the AnnData is read from the store first; its build time is reported separately, its memory is
+  in the peak RSS).
+
+Each run reads minibatches until ``--max-cells`` cells (after ``--warmup`` batches) and reports
+cells/s, peak RSS (MiB) and the per-minibatch ``dataset_id`` entropy against i.i.d. sampling
+(:func:`atlasmix.training.loader.shuffle_entropy`). Prints a table and writes JSON to
+``--workdir/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def build_store(workdir: Path, n_cells: int, seed: int = 0) -> str:
+    """Simulate + ingest into ``workdir/store`` unless it exists; returns the store URI."""
+    uri = workdir / "store"
+    if (uri / ".built").exists():
+        return str(uri)
+    import shutil
+
+    from atlasmix.cli import _plan_requests
+    from atlasmix.ingest import QCPolicy, ingest
+    from atlasmix.simulate import simulate_atlas
+    from atlasmix.store import Store
+
+    shutil.rmtree(uri, ignore_errors=True)
+    t0 = time.perf_counter()
+    info = simulate_atlas(workdir / "sim", n_cells=n_cells, seed=seed)
+    t1 = time.perf_counter()
+    store = Store.create(str(uri))
+    ingest(store, _plan_requests(Path(info["plan"]), {"qc": QCPolicy()}))
+    t2 = time.perf_counter()
+    shutil.rmtree(workdir / "sim", ignore_errors=True)
+    (uri / ".built").write_text(json.dumps({"n_cells": n_cells, "simulate_s": t1 - t0, "ingest_s": t2 - t1}))
+    return str(uri)
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _measure(batches, n_warm: int, max_cells: int, codes_of, dense_of) -> dict:
+    """Iterate ``batches``; time from after ``n_warm`` batches until ``max_cells`` cells."""
+    import torch
+
+    codes, n, t0, k = [], 0, None, 0
+    for b in batches:
+        X = dense_of(b)
+        if X.is_cuda:
+            torch.cuda.synchronize()
+        if k == n_warm:
+            t0 = time.perf_counter()
+        if k >= n_warm:
+            n += X.shape[0]
+            codes.append(codes_of(b))
+        k += 1
+        if n >= max_cells:
+            break
+    dt = time.perf_counter() - (t0 or time.perf_counter())
+    return {"cells": n, "seconds": dt, "cells_per_s": n / dt if dt > 0 else float("nan"), "codes": codes}
+
+
+def run_one(method: str, uri: str, args) -> dict:
+    import torch
+
+    from atlasmix.store import Store
+    from atlasmix.training.loader import MixtureLoader, shuffle_entropy
+
+    store = Store(uri)
+    dev = torch.device(args.device)
+    cells = store.obs([]).column("soma_joinid").to_numpy()
+    dsnames = sorted(set(store.obs(["dataset_id"]).column("dataset_id").to_pylist()))
+    extra: dict = {}
+    t_setup = time.perf_counter()
+    if method == "atlasmix":
+        L = MixtureLoader(store, cells, batch_size=args.batch_size, io_batch_size=args.io_batch_size,
+                          block_size=args.block_size, seed=0, device=dev, var_joinids=store.var().index.to_numpy(),
+                          io_threads=args.io_threads, prefetch_io=args.prefetch)
+        extra["setup_s"] = time.perf_counter() - t_setup
+        r = _measure(L, args.warmup, args.max_cells, lambda b: b["dataset_id"].numpy(), lambda b: b["X"])
+    elif method == "tiledbsoma_ml":
+        import tiledbsoma as soma
+        from tiledbsoma_ml import ExperimentDataset
+
+        lut = {d: i for i, d in enumerate(dsnames)}
+        exp = soma.Experiment.open(uri, context=store.context)
+        q = exp.axis_query("RNA", obs_query=soma.AxisQuery(coords=(cells,)))
+        ds = ExperimentDataset(q, layer_name="raw", obs_column_names=["dataset_id"], batch_size=args.batch_size,
+                               io_batch_size=args.io_batch_size, shuffle=True, seed=0)
+        extra["setup_s"] = time.perf_counter() - t_setup
+
+        def dense(b):
+            return torch.from_numpy(np.asarray(b[0], dtype=np.float32)).to(dev)
+
+        r = _measure(iter(ds), args.warmup, args.max_cells,
+                     lambda b: np.asarray([lut[d] for d in b[1]["dataset_id"]]), dense)
+    elif method == "scvi_memory":
+        import anndata as ad
+        import pandas as pd
+        import scipy.sparse as sp
+        import scvi
+        from scvi.dataloaders import AnnDataLoader
+
+        var = store.var()
+        obs = store.obs(["dataset_id"]).to_pandas()
+        parts = [m for _, m in store.iter_X(cells, var.index.to_numpy(), chunk_size=65536)]
+        adata = ad.AnnData(X=sp.vstack(parts).tocsr(), obs=pd.DataFrame({"batch": pd.Categorical(obs["dataset_id"])},
+                                                                       index=obs["soma_joinid"].astype(str)))
+        extra["anndata_build_s"] = time.perf_counter() - t_setup
+        scvi.model.LinearSCVI.setup_anndata(adata, batch_key="batch")
+        mgr = scvi.model.LinearSCVI._get_most_recent_anndata_manager(adata)
+        dl = AnnDataLoader(mgr, batch_size=args.batch_size, shuffle=True)
+        r = _measure(iter(dl), args.warmup, args.max_cells, lambda b: b["batch"].numpy().ravel().astype(np.int64),
+                     lambda b: b["X"].to(dev))
+    else:
+        raise SystemExit(f"unknown method {method}")
+    ent = shuffle_entropy(r.pop("codes"), n_categories=len(dsnames))
+    return {"method": method, **r, **extra, "peak_rss_mib": _rss_mib(), "entropy": ent}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-cells", type=int, default=1_000_000)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_loader"))
+    ap.add_argument("--max-cells", type=int, default=200_000, help="cells timed per loader")
+    ap.add_argument("--warmup", type=int, default=2, help="minibatches before timing starts")
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--io-batch-size", type=int, default=65536)
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--io-threads", type=int, default=2)
+    ap.add_argument("--prefetch", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument("--methods", default="atlasmix,tiledbsoma_ml,scvi_memory")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--uri", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.uri, args)))
+        return
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    uri = build_store(args.workdir, args.n_cells)
+    built = json.loads((Path(uri) / ".built").read_text())
+    results = []
+    for m in args.methods.split(","):
+        cmd = [sys.executable, __file__, "--one", m, "--uri", uri] + [
+            a for k, v in vars(args).items() if k not in ("one", "uri", "workdir", "methods", "n_cells")
+            for a in (f"--{k.replace('_', '-')}", str(v))]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode:
+            print(f"{m} failed:\n{p.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    base = {r["method"]: r["cells_per_s"] for r in results}
+    print(f"store: {built['n_cells']:,} simulated cells (19,907 genes); batch {args.batch_size}, "
+          f"io batch {args.io_batch_size}, device {args.device}, {args.max_cells:,} cells timed")
+    print(f"{'method':<15}{'cells/s':>12}{'x tdbml':>9}{'peak RSS MiB':>14}{'entropy':>9}{'iid':>7}{'ratio':>7}")
+    for r in results:
+        e = r["entropy"]
+        rel = r["cells_per_s"] / base["tiledbsoma_ml"] if base.get("tiledbsoma_ml") else float("nan")
+        print(f"{r['method']:<15}{r['cells_per_s']:>12,.0f}{rel:>9.2f}{r['peak_rss_mib']:>14,.0f}"
+              f"{e['entropy_bits']:>9.3f}{e['iid_entropy_bits']:>7.3f}{e['ratio']:>7.3f}")
+    (args.workdir / "results.json").write_text(json.dumps({"store": built, "args": {k: str(v) for k, v in vars(args).items()},
+                                                            "results": results}, indent=1))
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+if __name__ == "__main__":
+    main()
