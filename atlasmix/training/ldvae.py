@@ -63,8 +63,10 @@ class _ScviBatches:
     order is a function of (seed, epoch), also after a resume), unless it is mid-epoch.
     """
 
-    def __init__(self, loader: MixtureLoader, batch_key: str | None, trainer_ref=None, record: bool = False):
+    def __init__(self, loader: MixtureLoader, batch_key: str | None, trainer_ref=None, record: bool = False,
+                 restart: bool = False):
         self.loader, self.batch_key, self.trainer_ref, self.record = loader, batch_key, trainer_ref, record
+        self.restart = restart  # every iteration is a full pass from the first batch (validation, inference)
         self.joinids: list[np.ndarray] = []
 
     def __len__(self) -> int:
@@ -72,7 +74,10 @@ class _ScviBatches:
 
     def __iter__(self):
         tr = self.trainer_ref() if self.trainer_ref else None
-        if tr is not None and self.loader.batches_done == 0 and self.loader.shuffle:
+        if self.restart:  # e.g. after Lightning's sanity check stopped a validation pass after 2 batches
+            self.loader.set_epoch(0)
+            self.joinids = []
+        elif tr is not None and self.loader.batches_done == 0 and self.loader.shuffle:
             self.loader.set_epoch(int(tr.current_epoch))
         for b in self.loader:
             X = b["X"]
@@ -135,6 +140,12 @@ class StoreDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         dev = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        world = int(getattr(self.trainer, "world_size", 1) or 1) if self.trainer is not None else 1
+        if world > 1:  # DDP: each rank serves its interleaved shard (equal batch counts, see loader)
+            rank = int(self.trainer.global_rank)
+            self.train_loader = self.train_loader.with_shard(rank, world)
+            if self.val_loader is not None:
+                self.val_loader = self.val_loader.with_shard(rank, world)
         for L in (self.train_loader, self.val_loader):
             if L is not None:
                 L.device = dev
@@ -148,7 +159,7 @@ class StoreDataModule(LightningDataModule):
     def val_dataloader(self):
         if self.val_loader is None:
             return []
-        return _ScviBatches(self.val_loader, self.batch_key)
+        return _ScviBatches(self.val_loader, self.batch_key, restart=True)
 
     def state_dict(self) -> dict[str, Any]:
         st = {"loader": self.train_loader.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -441,7 +452,7 @@ def latent_representation(model, loader: MixtureLoader, batch_key: str | None = 
     pandas.DataFrame
         Index ``soma_joinid``; columns ``Z_0..``, float32.
     """
-    view = _ScviBatches(loader, batch_key, record=True)
+    view = _ScviBatches(loader, batch_key, record=True, restart=True)
     dev = model.device
     loader.device = torch.device(dev)
     z = model.get_latent_representation(dataloader=view)

@@ -17,13 +17,17 @@ every epoch, the same order for the same (seed, epoch). The permuted cell sequen
    rank or worker ever owns a fixed contiguous slice of the store (tiledbsoma-ml 0.1.0's defect).
 3. Each shard is cut into *IO batches* of ``io_batch_size`` cells (a multiple of ``batch_size``).
    The joinids of one IO batch are sorted and read from ``ms/RNA/X/raw`` in one TileDB read with
-   point coordinates ``(cells, var joinids)`` -- store order, so the read touches each data tile at
-   most once. The IO batch is then shuffled in memory with ``default_rng([seed, e, k, io_index])``
-   and cut into minibatches.
+   point coordinates on the cell axis only -- store order, so the read touches each data tile at
+   most once; X's space tiles span the whole gene axis, so genes are selected afterwards (var joinid
+   -> column lookup; point ranges on the gene axis made reads several times slower). The result is
+   turned into CSR straight from TileDB's row-major output (no COO sort). The IO batch is then
+   shuffled in memory with ``default_rng([seed, e, k, io_index])`` and cut into minibatches.
 
 With ``block_size=1`` every minibatch is a uniformly random subset of the corpus (i.i.d. quality);
 ``block_size > 1`` trades a little shuffle quality for read locality (a TileDB data tile holds ~64
-cells at 2k nonzeros per cell, so a random cell costs a whole tile decompressed). After the in-memory
+cells at 2k nonzeros per cell, so a random cell costs a whole tile decompressed). Measured on a
+simulated store (1,700 nonzeros per cell, 2 CPU cores), reading 16,384 cells took 5.3 s with
+``block_size=1``, 2.0 s with 64 (the default), 1.15 s with 512 and 0.9 s for a contiguous run. After the in-memory
 shuffle a minibatch holds cells from ``io_batch_size / block_size`` blocks, so per-batch
 ``dataset_id`` entropy stays at the i.i.d. level while ``io_batch_size / block_size >> batch_size``;
 :func:`shuffle_entropy` measures it.
@@ -32,8 +36,9 @@ Prefetch and memory
 -------------------
 A background thread assembles minibatches (CPU tensors) into a bounded queue; it reads IO batches
 with a pool of ``io_threads`` threads (TileDB releases the GIL), at most ``prefetch_io`` IO batches
-ahead. Memory held is O((prefetch_io + 1) * io_batch_size * nnz per cell), independent of corpus
-size, plus the per-cell index arrays (joinids and covariate codes: ~8 bytes + 4 bytes per covariate
+ahead, and keeps at most 4 ready minibatches. Memory held is O((prefetch_io + io_threads + 1) x
+io_batch_size x nonzeros per cell x ~20 bytes) for TileDB's arrow results and the CSR, plus 4
+minibatches (dense on the CPU: 4 x batch_size x genes x 4 bytes), independent of corpus size, plus the per-cell index arrays (joinids and covariate codes: ~8 bytes + 4 bytes per covariate
 per manifest cell). Processes are not used: TileDB is opened in the loader's own threads, so there
 is nothing to fork; :class:`MixtureLoader` objects are picklable (the store is reopened by URI), so a
 ``spawn`` worker may build one with ``num_workers``/``worker`` set.
@@ -513,7 +518,11 @@ class MixtureLoader:
         return col_of
 
     def _io_batch(self, X, positions: np.ndarray, shard: int, io_index: int, col_of: np.ndarray | None):
-        """Read one IO batch in store order, then shuffle it in memory. Returns (positions, csr)."""
+        """Read one IO batch in store order and draw its in-memory shuffle.
+
+        Returns (positions, csr, perm): the sorted rows' positions and counts; minibatch ``j`` is
+        sorted rows ``perm[j * batch_size:(j + 1) * batch_size]`` (gathered per minibatch, so the IO
+        batch is never copied whole)."""
         ids = self.cells[positions]
         order = np.argsort(ids, kind="stable")
         m = self._read(X, ids[order], col_of)
@@ -521,8 +530,7 @@ class MixtureLoader:
             perm = np.random.default_rng([self.seed, self.epoch, shard, io_index]).permutation(len(ids))
         else:
             perm = np.arange(len(ids))
-        # row k of the result is sorted row perm[k]
-        return positions[order][perm], m[perm]
+        return positions[order], m, perm
 
     def _to_batch(self, pos: np.ndarray, m: sp.csr_matrix) -> dict[str, Any]:
         out: dict[str, Any] = {"soma_joinid": torch.from_numpy(self.cells[pos])}
@@ -594,12 +602,14 @@ class MixtureLoader:
                     while nxt < len(io_starts) and nxt <= k + self.prefetch_io:
                         futs.append(pool.submit(job, first_io + nxt, io_starts[nxt]))
                         nxt += 1
-                    pos, m = futs[k].result()
+                    pos, m, perm = futs[k].result()
                     futs[k] = None
                     for b0 in range((skip if k == 0 else 0) * self.batch_size, len(pos), self.batch_size):
                         if stop.is_set():
                             return
-                        q.put(self._to_batch(pos[b0:b0 + self.batch_size], m[b0:b0 + self.batch_size]))
+                        idx = perm[b0:b0 + self.batch_size]
+                        q.put(self._to_batch(pos[idx], m[idx]))
+                    del pos, m, perm
                 for f in futs:
                     if f is not None:
                         f.cancel()
@@ -611,7 +621,7 @@ class MixtureLoader:
         n = len(self)
         if self.batches_done >= n:
             self.set_epoch(self.epoch + 1)
-        q: queue.Queue = queue.Queue(maxsize=max(2, self.io_batch_size // self.batch_size))
+        q: queue.Queue = queue.Queue(maxsize=4)  # ready minibatches (dense on the CPU: 4 x B x G x 4 bytes)
         stop = threading.Event()
         th = threading.Thread(target=self._produce, args=(self.batches_done, q, stop), daemon=True,
                               name="atlasmix-loader")
