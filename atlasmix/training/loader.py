@@ -288,6 +288,9 @@ class MixtureLoader:
         IO batches read ahead of the consumer (bounds memory).
     io_threads : int
         Threads issuing TileDB reads.
+    read_buffer_bytes : int or None
+        TileDB's ``soma.init_buffer_bytes`` for X reads (per read; larger results arrive in
+        pieces); None keeps the store context's setting (tiledbsoma's default is larger).
 
     Yields
     ------
@@ -308,7 +311,8 @@ class MixtureLoader:
                  obs_columns: Sequence[str] = ("dataset_id",), library: str = "counts",
                  device: str | torch.device = "cpu", sparse: bool = False, rank: int | None = None,
                  world_size: int | None = None, worker: int = 0, num_workers: int = 1, uneven: str = "drop",
-                 prefetch_io: int = 2, io_threads: int = 2, categories: dict[str, list[str]] | None = None):
+                 prefetch_io: int = 2, io_threads: int = 2, categories: dict[str, list[str]] | None = None,
+                 read_buffer_bytes: int | None = None):
         if batch_size < 1 or io_batch_size < 1 or block_size < 1:
             raise AtlasmixError("batch_size, io_batch_size and block_size must be >= 1")
         if library not in LIBRARY_SOURCES:
@@ -337,6 +341,7 @@ class MixtureLoader:
         self.uneven = uneven
         self.prefetch_io = max(1, int(prefetch_io))
         self.io_threads = max(1, int(io_threads))
+        self.read_buffer_bytes = read_buffer_bytes
         self.epoch = 0
         self.batches_done = 0
         self.manifest_sha256: str | None = None
@@ -589,6 +594,10 @@ class MixtureLoader:
             io_starts = list(range(first_io * self.io_batch_size, len(seq), self.io_batch_size))
             local = threading.local()
             ctx = self.store.context
+            if self.read_buffer_bytes:  # TileDB result buffers per read (bigger results come in pieces)
+                cfg = dict(ctx.tiledb_config)
+                cfg["soma.init_buffer_bytes"] = str(int(self.read_buffer_bytes))
+                ctx = ctx.replace(tiledb_config=cfg)
 
             def job(i: int, s: int):
                 if not hasattr(local, "X"):
