@@ -207,3 +207,20 @@ def test_order_helpers():
     assert len(shard_order(o, 0, 4)) == 25 and len(shard_order(o, 3, 4, "pad")) == 26
     with pytest.raises(AtlasmixError):
         shard_order(o, 4, 4)
+
+
+def test_dataloader_worker_processes_serve_interleaved_shards(mix):
+    """Two spawn-started DataLoader workers: each serves its own interleaved shard, nothing repeats."""
+    from atlasmix.training.loader import MixtureIterableDataset
+
+    _, _, train = mix
+    L = make(mix, batch_size=128, io_batch_size=512)
+    ds = MixtureIterableDataset(L)
+    ds.set_epoch(1)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    got = ids_of(list(dl))
+    assert len(np.unique(got)) == len(got) and len(train) - len(got) < 2 and np.isin(got, train).all()
+    L.set_epoch(1)
+    expect = [set(L.with_shard(0, 1, w, 2).cells[L.with_shard(0, 1, w, 2).shard_positions()]) for w in range(2)]
+    first = got[:128]  # the DataLoader takes worker 0's first minibatch first
+    assert set(first) <= expect[0] and not set(first) & expect[1]

@@ -39,9 +39,10 @@ with a pool of ``io_threads`` threads (TileDB releases the GIL), at most ``prefe
 ahead, and keeps at most 4 ready minibatches. Memory held is O((prefetch_io + io_threads + 1) x
 io_batch_size x nonzeros per cell x ~20 bytes) for TileDB's arrow results and the CSR, plus 4
 minibatches (dense on the CPU: 4 x batch_size x genes x 4 bytes), independent of corpus size, plus the per-cell index arrays (joinids and covariate codes: ~8 bytes + 4 bytes per covariate
-per manifest cell). Processes are not used: TileDB is opened in the loader's own threads, so there
-is nothing to fork; :class:`MixtureLoader` objects are picklable (the store is reopened by URI), so a
-``spawn`` worker may build one with ``num_workers``/``worker`` set.
+per manifest cell). By default no processes are used: TileDB is opened in the loader's own
+threads. For DataLoader worker processes wrap the loader in :class:`MixtureIterableDataset` and use
+``multiprocessing_context="spawn"`` (forking after TileDB is opened hangs): the loader pickles by
+store URI, and each worker serves its interleaved (rank, worker) shard.
 
 Resume
 ------
@@ -665,3 +666,44 @@ class MixtureLoader:
 
         d["store"] = Store(d["store"])
         self.__dict__.update(d)
+
+
+class MixtureIterableDataset(torch.utils.data.IterableDataset):
+    """A :class:`MixtureLoader` for ``torch.utils.data.DataLoader`` worker processes.
+
+    Each DataLoader worker serves the interleaved shard ``(rank, worker)`` of the epoch order
+    (:meth:`MixtureLoader.with_shard`), so workers never see the same contiguous slice, and every
+    worker yields the same number of minibatches. Use it with ``batch_size=None`` (minibatches are
+    already formed) and ``multiprocessing_context="spawn"`` (TileDB must not be forked once opened;
+    the loader pickles by store URI and reopens it in the worker). Minibatches are built on the
+    CPU in the workers; set ``pin_memory=True`` on the DataLoader and move them to the GPU in the
+    training loop. Call :meth:`set_epoch` before each epoch (workers are re-created per epoch unless
+    ``persistent_workers``; with persistent workers the loaders advance their epoch themselves).
+
+    Parameters
+    ----------
+    loader : MixtureLoader
+        Built with the rank's ``rank``/``world_size`` (its ``device`` is forced to the CPU).
+    """
+
+    def __init__(self, loader: MixtureLoader):
+        super().__init__()
+        self.loader = loader
+        self.loader.device = torch.device("cpu")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        info = torch.utils.data.get_worker_info()
+        n = 1 if info is None else info.num_workers
+        return len(self.loader.with_shard(self.loader.rank, self.loader.world_size, 0, n)) * n
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        L = self.loader
+        if info is not None and info.num_workers > 1:
+            if not hasattr(self, "_shard"):
+                self._shard = L.with_shard(L.rank, L.world_size, info.id, info.num_workers)
+            L = self._shard
+        yield from L
