@@ -104,3 +104,32 @@ def test_resume_matches_uninterrupted_run(mix, tmp_path):
     cb = pd.read_csv(tmp_path / "cut" / "training_curve.csv")
     assert list(cb["epoch"]) == [0, 1, 2]
     np.testing.assert_allclose(ca["elbo_train"], cb["elbo_train"], rtol=1e-4)
+
+
+def test_datamodule_shards_per_ddp_rank_and_restarts_validation(mix):
+    from types import SimpleNamespace
+
+    from atlasmix.training.ldvae import StoreDataModule
+    from atlasmix.training.loader import MixtureLoader
+
+    store, path, _, genes = mix
+    opts = dict(batch_size=32, io_batch_size=128, genes=genes)
+    per_rank = []
+    for rank in range(2):
+        dm = StoreDataModule(MixtureLoader(store, path, "train", **opts),
+                             MixtureLoader(store, path, "validation", shuffle=False, **opts))
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, current_epoch=0,
+                                     strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        dm.setup("fit")
+        assert (dm.train_loader.rank, dm.train_loader.world_size) == (rank, 2)
+        assert dm.n_vars == 150 and dm.n_batch == 3
+        tl = dm.train_dataloader()
+        per_rank.append((len(tl), sum(1 for _ in tl)))  # first epoch
+        batches = list(tl)  # second epoch
+        assert all(set(b) == {"X", "batch", "labels"} and b["batch"].shape == (len(b["X"]), 1) for b in batches)
+        vl = dm.val_dataloader()
+        it = iter(vl)
+        next(it)  # a pass stopped early (Lightning's sanity check) ...
+        del it
+        assert sum(len(b["X"]) for b in vl) == dm.val_loader.shard_size  # ... does not shorten the next
+    assert per_rank[0] == per_rank[1]  # equal batch counts on both ranks
