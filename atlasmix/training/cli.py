@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from atlasmix.training.ldvae import DEFAULTS
+from atlasmix.training.defaults import DEFAULTS
 
 
 def register(app: typer.Typer) -> None:

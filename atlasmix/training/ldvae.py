@@ -51,9 +51,7 @@ from atlasmix.errors import AtlasmixError
 from atlasmix.training.loader import MixtureLoader
 
 #: scFM-datamix's LDVAE settings (scvi-tools LinearSCVI).
-DEFAULTS: dict[str, Any] = {"n_latent": 10, "n_layers": 2, "n_hidden": 128, "dropout_rate": 0.1,
-                            "gene_likelihood": "nb", "dispersion": "gene", "lr": 5e-3, "max_epochs": 250,
-                            "batch_size": 128, "early_stopping": False}
+from atlasmix.training.defaults import DEFAULTS  # noqa: E402  (light module: the CLI imports it)
 
 
 class _ScviBatches:
