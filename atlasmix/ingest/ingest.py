@@ -34,9 +34,9 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
+from atlasmix._prefetch import prefetch
 from atlasmix.errors import IngestError
 from atlasmix.ingest.harmonize import GeneMapping, check_usable, harmonize_genes
 from atlasmix.ingest.readers import Reader, detect_format, open_reader, provenance_json, read_obs_table, sha256_of
@@ -341,7 +341,7 @@ def _write_X(store: Store, p: Prepared, start: int, var_jid_of: dict[str, int], 
 
     with soma.SparseNDArray.open(uri, "w", context=store.context) as X:
         pending = None  # one chunk of look-ahead so the last write can also consolidate metadata
-        for done, tbl in _prefetch(transformed(), depth=2):
+        for done, tbl in prefetch(transformed(), depth=2, name="atlasmix-ingest"):
             if pending is not None:
                 X.write(pending, platform_config=soma.TileDBWriteOptions(sort_coords=False))
             pending = tbl if tbl.num_rows else None
@@ -349,45 +349,6 @@ def _write_X(store: Store, p: Prepared, start: int, var_jid_of: dict[str, int], 
             if progress:
                 progress(p.req.dataset_id, "write", done, len(p.rows))
     return pending  # written by the caller, serially, so X is consolidated once no writer runs
-
-
-def _prefetch(it, depth: int = 2):
-    """Run iterator ``it`` in a background thread, ``depth`` items ahead (reading/transforming the next
-    chunk overlaps the TileDB write of this one; both release the GIL). Re-raises its exceptions."""
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def run():
-        try:
-            for item in it:
-                if stop.is_set():
-                    return
-                q.put(item)
-            q.put(end)
-        except BaseException as e:  # handed to the consumer
-            q.put(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is end:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while t.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                t.join(0.05)
 
 
 def _write_rest(store: Store, p: Prepared, ds_jid: int, start: int, var_jid_of: dict[str, int]) -> None:

@@ -12,7 +12,6 @@ MEX directories to 10x HDF5 or h5ad first.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 from collections.abc import Iterator

@@ -55,7 +55,6 @@ pure function of (seed, epoch, shard, IO batch index).
 from __future__ import annotations
 
 import math
-import queue
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +67,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 import torch
 
+from atlasmix._prefetch import prefetch
 from atlasmix.errors import AtlasmixError
 from atlasmix.store import schema as S
 
@@ -580,34 +580,35 @@ class MixtureLoader:
         b["library_size"] = b["library_size"].to(self.device, non_blocking=nb)
         return b
 
-    def _produce(self, start_batch: int, q: queue.Queue, stop: threading.Event) -> None:
+    def _batches(self, start_batch: int) -> Iterator[Any]:
+        """This epoch's minibatches (before :meth:`_finish`) from ``start_batch`` on; run by :func:`prefetch`."""
         import tiledbsoma as soma
 
-        try:
-            shard = self.rank * self.num_workers + self.worker
-            seq = self.shard_positions()
-            nb = len(self)
-            if self.drop_last:
-                seq = seq[: nb * self.batch_size]
-            col_of = self._col_of()
-            first_io = (start_batch * self.batch_size) // self.io_batch_size
-            skip = start_batch - first_io * (self.io_batch_size // self.batch_size)
-            io_starts = list(range(first_io * self.io_batch_size, len(seq), self.io_batch_size))
-            local = threading.local()
-            ctx = self.store.context
-            if self.read_buffer_bytes:  # TileDB result buffers per read (bigger results come in pieces)
-                cfg = dict(ctx.tiledb_config)
-                cfg["soma.init_buffer_bytes"] = str(int(self.read_buffer_bytes))
-                ctx = ctx.replace(tiledb_config=cfg)
+        shard = self.rank * self.num_workers + self.worker
+        seq = self.shard_positions()
+        nb = len(self)
+        if self.drop_last:
+            seq = seq[: nb * self.batch_size]
+        col_of = self._col_of()
+        first_io = (start_batch * self.batch_size) // self.io_batch_size
+        skip = start_batch - first_io * (self.io_batch_size // self.batch_size)
+        io_starts = list(range(first_io * self.io_batch_size, len(seq), self.io_batch_size))
+        local = threading.local()
+        ctx = self.store.context
+        if self.read_buffer_bytes:  # TileDB result buffers per read (bigger results come in pieces)
+            cfg = dict(ctx.tiledb_config)
+            cfg["soma.init_buffer_bytes"] = str(int(self.read_buffer_bytes))
+            ctx = ctx.replace(tiledb_config=cfg)
 
-            def job(i: int, s: int):
-                if not hasattr(local, "X"):
-                    local.X = soma.open(f"{self.store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}", "r", context=ctx)
-                return self._io_batch(local.X, seq[s:s + self.io_batch_size], shard, i, col_of)
+        def job(i: int, s: int):
+            if not hasattr(local, "X"):
+                local.X = soma.open(f"{self.store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}", "r", context=ctx)
+            return self._io_batch(local.X, seq[s:s + self.io_batch_size], shard, i, col_of)
 
-            with ThreadPoolExecutor(self.io_threads) as pool:
-                futs: list = []
-                nxt = 0
+        with ThreadPoolExecutor(self.io_threads) as pool:
+            futs: list = []
+            nxt = 0
+            try:
                 for k in range(len(io_starts)):
                     while nxt < len(io_starts) and nxt <= k + self.prefetch_io:
                         futs.append(pool.submit(job, first_io + nxt, io_starts[nxt]))
@@ -615,46 +616,24 @@ class MixtureLoader:
                     pos, m, perm = futs[k].result()
                     futs[k] = None
                     for b0 in range((skip if k == 0 else 0) * self.batch_size, len(pos), self.batch_size):
-                        if stop.is_set():
-                            return
                         idx = perm[b0:b0 + self.batch_size]
-                        q.put(self._to_batch(pos[idx], m[idx]))
+                        yield self._to_batch(pos[idx], m[idx])
                     del pos, m, perm
+            finally:  # also when the consumer stopped early: drop the reads not started yet
                 for f in futs:
                     if f is not None:
                         f.cancel()
-            q.put(None)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put(e)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         n = len(self)
         if self.batches_done >= n:
             self.set_epoch(self.epoch + 1)
-        q: queue.Queue = queue.Queue(maxsize=4)  # ready minibatches (dense on the CPU: 4 x B x G x 4 bytes)
-        stop = threading.Event()
-        th = threading.Thread(target=self._produce, args=(self.batches_done, q, stop), daemon=True,
-                              name="atlasmix-loader")
-        th.start()
-        try:
-            while True:
-                item = q.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                self.batches_done += 1
-                yield self._finish(item)
-            # epoch complete: the next iteration starts the next epoch
-            self.set_epoch(self.epoch + 1)
-        finally:
-            stop.set()
-            while th.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            th.join()
+        # at most 4 ready minibatches wait (dense on the CPU: 4 x B x G x 4 bytes)
+        for item in prefetch(self._batches(self.batches_done), depth=4, name="atlasmix-loader"):
+            self.batches_done += 1
+            yield self._finish(item)
+        # epoch complete: the next iteration starts the next epoch
+        self.set_epoch(self.epoch + 1)
 
     def __getstate__(self):
         d = dict(self.__dict__)
