@@ -178,7 +178,8 @@ def _register_optional() -> None:
     """Let each stage add its commands: ``atlasmix.<stage>.cli.register(app)`` where it exists."""
     import importlib
 
-    for mod in ("atlasmix.simulate.cli", "atlasmix.mixing.cli", "atlasmix.training.cli", "atlasmix.evaluation.cli"):
+    for mod in ("atlasmix.simulate.cli", "atlasmix.mixing.cli", "atlasmix.training.cli",
+                "atlasmix.training.geneformer.cli", "atlasmix.evaluation.cli"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

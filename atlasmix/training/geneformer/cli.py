@@ -1,0 +1,145 @@
+"""``atlasmix geneformer medians|embed`` and ``atlasmix train geneformer``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from atlasmix.errors import AtlasmixError
+
+
+def _train_group(app: typer.Typer) -> typer.Typer:
+    """The ``train`` sub-app registered by :mod:`atlasmix.training.cli` (created if absent)."""
+    for g in app.registered_groups:
+        if g.name == "train" and g.typer_instance is not None:
+            return g.typer_instance
+    train = typer.Typer(help="Train models on a mixture, streamed from the store.", no_args_is_help=True)
+    app.add_typer(train, name="train")
+    return train
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``geneformer medians``, ``geneformer embed`` and ``train geneformer`` to ``app``."""
+    gf = typer.Typer(help="Geneformer: gene medians / dictionaries and cell embeddings.", no_args_is_help=True)
+    app.add_typer(gf, name="geneformer")
+
+    @gf.command("medians")
+    def medians_cmd(
+        store: Annotated[str, typer.Option("--store", help="Store path or URI.")],
+        out: Annotated[Path, typer.Option("--out", help="Output folder: token_dictionary.pkl, "
+                                                        "gene_median_dictionary.pkl, medians.parquet, medians.json.")],
+        mixture: Annotated[Optional[Path], typer.Option("--mixture", help="Manifest: use its --split cells "
+                                                                          "(default: every cell of the store).")] = None,
+        split: Annotated[str, typer.Option(help="Manifest split.")] = "train",
+        species: Annotated[str, typer.Option(help="Genes of this var species only ('all': every gene).")] = "human",
+        special_tokens: Annotated[bool, typer.Option("--v2/--v1", help="V2 dictionary (<cls>, <eos>) or V1.")] = False,
+        min_cells: Annotated[int, typer.Option(help="Keep genes nonzero in at least this many cells.")] = 1,
+        chunk_size: Annotated[int, typer.Option(help="Cells per read.")] = 8192,
+    ):
+        """Exact per-gene nonzero medians of CP10k expression (out of core) -> Geneformer dictionaries."""
+        from atlasmix.store import Store
+        from atlasmix.training.geneformer.dictionaries import build_dictionaries, write_dictionaries
+        from atlasmix.training.geneformer.medians import gene_medians
+
+        s = Store(store)
+        var = s.var()
+        if species != "all":
+            sp = var["species"].astype(str).str.lower()
+            var = var[sp.str.contains(species.lower()) | (species.lower() == "human") & sp.str.contains("homo sapiens")]
+            if var.empty:
+                raise AtlasmixError(f"no store gene has species {species!r}")
+        sha = None
+        if mixture is not None:
+            from atlasmix.mixing import read_sidecar
+
+            sha = read_sidecar(mixture)["manifest"]["sha256"]
+        med = gene_medians(s, mixture, split, var.index.to_numpy(), chunk_size=chunk_size)
+        kept = med[med["n_nonzero"] >= max(min_cells, 1)]
+        d = build_dictionaries(dict(zip(kept["feature_id"], kept["median"])), special_tokens=special_tokens)
+        out.mkdir(parents=True, exist_ok=True)
+        write_dictionaries(d, out)
+        med.to_parquet(out / "medians.parquet")
+        info = {"method": "exact nonzero median of CP10k (two streaming passes)", "store": s.identity(),
+                "manifest_sha256": sha, "split": split if mixture else None, "species": species,
+                "n_genes": int(len(med)), "n_genes_in_dictionary": int(len(kept)), "special_tokens": special_tokens}
+        (out / "medians.json").write_text(json.dumps(info, indent=1) + "\n")
+        typer.echo(json.dumps({k: info[k] for k in ("n_genes", "n_genes_in_dictionary")}))
+
+    @gf.command("embed")
+    def embed_cmd(
+        model: Annotated[Path, typer.Option("--model", help="Run folder of `atlasmix train geneformer` "
+                                                            "(or its model/ folder).")],
+        store: Annotated[str, typer.Option("--store", help="Store path or URI.")],
+        where: Annotated[str, typer.Option("--where", help="SQL predicate over obs (duckdb), e.g. "
+                                                           "\"dataset_id = 'pbmc3k'\".")],
+        out: Annotated[Path, typer.Option("--out", help="Output .parquet (soma_joinid, obs, n_tokens, emb_*).")],
+        batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 64,
+        device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    ):
+        """Cell embeddings: mean of the second-to-last layer over the gene tokens."""
+        from atlasmix.store import Store
+        from atlasmix.store.query import select_joinids
+        from atlasmix.training.geneformer.embed import embed_cells
+
+        s = Store(store)
+        ids = select_joinids(s, where)
+        if len(ids) == 0:
+            raise AtlasmixError(f"no cell matches --where {where!r}")
+        df = embed_cells(model, s, ids, batch_size=batch_size, device=device)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.reset_index().to_parquet(out)
+        typer.echo(json.dumps({"n_cells": int(len(df)), "n_without_tokens": int((df["n_tokens"] == 0).sum()),
+                               "dim": int(df.filter(like="emb_").shape[1])}))
+
+    train = _train_group(app)
+
+    @train.command("geneformer")
+    def train_cmd(
+        store: Annotated[str, typer.Option("--store", help="Store path or URI.")],
+        mixture: Annotated[Path, typer.Option("--mixture", help="Resolved manifest (.parquet); its train split.")],
+        out: Annotated[Path, typer.Option("--out", help="Output folder (model/, dictionaries/, run.json, "
+                                                        "training_curve.csv/png, checkpoints/).")],
+        dictionaries: Annotated[Optional[Path], typer.Option(help="Folder with token_dictionary.pkl and "
+                                                                  "gene_median_dictionary.pkl (default: medians of the train split).")] = None,
+        mode: Annotated[str, typer.Option(help="Tokenizer: v1 (2048, no special tokens) or v2 (4096, <cls>/<eos>).")] = "v1",
+        max_len: Annotated[Optional[int], typer.Option(help="Model input size override.")] = None,
+        preset: Annotated[str, typer.Option(help="Model size: tiny, v1 (6L/256), v1-12l, v2-104m.")] = "v1",
+        n_layers: Annotated[Optional[int], typer.Option(help="Override num_hidden_layers.")] = None,
+        hidden_size: Annotated[Optional[int], typer.Option(help="Override hidden_size.")] = None,
+        n_heads: Annotated[Optional[int], typer.Option(help="Override num_attention_heads.")] = None,
+        intermediate_size: Annotated[Optional[int], typer.Option(help="Override intermediate_size.")] = None,
+        batch_size: Annotated[int, typer.Option(help="Cells per optimizer step.")] = 12,
+        group_batches: Annotated[int, typer.Option(help="Batches per length-grouping megabatch.")] = 50,
+        epochs: Annotated[int, typer.Option(help="Epochs.")] = 1,
+        max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
+        lr: Annotated[float, typer.Option(help="Maximal learning rate.")] = 1e-3,
+        warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps (capped at 10% of all steps).")] = 10_000,
+        weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.001,
+        seed: Annotated[int, typer.Option(help="Seed of weights, masks, dropout and data order.")] = 0,
+        device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda.")] = "auto",
+        bf16: Annotated[bool, typer.Option(help="bf16 autocast on CUDA.")] = True,
+        io_batch_size: Annotated[int, typer.Option(help="Cells per store read.")] = 16384,
+        block_size: Annotated[int, typer.Option(help="Consecutive store cells kept together when shuffling.")] = 64,
+        log_every: Annotated[int, typer.Option(help="Steps per training-curve row.")] = 10,
+        checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: at the end only).")] = 500,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints/last.pt.")] = False,
+        progress: Annotated[bool, typer.Option(help="Print a line per curve row.")] = False,
+    ):
+        """Pretrain Geneformer (BertForMaskedLM, MLM) on MIXTURE streamed from STORE."""
+        from atlasmix.store import Store
+        from atlasmix.training.geneformer.pretrain import train_geneformer
+
+        ov = {"num_hidden_layers": n_layers, "hidden_size": hidden_size, "num_attention_heads": n_heads,
+              "intermediate_size": intermediate_size}
+        run = train_geneformer(Store(store), mixture, out, dictionaries=dictionaries, mode=mode, max_len=max_len,
+                               preset=preset, config_overrides=ov, batch_size=batch_size, group_batches=group_batches,
+                               epochs=epochs, max_steps=max_steps, lr=lr, warmup_steps=warmup_steps,
+                               weight_decay=weight_decay, seed=seed, device=device, bf16=bf16,
+                               io_batch_size=io_batch_size, block_size=block_size, log_every=log_every,
+                               checkpoint_every=checkpoint_every, resume=resume, progress=progress)
+        typer.echo(json.dumps({k: run.get(k) for k in ("steps", "cells_this_call", "wall_s", "train_cells_per_s",
+                                                       "data_wait_fraction", "final_loss")}))
+        typer.echo(f"model: {Path(out) / 'model'}", err=True)

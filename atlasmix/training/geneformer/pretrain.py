@@ -1,0 +1,456 @@
+"""Geneformer pretraining (masked language modelling) on a mixture streamed from the store.
+
+The model is Hugging Face ``transformers.BertForMaskedLM`` with Geneformer's V1 settings
+(Theodoris et al. 2023: 6 layers, hidden 256, 4 heads, intermediate 512, 2,048 positions, ReLU,
+dropout 0.02, layer-norm eps 1e-12, initializer range 0.02, ``<pad>`` = 0); :data:`PRESETS` holds
+other sizes and any field can be overridden. Training follows Geneformer's pretraining script:
+MLM with 15% of the gene tokens selected (never ``<pad>``, ``<cls>``, ``<eos>``), of which 80% become
+``<mask>``, 10% a random gene token and 10% stay; AdamW (weight decay 0.001), maximal learning rate
+1e-3 with linear warmup and linear decay; length-grouped batches with dynamic padding (see
+:class:`~atlasmix.training.geneformer.tokenizer.GeneformerStream`); bf16 autocast on CUDA.
+
+Cells come from :class:`atlasmix.training.loader.MixtureLoader` (the LDVAE loader: per-epoch
+shuffle, DDP shards when ``torch.distributed`` is initialised, e.g. under ``torchrun``) and are
+rank value encoded on the fly. Outputs (directory ``out``):
+
+``model/``                 ``save_pretrained`` (config.json, model.safetensors) plus
+                           ``token_dictionary.pkl``, ``gene_median_dictionary.pkl`` and
+                           ``atlasmix_geneformer.json`` (tokenizer mode, input size, manifest hash,
+                           store identity): ``BertForMaskedLM.from_pretrained(out / "model")``
+``dictionaries/``          the dictionaries used (computed from the train split when not given)
+``training_curve.csv/png`` loss, learning rate, cells seen, data-wait time per logging step
+``run.json``               options, manifest path / sha256, store identity, cells/s
+``checkpoints/last.pt``    model, optimizer, scheduler, stream position and RNG states
+                           (``resume=True`` continues mid-epoch with the next batch)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from atlasmix.errors import AtlasmixError
+from atlasmix.training.geneformer.dictionaries import (Dictionaries, build_dictionaries, load_dictionaries,
+                                                       write_dictionaries)
+from atlasmix.training.geneformer.tokenizer import GeneformerStream, mode_settings, vocabulary_axis
+
+#: BertConfig fields per size. ``v1`` = Geneformer V1 (gc30M 6L), ``v1-12l`` = its 12-layer model,
+#: ``v2-104m`` = Geneformer V2 104M; ``tiny`` for tests.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64),
+    "v1": dict(num_hidden_layers=6, hidden_size=256, num_attention_heads=4, intermediate_size=512),
+    "v1-12l": dict(num_hidden_layers=12, hidden_size=512, num_attention_heads=8, intermediate_size=1024),
+    "v2-104m": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+}
+#: Geneformer V1 settings shared by every preset.
+BASE = dict(hidden_act="relu", hidden_dropout_prob=0.02, attention_probs_dropout_prob=0.02,
+            layer_norm_eps=1e-12, initializer_range=0.02, pad_token_id=0)
+TRAIN_DEFAULTS = dict(lr=1e-3, weight_decay=0.001, warmup_steps=10_000, batch_size=12, mlm_probability=0.15)
+META_FILE = "atlasmix_geneformer.json"
+
+
+def bert_config(vocab_size: int, max_len: int, preset: str = "v1", **overrides):
+    """A ``transformers.BertConfig`` for Geneformer.
+
+    Parameters
+    ----------
+    vocab_size : int
+        Token dictionary size (max token id + 1).
+    max_len : int
+        ``max_position_embeddings`` (the model input size: 2048 V1, 4096 V2).
+    preset : str
+        One of :data:`PRESETS`.
+    **overrides
+        Any ``BertConfig`` field (None values ignored).
+
+    Raises
+    ------
+    AtlasmixError
+        Unknown preset, or hidden size not divisible by the number of heads.
+    """
+    from transformers import BertConfig
+
+    if preset not in PRESETS:
+        raise AtlasmixError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    kw = dict(BASE) | PRESETS[preset] | {k: v for k, v in overrides.items() if v is not None}
+    if kw["hidden_size"] % kw["num_attention_heads"]:
+        raise AtlasmixError("hidden size must be a multiple of the number of attention heads")
+    return BertConfig(vocab_size=int(vocab_size), max_position_embeddings=int(max_len), **kw)
+
+
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_id: int, special_ids: list[int],
+                vocab_size: int, mlm_probability: float = 0.15, generator: torch.Generator | None = None):
+    """BERT MLM corruption (as ``DataCollatorForLanguageModeling``): 80% ``<mask>``, 10% random, 10% kept.
+
+    Parameters
+    ----------
+    input_ids : torch.Tensor of int64, shape (B, L)
+    attention_mask : torch.Tensor, shape (B, L)
+        1 on real tokens; padding (0) is never selected.
+    mask_id : int
+    special_ids : list of int
+        Never selected (``<pad>``, ``<mask>``, ``<cls>``, ``<eos>``); random replacements are drawn
+        from the other ids.
+    vocab_size : int
+    mlm_probability : float
+    generator : torch.Generator, optional
+        CPU generator (reproducible masks, e.g. seeded per step).
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        Corrupted ``input_ids`` and ``labels`` (original id where selected, -100 elsewhere), on
+        ``input_ids``' device.
+    """
+    dev = input_ids.device
+    ids = input_ids.cpu()
+    eligible = attention_mask.cpu().bool()
+    for s in special_ids:
+        eligible &= ids != s
+    prob = torch.rand(ids.shape, generator=generator)
+    selected = eligible & (prob < mlm_probability)
+    labels = torch.where(selected, ids, torch.full_like(ids, -100))
+    r = torch.rand(ids.shape, generator=generator)
+    to_mask = selected & (r < 0.8)
+    to_rand = selected & (r >= 0.8) & (r < 0.9)
+    out = ids.clone()
+    out[to_mask] = mask_id
+    lo = max(special_ids) + 1 if special_ids else 0  # gene tokens follow the special tokens
+    rand = torch.randint(lo, vocab_size, ids.shape, generator=generator)
+    out[to_rand] = rand[to_rand]
+    return out.to(dev), labels.to(dev)
+
+
+def _plot(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(df["step"], df["loss"], label="train MLM loss")
+    ax[0].set_xlabel("optimizer step")
+    ax[0].set_ylabel("cross-entropy (nats per masked token)")
+    ax[0].legend()
+    ax[1].plot(df["step"], df["lr"])
+    ax[1].set_xlabel("optimizer step")
+    ax[1].set_ylabel("learning rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AtlasmixError("--device cuda requested but CUDA is not available")
+    return torch.device(device)
+
+
+def model_dir(path: str | Path) -> Path:
+    """The ``save_pretrained`` directory of a run (``OUT/model``) or ``path`` itself.
+
+    Raises
+    ------
+    AtlasmixError
+        No ``config.json`` there.
+    """
+    p = Path(path)
+    for c in (p / "model", p):
+        if (c / "config.json").is_file():
+            return c
+    raise AtlasmixError(f"no Geneformer model (config.json) in {p} or {p / 'model'}")
+
+
+def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionaries: str | Path | None = None,
+                     mode: str = "v1", max_len: int | None = None, preset: str = "v1",
+                     config_overrides: dict[str, Any] | None = None, batch_size: int = TRAIN_DEFAULTS["batch_size"],
+                     group_batches: int = 50, epochs: int = 1, max_steps: int | None = None,
+                     lr: float = TRAIN_DEFAULTS["lr"], warmup_steps: int = TRAIN_DEFAULTS["warmup_steps"],
+                     weight_decay: float = TRAIN_DEFAULTS["weight_decay"],
+                     mlm_probability: float = TRAIN_DEFAULTS["mlm_probability"], max_grad_norm: float = 1.0,
+                     seed: int = 0, device: str = "auto", bf16: bool = True, io_batch_size: int = 16384,
+                     block_size: int = 64, prefetch_io: int = 2, io_threads: int = 2, log_every: int = 10,
+                     checkpoint_every: int = 500, resume: bool = False, tokenizer_threads: int = 1,
+                     progress: bool = False) -> dict[str, Any]:
+    """Pretrain a Geneformer BertForMaskedLM on a manifest's train split, streamed from the store.
+
+    Parameters
+    ----------
+    store : atlasmix.store.Store
+    manifest : path
+        Resolved manifest ``.parquet``.
+    out : path
+        Output directory (module doc); must be empty unless ``resume``.
+    dictionaries : path, optional
+        Folder with ``token_dictionary.pkl`` + ``gene_median_dictionary.pkl`` (e.g. Geneformer's
+        published V1 files). Default: exact gene medians over the train split (V2 mode adds
+        ``<cls>``/``<eos>`` tokens).
+    mode : {"v1", "v2"}
+        Tokenizer: V1 2,048 tokens without special tokens, V2 4,096 with ``<cls>``/``<eos>``.
+    max_len : int, optional
+        Model input size override.
+    preset : str
+        Model size (:data:`PRESETS`); ``config_overrides`` for single ``BertConfig`` fields.
+    batch_size : int
+        Cells per optimizer step (per DDP rank).
+    group_batches : int
+        Batches per length-grouping megabatch (Geneformer's LengthGroupedSampler uses 50).
+    epochs : int
+        Passes over the train split; ``max_steps`` stops earlier (and sets the schedule length).
+    lr, warmup_steps, weight_decay, mlm_probability, max_grad_norm
+        Optimisation (Geneformer defaults; warmup is capped at 10% of the total steps).
+    seed : int
+        Seed of weights, masking, dropout and the data order.
+    device : str
+        ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``...
+    bf16 : bool
+        bf16 autocast on CUDA (ignored on CPU).
+    io_batch_size, block_size, prefetch_io, io_threads
+        Loader settings (:class:`atlasmix.training.loader.MixtureLoader`).
+    log_every, checkpoint_every : int
+        Optimizer steps between curve rows / checkpoints (0: checkpoint only at the end).
+    resume : bool
+        Continue from ``out/checkpoints/last.pt``.
+    tokenizer_threads : int
+        Threads of the rank value encoding.
+
+    Returns
+    -------
+    dict
+        The contents of ``run.json``.
+
+    Raises
+    ------
+    AtlasmixError
+        ``out`` not empty without resume, nothing to resume, bad options or manifest.
+    """
+    from transformers import BertForMaskedLM, get_linear_schedule_with_warmup
+
+    from atlasmix.mixing import read_sidecar
+    from atlasmix.training.loader import MixtureLoader
+
+    out = Path(out)
+    ck = out / "checkpoints" / "last.pt"
+    if resume and not ck.is_file():
+        raise AtlasmixError(f"nothing to resume: {ck} does not exist")
+    if not resume and out.exists() and any(out.iterdir()):
+        raise AtlasmixError(f"{out} is not empty (pass --resume to continue a run there)")
+    if batch_size < 1 or group_batches < 1 or epochs < 1:
+        raise AtlasmixError("batch size, group batches and epochs must be >= 1")
+    L, special = mode_settings(mode, max_len)
+    out.mkdir(parents=True, exist_ok=True)
+    side = read_sidecar(manifest)
+    dev = _device(device)
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if dist else 0
+    torch.manual_seed(seed)
+
+    # dictionaries: given, or exact medians of the train split
+    ddir = out / "dictionaries"
+    if resume and (ddir / "token_dictionary.pkl").is_file():
+        dicts = load_dictionaries(ddir)
+    elif dictionaries is not None:
+        dicts = load_dictionaries(dictionaries)
+        if rank == 0:
+            write_dictionaries(dicts, ddir)
+    else:
+        from atlasmix.training.geneformer.medians import gene_medians
+
+        med = gene_medians(store, manifest, "train")
+        med = med[med["n_nonzero"] > 0]
+        dicts = build_dictionaries(dict(zip(med["feature_id"], med["median"])), special_tokens=special)
+        if rank == 0:
+            write_dictionaries(dicts, ddir)
+    if special and not dicts.has_v2_specials:
+        raise AtlasmixError("V2 mode needs <cls> and <eos> in the token dictionary")
+    axis = vocabulary_axis(store, dicts)
+    loader = MixtureLoader(store, manifest, "train", var_joinids=axis["var_joinids"],
+                           batch_size=batch_size * group_batches, io_batch_size=max(io_batch_size, batch_size * group_batches),
+                           block_size=block_size, seed=seed, obs_columns=("dataset_id",), library="total_counts",
+                           sparse=True, prefetch_io=prefetch_io, io_threads=io_threads)
+    stream = GeneformerStream(loader, axis, dicts, mode=mode, max_len=L, batch_size=batch_size)
+
+    cfg = bert_config(dicts.vocab_size(), L, preset, **(config_overrides or {}))
+    model = BertForMaskedLM(cfg).to(dev)
+    per_epoch = len(stream)
+    total = int(max_steps) if max_steps else per_epoch * epochs
+    warm = int(min(warmup_steps, max(1, total // 10)))
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if n.endswith("bias") or "LayerNorm" in n else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    sched = get_linear_schedule_with_warmup(opt, warm, total)
+    step, epoch, rows = 0, 0, []
+    if resume:
+        st = torch.load(ck, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        stream.load_state_dict(st["stream"])
+        step, epoch = int(st["step"]), int(st["epoch"])
+        torch.set_rng_state(st["torch_rng"])
+        if "cuda_rng" in st and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        if (out / "training_curve.csv").is_file():
+            old = pd.read_csv(out / "training_curve.csv")
+            rows = old[old["step"] <= step].to_dict("records")
+    net = model
+    if dist:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    use_bf16 = bool(bf16 and dev.type == "cuda")
+    special_ids = dicts.special_ids
+
+    def save_checkpoint() -> None:
+        if rank != 0:
+            return
+        ck.parent.mkdir(parents=True, exist_ok=True)
+        st = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+              "stream": stream.state_dict(), "step": step, "epoch": epoch, "torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            st["cuda_rng"] = torch.cuda.get_rng_state_all()
+        tmp = ck.with_suffix(".tmp")
+        torch.save(st, tmp)
+        tmp.replace(ck)
+        pd.DataFrame(rows).to_csv(out / "training_curve.csv", index=False)
+
+    net.train()
+    t0 = time.perf_counter()
+    cells = tokens = 0
+    wait = 0.0
+    acc_loss, acc_n, acc_cells, acc_wait, t_log = 0.0, 0, 0, 0.0, time.perf_counter()
+    done = bool(max_steps and step >= max_steps)
+    while not done and epoch < epochs:
+        if stream.sub_done == 0 and loader.batches_done == 0:
+            loader.set_epoch(epoch)
+        it = iter(stream)
+        while True:
+            tw = time.perf_counter()
+            try:
+                b = next(it)
+            except StopIteration:
+                break
+            dt = time.perf_counter() - tw
+            wait += dt
+            acc_wait += dt
+            ids = b["input_ids"].to(dev, non_blocking=True)
+            att = b["attention_mask"].to(dev, non_blocking=True)
+            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + step)
+            mids, labels = mask_tokens(ids, att, dicts.mask_id, special_ids, cfg.vocab_size, mlm_probability, g)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = net(input_ids=mids, attention_mask=att, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            opt.step()
+            sched.step()
+            step += 1
+            n = int(ids.shape[0])
+            cells += n
+            tokens += int(b["lengths"].sum())
+            acc_loss += float(loss.detach()) * n
+            acc_n += n
+            acc_cells += n
+            if step % log_every == 0 or (max_steps and step >= max_steps):
+                now = time.perf_counter()
+                rows.append({"step": step, "epoch": epoch, "loss": acc_loss / max(acc_n, 1),
+                             "lr": sched.get_last_lr()[0], "cells_per_s": acc_cells / max(now - t_log, 1e-9),
+                             "data_wait_fraction": acc_wait / max(now - t_log, 1e-9), "wall_s": now - t0})
+                if progress and rank == 0:
+                    r = rows[-1]
+                    print(f"step {step} epoch {epoch} loss {r['loss']:.4f} lr {r['lr']:.2e} "
+                          f"{r['cells_per_s']:.0f} cells/s wait {r['data_wait_fraction']:.0%}", flush=True)
+                acc_loss, acc_n, acc_cells, acc_wait, t_log = 0.0, 0, 0, 0.0, now
+            if checkpoint_every and step % checkpoint_every == 0:
+                save_checkpoint()
+            if max_steps and step >= max_steps:
+                done = True
+                break
+        if not done:
+            epoch += 1
+    if acc_n:
+        now = time.perf_counter()
+        rows.append({"step": step, "epoch": epoch, "loss": acc_loss / acc_n, "lr": sched.get_last_lr()[0],
+                     "cells_per_s": acc_cells / max(now - t_log, 1e-9),
+                     "data_wait_fraction": acc_wait / max(now - t_log, 1e-9), "wall_s": now - t0})
+    wall = time.perf_counter() - t0
+    save_checkpoint()
+    run: dict[str, Any] = {}
+    if rank == 0:
+        mdir = out / "model"
+        model.save_pretrained(mdir)
+        write_dictionaries(dicts, mdir)
+        meta = {"mode": mode, "max_len": L, "special_tokens": special, "preset": preset,
+                "manifest_sha256": side["manifest"]["sha256"], "store": store.identity()}
+        (mdir / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        curve = pd.DataFrame(rows)
+        curve.to_csv(out / "training_curve.csv", index=False)
+        if len(curve):
+            _plot(curve, out / "training_curve.png")
+        import transformers
+
+        run = {
+            "model": "transformers.BertForMaskedLM (Geneformer)",
+            "transformers_version": transformers.__version__,
+            "config": {k: getattr(cfg, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                                     "intermediate_size", "max_position_embeddings", "vocab_size",
+                                                     "hidden_act", "hidden_dropout_prob", "layer_norm_eps")},
+            "options": {"mode": mode, "max_len": L, "preset": preset, "batch_size": batch_size,
+                        "group_batches": group_batches, "epochs": epochs, "max_steps": max_steps, "lr": lr,
+                        "warmup_steps": warm, "weight_decay": weight_decay, "mlm_probability": mlm_probability,
+                        "seed": seed, "device": str(dev), "bf16": use_bf16, "io_batch_size": loader.io_batch_size,
+                        "block_size": block_size, "world_size": loader.world_size,
+                        "dictionaries": str(dictionaries) if dictionaries else "computed from the train split"},
+            "manifest": {"path": str(Path(manifest).resolve()), "sha256": side["manifest"]["sha256"],
+                         "name": side.get("name"), "spec_hash": side.get("spec_hash")},
+            "store": store.identity(),
+            "n_cells": {"train": loader.n_obs},
+            "vocabulary": {"n_tokens": dicts.vocab_size(), "n_genes_in_store": int(len(axis["var_joinids"]))},
+            "resumed": bool(resume),
+            "steps": step,
+            "steps_per_epoch": per_epoch,
+            "cells_this_call": cells,
+            "tokens_this_call": tokens,
+            "wall_s": round(wall, 3),
+            "train_cells_per_s": round(cells / wall, 1) if wall > 0 else None,
+            "data_wait_fraction": round(wait / wall, 4) if wall > 0 else None,
+            "final_loss": rows[-1]["loss"] if rows else None,
+        }
+        (out / "run.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
+    return run
+
+
+def load_model(path: str | Path):
+    """A trained model, its dictionaries and tokenizer settings.
+
+    Returns
+    -------
+    (transformers.BertForMaskedLM, Dictionaries, dict)
+        The model (eval mode, CPU), the dictionaries saved with it and ``atlasmix_geneformer.json``
+        (defaults: V1 mode, ``max_position_embeddings`` input size, when absent, e.g. for
+        Geneformer's published models).
+    """
+    from transformers import BertForMaskedLM
+
+    d = model_dir(path)
+    model = BertForMaskedLM.from_pretrained(d)
+    model.eval()
+    dicts: Dictionaries = load_dictionaries(d)
+    meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).is_file() else {}
+    meta.setdefault("mode", "v2" if dicts.has_v2_specials else "v1")
+    meta.setdefault("max_len", int(model.config.max_position_embeddings))
+    if not math.isfinite(meta["max_len"]):
+        raise AtlasmixError("bad max_len in model metadata")
+    return model, dicts, meta
+
+
+

@@ -1,0 +1,497 @@
+"""Rank value encoding (Geneformer's tokenizer), vectorised over CSR minibatches.
+
+The method (Theodoris et al. 2023; Geneformer's ``tokenizer.py``, ``TranscriptomeTokenizer``):
+for each cell, over the genes of the vocabulary (genes with a token and a gene median) that are
+nonzero in the cell,
+
+    x_g = counts_g / n_counts * 10,000 / median_g
+
+(CP10k normalisation by the cell's total counts over *all* measured genes, then division by the
+gene's nonzero median over the pretraining corpus), order the genes by descending ``x_g`` and map
+them to token ids; truncate to the model input size. V1: 2,048 tokens, no special tokens. V2: 4,096
+tokens, ``<cls>`` first and ``<eos>`` last (so at most 4,094 genes).
+
+:func:`rank_value_encode` does this for a whole CSR minibatch without a Python loop per cell: the
+normalised values become packed int64 keys (cell, descending value, column) sorted per block of
+16 cells with ``numpy.sort``, then token ids are gathered and truncated with flat index arithmetic. Values are computed in float64 as Geneformer does; ties come out in column order
+(Geneformer's own ``np.argsort`` leaves tie order unspecified). :func:`rank_value_encode_reference` is the straightforward per-cell version of the
+reference algorithm, kept for tests and the benchmark.
+
+:class:`GeneformerStream` wraps a :class:`~atlasmix.training.loader.MixtureLoader` (sparse CSR
+minibatches, ``library="total_counts"`` = Geneformer's ``n_counts``, gene axis = the vocabulary
+genes present in the store) and tokenizes each minibatch on the fly; no tokenized copy of the
+corpus is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from atlasmix.errors import AtlasmixError
+from atlasmix.training.geneformer.dictionaries import CLS, EOS, Dictionaries
+
+TARGET_SUM = 10_000.0
+#: model input sizes: V1 (Geneformer gc30M models) and V2 (gc104M models).
+MODES = {"v1": {"max_len": 2048, "special_tokens": False}, "v2": {"max_len": 4096, "special_tokens": True}}
+
+
+def mode_settings(mode: str, max_len: int | None = None) -> tuple[int, bool]:
+    """(model input size, special tokens) of a tokenizer mode ``v1`` / ``v2``, ``max_len`` overriding.
+
+    Raises
+    ------
+    AtlasmixError
+        Unknown mode or ``max_len`` too small.
+    """
+    if mode not in MODES:
+        raise AtlasmixError(f"tokenizer mode must be one of {sorted(MODES)}, got {mode!r}")
+    m = MODES[mode]
+    L = int(max_len or m["max_len"])
+    if L < (3 if m["special_tokens"] else 1):
+        raise AtlasmixError(f"model input size {L} is too small")
+    return L, bool(m["special_tokens"])
+
+
+_HI_BITS = np.float64(2.0 ** 64).view(np.int64)  # x is clipped to [2^-64, 2^64): 2^59 bit patterns
+_ROW_BITS = 4  # cells per sorted block: 16
+
+
+def _sort_keys(x: np.ndarray, pos: np.ndarray, pos_bits: int, row_bits: int) -> np.ndarray:
+    """int64 keys whose ascending order is descending ``x`` (positive float64), payload ``pos`` in the
+    low ``pos_bits`` bits, the top ``row_bits`` (below the sign) left free for the cell.
+
+    The float64 bit pattern of a positive number is monotonic in it; x is clipped to
+    [2^-64, 2^64) (59 significant bits) and the top ``63 - row_bits - pos_bits`` of those bits are
+    kept: relative resolution 2^-(52 - (row_bits + pos_bits - 4)), 7.3e-12 for 4 + 15 bits. Values
+    closer than that count as tied (ordered by ``pos``, i.e. column order)."""
+    if len(x) and (x.min() < 2.0 ** -64 or x.max() >= 2.0 ** 64):
+        x = np.clip(x, 2.0 ** -64, 2.0 ** 64 * (1 - 2 ** -53))
+    q = _HI_BITS - x.view(np.int64)  # in [1, 2^59]
+    q >>= row_bits + pos_bits - 4
+    q <<= pos_bits
+    q |= pos
+    return q
+
+
+def rank_value_encode(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_counts: np.ndarray,
+                      medians: np.ndarray, token_ids: np.ndarray, max_len: int = 2048, *,
+                      cls_id: int | None = None, eos_id: int | None = None, pad_id: int = 0,
+                      target_sum: float = TARGET_SUM,
+                      threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Rank value encoding of a CSR batch of raw counts (vectorised; Geneformer's algorithm).
+
+    Parameters
+    ----------
+    indptr : numpy.ndarray of int, shape (B + 1,)
+    indices : numpy.ndarray of int, shape (nnz,)
+        Columns into the gene axis of ``medians`` / ``token_ids``.
+    data : numpy.ndarray, shape (nnz,)
+        Raw counts (any float / int dtype); zeros are ignored.
+    n_counts : numpy.ndarray, shape (B,)
+        Total counts of each cell over all its measured genes (Geneformer's ``n_counts``), > 0.
+    medians : numpy.ndarray of float, shape (G,)
+        Gene median (nonzero median of CP10k over the corpus) per column; NaN or <= 0 marks a
+        column outside the vocabulary (ignored).
+    token_ids : numpy.ndarray of int, shape (G,)
+        Token id per column.
+    max_len : int
+        Model input size (2048 for V1, 4096 for V2), special tokens included.
+    cls_id, eos_id : int, optional
+        V2: prepend ``<cls>`` and append ``<eos>`` (then at most ``max_len - 2`` genes).
+    pad_id : int
+        Padding token id of the output.
+    target_sum : float
+        CP10k: 10,000.
+    threads : int
+        Threads, each encoding a contiguous share of the cells (numpy releases the GIL).
+
+    Returns
+    -------
+    (numpy.ndarray of int64, numpy.ndarray of int64)
+        ``tokens`` shape (B, L) with L = the longest encoding in the batch, rows padded with
+        ``pad_id``; ``lengths`` shape (B,).
+
+    Raises
+    ------
+    AtlasmixError
+        Shapes disagree or a cell with nonzero counts has ``n_counts <= 0``.
+
+    Notes
+    -----
+    ``x`` is computed in float64 exactly as Geneformer does (``counts / n_counts * 10,000 / median``).
+    Each nonzero becomes one int64 key (its cell within a block of 16 cells in the top bits, then
+    descending ``x``, then its offset in the cell's row in the low bits) and each block of 16
+    cells is sorted with one ``numpy.sort`` (SIMD value sort, no argsort indirection): no Python
+    loop per cell, and every cell's sorted nonzeros stay where CSR had them, so decoding and
+    truncation are flat vectorised gathers. Values within a relative 7.3e-12 of each other
+    (float64 rounding noise of equal ratios) count as ties and keep column order; Geneformer
+    leaves the order of ties unspecified.
+    """
+    indptr = np.asarray(indptr, dtype=np.int64)
+    indices = np.asarray(indices)
+    data = np.asarray(data)
+    n_counts = np.asarray(n_counts, dtype=np.float64).ravel()
+    medians = np.asarray(medians, dtype=np.float64)
+    token_ids = np.asarray(token_ids, dtype=np.int64)
+    B = len(indptr) - 1
+    if len(n_counts) != B or len(medians) != len(token_ids) or len(indices) != len(data):
+        raise AtlasmixError("rank_value_encode: inconsistent shapes")
+    special = cls_id is not None and eos_id is not None
+    n_genes_max = int(max_len) - (2 if special else 0)
+    if n_genes_max < 1:
+        raise AtlasmixError(f"model input size {max_len} leaves no room for genes")
+    if threads > 1 and B >= 64 * threads:  # split the cells, one share per thread
+        from concurrent.futures import ThreadPoolExecutor
+
+        cuts = np.linspace(0, B, threads + 1).astype(int)
+        kw = dict(cls_id=cls_id, eos_id=eos_id, pad_id=pad_id, target_sum=target_sum, threads=1)
+        with ThreadPoolExecutor(threads) as ex:
+            parts = list(ex.map(lambda ab: rank_value_encode(
+                indptr[ab[0]:ab[1] + 1] - indptr[ab[0]], indices[indptr[ab[0]]:indptr[ab[1]]],
+                data[indptr[ab[0]]:indptr[ab[1]]], n_counts[ab[0]:ab[1]], medians, token_ids, max_len, **kw),
+                zip(cuts[:-1], cuts[1:])))
+        L = max(p[0].shape[1] for p in parts)
+        out = np.full((B, L), pad_id, dtype=np.int64)
+        for (a, b), (t, _) in zip(zip(cuts[:-1], cuts[1:]), parts):
+            out[a:b, :t.shape[1]] = t
+        return out, np.concatenate([p[1] for p in parts])
+
+    nnz_row = np.diff(indptr)
+    ok = (medians > 0)[indices]  # NaN medians compare False: columns outside the vocabulary
+    if len(data) and data.min() <= 0:
+        ok &= data > 0
+    if not ok.all():
+        keep_cum = np.zeros(len(ok) + 1, dtype=np.int64)
+        np.cumsum(ok, out=keep_cum[1:])
+        indices, data = indices[ok], data[ok]
+        indptr = keep_cum[indptr]
+        nnz_row = np.diff(indptr)
+    if np.any(n_counts[nnz_row > 0] <= 0):
+        raise AtlasmixError("a cell with nonzero counts has n_counts <= 0")
+    # Geneformer's normalisation, in float64: counts / n_counts * 10,000 / gene median
+    x = data.astype(np.float64)
+    x /= np.repeat(n_counts, nnz_row)
+    x *= target_sum
+    x /= medians[indices]
+    tok_of = token_ids[indices]
+    starts = indptr[:-1]
+    W_all = int(nnz_row.max(initial=0))
+    pos_bits = max(15, int(W_all).bit_length())
+    row_start = np.repeat(starts, nnz_row)
+    pos = np.arange(len(x), dtype=np.int64)
+    pos -= row_start
+    keys = _sort_keys(x, pos, pos_bits, _ROW_BITS)
+    del x
+    # cell of each nonzero inside its block of 2^_ROW_BITS cells, in the top bits: one numpy.sort per
+    # block orders by (cell, descending x) and leaves every cell's nonzeros where CSR had them
+    keys |= (np.repeat(np.arange(B, dtype=np.int64) & ((1 << _ROW_BITS) - 1), nnz_row) << (63 - _ROW_BITS))
+    step = 1 << _ROW_BITS
+    for r0 in range(0, B, step):
+        seg = keys[indptr[r0]:indptr[min(B, r0 + step)]]
+        seg.sort()
+    src = row_start + (keys & np.int64((1 << pos_bits) - 1))
+    del keys
+    lengths_genes = np.minimum(nnz_row, n_genes_max)
+    off = 1 if special else 0
+    L_out = int(lengths_genes.max(initial=0)) + 2 * off
+    out = np.full((B, L_out), pad_id, dtype=np.int64)
+    sel = pos < n_genes_max  # truncation to the model input size
+    if not sel.all():
+        src, pos, row_start = src[sel], pos[sel], np.repeat(np.arange(B, dtype=np.int64), lengths_genes)
+        dest = row_start * L_out + off + pos
+    else:
+        dest = np.repeat(np.arange(B, dtype=np.int64) * L_out + off, nnz_row) + pos
+    out.ravel()[dest] = tok_of[src]
+    lengths = lengths_genes + 2 * off
+    if special:
+        out[:, 0] = cls_id
+        out[np.arange(B), lengths - 1] = eos_id
+    return out, lengths
+
+
+def rank_value_encode_reference(X, n_counts: np.ndarray, medians: np.ndarray, token_ids: np.ndarray,
+                                max_len: int = 2048, cls_id: int | None = None, eos_id: int | None = None,
+                                target_sum: float = TARGET_SUM) -> list[np.ndarray]:
+    """The straightforward per-cell rank value encoding (Geneformer's ``tokenize_cell``/``rank_genes``).
+
+    Normalises the batch as a sparse matrix, then loops over cells: take the row's nonzero values,
+    ``argsort`` descending, map to tokens, truncate. Used as the parity reference and the
+    benchmark baseline.
+
+    Parameters
+    ----------
+    X : scipy.sparse.csr_matrix, shape (B, G)
+        Raw counts over the vocabulary columns (columns outside the vocabulary: NaN median).
+    n_counts, medians, token_ids, max_len, cls_id, eos_id, target_sum
+        As :func:`rank_value_encode`.
+
+    Returns
+    -------
+    list of numpy.ndarray of int64
+        One token sequence per cell.
+    """
+    import scipy.sparse as sp
+
+    med = np.asarray(medians, dtype=np.float64)
+    keep = np.flatnonzero(med > 0)
+    Xv = sp.csr_matrix(X)[:, keep].astype(np.float64)
+    norm = sp.diags(1.0 / np.asarray(n_counts, dtype=np.float64).ravel()) @ Xv
+    norm = (norm * target_sum) @ sp.diags(1.0 / med[keep])
+    norm = sp.csr_matrix(norm)
+    toks = np.asarray(token_ids, dtype=np.int64)[keep]
+    special = cls_id is not None and eos_id is not None
+    n_max = max_len - (2 if special else 0)
+    out = []
+    for i in range(norm.shape[0]):
+        r = norm[i]
+        nz = r.data > 0
+        v, t = r.data[nz], toks[r.indices[nz]]
+        seq = t[np.argsort(-v, kind="stable")][:n_max]
+        if special:
+            seq = np.concatenate([[cls_id], seq, [eos_id]])
+        out.append(seq.astype(np.int64))
+    return out
+
+
+def tie_aware_equal(a: np.ndarray, b: np.ndarray, x_of: dict[int, float], rtol: float = 0.0) -> bool:
+    """Whether two token sequences are the same rank value encoding up to the order of ties.
+
+    Parameters
+    ----------
+    a, b : numpy.ndarray of int
+        Token sequences (no padding).
+    x_of : dict of int -> float
+        Token id -> the cell's normalised value ``x`` (special tokens absent).
+    rtol : float
+        Values within this relative tolerance count as tied (0: exactly equal).
+
+    Returns
+    -------
+    bool
+        Same length, and position by position the values of ``a`` and ``b`` are (tie-)equal, and
+        the multisets of tokens agree except inside the tie group cut by truncation.
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    if len(a) != len(b):
+        return False
+    if np.array_equal(a, b):
+        return True
+    va = np.array([x_of.get(int(t), np.nan) for t in a])
+    vb = np.array([x_of.get(int(t), np.nan) for t in b])
+    same_val = np.isclose(va, vb, rtol=rtol, atol=0) | (np.isnan(va) & np.isnan(vb) & (a == b))
+    if not same_val.all():
+        return False
+    # tokens differ only within groups of equal values; the last group may be cut by truncation
+    last = va[-1]
+    full = ~np.isclose(va, last, rtol=rtol, atol=0)
+    return sorted(a[full].tolist()) == sorted(b[full].tolist())
+
+
+# ---------------------------------------------------------------------------------------------- store side
+def vocabulary_axis(store, dicts: Dictionaries, species: str | None = None) -> dict[str, np.ndarray]:
+    """The store genes of a vocabulary: var joinids, token ids and medians, aligned.
+
+    Parameters
+    ----------
+    store : atlasmix.store.Store
+    dicts : Dictionaries
+    species : str, optional
+        Keep only store genes of this species (default: all).
+
+    Returns
+    -------
+    dict
+        ``var_joinids`` int64 (G,), ``token_ids`` int64 (G,), ``medians`` float64 (G,),
+        ``feature_ids`` object (G,), and ``n_vocab`` (genes in the dictionaries).
+
+    Raises
+    ------
+    AtlasmixError
+        No gene of the vocabulary is in the store.
+    """
+    var = store.var()
+    if species is not None and "species" in var:
+        var = var[var["species"] == species]
+    ok, tok, med = dicts.arrays(var["feature_id"].tolist())
+    if not ok.any():
+        raise AtlasmixError("no gene of the token/median dictionaries is in the store (Ensembl ids differ?)")
+    return {"var_joinids": var.index.to_numpy(dtype=np.int64)[ok], "token_ids": tok[ok], "medians": med[ok],
+            "feature_ids": var["feature_id"].to_numpy()[ok], "n_vocab": len(dicts.genes())}
+
+
+class GeneformerStream:
+    """Tokenized minibatches of a mixture, rank value encoded on the fly from a :class:`MixtureLoader`.
+
+    Parameters
+    ----------
+    loader : atlasmix.training.loader.MixtureLoader
+        Built with ``sparse=True``, ``library="total_counts"`` and ``var_joinids`` = the
+        vocabulary axis (:func:`vocabulary_axis`), CPU device. Its ``batch_size`` is the
+        *megabatch*: it is tokenized at once, then (``group_by_length``) sorted by length and cut
+        into training batches of ``batch_size`` (Geneformer's length-grouped sampler: similar
+        lengths share a batch, so dynamic padding wastes little).
+    axis : dict
+        :func:`vocabulary_axis` output.
+    dicts : Dictionaries
+    mode : {"v1", "v2"}
+    max_len : int, optional
+        Model input size override.
+    batch_size : int
+        Cells per training batch (default: the loader's batch size, no grouping).
+    group_by_length : bool
+        Length-grouped batches inside each megabatch (batch order shuffled with the loader's seed).
+    drop_empty : bool
+        Drop cells with no vocabulary gene (e.g. mouse cells under a human vocabulary).
+
+    Yields
+    ------
+    dict
+        ``input_ids`` int64 (b, L) padded with ``<pad>`` to the batch's longest cell (dynamic
+        padding), ``attention_mask`` int64 (b, L), ``lengths`` int64 (b,), ``soma_joinid`` int64 (b,),
+        plus the loader's obs code tensors. CPU tensors.
+
+    Notes
+    -----
+    :meth:`state_dict` / :meth:`load_state_dict` record the loader's position and the batch index
+    inside the current megabatch, so a resumed stream continues with the next training batch.
+    """
+
+    def __init__(self, loader, axis: dict[str, np.ndarray], dicts: Dictionaries, mode: str = "v1",
+                 max_len: int | None = None, batch_size: int | None = None, group_by_length: bool = True,
+                 drop_empty: bool = True):
+        if not loader.sparse or loader.library != "total_counts":
+            raise AtlasmixError("GeneformerStream needs a loader with sparse=True and library='total_counts'")
+        if not np.array_equal(loader.var_joinids, axis["var_joinids"]):
+            raise AtlasmixError("the loader's gene axis is not the vocabulary axis")
+        self.loader, self.axis, self.dicts, self.mode = loader, axis, dicts, mode
+        self.max_len, special = mode_settings(mode, max_len)
+        if special and not dicts.has_v2_specials:
+            raise AtlasmixError("V2 mode needs <cls> and <eos> in the token dictionary")
+        self.cls_id = dicts.token[CLS] if special else None
+        self.eos_id = dicts.token[EOS] if special else None
+        self.batch_size = int(batch_size or loader.batch_size)
+        self.group_by_length = bool(group_by_length)
+        self.drop_empty = bool(drop_empty)
+        self.sub_done = 0  # training batches handed out from the current megabatch
+
+    def __len__(self) -> int:
+        """Training batches per epoch (upper bound when empty cells are dropped)."""
+        per = -(-self.loader.batch_size // self.batch_size)
+        return len(self.loader) * per
+
+    def tokenize(self, b: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Rank value encode one loader minibatch; returns (tokens (B, L), lengths (B,))."""
+        X = b["X"]
+        return rank_value_encode(X.crow_indices().numpy(), X.col_indices().numpy(), X.values().numpy(),
+                                 b["library_size"].numpy().ravel(), self.axis["medians"], self.axis["token_ids"],
+                                 self.max_len, cls_id=self.cls_id, eos_id=self.eos_id, pad_id=self.dicts.pad_id)
+
+    def _split(self, b: dict[str, Any], tokens: np.ndarray, lengths: np.ndarray, mega_index: int) -> list[dict]:
+        n = len(lengths)
+        genes = lengths - (2 if self.cls_id is not None else 0)
+        keep = np.flatnonzero(genes > 0) if self.drop_empty else np.arange(n)
+        if self.group_by_length:
+            keep = keep[np.argsort(-lengths[keep], kind="stable")]
+        groups = [keep[i:i + self.batch_size] for i in range(0, len(keep), self.batch_size)]
+        if self.group_by_length and self.loader.shuffle and len(groups) > 1:
+            rng = np.random.default_rng([self.loader.seed, self.loader.epoch, 7919, mega_index])
+            groups = [groups[i] for i in rng.permutation(len(groups))]
+        extra = [k for k in b if k not in ("X", "library_size", "soma_joinid")]
+        out = []
+        for g in groups:
+            L = int(lengths[g].max())
+            ids = torch.from_numpy(np.ascontiguousarray(tokens[g, :L]))
+            lens = torch.from_numpy(lengths[g])
+            d = {"input_ids": ids, "attention_mask": (torch.arange(L)[None, :] < lens[:, None]).long(),
+                 "lengths": lens, "soma_joinid": b["soma_joinid"][torch.from_numpy(g)]}
+            for k in extra:
+                d[k] = b[k][torch.from_numpy(g)]
+            out.append(d)
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        skip = self.sub_done
+        for b in self.loader:
+            mega_index = self.loader.batches_done - 1
+            tokens, lengths = self.tokenize(b)
+            subs = self._split(b, tokens, lengths, mega_index)
+            # the loader counts this megabatch as done once handed out: roll back until its last batch
+            self.loader.batches_done -= 1
+            for j in range(skip, len(subs)):
+                self.sub_done = j + 1
+                yield subs[j]
+            skip = 0
+            self.sub_done = 0
+            self.loader.batches_done += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict(), "sub_done": self.sub_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.sub_done = int(state.get("sub_done", 0))
+
+
+def tokenize_anndata(adata, dicts: Dictionaries, name_id: dict[str, str] | None = None, mode: str = "v1",
+                     max_len: int | None = None, chunk: int = 4096, n_counts: Sequence[float] | None = None):
+    """Rank value encoding of an AnnData of raw counts, as Geneformer's ``TranscriptomeTokenizer``.
+
+    Gene identifiers: ``var["ensembl_id"]`` when present, else ``var_names`` as symbols (whitespace
+    stripped) mapped with ``name_id`` (Geneformer's ``gene_name_id_dict``), else ``var_names`` as
+    Ensembl ids. Genes outside the vocabulary are dropped; when several columns map to one Ensembl
+    id, the first column wins (the others are ignored, as in Geneformer's V1 mapping).
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Raw counts in X (cells x genes).
+    dicts : Dictionaries
+    name_id : dict, optional
+        Symbol -> Ensembl id.
+    mode, max_len
+        See :func:`mode_settings`.
+    chunk : int
+        Cells per vectorised call.
+    n_counts : sequence of float, optional
+        Default ``obs["n_counts"]`` when present, else the sum over all genes of X.
+
+    Returns
+    -------
+    list of numpy.ndarray of int64
+        One token sequence per cell.
+    """
+    import scipy.sparse as sp
+
+    names = [str(v).strip() for v in adata.var_names]
+    if "ensembl_id" in adata.var:
+        ids = [str(v) for v in adata.var["ensembl_id"]]
+    elif name_id is not None:
+        ids = [name_id.get(n, n) for n in names]
+    else:
+        ids = names
+    ok, tok, med = dicts.arrays(ids)
+    seen: set[str] = set()
+    for i, g in enumerate(ids):  # first occurrence of an id wins
+        if ok[i]:
+            if g in seen:
+                ok[i] = False
+            seen.add(g)
+    med = np.where(ok, med, np.nan)
+    L, special = mode_settings(mode, max_len)
+    X = adata.X
+    if n_counts is None:
+        n_counts = (adata.obs["n_counts"].to_numpy() if "n_counts" in adata.obs
+                    else np.asarray(X.sum(axis=1)).ravel())
+    n_counts = np.asarray(n_counts, dtype=np.float64)
+    out: list[np.ndarray] = []
+    for s in range(0, adata.n_obs, chunk):
+        m = sp.csr_matrix(X[s:s + chunk])
+        t, lens = rank_value_encode(m.indptr, m.indices, m.data, n_counts[s:s + chunk], med, tok, L,
+                                    cls_id=dicts.token.get(CLS) if special else None,
+                                    eos_id=dicts.token.get(EOS) if special else None, pad_id=dicts.pad_id)
+        out.extend(t[i, :lens[i]] for i in range(len(lens)))
+    return out
