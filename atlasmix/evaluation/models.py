@@ -1,0 +1,273 @@
+"""Model adapters for evaluation: trained model directory -> per-batch outputs on aligned counts.
+
+Every adapter has ``name``, ``kind``, ``mixture`` (the training mixture's name), ``feature_ids``
+(its gene axis, Ensembl ids: eval counts are aligned to it, missing genes zero-filled, extra genes
+dropped) and :meth:`training_cells` (for the overlap refusal).
+
+LDVAE (``atlasmix train ldvae`` output: ``model/``, ``run.json``)
+    :meth:`LDVAEAdapter.encode` runs scvi-tools' own module on a dense count batch:
+    ``module.inference`` (encoder of log1p counts) then ``module.generative`` with the posterior
+    mean of z; the decoder's ``px.scale`` (expression proportions) times 10,000 is the normalised
+    expression at library size 10,000, i.e. what ``LinearSCVI.get_normalized_expression(
+    library_size=1e4)`` returns, except that scvi draws one posterior sample of z by default
+    (``sample_z=True`` reproduces that draw exactly; the test checks both). The posterior mean is the
+    default because it makes the score deterministic and is the latent ``get_latent_representation``
+    returns.
+
+    Batch covariate of eval cells: a cell whose ``dataset_id`` is one of the model's training
+    batches (a dataset with training cells, read from the manifest sidecar's composition) gets that
+    batch's code; any other cell (held-out dataset, external file) gets the code of the first
+    trained batch category (the reference batch) -- scvi-tools has no code for an unseen batch
+    without query-model surgery (scArches), and the LDVAE decoder's batch term is additive in the
+    linear predictor, so this conditions the reconstruction on a fixed, seen batch. The per-cell
+    table records ``batch_seen``.
+Geneformer (``config.json`` + ``token_dictionary.pkl`` + ``gene_median_dictionary.pkl``)
+    :class:`GeneformerAdapter`, see its docstring; it needs the project's rank value encoding
+    tokenizer (:mod:`atlasmix.training.geneformer.tokenizer`) and refuses to run without it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from atlasmix.errors import AtlasmixError
+
+
+def _training_cells_from_manifest(path: str | None, sha256: str | None) -> tuple[np.ndarray | None, dict]:
+    """train + validation joinids of a manifest (sha256-checked) and its sidecar; (None, {}) if absent."""
+    if not path or not Path(path).is_file():
+        return None, {}
+    from atlasmix.mixing import read_manifest
+
+    table, side = read_manifest(path)  # verifies the file's sha256 against the sidecar
+    if sha256 and side["manifest"]["sha256"] != sha256:
+        raise AtlasmixError(f"manifest {path} is not the one the model was trained on (sha256 differs)")
+    t = table.to_pandas()
+    tv = t[t["split"].astype(str).isin(["train", "validation"])]
+    return np.unique(tv["soma_joinid"].to_numpy(dtype=np.int64)), side
+
+
+class LDVAEAdapter:
+    """A trained LinearSCVI (``OUT`` of :func:`atlasmix.training.ldvae.train_ldvae`).
+
+    Parameters
+    ----------
+    path : path
+        The run directory (``model/`` and ``run.json``).
+    device : str
+        torch device for inference.
+
+    Raises
+    ------
+    AtlasmixError
+        Not an LDVAE run directory.
+    """
+
+    kind = "ldvae"
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        import scvi
+
+        self.path = Path(path)
+        if not (self.path / "model" / "model.pt").is_file() or not (self.path / "run.json").is_file():
+            raise AtlasmixError(f"{self.path} is not an LDVAE run directory (needs model/model.pt and run.json)")
+        self.run = json.loads((self.path / "run.json").read_text())
+        import logging
+
+        logging.getLogger("scvi").setLevel(logging.WARNING)
+        self.model = scvi.model.LinearSCVI.load(str(self.path / "model"), accelerator="cpu" if device == "cpu" else "auto")
+        self.model.module.eval()
+        self.device = self.model.device
+        self.name = self.path.name
+        self.mixture = self.run.get("manifest", {}).get("name") or self.name
+        var = self.model.adata.var
+        self.feature_ids = np.asarray(var.index.astype(str), dtype=object)
+        self.batch_key = self.run.get("options", {}).get("batch_key")
+        # batch codes as scvi-tools registered them (the template's categorical mapping)
+        cats = [str(c) for c in self.model.adata_manager.get_state_registry("batch").categorical_mapping]
+        self.batch_categories = cats
+        # the loader's categories span every split of the manifest (eval datasets too), so "seen" is
+        # decided by the training split's composition (recorded in the manifest sidecar)
+        trained = self._trained_batches(cats)
+        self._code = {c: i for i, c in enumerate(cats) if c in trained}
+        self.reference_code = min(self._code.values()) if self._code else 0
+        self.n_latent = int(self.model.module.n_latent)
+
+    def _trained_batches(self, cats: list[str]) -> set[str]:
+        """Batch categories with training cells: from the sidecar's composition when the batch key is
+        ``dataset_id``; otherwise (or without a readable sidecar) every category counts as seen."""
+        from atlasmix.mixing import read_sidecar
+
+        path = self.run.get("manifest", {}).get("path")
+        if self.batch_key != "dataset_id" or not path or not Path(path).is_file():
+            return set(cats)
+        try:
+            comp = read_sidecar(path).get("composition", [])
+        except AtlasmixError:
+            return set(cats)
+        seen = {str(r.get("dataset_id")) for r in comp if r.get("split") == "train" and r.get("n_cells", 0) > 0}
+        return seen or set(cats)
+
+    def training_cells(self) -> tuple[np.ndarray | None, dict]:
+        """(train + validation soma_joinids, info) from the manifest named in ``run.json``.
+
+        ``info`` holds ``store`` (the training store's identity) and ``manifest`` (path).
+        """
+        m = self.run.get("manifest", {})
+        if m.get("path") and not Path(m["path"]).is_file():
+            raise AtlasmixError(f"{self.name}: training manifest {m['path']} is missing, so the eval/train overlap "
+                                "cannot be checked")
+        ids, _ = _training_cells_from_manifest(m.get("path"), m.get("sha256"))
+        return ids, {"store": self.run.get("store", {}), "manifest": m.get("path")}
+
+    def batch_codes(self, obs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Batch codes of eval cells (module doc) and whether each cell's batch was seen in training."""
+        if self.batch_key is None or self.batch_key not in obs:
+            return np.zeros(len(obs), dtype=np.int64), np.ones(len(obs), dtype=bool)
+        vals = obs[self.batch_key].astype(str).to_numpy()
+        seen = np.array([v in self._code for v in vals], dtype=bool)
+        return np.array([self._code.get(v, self.reference_code) for v in vals], dtype=np.int64), seen
+
+    def encode(self, X: np.ndarray, batch: np.ndarray, library_size: float = 1e4,
+               sample_z: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Latent posterior mean and normalised expression of a batch of cells.
+
+        Parameters
+        ----------
+        X : numpy.ndarray of float32, shape (B, n_genes)
+            Raw counts on the model's gene axis.
+        batch : numpy.ndarray of int, shape (B,)
+            Batch codes (:meth:`batch_codes`).
+        library_size : float
+            Library size the expression proportions are scaled to.
+        sample_z : bool
+            Decode one posterior sample of z (scvi's ``get_normalized_expression`` default) instead of
+            the posterior mean.
+
+        Returns
+        -------
+        (numpy.ndarray, numpy.ndarray)
+            Latent means float32 (B, n_latent); normalised expression float32 (B, n_genes), rows
+            summing to ``library_size``.
+        """
+        import torch
+
+        mod = self.model.module
+        with torch.inference_mode():
+            x = torch.as_tensor(X, dtype=torch.float32, device=self.device)
+            b = torch.as_tensor(batch, dtype=torch.int64, device=self.device).reshape(-1, 1)
+            inf = mod.inference(x, b)
+            qz = inf["qz"]
+            z = inf["z"] if sample_z else mod.z_encoder.z_transformation(qz.loc)
+            gen = mod.generative(z, inf["library"], b, y=torch.zeros_like(b))
+            expr = gen["px"].scale * library_size
+        return qz.loc.cpu().numpy().astype(np.float32), expr.cpu().numpy().astype(np.float32)
+
+
+class PCABaseline:
+    """PCA of log1p(CP10k) on an eval set's own top HVGs (the sc-foundation-eval baseline).
+
+    Fitted per eval set with scikit-learn's ``IncrementalPCA`` over streamed batches (no dense copy
+    of the whole set), then applied in a second pass.
+
+    Parameters
+    ----------
+    n_components : int
+        Principal components (50 in sc-foundation-eval; capped at n_cells - 1 and n_genes).
+    """
+
+    kind = "pca"
+    name = "pca"
+    mixture = "baseline"
+
+    def __init__(self, n_components: int = 50):
+        self.n_components = n_components
+
+    def fit_transform(self, eval_set, genes: np.ndarray, batch_size: int = 2048) -> np.ndarray:
+        """Embed every cell of ``eval_set`` on the gene axis ``genes`` (Ensembl ids).
+
+        Returns
+        -------
+        numpy.ndarray of float32, shape (n_cells, n_components)
+        """
+        from sklearn.decomposition import IncrementalPCA
+
+        from atlasmix.evaluation.metrics import log1p_cp10k
+
+        k = int(min(self.n_components, len(genes), eval_set.n_cells - 1))
+        if k < 2:
+            raise AtlasmixError(f"eval set {eval_set.name}: too few cells or genes for a PCA baseline")
+        bs = max(batch_size, k)
+        ipca = IncrementalPCA(n_components=k, batch_size=bs)
+        pending = []
+        npend = 0
+        for _, m in eval_set.iter_counts(genes, bs):  # IncrementalPCA needs >= k rows per partial fit
+            pending.append(log1p_cp10k(m).toarray())
+            npend += m.shape[0]
+            if npend >= k:
+                ipca.partial_fit(np.vstack(pending))
+                pending, npend = [], 0
+        if pending:
+            rest = np.vstack(pending)
+            if rest.shape[0] >= k:
+                ipca.partial_fit(rest)
+        out = np.zeros((eval_set.n_cells, k), dtype=np.float32)
+        for sl, m in eval_set.iter_counts(genes, bs):
+            out[sl] = ipca.transform(log1p_cp10k(m).toarray())
+        return out
+
+
+class GeneformerAdapter:
+    """A Geneformer BERT masked language model (``transformers.BertForMaskedLM``) directory.
+
+    The directory holds the Hugging Face model (``config.json``, weights) and the Geneformer
+    dictionaries ``token_dictionary.pkl`` and ``gene_median_dictionary.pkl``. Eval cells are rank
+    value encoded with the project's tokenizer (:mod:`atlasmix.training.geneformer`): CP10k divided
+    by each gene's median, genes sorted by decreasing value, truncated to the model's input size.
+    Outputs: the cell embedding (mean of the last hidden layer over gene positions, Geneformer's
+    ``emb_mode="cell"``) and, for :func:`atlasmix.evaluation.metrics.rank_prediction_scores`, the
+    MLM logits of a masked copy of the input.
+
+    Raises
+    ------
+    AtlasmixError
+        The directory lacks the model or dictionaries, or the tokenizer module is not available.
+    """
+
+    kind = "geneformer"
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        self.path = Path(path)
+        for f in ("config.json", "token_dictionary.pkl", "gene_median_dictionary.pkl"):
+            if not (self.path / f).is_file():
+                raise AtlasmixError(f"{self.path} is not a Geneformer model directory (no {f})")
+        try:
+            import atlasmix.training.geneformer.tokenizer  # noqa: F401  (availability check)
+        except ImportError as e:
+            raise AtlasmixError("Geneformer evaluation needs atlasmix.training.geneformer.tokenizer (the rank value "
+                                f"encoding), which is not available in this checkout ({e})") from None
+        raise AtlasmixError("Geneformer evaluation is not wired to the tokenizer yet; evaluate LDVAE models and the "
+                            "PCA baseline, or use atlasmix.evaluation.metrics.rank_prediction_scores directly")
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """The adapter for a model directory (LDVAE run dir or Geneformer model dir).
+
+    Raises
+    ------
+    AtlasmixError
+        Missing directory or unknown layout.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise AtlasmixError(f"model directory not found: {p}")
+    if (p / "run.json").is_file() and (p / "model" / "model.pt").is_file():
+        return LDVAEAdapter(p, device)
+    if (p / "config.json").is_file() and (p / "token_dictionary.pkl").is_file():
+        return GeneformerAdapter(p, device)
+    raise AtlasmixError(f"{p}: not an LDVAE run directory (run.json + model/) nor a Geneformer model directory "
+                        "(config.json + token_dictionary.pkl)")

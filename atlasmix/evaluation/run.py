@@ -1,0 +1,331 @@
+"""Evaluate every model on every eval set; write one tidy results table and a per-cell table.
+
+For each eval set (cells streamed in batches of ``batch_size``; nothing the size of the set is
+held dense):
+
+1. The eval set's *data* rows, independent of any model: rank-value-encoding fidelity
+   (:func:`atlasmix.evaluation.metrics.rank_fidelity`) on a seeded subsample of at most
+   ``max_fidelity_cells`` labelled cells over the set's top ``n_hvg_baseline`` HVGs.
+2. The PCA baseline (model ``pca``): top ``n_hvg_baseline`` HVGs of the set's own gene axis
+   (streaming seurat HVG statistics), incremental PCA, then the embedding metrics.
+3. Every LDVAE: the set's counts aligned to the model's genes (missing zero-filled, extra dropped);
+   pass 1 accumulates the HVG statistics on that axis (top ``n_hvg`` = 1,000 HVGs, scanpy seurat
+   flavour on log1p CP10k, exact over all cells); pass 2 encodes each batch, scores per-cell
+   reconstruction accuracy (Pearson r, r^2) on those HVGs and keeps the latent means; then the
+   embedding metrics on the latent.
+
+Embedding metrics, on cells whose cell type is known and has >= ``min_cells_per_type`` cells (and
+only when >= 2 such types): kNN (k=5) accuracy / macro F1 on a seeded 50/50 split, the few-shot
+curve (L1 logistic regression, fractions x seeds), NMI / ARI / cell-type silhouette.
+
+Before any computation every (model, eval set) pair is checked for overlap with the model's
+training manifest (train + validation cells); an overlapping pair is refused.
+
+Outputs in ``out``
+------------------
+``results.parquet`` / ``results.csv``    tidy: ``model, mixture, eval_set, metric, value``
+``per_cell.parquet`` / ``per_cell.csv``  ``model, mixture, eval_set, cell_id, soma_joinid,
+                                         dataset_id, cell_type, batch_seen, pearson_r, r2``
+``few_shot.csv``                         per (model, eval set, fraction, seed) rows
+``evaluation.json``                      models, eval-set definitions, options, store identity, timings
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from atlasmix.errors import AtlasmixError
+from atlasmix.evaluation import metrics as M
+
+RESULT_COLUMNS = ["model", "mixture", "eval_set", "metric", "value"]
+
+
+def check_overlap(model, eval_set, store=None) -> dict:
+    """Refuse an eval set that shares cells with the model's training manifest.
+
+    Store sets: the set's soma_joinids vs the manifest's train + validation joinids (same store id
+    required: joinids of two stores are not comparable). External files: the file's sha256 vs the
+    source sha256 of every dataset that contributed training cells (read from the training store's
+    catalog when that store is reachable).
+
+    Returns
+    -------
+    dict
+        ``checked`` (bool), ``how`` (sentence), ``n_overlap``.
+
+    Raises
+    ------
+    AtlasmixError
+        Overlap, or a store set evaluated against a model trained on another store.
+    """
+    from atlasmix.store import Store
+
+    train_ids, info = model.training_cells()
+    rec = info.get("store", {}) or {}
+    if train_ids is None:
+        return {"checked": False, "how": "the model records no training manifest", "n_overlap": 0}
+    if eval_set.kind == "store":
+        cur = eval_set.store.identity()
+        if rec.get("store_id") and rec["store_id"] != cur["store_id"]:
+            raise AtlasmixError(f"model {model.name} was trained on store {rec['store_id']}, eval set {eval_set.name} "
+                                f"is on store {cur['store_id']}: soma_joinids are not comparable; export the set "
+                                "to h5ad and pass the file instead")
+        n = int(np.count_nonzero(np.isin(eval_set.joinids, train_ids, assume_unique=True)))
+        if n:
+            raise AtlasmixError(f"eval set {eval_set.name} shares {n:,} of its {eval_set.n_cells:,} cells with the "
+                                f"training manifest of model {model.name} ({info.get('manifest')}); refusing to "
+                                "evaluate on training cells")
+        return {"checked": True, "how": "soma_joinids vs training manifest (train + validation)", "n_overlap": 0}
+    uri = rec.get("uri")
+    if not uri:
+        return {"checked": False, "how": "training store unknown", "n_overlap": 0}
+    try:
+        st = store if (store is not None and store.identity()["store_id"] == rec.get("store_id")) else Store(uri)
+        cat = st.catalog()
+    except Exception:  # the training store is not reachable from here
+        return {"checked": False, "how": f"training store {uri} not reachable", "n_overlap": 0}
+    starts = cat["obs_joinid_start"].to_numpy()
+    ends = cat["obs_joinid_end"].to_numpy()
+    used = [i for i in range(len(cat)) if np.any((train_ids >= starts[i]) & (train_ids < ends[i]))]
+    hit = cat.iloc[used]
+    hit = hit[hit["source_sha256"] == eval_set.sha256]
+    if len(hit):
+        raise AtlasmixError(f"eval set {eval_set.name} ({eval_set.source}) is the source file of dataset "
+                            f"{hit['dataset_id'].iloc[0]!r}, which contributed training cells to model {model.name}; "
+                            "refusing to evaluate on training cells")
+    return {"checked": True, "how": "file sha256 vs the sources of the training datasets", "n_overlap": 0}
+
+
+def _rows(model: str, mixture: str, eval_set: str, d: dict, prefix: str = "") -> list[dict]:
+    return [{"model": model, "mixture": mixture, "eval_set": eval_set, "metric": prefix + k, "value": float(v)}
+            for k, v in d.items() if isinstance(v, (int, float, np.floating, np.integer))]
+
+
+def hvg_columns(eval_set, feature_ids, n_top: int, batch_size: int) -> np.ndarray:
+    """Column indices (into ``feature_ids``) of the set's top HVGs, from one streamed pass."""
+    h = M.HVGStats(len(feature_ids))
+    for _, m in eval_set.iter_counts(feature_ids, batch_size):
+        h.update(m)
+    return h.top_genes(n_top)
+
+
+def embedding_metrics(emb: np.ndarray, labels: np.ndarray, *, k: int = 5, seed: int = 0,
+                      fractions=M.FEW_SHOT_FRACTIONS, seeds=(0, 1, 2), min_cells: int = 10,
+                      integration: bool = True) -> tuple[dict, pd.DataFrame]:
+    """kNN, few-shot and integration metrics of an embedding on its labelled cells.
+
+    Returns
+    -------
+    (dict, pandas.DataFrame)
+        Flat metrics (empty when fewer than 2 usable cell types) and the few-shot rows.
+    """
+    ok = M.usable_labels(labels, min_cells=min_cells)
+    y = np.asarray(labels).astype(str)[ok]
+    if len(np.unique(y)) < 2:
+        return {}, pd.DataFrame()
+    X = emb[ok]
+    out = {f"knn_{a}": v for a, v in M.knn_classification(X, y, k=k, seed=seed).items()
+           if a in ("accuracy", "macro_f1")}
+    out["n_labelled_cells"] = int(len(y))
+    out["n_cell_types"] = int(len(np.unique(y)))
+    out["chance_macro_f1"] = 1.0 / len(np.unique(y))
+    fs = pd.DataFrame()
+    if len(fractions) and len(seeds):
+        fs = M.few_shot(X, y, fractions=fractions, seeds=seeds, split_seed=seed)
+        for f, g in fs.groupby("fraction"):
+            out[f"few_shot_accuracy_f{f:g}"] = float(g["accuracy"].mean())
+            out[f"few_shot_macro_f1_f{f:g}"] = float(g["macro_f1"].mean())
+    if integration:
+        im = M.integration_metrics(X, y, seed=seed)
+        out.update({k2: v for k2, v in im.items() if k2 != "backend"})
+    return out, fs
+
+
+def _fidelity(eval_set, genes: np.ndarray, max_cells: int, seed: int, batch_size: int, k: int) -> dict:
+    """Rank fidelity on a seeded subsample of labelled cells (their counts over ``genes`` kept sparse)."""
+    import scipy.sparse as sp
+
+    ok = M.usable_labels(eval_set.obs["cell_type"].to_numpy(), min_cells=2)
+    pos = np.flatnonzero(ok)
+    if len(np.unique(eval_set.obs["cell_type"].to_numpy()[pos])) < 2:
+        return {}
+    pick = np.sort(np.random.default_rng(seed).permutation(pos)[:max_cells])
+    parts = []
+    for sl, m in eval_set.iter_counts(genes, batch_size):
+        sel = pick[(pick >= sl.start) & (pick < sl.stop)] - sl.start
+        if len(sel):
+            parts.append(m[sel])
+    counts = sp.vstack(parts).tocsr()
+    return M.rank_fidelity(counts, eval_set.obs["cell_type"].to_numpy()[pick], k=k, max_cells=max_cells, seed=seed)
+
+
+def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline: bool = True,
+             batch_size: int = 1024, n_hvg: int = 1000, n_hvg_baseline: int = 2000, n_pcs: int = 50,
+             knn_k: int = 5, few_shot_fractions=M.FEW_SHOT_FRACTIONS, few_shot_seeds=(0, 1, 2),
+             min_cells_per_type: int = 10, integration: bool = True, rank_fidelity: bool = True,
+             max_fidelity_cells: int = 3000, sample_z: bool = False, seed: int = 0, device: str = "cpu",
+             log: Callable[[str], None] = print) -> dict:
+    """Evaluate every model on every eval set (module doc) and write the tables to ``out``.
+
+    Parameters
+    ----------
+    model_dirs : sequence of path
+        Model directories (:func:`atlasmix.evaluation.models.load_model`).
+    eval_sets : sequence of EvalSet
+        From :func:`atlasmix.evaluation.evalsets.load_eval_sets`.
+    out : path
+        Output directory (created; existing result files are replaced).
+    store : atlasmix.store.Store, optional
+        The store of the store eval sets (also used to check file sets against training sources).
+    pca_baseline, rank_fidelity, integration : bool
+        Include the PCA baseline, the rank-encoding fidelity rows, NMI/ARI/silhouette.
+    batch_size : int
+        Eval cells per streamed batch.
+    n_hvg : int
+        HVGs scored by the reconstruction metric (1,000 in scFM-datamix).
+    n_hvg_baseline, n_pcs : int
+        HVGs and components of the PCA baseline (and the genes of the fidelity metric).
+    knn_k, few_shot_fractions, few_shot_seeds, min_cells_per_type
+        Classification settings (see :func:`embedding_metrics`).
+    sample_z : bool
+        Decode one posterior sample of z instead of its mean (scvi's default; seeded by ``seed``).
+
+    Returns
+    -------
+    dict
+        The contents of ``evaluation.json``.
+
+    Raises
+    ------
+    AtlasmixError
+        No models and no baseline, an eval set overlapping a model's training cells, bad model dirs.
+    """
+    import torch
+
+    from atlasmix.evaluation.models import LDVAEAdapter, PCABaseline, load_model
+
+    out = Path(out)
+    if not eval_sets:
+        raise AtlasmixError("no eval sets given")
+    models = [load_model(d, device) for d in model_dirs]
+    if not models and not pca_baseline:
+        raise AtlasmixError("no models to evaluate (give --models or keep the PCA baseline)")
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise AtlasmixError(f"two model directories share the name {sorted(n for n in names if names.count(n) > 1)[0]!r}")
+    overlap = {}
+    for m in models:  # refuse before computing anything
+        for e in eval_sets:
+            overlap[f"{m.name}/{e.name}"] = check_overlap(m, e, store)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    per_cell: list[pd.DataFrame] = []
+    few: list[pd.DataFrame] = []
+    timings: dict[str, float] = {}
+    emb_kw = dict(k=knn_k, seed=seed, fractions=tuple(few_shot_fractions), seeds=tuple(few_shot_seeds),
+                  min_cells=min_cells_per_type, integration=integration)
+
+    for e in eval_sets:
+        labels = e.obs["cell_type"].to_numpy()
+        rows += _rows("data", "-", e.name, {"n_cells": e.n_cells,
+                                            "n_cell_types_labelled": int(len(np.unique(labels[M.usable_labels(labels, 1)])))})
+        base_genes = None
+        if pca_baseline or rank_fidelity:
+            t0 = time.perf_counter()
+            cols = hvg_columns(e, e.feature_ids, n_hvg_baseline, batch_size)
+            base_genes = e.feature_ids[cols]
+            timings[f"hvg_baseline/{e.name}"] = round(time.perf_counter() - t0, 2)
+        if rank_fidelity and base_genes is not None and len(base_genes) > 10:
+            t0 = time.perf_counter()
+            fid = _fidelity(e, base_genes, max_fidelity_cells, seed, batch_size, knn_k)
+            rows += _rows("data", "-", e.name, fid, prefix="rank_fidelity_")
+            timings[f"rank_fidelity/{e.name}"] = round(time.perf_counter() - t0, 2)
+        if pca_baseline and base_genes is not None:
+            t0 = time.perf_counter()
+            try:
+                emb = PCABaseline(n_pcs).fit_transform(e, base_genes, batch_size)
+            except AtlasmixError as err:
+                log(f"pca on {e.name}: skipped ({err})")
+                emb = None
+            if emb is not None:
+                met, fs = embedding_metrics(emb, labels, **emb_kw)
+                rows += _rows("pca", "baseline", e.name, met)
+                if len(fs):
+                    few.append(fs.assign(model="pca", mixture="baseline", eval_set=e.name))
+            timings[f"pca/{e.name}"] = round(time.perf_counter() - t0, 2)
+            log(f"pca on {e.name}: {timings[f'pca/{e.name}']} s")
+
+        for m in models:
+            if not isinstance(m, LDVAEAdapter):
+                continue
+            t0 = time.perf_counter()
+            fids = m.feature_ids
+            present = np.isin(fids, e.feature_ids)
+            hv = hvg_columns(e, fids, n_hvg, batch_size)
+            codes, seen = m.batch_codes(e.obs)
+            if sample_z:
+                torch.manual_seed(seed)
+            r = np.full(e.n_cells, np.nan)
+            lat = np.zeros((e.n_cells, m.n_latent), dtype=np.float32)
+            for sl, cnt in e.iter_counts(fids, batch_size):
+                X = cnt.toarray()
+                z, expr = m.encode(X, codes[sl], sample_z=sample_z)
+                r[sl] = M.reconstruction_accuracy(cnt, expr, hv)[0]
+                lat[sl] = z
+            pc = e.obs[["cell_id", "soma_joinid", "dataset_id", "cell_type"]].copy()
+            pc.insert(0, "eval_set", e.name)
+            pc.insert(0, "mixture", m.mixture)
+            pc.insert(0, "model", m.name)
+            pc["batch_seen"] = seen
+            pc["pearson_r"] = r
+            pc["r2"] = r * r
+            per_cell.append(pc)
+            s = M.summarize(r)
+            s2 = M.summarize(r * r)
+            d = {"recon_pearson_median": s["median"], "recon_pearson_q25": s["q25"], "recon_pearson_q75": s["q75"],
+                 "recon_pearson_iqr": s["iqr"], "recon_pearson_mean": s["mean"], "recon_r2_median": s2["median"],
+                 "recon_r2_iqr": s2["iqr"], "recon_n_cells_scored": s["n"], "recon_n_hvg": len(hv),
+                 "model_genes_missing_fraction": float(1 - present.mean()),
+                 "batch_unseen_fraction": float(1 - seen.mean())}
+            rows += _rows(m.name, m.mixture, e.name, d)
+            met, fs = embedding_metrics(lat, labels, **emb_kw)
+            rows += _rows(m.name, m.mixture, e.name, met)
+            if len(fs):
+                few.append(fs.assign(model=m.name, mixture=m.mixture, eval_set=e.name))
+            timings[f"{m.name}/{e.name}"] = round(time.perf_counter() - t0, 2)
+            log(f"{m.name} on {e.name}: median r = {s['median']:.3f} ({s['n']} cells, {timings[f'{m.name}/{e.name}']} s)")
+
+    res = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    res.to_parquet(out / "results.parquet", index=False)
+    res.to_csv(out / "results.csv", index=False)
+    pcs = pd.concat(per_cell, ignore_index=True) if per_cell else pd.DataFrame(
+        columns=["model", "mixture", "eval_set", "cell_id", "soma_joinid", "dataset_id", "cell_type", "batch_seen",
+                 "pearson_r", "r2"])
+    pcs.to_parquet(out / "per_cell.parquet", index=False)
+    pcs.to_csv(out / "per_cell.csv", index=False)
+    fsd = pd.concat(few, ignore_index=True) if few else pd.DataFrame(
+        columns=["model", "mixture", "eval_set", "fraction", "seed", "n_train", "C", "accuracy", "macro_f1"])
+    fsd[["model", "mixture", "eval_set"] + [c for c in fsd.columns if c not in ("model", "mixture", "eval_set")]] \
+        .to_csv(out / "few_shot.csv", index=False)
+    doc = {
+        "models": [{"name": m.name, "kind": m.kind, "mixture": m.mixture, "path": str(Path(m.path).resolve()),
+                    "n_genes": int(len(m.feature_ids))} for m in models],
+        "eval_sets": [{"name": e.name, "kind": e.kind, "n_cells": e.n_cells, "definition": e.definition,
+                       "sha256": e.sha256} for e in eval_sets],
+        "overlap_checks": overlap,
+        "options": {"batch_size": batch_size, "n_hvg": n_hvg, "n_hvg_baseline": n_hvg_baseline, "n_pcs": n_pcs,
+                    "knn_k": knn_k, "few_shot_fractions": list(few_shot_fractions),
+                    "few_shot_seeds": list(few_shot_seeds), "min_cells_per_type": min_cells_per_type,
+                    "sample_z": sample_z, "seed": seed, "pca_baseline": pca_baseline, "rank_fidelity": rank_fidelity,
+                    "max_fidelity_cells": max_fidelity_cells},
+        "store": store.identity() if store is not None else None,
+        "timings_s": timings,
+    }
+    (out / "evaluation.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    return doc
