@@ -245,8 +245,10 @@ class GeneformerAdapter:
         for f in ("config.json", "token_dictionary.pkl", "gene_median_dictionary.pkl"):
             if not (self.path / f).is_file():
                 raise AtlasmixError(f"{self.path} is not a Geneformer model directory (no {f})")
+        import importlib
+
         try:
-            import atlasmix.training.geneformer.tokenizer  # noqa: F401  (availability check)
+            importlib.import_module("atlasmix.training.geneformer.tokenizer")
         except ImportError as e:
             raise AtlasmixError("Geneformer evaluation needs atlasmix.training.geneformer.tokenizer (the rank value "
                                 f"encoding), which is not available in this checkout ({e})") from None
