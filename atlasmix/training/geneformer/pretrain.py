@@ -115,6 +115,8 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_id: 
         eligible &= ids != s
     prob = torch.rand(ids.shape, generator=generator)
     selected = eligible & (prob < mlm_probability)
+    if not selected.any() and eligible.any():  # never a batch without a target (the loss would be NaN)
+        selected.view(-1)[int(torch.nonzero(eligible.view(-1))[0])] = True
     labels = torch.where(selected, ids, torch.full_like(ids, -100))
     r = torch.rand(ids.shape, generator=generator)
     to_mask = selected & (r < 0.8)
@@ -125,6 +127,26 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_id: 
     rand = torch.randint(lo, vocab_size, ids.shape, generator=generator)
     out[to_rand] = rand[to_rand]
     return out.to(dev), labels.to(dev)
+
+
+class MaskedLMLoss(torch.nn.Module):
+    """MLM cross-entropy of a ``BertForMaskedLM`` computed on the selected positions only.
+
+    Identical to ``BertForMaskedLM(..., labels=labels).loss`` (mean over selected tokens) but the
+    vocabulary projection runs on the ~15% selected positions instead of every position (B x L x
+    vocab logits would be 2.5 GB in float32 for 12 cells x 2,048 tokens x 25k genes). Wrap this
+    module, not the model, in DistributedDataParallel.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        sel = labels != -100
+        logits = self.model.cls(h[sel])
+        return torch.nn.functional.cross_entropy(logits.float(), labels[sel])
 
 
 def _plot(df: pd.DataFrame, path: Path) -> None:
@@ -303,9 +325,9 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
         if (out / "training_curve.csv").is_file():
             old = pd.read_csv(out / "training_curve.csv")
             rows = old[old["step"] <= step].to_dict("records")
-    net = model
+    net = MaskedLMLoss(model)
     if dist:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
     use_bf16 = bool(bf16 and dev.type == "cuda")
     special_ids = dicts.special_ids
 
@@ -328,7 +350,7 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
     wait = 0.0
     acc_loss, acc_n, acc_cells, acc_wait, t_log = 0.0, 0, 0, 0.0, time.perf_counter()
     done = bool(max_steps and step >= max_steps)
-    while not done and epoch < epochs:
+    while not done and (bool(max_steps) or epoch < epochs):
         if stream.sub_done == 0 and loader.batches_done == 0:
             loader.set_epoch(epoch)
         it = iter(stream)
@@ -346,7 +368,7 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
             g = torch.Generator().manual_seed(int(seed) * 1_000_003 + step)
             mids, labels = mask_tokens(ids, att, dicts.mask_id, special_ids, cfg.vocab_size, mlm_probability, g)
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = net(input_ids=mids, attention_mask=att, labels=labels).loss
+                loss = net(mids, att, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm:
