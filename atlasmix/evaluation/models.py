@@ -171,13 +171,17 @@ class LDVAEAdapter:
 class PCABaseline:
     """PCA of log1p(CP10k) on an eval set's own top HVGs (the sc-foundation-eval baseline).
 
-    Fitted per eval set with scikit-learn's ``IncrementalPCA`` over streamed batches (no dense copy
-    of the whole set), then applied in a second pass.
+    Exact and streamed: pass 1 accumulates the gene x gene cross-product ``X^T X`` and the gene sums
+    of the sparse log1p(CP10k) batches (O(n_genes^2) memory, 32 MB for 2,000 HVGs), the covariance's
+    top eigenvectors come from ``scipy.sparse.linalg.eigsh``; pass 2 projects each centred batch.
+    The result equals ``sklearn.decomposition.PCA`` on the full matrix up to the sign of each
+    component (dense SVDs of whole batches, as ``IncrementalPCA`` does, took ~4 s per 1,000 x 2,000
+    batch on the 2-core test machine).
 
     Parameters
     ----------
     n_components : int
-        Principal components (50 in sc-foundation-eval; capped at n_cells - 1 and n_genes).
+        Principal components (50 in sc-foundation-eval; capped at n_cells - 1 and n_genes - 1).
     """
 
     kind = "pca"
@@ -193,31 +197,35 @@ class PCABaseline:
         Returns
         -------
         numpy.ndarray of float32, shape (n_cells, n_components)
+            Components in decreasing order of explained variance.
         """
-        from sklearn.decomposition import IncrementalPCA
+        from scipy.sparse.linalg import eigsh
 
         from atlasmix.evaluation.metrics import log1p_cp10k
 
-        k = int(min(self.n_components, len(genes), eval_set.n_cells - 1))
+        G = len(genes)
+        k = int(min(self.n_components, G - 1, eval_set.n_cells - 1))
         if k < 2:
             raise AtlasmixError(f"eval set {eval_set.name}: too few cells or genes for a PCA baseline")
-        bs = max(batch_size, k)
-        ipca = IncrementalPCA(n_components=k, batch_size=bs)
-        pending = []
-        npend = 0
-        for _, m in eval_set.iter_counts(genes, bs):  # IncrementalPCA needs >= k rows per partial fit
-            pending.append(log1p_cp10k(m).toarray())
-            npend += m.shape[0]
-            if npend >= k:
-                ipca.partial_fit(np.vstack(pending))
-                pending, npend = [], 0
-        if pending:
-            rest = np.vstack(pending)
-            if rest.shape[0] >= k:
-                ipca.partial_fit(rest)
+        xtx = np.zeros((G, G), dtype=np.float64)
+        s = np.zeros(G, dtype=np.float64)
+        n = 0
+        for _, m in eval_set.iter_counts(genes, batch_size):
+            x = log1p_cp10k(m)
+            xtx += (x.T @ x).toarray()
+            s += np.asarray(x.sum(axis=0)).ravel()
+            n += x.shape[0]
+        mu = s / n
+        cov = (xtx - n * np.outer(mu, mu)) / max(n - 1, 1)
+        vals, vecs = eigsh(cov, k=k, which="LA", v0=np.ones(G))
+        order = np.argsort(vals)[::-1]
+        V = vecs[:, order]
+        V *= np.sign(V[np.abs(V).argmax(axis=0), np.arange(k)])  # deterministic signs
+        self.explained_variance_ = vals[order]
         out = np.zeros((eval_set.n_cells, k), dtype=np.float32)
-        for sl, m in eval_set.iter_counts(genes, bs):
-            out[sl] = ipca.transform(log1p_cp10k(m).toarray())
+        shift = mu @ V
+        for sl, m in eval_set.iter_counts(genes, batch_size):
+            out[sl] = np.asarray(log1p_cp10k(m) @ V) - shift
         return out
 
 

@@ -1,0 +1,244 @@
+"""Evaluation: reconstruction metric, HVGs, rank prediction, kNN / few-shot on real data, overlap
+refusal, LDVAE outputs vs scvi-tools, and the CLI run + report."""
+
+from __future__ import annotations
+
+import json
+from unittest import mock
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from atlasmix.evaluation import metrics as M
+from tests.conftest import SHARED, needs_shared, run_cli
+
+PBMC3K = SHARED / "pbmc3k_hvg2000.h5ad"
+
+
+# ---------------------------------------------------------------------------------------------- pure metrics
+def test_reconstruction_accuracy_hand_checkable():
+    counts = np.array([[1.0, 3.0, 0.0, 6.0],      # library 10 -> CP10k 1000, 3000, 0, 6000
+                       [0.0, 0.0, 0.0, 0.0]])     # empty cell: undefined
+    orig = np.log1p(np.array([1000.0, 3000.0, 0.0, 6000.0]))
+    np.testing.assert_allclose(M.log1p_cp10k(counts)[0], orig)
+    # the model reproduces CP10k exactly -> r = 1; rows of `normalized` are expression at library 10,000
+    perfect = np.array([[1000.0, 3000.0, 0.0, 6000.0], [2500.0] * 4])
+    r, r2 = M.reconstruction_accuracy(counts, perfect)
+    assert r[0] == pytest.approx(1.0) and np.isnan(r[1])
+    # a flat prediction on genes 0, 1, 3 only gives r(log1p([1000, 3000, 6000]), log1p([2000, 2000, 6000]))
+    pred = np.array([[2000.0, 2000.0, 0.0, 6000.0], [2500.0] * 4])
+    a, b = orig[[0, 1, 3]], np.log1p([2000.0, 2000.0, 6000.0])
+    want = ((a - a.mean()) @ (b - b.mean())) / np.sqrt(((a - a.mean()) ** 2).sum() * ((b - b.mean()) ** 2).sum())
+    r, r2 = M.reconstruction_accuracy(counts, pred, genes=np.array([0, 1, 3]))
+    assert r[0] == pytest.approx(want) and r2[0] == pytest.approx(want ** 2) and 0.78 < want < 0.80
+    # sparse input gives the same numbers
+    import scipy.sparse as sp
+
+    np.testing.assert_allclose(M.reconstruction_accuracy(sp.csr_matrix(counts), pred, np.array([0, 1, 3]))[0][:1], [want])
+    s = M.summarize(np.array([0.1, 0.2, 0.3, 0.4, np.nan]))
+    assert s["median"] == pytest.approx(0.25) and s["iqr"] == pytest.approx(0.15) and s["n"] == 4
+
+
+@needs_shared
+def test_streaming_hvgs_equal_scanpy_seurat():
+    import anndata as ad
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    a = ad.read_h5ad(PBMC3K)
+    X = sp.csr_matrix(a.X)
+    h = M.HVGStats(X.shape[1])
+    for s in range(0, X.shape[0], 700):  # streamed in batches
+        h.update(X[s:s + 700])
+    b = ad.AnnData(M.log1p_cp10k(X).astype(np.float32))
+    sc.pp.highly_variable_genes(b, flavor="seurat", n_top_genes=1000)
+    assert np.array_equal(h.top_genes(1000), np.flatnonzero(b.var["highly_variable"].to_numpy()))
+    np.testing.assert_allclose(h.table()["dispersions_norm"], b.var["dispersions_norm"], rtol=1e-4, atol=1e-4)
+
+
+def test_rank_prediction_score_with_tiny_bert():
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    V, L = 70, 12
+    perm = np.random.default_rng(0).permutation(np.arange(4, V))  # pad = 0, mask = 1; genes 4..69
+    ids = np.zeros((5, L), dtype=np.int64)
+    for i in range(5):  # each gene in one cell only
+        n = 12 if i < 4 else 8  # the last cell is padded
+        ids[i, :n] = perm[12 * i:12 * i + n]
+    mask = M.mask_positions(ids, fraction=0.5, seed=1)
+    assert mask.sum(axis=1).tolist() == [6, 6, 6, 6, 4] and not mask[4, 8:].any()
+    # an oracle whose logits put each gene at its true position scores 1; a reversed one about -1
+    oracle = np.full((5, L, V), -10.0)
+    for i in range(5):
+        for j in range(L):
+            oracle[i, j, ids[i, j]] = 10.0
+    np.testing.assert_allclose(M.rank_prediction_scores(ids, mask, oracle), 1.0)
+    rev = np.full((5, L, V), -10.0)
+    for i in range(5):
+        pos = np.flatnonzero(mask[i])
+        for j, jj in zip(pos, pos[::-1]):
+            rev[i, j, ids[i, jj]] = 10.0
+    sr = M.rank_prediction_scores(ids, mask, rev)  # -1 exactly only for evenly spaced masked positions
+    assert np.all(sr < -0.9)
+    # mean-rank baseline: positions averaged over these cells
+    s, c = M.mean_positions(ids, V)
+    mean_pos = np.where(c > 0, s / np.maximum(c, 1), np.nan)
+    base = M.mean_rank_baseline_scores(ids, mask, mean_pos)
+    np.testing.assert_allclose(base, 1.0)  # every gene occurs once, so its mean position is its position
+    # a real (random) BertForMaskedLM: finite scores in [-1, 1]
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=L, pad_token_id=0)
+    bert = BertForMaskedLM(cfg).eval()
+    masked = np.where(mask, 1, ids)
+    with torch.no_grad():
+        logits = bert(input_ids=torch.from_numpy(masked), attention_mask=torch.from_numpy((ids != 0).astype(np.int64))).logits
+    sc = M.rank_prediction_scores(ids, mask, logits.numpy())
+    assert sc.shape == (5,) and np.all(np.isfinite(sc)) and np.all(np.abs(sc) <= 1 + 1e-9)
+
+
+def test_rank_encode_and_fidelity_on_two_types():
+    counts = np.array([[0, 5, 1, 2], [3, 0, 3, 1]], dtype=float)
+    R = M.rank_encode(counts)
+    np.testing.assert_allclose(R, [[0, 3, 1, 2], [2.5, 0, 2.5, 1]])
+    rng = np.random.default_rng(0)
+    a = rng.poisson(np.r_[np.full(20, 8.0), np.full(20, 0.5)], size=(60, 40))  # type A: first genes high
+    b = rng.poisson(np.r_[np.full(20, 0.5), np.full(20, 8.0)], size=(60, 40))
+    f = M.rank_fidelity(np.vstack([a, b]).astype(float), ["A"] * 60 + ["B"] * 60)
+    assert f["spearman_within"] > f["spearman_between"] + 0.3
+    assert f["knn_agreement_rank"] > 0.95 and f["knn_agreement_log"] > 0.95
+
+
+# ---------------------------------------------------------------------------------------------- real data
+@needs_shared
+def test_knn_and_few_shot_on_pbmc3k_pca_baseline():
+    from atlasmix.evaluation.evalsets import file_eval_set
+    from atlasmix.evaluation.models import PCABaseline
+    from atlasmix.evaluation.run import embedding_metrics, hvg_columns
+
+    e = file_eval_set(PBMC3K, cell_type_column="classified")
+    assert e.n_cells == 2638 and e.obs["cell_type"].nunique() == 9 and len(e.feature_ids) > 1900
+    genes = e.feature_ids[hvg_columns(e, e.feature_ids, 2000, 1000)]
+    emb = PCABaseline(30).fit_transform(e, genes, batch_size=1000)
+    assert emb.shape == (2638, 30) and np.isfinite(emb).all()
+    met, fs = embedding_metrics(emb, e.obs["cell_type"].to_numpy(), fractions=(0.1, 1.0), seeds=(0,))
+    # 9 types: chance macro F1 ~ 0.11; measured 0.88-0.92 (kNN) and 0.86-0.91 (few-shot)
+    assert met["n_cell_types"] == 9 and met["chance_macro_f1"] == pytest.approx(1 / 9)
+    assert met["knn_macro_f1"] > 0.75 and met["knn_accuracy"] > 0.8
+    assert met["few_shot_macro_f1_f1"] > 0.75 and met["few_shot_macro_f1_f0.1"] > 0.5
+    assert list(fs["fraction"]) == [0.1, 1.0] and fs["n_train"].iloc[0] < fs["n_train"].iloc[1]
+    assert met["nmi"] > 0.5 and 0.5 < met["silhouette_label"] <= 1
+
+
+EVAL_TOML = """name = "test_eval"
+seed = 3
+[eval_sets.pbmc3k_part]
+where = "dataset_id = 'pbmc3k'"
+fraction = 0.3
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(shared_store, tmp_path_factory):
+    """A tiny LDVAE trained on kang_ifnb + pisces_pbmc1k, with pbmc3k cells held out as an eval set."""
+    from atlasmix.mixing import loads_spec, resolve, write_manifest
+    from atlasmix.training.ldvae import train_ldvae
+    from atlasmix.training.loader import mixture_genes
+
+    store = shared_store[0]
+    d = tmp_path_factory.mktemp("evaluation")
+    (d / "eval_sets.toml").write_text(EVAL_TOML)
+    spec = loads_spec('name = "pbmc_mix"\nseed = 1\nvalidation_fraction = 0.1\nexclude = ["eval_sets.toml"]\n'
+                      '[[components]]\nname = "pbmc"\nwhere = "dataset_id IN (\'kang_ifnb\', \'pisces_pbmc1k\')"\n'
+                      'n_cells = 600\n', "mix.toml")
+    write_manifest(resolve(spec, store, base_dir=d), d / "mix.parquet")
+    cells = pd.read_parquet(d / "mix.parquet")["soma_joinid"].to_numpy()
+    var = store.var()
+    genes = var.loc[mixture_genes(store, cells)[:120], "feature_id"].tolist()
+    train_ldvae(store, d / "mix.parquet", d / "ldvae", max_epochs=1, n_hidden=16, n_layers=1, batch_size=128,
+                io_batch_size=512, checkpoint_every=0, progress=False, accelerator="cpu", genes=genes, prior_cells=1000)
+    return store, d
+
+
+@needs_shared
+def test_ldvae_outputs_match_scvi(trained):
+    from atlasmix.evaluation.models import load_model
+
+    _, d = trained
+    m = load_model(d / "ldvae")
+    assert m.kind == "ldvae" and m.mixture == "pbmc_mix" and len(m.feature_ids) == 120
+    ad = m.model.adata[:48].copy()
+    codes, seen = m.batch_codes(ad.obs.assign(dataset_id=ad.obs["batch"].astype(str)))
+    assert seen.all()
+    z, expr = m.encode(ad.X.toarray(), codes)
+    np.testing.assert_allclose(expr.sum(axis=1), 1e4, rtol=1e-4)
+    np.testing.assert_allclose(z, m.model.get_latent_representation(ad), rtol=1e-5, atol=1e-6)
+    # scvi's get_normalized_expression(library_size=1e4) draws z ~ q(z|x); with sampling replaced by the
+    # posterior mean it must give exactly our deterministic output
+    import torch
+
+    N = torch.distributions.Normal
+    at_mean = lambda self, shape=torch.Size(): self.loc.expand(torch.Size(shape) + self.loc.shape)  # noqa: E731
+    with mock.patch.object(N, "sample", at_mean), mock.patch.object(N, "rsample", at_mean):
+        ref = m.model.get_normalized_expression(ad, library_size=1e4, batch_size=16, return_numpy=True)
+    np.testing.assert_allclose(expr, ref, rtol=1e-4, atol=1e-3)
+    # a dataset without training cells (pbmc3k: in the loader's categories only as eval cells) is unseen
+    c2, s2 = m.batch_codes(pd.DataFrame({"dataset_id": ["pbmc3k", "kang_ifnb", "elsewhere"]}))
+    assert s2.tolist() == [False, True, False] and c2[0] == c2[2] == m.reference_code
+
+
+@needs_shared
+def test_overlap_is_refused(trained, tmp_path):
+    store, d = trained
+    bad = tmp_path / "bad_eval.toml"
+    bad.write_text('name = "bad"\n[eval_sets.kang_all]\nwhere = "dataset_id = \'kang_ifnb\'"\n')
+    r = run_cli("eval", "run", "--store", store.uri, "--eval-sets", bad, "--models", d / "ldvae", "--out", tmp_path / "r")
+    assert r.returncode == 2 and "shares" in r.stderr and "kang_all" in r.stderr and "training" in r.stderr
+    assert not (tmp_path / "r" / "results.parquet").exists()
+    # the source file of a training dataset is refused as an external set too (in-process: faster)
+    from atlasmix.errors import AtlasmixError
+    from atlasmix.evaluation.evalsets import file_eval_set
+    from atlasmix.evaluation.models import load_model
+    from atlasmix.evaluation.run import check_overlap
+
+    m = load_model(d / "ldvae")
+    with pytest.raises(AtlasmixError, match="source file of dataset 'kang_ifnb'"):
+        check_overlap(m, file_eval_set(SHARED / "kang_pbmc_ifnb.h5ad"), store)
+    assert check_overlap(m, file_eval_set(PBMC3K, cell_type_column="classified"), store)["checked"]
+
+
+@needs_shared
+def test_cli_run_and_report(trained, tmp_path):
+    store, d = trained
+    out = tmp_path / "res"
+    r = run_cli("eval", "run", "--store", store.uri, "--eval-sets", d / "eval_sets.toml", "--models", d / "ldvae",
+                "--out", out, "--few-shot-seeds", "1", "--few-shot-fractions", "0.5,1", "--batch-size", "256")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = pd.read_parquet(out / "results.parquet")
+    assert list(res.columns) == ["model", "mixture", "eval_set", "metric", "value"]
+    assert pd.read_csv(out / "results.csv").shape == res.shape
+    assert set(res["model"]) == {"ldvae", "pca", "data"} and set(res["eval_set"]) == {"pbmc3k_part"}
+    v = res.set_index(["model", "metric"])["value"]
+    n = int(v[("data", "n_cells")])
+    assert 700 < n < 900  # 30 % of 2,638
+    assert -1 < v[("ldvae", "recon_pearson_median")] < 1 and v[("ldvae", "recon_n_hvg")] >= 100
+    assert v[("ldvae", "batch_unseen_fraction")] == 1.0
+    assert v[("pca", "knn_macro_f1")] > 0.6 and v[("ldvae", "knn_macro_f1")] > 1 / 9
+    assert v[("data", "rank_fidelity_spearman_within")] > v[("data", "rank_fidelity_spearman_between")]
+    pc = pd.read_parquet(out / "per_cell.parquet")
+    assert len(pc) == n and {"cell_type", "pearson_r", "r2", "soma_joinid", "batch_seen"} <= set(pc.columns)
+    np.testing.assert_allclose(np.nanmedian(pc["pearson_r"]), v[("ldvae", "recon_pearson_median")])
+    doc = json.loads((out / "evaluation.json").read_text())
+    assert doc["overlap_checks"]["ldvae/pbmc3k_part"]["checked"]
+
+    rep = tmp_path / "rep" / "report.html"
+    r = run_cli("eval", "report", out, "--out", rep)
+    assert r.returncode == 0, r.stderr[-3000:]
+    page = rep.read_text()
+    pngs = sorted(p.name for p in rep.parent.glob("*.png"))
+    assert pngs == ["report_few_shot.png", "report_heatmap.png", "report_knn.png", "report_per_cell_0.png"]
+    for p in pngs:
+        assert f'src="{p}"' in page and (rep.parent / p).stat().st_size > 5000
+    assert "<table" in page and "pbmc3k_part" in page and "pbmc_mix" in page
