@@ -13,7 +13,7 @@ even count) with two streaming passes over X and memory independent of the numbe
 2. A second pass keeps only the values that fall into those one or two bins per gene; sorting
    them gives the two middle values exactly.
 
-Memory: genes x bins int64 for the histograms (20,000 genes x 320 bins = 51 MB) plus the values
+Memory: genes x bins int64 for the histograms (20,000 genes x 192 bins = 31 MB) plus the values
 of the median bins (about 1/30 of a gene's nonzeros with 8 bins per octave on typical data),
 plus the loader's IO buffers. Both passes stream cells through
 :class:`atlasmix.training.loader.MixtureLoader` (store order, no shuffle) and compute the values
@@ -55,8 +55,8 @@ def _batches(store, cells, split: str, var_joinids: np.ndarray, chunk_size: int)
 
 
 def gene_medians(store, cells=None, split: str = "train", var_joinids: np.ndarray | None = None, *,
-                 chunk_size: int = 8192, bins_per_octave: int = 8, lo_octave: int = -16,
-                 hi_octave: int = 24, progress=None) -> pd.DataFrame:
+                 chunk_size: int = 8192, bins_per_octave: int = 8, lo_octave: int = -10,
+                 hi_octave: int = 14, progress=None) -> pd.DataFrame:
     """Exact nonzero median of CP10k expression per gene over a set of cells (two streaming passes).
 
     Parameters
