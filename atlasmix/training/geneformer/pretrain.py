@@ -201,7 +201,7 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
                      seed: int = 0, device: str = "auto", bf16: bool = True, io_batch_size: int = 16384,
                      block_size: int = 64, prefetch_io: int = 2, io_threads: int = 2, log_every: int = 10,
                      checkpoint_every: int = 500, resume: bool = False, tokenizer_threads: int = 1,
-                     progress: bool = False) -> dict[str, Any]:
+                     progress: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """Pretrain a Geneformer BertForMaskedLM on a manifest's train split, streamed from the store.
 
     Parameters
@@ -243,6 +243,9 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
         Continue from ``out/checkpoints/last.pt``.
     tokenizer_threads : int
         Threads of the rank value encoding.
+    stop_after : int, optional
+        Stop after this optimizer step as if interrupted (checkpoint and outputs written; the
+        learning-rate schedule still spans ``max_steps``/``epochs``): time-boxed jobs, tests.
 
     Returns
     -------
@@ -298,7 +301,8 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
                            batch_size=batch_size * group_batches, io_batch_size=max(io_batch_size, batch_size * group_batches),
                            block_size=block_size, seed=seed, obs_columns=("dataset_id",), library="total_counts",
                            sparse=True, prefetch_io=prefetch_io, io_threads=io_threads)
-    stream = GeneformerStream(loader, axis, dicts, mode=mode, max_len=L, batch_size=batch_size)
+    stream = GeneformerStream(loader, axis, dicts, mode=mode, max_len=L, batch_size=batch_size,
+                              threads=tokenizer_threads)
 
     cfg = bert_config(dicts.vocab_size(), L, preset, **(config_overrides or {}))
     model = BertForMaskedLM(cfg).to(dev)
@@ -349,10 +353,12 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
     cells = tokens = 0
     wait = 0.0
     acc_loss, acc_n, acc_cells, acc_wait, t_log = 0.0, 0, 0, 0.0, time.perf_counter()
-    done = bool(max_steps and step >= max_steps)
+    done = bool((max_steps and step >= max_steps) or (stop_after and step >= stop_after))
     while not done and (bool(max_steps) or epoch < epochs):
         if stream.sub_done == 0 and loader.batches_done == 0:
             loader.set_epoch(epoch)
+        elif loader.epoch != epoch:  # resumed at an epoch boundary
+            epoch = loader.epoch
         it = iter(stream)
         while True:
             tw = time.perf_counter()
@@ -382,7 +388,7 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
             acc_loss += float(loss.detach()) * n
             acc_n += n
             acc_cells += n
-            if step % log_every == 0 or (max_steps and step >= max_steps):
+            if step % log_every == 0 or (max_steps and step >= max_steps) or (stop_after and step >= stop_after):
                 now = time.perf_counter()
                 rows.append({"step": step, "epoch": epoch, "loss": acc_loss / max(acc_n, 1),
                              "lr": sched.get_last_lr()[0], "cells_per_s": acc_cells / max(now - t_log, 1e-9),
@@ -394,7 +400,7 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
                 acc_loss, acc_n, acc_cells, acc_wait, t_log = 0.0, 0, 0, 0.0, now
             if checkpoint_every and step % checkpoint_every == 0:
                 save_checkpoint()
-            if max_steps and step >= max_steps:
+            if (max_steps and step >= max_steps) or (stop_after and step >= stop_after):
                 done = True
                 break
         if not done:

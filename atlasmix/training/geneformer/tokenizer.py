@@ -70,10 +70,10 @@ def _sort_keys(x: np.ndarray, pos: np.ndarray, pos_bits: int, row_bits: int) -> 
     closer than that count as tied (ordered by ``pos``, i.e. column order)."""
     if len(x) and (x.min() < 2.0 ** -64 or x.max() >= 2.0 ** 64):
         x = np.clip(x, 2.0 ** -64, 2.0 ** 64 * (1 - 2 ** -53))
-    q = _HI_BITS - x.view(np.int64)  # in [1, 2^59]
+    q = (_HI_BITS - 1) - x.view(np.int64)  # in [0, 2^59)
     q >>= row_bits + pos_bits - 4
     q <<= pos_bits
-    q |= pos
+    q |= pos  # (or the payload with its top bits: x's bits never reach bit 63 - row_bits)
     return q
 
 
@@ -161,10 +161,13 @@ def rank_value_encode(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
         return out, np.concatenate([p[1] for p in parts])
 
     nnz_row = np.diff(indptr)
-    ok = (medians > 0)[indices]  # NaN medians compare False: columns outside the vocabulary
-    if len(data) and data.min() <= 0:
-        ok &= data > 0
-    if not ok.all():
+    if np.all(medians > 0):  # every column in the vocabulary (the store loader's axis): no per-nonzero test
+        ok = data > 0 if len(data) and data.min() <= 0 else None
+    else:  # NaN medians compare False: columns outside the vocabulary
+        ok = (medians > 0)[indices]
+        if len(data) and data.min() <= 0:
+            ok &= data > 0
+    if ok is not None and not ok.all():
         keep_cum = np.zeros(len(ok) + 1, dtype=np.int64)
         np.cumsum(ok, out=keep_cum[1:])
         indices, data = indices[ok], data[ok]
@@ -177,35 +180,40 @@ def rank_value_encode(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
     x /= np.repeat(n_counts, nnz_row)
     x *= target_sum
     x /= medians[indices]
-    tok_of = token_ids[indices]
     starts = indptr[:-1]
     W_all = int(nnz_row.max(initial=0))
     pos_bits = max(15, int(W_all).bit_length())
     row_start = np.repeat(starts, nnz_row)
-    pos = np.arange(len(x), dtype=np.int64)
-    pos -= row_start
-    keys = _sort_keys(x, pos, pos_bits, _ROW_BITS)
-    del x
-    # cell of each nonzero inside its block of 2^_ROW_BITS cells, in the top bits: one numpy.sort per
-    # block orders by (cell, descending x) and leaves every cell's nonzeros where CSR had them
-    keys |= (np.repeat(np.arange(B, dtype=np.int64) & ((1 << _ROW_BITS) - 1), nnz_row) << (63 - _ROW_BITS))
+    # payload: offset in the row, and the cell's index within its block of 2^_ROW_BITS cells in the
+    # top bits (one subtraction: starts - (cell << 59) repeated per nonzero)
+    local = (np.arange(B, dtype=np.int64) & ((1 << _ROW_BITS) - 1)) << (63 - _ROW_BITS)
+    payload = np.arange(len(x), dtype=np.int64)
+    payload -= np.repeat(starts - local, nnz_row)
+    keys = _sort_keys(x, payload, pos_bits, _ROW_BITS)
+    del x, payload
+    # one numpy.sort per block of cells orders by (cell, descending x) and leaves every cell's
+    # nonzeros where CSR had them
     step = 1 << _ROW_BITS
     for r0 in range(0, B, step):
-        seg = keys[indptr[r0]:indptr[min(B, r0 + step)]]
-        seg.sort()
-    src = row_start + (keys & np.int64((1 << pos_bits) - 1))
+        keys[indptr[r0]:indptr[min(B, r0 + step)]].sort()
+    keys &= np.int64((1 << pos_bits) - 1)
+    keys += row_start
+    tok_sorted = token_ids[indices[keys]]
     del keys
     lengths_genes = np.minimum(nnz_row, n_genes_max)
+    if W_all > n_genes_max:  # truncation to the model input size: the first n_genes_max of each cell
+        pos = np.arange(len(tok_sorted), dtype=np.int64)
+        pos -= row_start
+        tok_sorted = tok_sorted[pos < n_genes_max]
     off = 1 if special else 0
     L_out = int(lengths_genes.max(initial=0)) + 2 * off
     out = np.full((B, L_out), pad_id, dtype=np.int64)
-    sel = pos < n_genes_max  # truncation to the model input size
-    if not sel.all():
-        src, pos, row_start = src[sel], pos[sel], np.repeat(np.arange(B, dtype=np.int64), lengths_genes)
-        dest = row_start * L_out + off + pos
+    # row-major boolean assignment fills each row's first lengths_genes slots in flat order
+    fill = np.arange(L_out - 2 * off)[None, :] < lengths_genes[:, None]
+    if special:
+        out[:, off:L_out - off][fill] = tok_sorted
     else:
-        dest = np.repeat(np.arange(B, dtype=np.int64) * L_out + off, nnz_row) + pos
-    out.ravel()[dest] = tok_of[src]
+        out[fill] = tok_sorted
     lengths = lengths_genes + 2 * off
     if special:
         out[:, 0] = cls_id
@@ -346,6 +354,10 @@ class GeneformerStream:
         Length-grouped batches inside each megabatch (batch order shuffled with the loader's seed).
     drop_empty : bool
         Drop cells with no vocabulary gene (e.g. mouse cells under a human vocabulary).
+    threads : int
+        Threads of :func:`rank_value_encode`.
+    prefetch : int
+        Tokenized megabatches made ahead of the consumer by a background thread.
 
     Yields
     ------
@@ -362,7 +374,7 @@ class GeneformerStream:
 
     def __init__(self, loader, axis: dict[str, np.ndarray], dicts: Dictionaries, mode: str = "v1",
                  max_len: int | None = None, batch_size: int | None = None, group_by_length: bool = True,
-                 drop_empty: bool = True):
+                 drop_empty: bool = True, threads: int = 1, prefetch: int = 2):
         if not loader.sparse or loader.library != "total_counts":
             raise AtlasmixError("GeneformerStream needs a loader with sparse=True and library='total_counts'")
         if not np.array_equal(loader.var_joinids, axis["var_joinids"]):
@@ -377,6 +389,7 @@ class GeneformerStream:
         self.group_by_length = bool(group_by_length)
         self.drop_empty = bool(drop_empty)
         self.sub_done = 0  # training batches handed out from the current megabatch
+        self.threads, self.prefetch = max(1, int(threads)), max(1, int(prefetch))
 
     def __len__(self) -> int:
         """Training batches per epoch (upper bound when empty cells are dropped)."""
@@ -388,7 +401,8 @@ class GeneformerStream:
         X = b["X"]
         return rank_value_encode(X.crow_indices().numpy(), X.col_indices().numpy(), X.values().numpy(),
                                  b["library_size"].numpy().ravel(), self.axis["medians"], self.axis["token_ids"],
-                                 self.max_len, cls_id=self.cls_id, eos_id=self.eos_id, pad_id=self.dicts.pad_id)
+                                 self.max_len, cls_id=self.cls_id, eos_id=self.eos_id, pad_id=self.dicts.pad_id,
+                                 threads=self.threads)
 
     def _split(self, b: dict[str, Any], tokens: np.ndarray, lengths: np.ndarray, mega_index: int) -> list[dict]:
         n = len(lengths)
@@ -413,27 +427,45 @@ class GeneformerStream:
             out.append(d)
         return out
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        skip = self.sub_done
+    def _produce(self) -> Iterator[tuple[int, int, list[dict]]]:
+        """(epoch, megabatch index, training batches) per loader minibatch; runs in a background thread."""
         for b in self.loader:
-            mega_index = self.loader.batches_done - 1
+            epoch, mega_index = self.loader.epoch, self.loader.batches_done - 1
             tokens, lengths = self.tokenize(b)
-            subs = self._split(b, tokens, lengths, mega_index)
-            # the loader counts this megabatch as done once handed out: roll back until its last batch
-            self.loader.batches_done -= 1
+            yield epoch, mega_index, self._split(b, tokens, lengths, mega_index)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from atlasmix._prefetch import prefetch
+
+        L = self.loader
+        if L.batches_done >= len(L):  # the loader would start the next epoch
+            L.set_epoch(L.epoch + 1)
+        self._epoch, self._mega = L.epoch, L.batches_done
+        skip = self.sub_done
+        # tokenization runs ahead in a thread (numpy releases the GIL): the training loop only waits
+        # when the loader + tokenizer are slower than the model
+        for epoch, mega_index, subs in prefetch(self._produce(), depth=self.prefetch, name="atlasmix-geneformer"):
+            self._epoch, self._mega = epoch, mega_index
             for j in range(skip, len(subs)):
                 self.sub_done = j + 1
                 yield subs[j]
             skip = 0
             self.sub_done = 0
-            self.loader.batches_done += 1
+            self._mega = mega_index + 1
+        self._epoch, self._mega = L.epoch, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loader": self.loader.state_dict(), "sub_done": self.sub_done}
+        """The consumer's position (the loader itself may have read ahead): loader state with
+        ``epoch`` / ``batches_done`` of the megabatch being consumed, and ``sub_done``."""
+        st = self.loader.state_dict()
+        if hasattr(self, "_epoch"):
+            st["epoch"], st["batches_done"] = self._epoch, self._mega
+        return {"loader": st, "sub_done": self.sub_done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state["loader"])
         self.sub_done = int(state.get("sub_done", 0))
+        self._epoch, self._mega = self.loader.epoch, self.loader.batches_done
 
 
 def tokenize_anndata(adata, dicts: Dictionaries, name_id: dict[str, str] | None = None, mode: str = "v1",
