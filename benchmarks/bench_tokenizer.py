@@ -20,6 +20,9 @@ them) are encoded by
 in the same process, one after the other, repeated ``--repeats`` times (best time kept: the
 machine is shared). Outputs are checked equal (tie-aware) before timing.
 
+Stream part (``--store`` and ``--mixture``): one epoch of the data pipeline alone (loader +
+tokenization, no model): the most cells/s it can feed a GPU.
+
 Pretraining part (``--pretrain``): ``train_geneformer`` with the V1 model (6 layers, hidden 256,
 2,048 tokens) for ``--steps`` optimizer steps streamed from the store; reports cells/s and the
 fraction of wall time the training loop waited for the next tokenized batch (data wait).
@@ -151,6 +154,28 @@ def main() -> None:
         r = time_tokenizer(f"sim{k}", X, nc, med, tok, args.batch_size, args.repeats, args.max_len)
         results["tokenizer"][f"simulated_{k}nnz"] = r
         print(json.dumps({f"simulated_{k}nnz": r}), flush=True)
+
+    if args.store and args.mixture:  # the data pipeline alone: loader + on-the-fly tokenization
+        from atlasmix.store import Store
+        from atlasmix.training.geneformer.tokenizer import GeneformerStream, vocabulary_axis
+        from atlasmix.training.loader import MixtureLoader
+
+        store = Store(args.store)
+        d = load_dictionaries(dict_dir)
+        axis = vocabulary_axis(store, d)
+        L = MixtureLoader(store, args.mixture, "train", var_joinids=axis["var_joinids"],
+                          batch_size=args.pretrain_batch_size * 50, io_batch_size=16384, obs_columns=("dataset_id",),
+                          library="total_counts", sparse=True)
+        st = GeneformerStream(L, axis, d, batch_size=args.pretrain_batch_size)
+        n = toks = 0
+        t = time.perf_counter()
+        for b in st:
+            n += len(b["lengths"])
+            toks += int(b["lengths"].sum())
+        dt = time.perf_counter() - t
+        results["stream"] = {"cells": n, "cells_per_s": round(n / dt, 1), "tokens_per_cell": round(toks / max(n, 1), 1),
+                             "note": "one epoch of MixtureLoader + GeneformerStream, no model"}
+        print(json.dumps({"stream": results["stream"]}), flush=True)
 
     if args.pretrain:
         import tempfile

@@ -140,6 +140,7 @@ def register(app: typer.Typer) -> None:
                                weight_decay=weight_decay, seed=seed, device=device, bf16=bf16,
                                io_batch_size=io_batch_size, block_size=block_size, log_every=log_every,
                                checkpoint_every=checkpoint_every, resume=resume, progress=progress)
-        typer.echo(json.dumps({k: run.get(k) for k in ("steps", "cells_this_call", "wall_s", "train_cells_per_s",
-                                                       "data_wait_fraction", "final_loss")}))
-        typer.echo(f"model: {Path(out) / 'model'}", err=True)
+        if run:  # rank 0 (under torchrun the other ranks return nothing)
+            typer.echo(json.dumps({k: run.get(k) for k in ("steps", "cells_this_call", "wall_s", "train_cells_per_s",
+                                                           "data_wait_fraction", "final_loss")}))
+            typer.echo(f"model: {Path(out) / 'model'}", err=True)
