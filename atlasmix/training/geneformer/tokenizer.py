@@ -13,9 +13,12 @@ tokens, ``<cls>`` first and ``<eos>`` last (so at most 4,094 genes).
 
 :func:`rank_value_encode` does this for a whole CSR minibatch without a Python loop per cell: the
 normalised values become packed int64 keys (cell, descending value, column) sorted per block of
-16 cells with ``numpy.sort``, then token ids are gathered and truncated with flat index arithmetic. Values are computed in float64 as Geneformer does; ties come out in column order
-(Geneformer's own ``np.argsort`` leaves tie order unspecified). :func:`rank_value_encode_reference` is the straightforward per-cell version of the
-reference algorithm, kept for tests and the benchmark.
+16 cells with ``numpy.sort``, then token ids are gathered and truncated with flat index
+arithmetic. Values are computed in float64 as Geneformer does; ties come out in column order
+(Geneformer's own ``np.argsort`` leaves tie order unspecified). With Geneformer's V1 dictionaries
+it reproduces the published V1 tokens of ``pisces_pbmc1k`` for all 1,000 cells, tie order included.
+:func:`rank_value_encode_reference` is the straightforward per-cell version of the reference
+algorithm, kept for tests and the benchmark.
 
 :class:`GeneformerStream` wraps a :class:`~atlasmix.training.loader.MixtureLoader` (sparse CSR
 minibatches, ``library="total_counts"`` = Geneformer's ``n_counts``, gene axis = the vocabulary
@@ -368,8 +371,16 @@ class GeneformerStream:
 
     Notes
     -----
-    :meth:`state_dict` / :meth:`load_state_dict` record the loader's position and the batch index
-    inside the current megabatch, so a resumed stream continues with the next training batch.
+    :meth:`state_dict` / :meth:`load_state_dict` record the consumer's position (megabatch and the
+    batch index inside it; the background thread may have read ahead), so a resumed stream
+    continues with the next training batch.
+
+    Tokens from the store equal Geneformer's from the source file on every gene both map to the
+    same Ensembl id: the store maps symbols with GENCODE/HGNC (aliases and previous symbols
+    included, duplicate symbols summed), Geneformer with its ``gene_name_id_dict`` (first column
+    wins). Measured on ``pisces_pbmc1k`` with the V1 dictionaries: 19,857 genes mapped identically,
+    18 only by Geneformer, 1,108 (expressed) only by the store (e.g. ATP5E -> ENSG00000124172);
+    so 11/1,000 cells are identical in full, and all 1,000 rank the common genes identically.
     """
 
     def __init__(self, loader, axis: dict[str, np.ndarray], dicts: Dictionaries, mode: str = "v1",
