@@ -224,3 +224,56 @@ def test_dataloader_worker_processes_serve_interleaved_shards(mix):
     expect = [set(L.with_shard(0, 1, w, 2).cells[L.with_shard(0, 1, w, 2).shard_positions()]) for w in range(2)]
     first = got[:128]  # the DataLoader takes worker 0's first minibatch first
     assert set(first) <= expect[0] and not set(first) & expect[1]
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_device_gather_path_equals_host_path(mix, sparse):
+    """The GPU path (IO batch copied once, minibatches cut out on the device) is exercised here on
+    the CPU: same cells, order, counts, library sizes and codes as the host path, also mid-epoch."""
+    host = make(mix, gather_on_device=False, sparse=sparse, obs_columns=("dataset_id", "cell_type"))
+    dev = make(mix, gather_on_device=True, sparse=sparse, obs_columns=("dataset_id", "cell_type"))
+    assert dev._gathers_on_device() and not host._gathers_on_device()
+    for _ in range(2):  # two epochs: different orders, same between paths
+        for a, b in zip(host, dev, strict=True):
+            assert torch.equal(a["soma_joinid"], b["soma_joinid"])
+            xa = a["X"].to_dense() if sparse else a["X"]
+            xb = b["X"].to_dense() if sparse else b["X"]
+            assert xb.dtype == torch.float32 and xb.shape == xa.shape
+            assert torch.equal(xa, xb)
+            assert torch.equal(a["library_size"], b["library_size"])
+            assert torch.allclose(b["library_size"].ravel(), xb.sum(1))
+            assert torch.equal(a["dataset_id"], b["dataset_id"]) and torch.equal(a["cell_type"], b["cell_type"])
+    # resume mid-epoch on the device path continues with the same minibatches
+    it = iter(dev)
+    [next(it) for _ in range(3)]
+    st = dev.state_dict()
+    rest = [b["soma_joinid"] for b in it]
+    again = make(mix, gather_on_device=True, sparse=sparse)
+    again.load_state_dict(st)
+    assert all(torch.equal(x, y["soma_joinid"]) for x, y in zip(rest, again, strict=True))
+
+
+def _shm_blocks() -> set[str]:
+    from pathlib import Path
+
+    d = Path("/dev/shm")
+    return {p.name for p in d.glob("psm_*")} if d.is_dir() else set()
+
+
+@pytest.mark.parametrize("gather_on_device", [False, True])
+def test_read_processes_serve_the_same_batches_and_free_shared_memory(mix, gather_on_device):
+    before = _shm_blocks()
+    host = make(mix, gather_on_device=False)
+    procs = make(mix, read_processes=1, gather_on_device=gather_on_device)
+    try:
+        for _ in range(2 if gather_on_device else 1):
+            for a, b in zip(host, procs, strict=True):
+                assert torch.equal(a["soma_joinid"], b["soma_joinid"])
+                assert torch.equal(a["X"], b["X"]) and torch.equal(a["library_size"], b["library_size"])
+        it = iter(procs)  # stop mid-epoch: pending reads are cancelled or freed
+        next(it)
+        it.close()
+    finally:
+        procs.close()
+    assert procs._pool is None
+    assert _shm_blocks() <= before  # every shared-memory block was unlinked

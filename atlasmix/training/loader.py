@@ -44,6 +44,30 @@ threads. For DataLoader worker processes wrap the loader in :class:`MixtureItera
 ``multiprocessing_context="spawn"`` (forking after TileDB is opened hangs): the loader pickles by
 store URI, and each worker serves its interleaved (rank, worker) shard.
 
+GPU path
+--------
+On a CUDA device the host does no per-minibatch work on the counts: each IO batch (sorted CSR,
+``io_batch_size`` cells) is pinned and copied to the GPU once, on a side stream, by the prefetch
+thread (``indices`` int32, ``data`` float32: 8 bytes per nonzero, ~1 GiB of GPU memory for 65,536
+cells at 2,000 nonzeros per cell; the IO batch being cut plus those of the <= 4 queued minibatches
+are resident, at most 3). A minibatch is then
+its row indices into that IO batch: the consumer gathers the rows' nonzeros (``repeat_interleave``
+with host-known output sizes, so no device-to-host synchronisation) and scatters them into a zeroed
+dense (B, genes) float32 tensor. Library sizes and obs codes are computed per IO batch on the host
+(a few bytes per cell). Per-minibatch host cost is O(batch_size), not O(nonzeros).
+
+Read processes
+--------------
+The read of an IO batch (TileDB decode, var joinid -> column mapping, CSR assembly) competes for the
+GIL with the training loop when it runs in threads of the training process. With
+``read_processes=N`` it runs in N processes started with ``spawn`` (forking after TileDB is
+opened hangs), kept for the loader's lifetime (:meth:`MixtureLoader.close`). A worker writes the
+CSR's three arrays into ``multiprocessing.shared_memory`` blocks and returns their names; the
+training process maps them without a copy, uses them (pins and copies them to the GPU, or gathers
+minibatches on the CPU) and unlinks them. Order, shuffle and resume are unchanged: every order is
+still drawn in the training process. Memory: each worker holds one read's TileDB buffers; at most
+``prefetch_io + 1`` IO batches are in shared memory at a time.
+
 Resume
 ------
 :meth:`MixtureLoader.state_dict` records ``epoch`` and ``batches_done`` (minibatches handed to the
@@ -238,6 +262,123 @@ def mixture_genes(store, cells: np.ndarray, genes: Sequence[str] | None = None) 
 
 
 # ---------------------------------------------------------------------------------------------- loader
+def read_csr(X, ids_sorted: np.ndarray, col_of: np.ndarray | None, n_vars: int) -> sp.csr_matrix:
+    """One TileDB read of cells ``ids_sorted`` x the gene axis, as CSR (rows in ``ids_sorted`` order).
+
+    Parameters
+    ----------
+    X : tiledbsoma.SparseNDArray
+        ``ms/RNA/X/raw``, open for reading.
+    ids_sorted : numpy.ndarray of int64, shape (n,)
+        Cell soma_joinids, ascending.
+    col_of : numpy.ndarray of int64 or None
+        var joinid -> column of the gene axis (-1: drop the gene); None: column = var joinid.
+    n_vars : int
+        Columns of the result.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix, float32, shape (n, n_vars), int32 indices
+
+    Notes
+    -----
+    The arrow result pieces are converted one at a time to int32 (row, column) codes, so the
+    transient memory is ~ one piece plus the CSR being built (8 bytes per nonzero). X's space tiles
+    span the whole gene axis, so a gene subset saves no IO, while point ranges on soma_dim_1 make
+    TileDB's read far slower: rows only are selected in TileDB, genes afterwards.
+    """
+    n = len(ids_sorted)
+    pieces = []
+    for t in X.read(coords=(pa.array(ids_sorted),)).tables():
+        d0 = t["soma_dim_0"].to_numpy()
+        c = t["soma_dim_1"].to_numpy()
+        v = t["soma_data"].to_numpy()
+        if col_of is not None:  # gene subset / reorder: map var joinid -> column, drop other genes
+            c = col_of[c]
+            keep = c >= 0
+            d0, c, v = d0[keep], c[keep], v[keep]
+        pieces.append((d0, c.astype(np.int32), v.astype(np.float32, copy=False)))
+    d0s = [p[0] for p in pieces if len(p[0])]
+    ordered = all(bool(np.all(a[1:] >= a[:-1])) for a in d0s) and all(
+        a[-1] <= b[0] for a, b in zip(d0s[:-1], d0s[1:]))
+    c = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.int32)
+    v = np.concatenate([p[2] for p in pieces]) if pieces else np.zeros(0, np.float32)
+    if ordered:  # TileDB returns row-major order: row starts from n binary searches per piece
+        counts = np.zeros(n, dtype=np.int64)
+        for a in d0s:
+            counts += np.searchsorted(a, ids_sorted, "right") - np.searchsorted(a, ids_sorted, "left")
+    else:  # fallback: sort nonzeros by row
+        d0 = np.concatenate(d0s)
+        o = np.argsort(d0, kind="stable")
+        c, v = c[o], v[o]
+        counts = np.bincount(np.searchsorted(ids_sorted, d0), minlength=n)
+    del pieces, d0s
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return sp.csr_matrix((v, c, indptr), shape=(n, n_vars))
+
+
+# ---------------------------------------------------------------------------------------------- read processes
+_W: dict[str, Any] = {}
+
+
+def _worker_init(uri: str, tiledb_config: dict, col_of: np.ndarray | None, n_vars: int) -> None:
+    """Read-process initializer: open X once (spawned process; see "Read processes")."""
+    import tiledbsoma as soma
+
+    ctx = soma.SOMATileDBContext(tiledb_config=tiledb_config)
+    _W.update(X=soma.open(f"{uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}", "r", context=ctx), col_of=col_of, n_vars=n_vars)
+
+
+def _worker_read(ids_sorted: np.ndarray) -> tuple:
+    """Read one IO batch in a read process; returns shared-memory block names, dtypes and lengths."""
+    from multiprocessing import resource_tracker, shared_memory
+
+    m = read_csr(_W["X"], ids_sorted, _W["col_of"], _W["n_vars"])
+    out = []
+    for a in (m.indptr, m.indices, m.data):
+        shm = shared_memory.SharedMemory(create=True, size=max(1, a.nbytes))
+        np.ndarray(a.shape, a.dtype, buffer=shm.buf)[:] = a
+        out.append((shm.name, a.dtype.str, len(a)))
+        shm.close()
+        resource_tracker.unregister(shm._name, "shared_memory")  # the training process unlinks it
+    return tuple(out), m.shape
+
+
+def _attach(result: tuple) -> tuple[sp.csr_matrix, list]:
+    """Map a read process's CSR (no copy); the blocks must be released with :func:`_release`."""
+    from multiprocessing import shared_memory
+
+    blocks, shape = result
+    shms, arrays = [], []
+    for name, dtype, n in blocks:
+        shm = shared_memory.SharedMemory(name=name)
+        shms.append(shm)
+        arrays.append(np.ndarray((n,), np.dtype(dtype), buffer=shm.buf))
+    indptr, indices, data = arrays
+    m = sp.csr_matrix(shape, dtype=np.float32)
+    m.indptr, m.indices, m.data = indptr, indices, data  # views into shared memory, no checks/copies
+    return m, shms
+
+
+def _release(shms: list) -> None:
+    for shm in shms:
+        try:
+            shm.close()
+        except BufferError:  # a view is still alive somewhere: unlinking still frees the name
+            pass
+        try:
+            shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _free_result(fut) -> None:
+    """Done-callback of an abandoned read: unlink its shared-memory blocks."""
+    if not fut.cancelled() and fut.exception() is None:
+        _release(_attach(fut.result())[1])
+
+
 class MixtureLoader:
     """Minibatches of one split of a mixture, streamed from the store.
 
@@ -292,6 +433,15 @@ class MixtureLoader:
     read_buffer_bytes : int or None
         TileDB's ``soma.init_buffer_bytes`` for X reads (per read; larger results arrive in
         pieces); None keeps the store context's setting (tiledbsoma's default is larger).
+    gather_on_device : bool or None
+        Copy each IO batch's CSR to ``device`` once (pinned memory, a side CUDA stream, in the
+        prefetch thread) and cut the shuffled minibatches out of it *on the device* (row gather +
+        densify: a handful of kernels per minibatch). None (default): on for CUDA devices, off on
+        the CPU, where the prefetch thread gathers and densifies. See "GPU path" in the module doc.
+    read_processes : int
+        0 (default): IO batches are read by ``io_threads`` threads of this process. N > 0: by a pool
+        of N spawned worker processes (each opens the store once), which hand the CSR back through
+        shared memory; the training process then only copies it to the device. See "Read processes".
 
     Yields
     ------
@@ -313,7 +463,8 @@ class MixtureLoader:
                  device: str | torch.device = "cpu", sparse: bool = False, rank: int | None = None,
                  world_size: int | None = None, worker: int = 0, num_workers: int = 1, uneven: str = "drop",
                  prefetch_io: int = 2, io_threads: int = 2, categories: dict[str, list[str]] | None = None,
-                 read_buffer_bytes: int | None = None):
+                 read_buffer_bytes: int | None = None, gather_on_device: bool | None = None,
+                 read_processes: int = 0):
         if batch_size < 1 or io_batch_size < 1 or block_size < 1:
             raise AtlasmixError("batch_size, io_batch_size and block_size must be >= 1")
         if library not in LIBRARY_SOURCES:
@@ -343,6 +494,9 @@ class MixtureLoader:
         self.prefetch_io = max(1, int(prefetch_io))
         self.io_threads = max(1, int(io_threads))
         self.read_buffer_bytes = read_buffer_bytes
+        self.gather_on_device = gather_on_device
+        self.read_processes = max(0, int(read_processes))
+        self._pool = None
         self.epoch = 0
         self.batches_done = 0
         self.manifest_sha256: str | None = None
@@ -476,42 +630,8 @@ class MixtureLoader:
 
     # -------------------------------------------------------------- reading
     def _read(self, X, ids_sorted: np.ndarray, col_of: np.ndarray | None) -> sp.csr_matrix:
-        """One TileDB read of cells ``ids_sorted`` x the gene axis, as CSR (rows in ``ids_sorted`` order).
-
-        The arrow result pieces are converted one at a time to int32 (row, column) codes, so the
-        transient memory is ~ one piece plus the CSR being built (8 bytes per nonzero).
-        """
-        n = len(ids_sorted)
-        pieces = []
-        # Rows only: X's space tiles span the whole gene axis, so a gene subset saves no IO, while
-        # point ranges on soma_dim_1 (cells x genes subarray ranges) make TileDB's read far slower.
-        for t in X.read(coords=(pa.array(ids_sorted),)).tables():
-            d0 = t["soma_dim_0"].to_numpy()
-            c = t["soma_dim_1"].to_numpy()
-            v = t["soma_data"].to_numpy()
-            if col_of is not None:  # gene subset / reorder: map var joinid -> column, drop other genes
-                c = col_of[c]
-                keep = c >= 0
-                d0, c, v = d0[keep], c[keep], v[keep]
-            pieces.append((d0, c.astype(np.int32), v.astype(np.float32, copy=False)))
-        d0s = [p[0] for p in pieces if len(p[0])]
-        ordered = all(bool(np.all(a[1:] >= a[:-1])) for a in d0s) and all(
-            a[-1] <= b[0] for a, b in zip(d0s[:-1], d0s[1:]))
-        c = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.int32)
-        v = np.concatenate([p[2] for p in pieces]) if pieces else np.zeros(0, np.float32)
-        if ordered:  # TileDB returns row-major order: row starts from n binary searches per piece
-            counts = np.zeros(n, dtype=np.int64)
-            for a in d0s:
-                counts += np.searchsorted(a, ids_sorted, "right") - np.searchsorted(a, ids_sorted, "left")
-        else:  # fallback: sort nonzeros by row
-            d0 = np.concatenate(d0s)
-            o = np.argsort(d0, kind="stable")
-            c, v = c[o], v[o]
-            counts = np.bincount(np.searchsorted(ids_sorted, d0), minlength=n)
-        del pieces, d0s
-        indptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(counts, out=indptr[1:])
-        return sp.csr_matrix((v, c, indptr), shape=(n, self.n_vars))
+        """One TileDB read of cells ``ids_sorted`` x the gene axis, as CSR (see :func:`read_csr`)."""
+        return read_csr(X, ids_sorted, col_of, self.n_vars)
 
     def _col_of(self) -> np.ndarray | None:
         """var joinid -> column of the gene axis (-1: not on it), covering every var joinid of the
@@ -531,7 +651,7 @@ class MixtureLoader:
         batch is never copied whole)."""
         ids = self.cells[positions]
         order = np.argsort(ids, kind="stable")
-        m = self._read(X, ids[order], col_of)
+        m = self._read(X, ids[order], col_of) if X is not None else None
         if self.shuffle:
             perm = np.random.default_rng([self.seed, self.epoch, shard, io_index]).permutation(len(ids))
         else:
@@ -558,8 +678,73 @@ class MixtureLoader:
             out["_csr"] = tuple(t.pin_memory() for t in out["_csr"])
         return out
 
+    def _gathers_on_device(self) -> bool:
+        if self.gather_on_device is None:
+            return self.device.type == "cuda"
+        return bool(self.gather_on_device)
+
+    def _io_to_device(self, m: sp.csr_matrix) -> dict[str, Any]:
+        """One IO batch's CSR on the device (run in the prefetch thread; see "GPU path")."""
+        if self.library == "counts":
+            lib = np.asarray(m.sum(axis=1), dtype=np.float32).reshape(-1)
+        else:
+            lib = None
+        host = (torch.from_numpy(m.indptr.astype(np.int64, copy=False)),
+                torch.from_numpy(m.indices.astype(np.int32, copy=False)), torch.from_numpy(m.data))
+        if self.device.type == "cuda":
+            if getattr(self, "_copy_stream", None) is None:
+                self._copy_stream = torch.cuda.Stream(device=self.device)
+            with torch.cuda.stream(self._copy_stream):
+                dev = tuple(t.pin_memory().to(self.device, non_blocking=True) for t in host)
+            self._copy_stream.synchronize()  # the copies are done before a consumer sees them
+        else:  # a copy: the host arrays may be shared-memory views released after this call
+            dev = tuple(t.to(self.device, copy=True) for t in host)
+        return {"indptr": dev[0], "indices": dev[1], "data": dev[2], "lens": np.diff(m.indptr), "lib": lib}
+
+    def _to_device_batch(self, pos: np.ndarray, rows: np.ndarray, dev_io: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"soma_joinid": torch.from_numpy(self.cells[pos])}
+        lib = dev_io["lib"][rows] if dev_io["lib"] is not None else self.total_counts[pos]
+        out["library_size"] = torch.from_numpy(np.ascontiguousarray(lib, dtype=np.float32).reshape(-1, 1))
+        for c in self.obs_columns:
+            out[c] = torch.from_numpy(self.codes[c][pos])
+        lens = dev_io["lens"][rows]
+        out["_dev"] = (dev_io, torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(lens.astype(np.int64)),
+                       int(lens.sum()))
+        return out
+
+    def _gather_device(self, b: dict[str, Any]) -> dict[str, Any]:
+        """Cut a minibatch out of a device-resident IO batch (see "GPU path")."""
+        dev_io, rows, lens, total = b.pop("_dev")
+        dev = self.device
+        cuda = dev.type == "cuda"
+        indptr, indices, data = dev_io["indptr"], dev_io["indices"], dev_io["data"]
+        if cuda:  # allocated on the copy stream, used on this one: keep the allocator from reusing early
+            cur = torch.cuda.current_stream(dev)
+            for t in (indptr, indices, data):
+                t.record_stream(cur)
+        rows = rows.to(dev, non_blocking=cuda)
+        lens = lens.to(dev, non_blocking=cuda)
+        n = rows.shape[0]
+        starts = indptr[rows]
+        offs = torch.cumsum(lens, 0) - lens
+        pos = torch.arange(total, device=dev) + torch.repeat_interleave(starts - offs, lens, output_size=total)
+        cols, vals = indices[pos], data[pos]
+        if self.sparse:
+            new_ptr = torch.zeros(n + 1, dtype=torch.int64, device=dev)
+            new_ptr[1:] = torch.cumsum(lens, 0)
+            b["X"] = torch.sparse_csr_tensor(new_ptr, cols.to(torch.int64), vals, size=(n, self.n_vars))
+        else:
+            r = torch.repeat_interleave(torch.arange(n, device=dev), lens, output_size=total)
+            X = torch.zeros((n, self.n_vars), dtype=torch.float32, device=dev)
+            X.view(-1).index_put_((r * self.n_vars + cols.to(torch.int64),), vals)
+            b["X"] = X
+        b["library_size"] = b["library_size"].to(dev, non_blocking=cuda)
+        return b
+
     def _finish(self, b: dict[str, Any]) -> dict[str, Any]:
         """Move a CPU batch to the device and build X there (dense or CSR)."""
+        if "_dev" in b:
+            return self._gather_device(b)
         if "_csr" not in b:  # dense on the CPU: built by the prefetch thread
             if self.device.type != "cpu":  # the device changed after the batch was made
                 b["X"], b["library_size"] = b["X"].to(self.device), b["library_size"].to(self.device)
@@ -603,26 +788,85 @@ class MixtureLoader:
         def job(i: int, s: int):
             if not hasattr(local, "X"):
                 local.X = soma.open(f"{self.store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}", "r", context=ctx)
-            return self._io_batch(local.X, seq[s:s + self.io_batch_size], shard, i, col_of)
+            pos, m, perm = self._io_batch(local.X, seq[s:s + self.io_batch_size], shard, i, col_of)
+            return pos, m, perm, None
 
+        class _Proc:  # a read process's future, resolved to (pos, csr view, perm, shared blocks)
+            def __init__(self, fut, pos, perm):
+                self.fut, self.pos, self.perm = fut, pos, perm
+
+            def result(self):
+                m, shms = _attach(self.fut.result())
+                return self.pos, m, self.perm, shms
+
+            def cancel(self):  # not started: dropped; running or done: its blocks are freed when it ends
+                if not self.fut.cancel():
+                    self.fut.add_done_callback(_free_result)
+
+        def submit(i: int, s: int):
+            if self.read_processes == 0:
+                return pool.submit(job, i, s)
+            pos, _, perm = self._io_batch(None, seq[s:s + self.io_batch_size], shard, i, col_of)
+            return _Proc(self._read_pool(ctx, col_of).submit(_worker_read, self.cells[pos]), pos, perm)
+
+        on_dev = self._gathers_on_device()
         with ThreadPoolExecutor(self.io_threads) as pool:
             futs: list = []
             nxt = 0
             try:
                 for k in range(len(io_starts)):
                     while nxt < len(io_starts) and nxt <= k + self.prefetch_io:
-                        futs.append(pool.submit(job, first_io + nxt, io_starts[nxt]))
+                        futs.append(submit(first_io + nxt, io_starts[nxt]))
                         nxt += 1
-                    pos, m, perm = futs[k].result()
+                    pos, m, perm, shms = futs[k].result()
                     futs[k] = None
-                    for b0 in range((skip if k == 0 else 0) * self.batch_size, len(pos), self.batch_size):
-                        idx = perm[b0:b0 + self.batch_size]
-                        yield self._to_batch(pos[idx], m[idx])
-                    del pos, m, perm
+                    first = (skip if k == 0 else 0) * self.batch_size
+                    try:
+                        if on_dev:
+                            dev_io = self._io_to_device(m)
+                            if shms:
+                                _release(shms)
+                                shms = None
+                            for b0 in range(first, len(pos), self.batch_size):
+                                idx = perm[b0:b0 + self.batch_size]
+                                yield self._to_device_batch(pos[idx], idx, dev_io)
+                            del dev_io
+                        else:
+                            for b0 in range(first, len(pos), self.batch_size):
+                                idx = perm[b0:b0 + self.batch_size]
+                                yield self._to_batch(pos[idx], m[idx])
+                    finally:
+                        del m
+                        if shms:
+                            _release(shms)
+                    del pos, perm
             finally:  # also when the consumer stopped early: drop the reads not started yet
                 for f in futs:
                     if f is not None:
                         f.cancel()
+
+    def _read_pool(self, ctx, col_of):
+        """The loader's read processes (started once, on first use; see "Read processes")."""
+        if self._pool is None:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(self.read_processes, mp_context=mp.get_context("spawn"),
+                                             initializer=_worker_init,
+                                             initargs=(self.store.uri, dict(ctx.tiledb_config), col_of, self.n_vars))
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the read processes (if any). The loader can still be iterated (they restart)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001  (interpreter shutdown)
+            pass
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         n = len(self)
@@ -638,6 +882,8 @@ class MixtureLoader:
     def __getstate__(self):
         d = dict(self.__dict__)
         d["store"] = self.store.uri
+        d.pop("_copy_stream", None)  # a CUDA stream does not pickle; made again on first use
+        d["_pool"] = None  # read processes belong to the process that started them
         return d
 
     def __setstate__(self, d):
