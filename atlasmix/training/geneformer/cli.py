@@ -42,21 +42,16 @@ def register(app: typer.Typer) -> None:
         """Exact per-gene nonzero medians of CP10k expression (out of core) -> Geneformer dictionaries."""
         from atlasmix.store import Store
         from atlasmix.training.geneformer.dictionaries import build_dictionaries, write_dictionaries
-        from atlasmix.training.geneformer.medians import gene_medians
+        from atlasmix.training.geneformer.medians import gene_medians, species_genes
 
         s = Store(store)
-        var = s.var()
-        if species != "all":
-            sp = var["species"].astype(str).str.lower()
-            var = var[sp.str.contains(species.lower()) | (species.lower() == "human") & sp.str.contains("homo sapiens")]
-            if var.empty:
-                raise AtlasmixError(f"no store gene has species {species!r}")
+        genes = species_genes(s, species)
         sha = None
         if mixture is not None:
             from atlasmix.mixing import read_sidecar
 
             sha = read_sidecar(mixture)["manifest"]["sha256"]
-        med = gene_medians(s, mixture, split, var.index.to_numpy(), chunk_size=chunk_size)
+        med = gene_medians(s, mixture, split, genes, chunk_size=chunk_size)
         kept = med[med["n_nonzero"] >= max(min_cells, 1)]
         d = build_dictionaries(dict(zip(kept["feature_id"], kept["median"])), special_tokens=special_tokens)
         out.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,25 @@ from atlasmix.errors import AtlasmixError
 TARGET_SUM = 10_000.0
 
 
+def species_genes(store, species: str = "human") -> np.ndarray:
+    """Var joinids of the store genes of ``species`` (``human`` matches ``Homo sapiens``; ``all``: every gene).
+
+    Raises
+    ------
+    AtlasmixError
+        No gene of that species.
+    """
+    var = store.var()
+    if species == "all":
+        return var.index.to_numpy(dtype=np.int64)
+    sp = var["species"].astype(str).str.lower()
+    want = species.lower()
+    keep = sp.str.contains(want, regex=False) | ((want == "human") & sp.str.contains("homo sapiens", regex=False))
+    if not keep.any():
+        raise AtlasmixError(f"no store gene has species {species!r}")
+    return var.index.to_numpy(dtype=np.int64)[keep.to_numpy()]
+
+
 def _bins(v: np.ndarray, lo: float, bpo: int, nb: int) -> np.ndarray:
     b = np.floor((np.log2(v) - lo) * bpo)
     return np.clip(b, 0, nb - 1).astype(np.int64)

@@ -213,8 +213,8 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
         Output directory (module doc); must be empty unless ``resume``.
     dictionaries : path, optional
         Folder with ``token_dictionary.pkl`` + ``gene_median_dictionary.pkl`` (e.g. Geneformer's
-        published V1 files). Default: exact gene medians over the train split (V2 mode adds
-        ``<cls>``/``<eos>`` tokens).
+        published V1 files). Default: exact gene medians of the human genes over the train split
+        (V2 mode adds ``<cls>``/``<eos>`` tokens).
     mode : {"v1", "v2"}
         Tokenizer: V1 2,048 tokens without special tokens, V2 4,096 with ``<cls>``/``<eos>``.
     max_len : int, optional
@@ -303,9 +303,9 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
         if rank == 0:
             write_dictionaries(dicts, ddir)
     else:
-        from atlasmix.training.geneformer.medians import gene_medians
+        from atlasmix.training.geneformer.medians import gene_medians, species_genes
 
-        med = gene_medians(store, manifest, "train")
+        med = gene_medians(store, manifest, "train", species_genes(store, "human"))
         med = med[med["n_nonzero"] > 0]
         dicts = build_dictionaries(dict(zip(med["feature_id"], med["median"])), special_tokens=special)
         if rank == 0:
