@@ -290,7 +290,7 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
     if dist and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     dev = _device(device)
-    if dev.type == "cuda":
+    if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
     torch.manual_seed(seed)
 
