@@ -30,10 +30,10 @@ fraction of wall time the training loop waited for the next tokenized batch (dat
 Measured (2026-11-23, 2 shared CPU cores without AVX-512, numpy 2.4, batches of 1,024 cells, best
 of 3; other jobs were running, so repeats varied by ~20%)::
 
-    cells                          nnz/cell  vectorised 1 thr  2 thr       per-cell reference  speed-up
-    pisces PBMC (real, V1 vocab)   2,018     12,400-13,600/s   12,600-21,100/s   3,300-3,500/s  3.6-4.1x (6x with 2 thr)
-    simulated                      500       63,000-84,000/s   97,000-100,000/s  8,600-8,900/s  7.3-9.5x (11x)
-    simulated                      2,000     12,800-16,800/s   15,800-16,800/s   3,200-3,700/s  4.0-4.5x
+    cells                          nnz/cell  vectorised 1 thr  2 thr            per-cell reference  speed-up (1 / 2 thr)
+    pisces PBMC (real, V1 vocab)   2,018     15,800/s          22,700/s         3,600/s             4.4x / 6.3x
+    simulated                      500       96,800/s          109,700/s        8,600/s             11.3x / 12.7x
+    simulated                      2,000     18,700/s          28,600/s         3,600/s             5.1x / 7.9x
 
     data pipeline alone (MixtureLoader + GeneformerStream, 5,700 PBMC cells of 6 datasets from a
     store of ../shared/data, 306 tokens per cell on average):      13,500 cells/s
@@ -43,9 +43,9 @@ of 3; other jobs were running, so repeats varied by ~20%)::
 The issue's goal (>= 20x over a per-cell implementation) is **not** reached on this CPU: the
 per-cell reference spends ~60 us of its ~300 us per 2,000-gene cell in ``argsort`` and the rest in
 Python / scipy row access; the vectorised encoder removes the Python part and replaces the argsort
-by one SIMD ``numpy.sort`` of packed int64 keys per 16 cells (about 10 ns per nonzero), but it
-still has to sort every nonzero and make ~15 passes over them, which bounds the speed-up at ~4x
-for whole-transcriptome cells and ~10x for 500-gene cells here. GPU numbers: run with ``--pretrain
+by one SIMD ``numpy.sort`` of packed int64 keys (cell, value, token id) per 16 cells (about 10 ns
+per nonzero), but it still has to sort every nonzero and make ~12 passes over them, which bounds
+the speed-up at ~4-6x for whole-transcriptome cells and ~11-13x for 500-gene cells here. GPU numbers: run with ``--pretrain
 --device cuda`` where a GPU is available.
 """
 

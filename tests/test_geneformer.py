@@ -22,6 +22,17 @@ needs_gf = pytest.mark.skipif(not (GF / "pisces_pbmc1k_v1_tokens.parquet").exist
                               or not (SHARED / "pisces_pbmc1k.h5ad").exists(),
                               reason="../shared/geneformer or ../shared/data is absent")
 PBMC = "dataset_id IN ('pbmc3k', 'pisces_pbmc1k', 'kang_ifnb')"
+# One torch thread: on a shared 2-core machine with the other core busy, torch's 2-thread OpenMP
+# pool made the tiny model ~13x slower (spinning barriers); one thread is as fast when idle.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -61,13 +72,16 @@ def test_vectorised_matches_reference_with_ties_truncation_and_v2():
     assert lens[5] == 2  # the empty cell: <cls> <eos>
 
 
-def test_tie_order_is_column_order_and_values_descend():
-    # counts 2 with median 2 and counts 1 with median 1 tie exactly; ties keep column order
+def test_ties_come_in_token_order_and_values_descend():
+    # counts 2 with median 2 and counts 1 with median 1 tie exactly: ties come in token-id order
     indptr, indices = np.array([0, 4]), np.array([0, 1, 2, 3])
     data = np.array([1.0, 2.0, 3.0, 1.0])
     med = np.array([1.0, 2.0, 1.0, 1.0])
-    out, lens = rank_value_encode(indptr, indices, data, np.array([10.0]), med, np.array([10, 11, 12, 13]), 2048)
+    out, lens = rank_value_encode(indptr, indices, data, np.array([10.0]), med, np.array([13, 11, 12, 10]), 2048)
     assert out.tolist() == [[12, 10, 11, 13]] and lens.tolist() == [4]
+    # token ids above 2^15 widen the payload
+    out, _ = rank_value_encode(indptr, indices, data, np.array([10.0]), med, np.array([70000, 11, 12, 40000]), 2048)
+    assert out.tolist() == [[12, 11, 40000, 70000]]
 
 
 @needs_gf
@@ -206,7 +220,8 @@ def test_medians_exact_against_direct_computation(mix, tmp_path):
         assert (med["n_nonzero"].to_numpy() == np.diff(X.indptr)).all()
 
     # CLI: dictionaries in Geneformer's format
-    r = run_cli("geneformer", "medians", "--store", store.uri, "--mixture", path, "--out", tmp_path / "d")
+    r = run_cli("geneformer", "medians", "--store", store.uri, "--mixture", path, "--out", tmp_path / "d",
+                env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-2000:]
     d = load_dictionaries(tmp_path / "d")
     assert d.token["<pad>"] == 0 and d.token["<mask>"] == 1 and min(v for k, v in d.token.items() if k[0] != "<") == 2
@@ -258,7 +273,7 @@ def test_pretrain_save_reload_resume_embed(mix, tmp_path):
               "--preset", "tiny", "--max-len", "128", "--batch-size", "16", "--group-batches", "4",
               "--warmup-steps", "2", "--lr", "5e-3", "--log-every", "5", "--checkpoint-every", "10",
               "--device", "cpu", "--io-batch-size", "512"]
-    r = run_cli("train", "geneformer", *common, "--max-steps", "20")
+    r = run_cli("train", "geneformer", *common, "--max-steps", "20", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     side = json.loads(path.with_suffix(".json").read_text())
@@ -286,7 +301,7 @@ def test_pretrain_save_reload_resume_embed(mix, tmp_path):
     # embeddings streamed from the store; mouse cells have no token of the human vocabulary
     r = run_cli("geneformer", "embed", "--model", out, "--store", store.uri, "--where",
                 "dataset_id IN ('pbmc10k_cite', 'baron_mouse')",
-                "--out", tmp_path / "emb.parquet", "--device", "cpu", "--batch-size", "128")
+                "--out", tmp_path / "emb.parquet", "--device", "cpu", "--batch-size", "128", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
     emb = pd.read_parquet(tmp_path / "emb.parquet")
     assert len(emb) == 375 and emb.filter(like="emb_").shape[1] == 32
@@ -317,7 +332,7 @@ def test_pretrain_save_reload_resume_embed(mix, tmp_path):
     np.testing.assert_allclose(hs[0, :n0].mean(0).numpy(), one.filter(like="emb_").to_numpy()[0], rtol=1e-4, atol=1e-5)
 
     r = run_cli("geneformer", "embed", "--model", out, "--store", store.uri, "--where", "dataset_id = 'nope'",
-                "--out", tmp_path / "x.parquet")
+                "--out", tmp_path / "x.parquet", env=ONE_THREAD)
     assert r.returncode == 2 and "no cell matches" in r.stderr
 
 

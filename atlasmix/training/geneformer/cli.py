@@ -121,6 +121,7 @@ def register(app: typer.Typer) -> None:
         log_every: Annotated[int, typer.Option(help="Steps per training-curve row.")] = 10,
         checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: at the end only).")] = 500,
         resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints/last.pt.")] = False,
+        tokenizer_threads: Annotated[int, typer.Option(help="Threads of the rank value encoding.")] = 1,
         progress: Annotated[bool, typer.Option(help="Print a line per curve row.")] = False,
     ):
         """Pretrain Geneformer (BertForMaskedLM, MLM) on MIXTURE streamed from STORE."""
@@ -134,7 +135,8 @@ def register(app: typer.Typer) -> None:
                                epochs=epochs, max_steps=max_steps, lr=lr, warmup_steps=warmup_steps,
                                weight_decay=weight_decay, seed=seed, device=device, bf16=bf16,
                                io_batch_size=io_batch_size, block_size=block_size, log_every=log_every,
-                               checkpoint_every=checkpoint_every, resume=resume, progress=progress)
+                               checkpoint_every=checkpoint_every, resume=resume, progress=progress,
+                               tokenizer_threads=tokenizer_threads)
         if run:  # rank 0 (under torchrun the other ranks return nothing)
             typer.echo(json.dumps({k: run.get(k) for k in ("steps", "cells_this_call", "wall_s", "train_cells_per_s",
                                                            "data_wait_fraction", "final_loss")}))

@@ -12,9 +12,9 @@ them to token ids; truncate to the model input size. V1: 2,048 tokens, no specia
 tokens, ``<cls>`` first and ``<eos>`` last (so at most 4,094 genes).
 
 :func:`rank_value_encode` does this for a whole CSR minibatch without a Python loop per cell: the
-normalised values become packed int64 keys (cell, descending value, column) sorted per block of
+normalised values become packed int64 keys (cell, descending value, token) sorted per block of
 16 cells with ``numpy.sort``, then token ids are gathered and truncated with flat index
-arithmetic. Values are computed in float64 as Geneformer does; ties come out in column order
+arithmetic. Values are computed in float64 as Geneformer does; ties come out in token-id order
 (Geneformer's own ``np.argsort`` leaves tie order unspecified). With Geneformer's V1 dictionaries
 it reproduces the published V1 tokens of ``pisces_pbmc1k`` for all 1,000 cells, tie order included.
 :func:`rank_value_encode_reference` is the straightforward per-cell version of the reference
@@ -64,13 +64,13 @@ _ROW_BITS = 4  # cells per sorted block: 16
 
 
 def _sort_keys(x: np.ndarray, pos: np.ndarray, pos_bits: int, row_bits: int) -> np.ndarray:
-    """int64 keys whose ascending order is descending ``x`` (positive float64), payload ``pos`` in the
-    low ``pos_bits`` bits, the top ``row_bits`` (below the sign) left free for the cell.
+    """int64 keys whose ascending order is descending ``x`` (positive float64), payload ``pos`` (< 2^pos_bits,
+    plus anything at or above bit 63 - row_bits) or-ed in.
 
     The float64 bit pattern of a positive number is monotonic in it; x is clipped to
     [2^-64, 2^64) (59 significant bits) and the top ``63 - row_bits - pos_bits`` of those bits are
     kept: relative resolution 2^-(52 - (row_bits + pos_bits - 4)), 7.3e-12 for 4 + 15 bits. Values
-    closer than that count as tied (ordered by ``pos``, i.e. column order)."""
+    closer than that count as tied (ordered by ``pos``)."""
     if len(x) and (x.min() < 2.0 ** -64 or x.max() >= 2.0 ** 64):
         x = np.clip(x, 2.0 ** -64, 2.0 ** 64 * (1 - 2 ** -53))
     q = (_HI_BITS - 1) - x.view(np.int64)  # in [0, 2^59)
@@ -116,7 +116,7 @@ def rank_value_encode(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
     -------
     (numpy.ndarray of int64, numpy.ndarray of int64)
         ``tokens`` shape (B, L) with L = the longest encoding in the batch, rows padded with
-        ``pad_id``; ``lengths`` shape (B,).
+        ``pad_id``; ``lengths`` shape (B,). Genes of equal ``x`` come in token-id order.
 
     Raises
     ------
@@ -127,12 +127,12 @@ def rank_value_encode(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
     -----
     ``x`` is computed in float64 exactly as Geneformer does (``counts / n_counts * 10,000 / median``).
     Each nonzero becomes one int64 key (its cell within a block of 16 cells in the top bits, then
-    descending ``x``, then its offset in the cell's row in the low bits) and each block of 16
-    cells is sorted with one ``numpy.sort`` (SIMD value sort, no argsort indirection): no Python
-    loop per cell, and every cell's sorted nonzeros stay where CSR had them, so decoding and
-    truncation are flat vectorised gathers. Values within a relative 7.3e-12 of each other
-    (float64 rounding noise of equal ratios) count as ties and keep column order; Geneformer
-    leaves the order of ties unspecified.
+    descending ``x``, then its token id in the low 15 bits) and each block of 16 cells is sorted
+    with one ``numpy.sort`` (SIMD value sort, no argsort indirection): no Python loop per cell, the
+    tokens are the low bits of the sorted keys, and every cell's sorted nonzeros stay where CSR had
+    them, so truncation and padding are flat vectorised operations. Values within a relative
+    7.3e-12 of each other (float64 rounding noise of equal ratios) count as ties and come in
+    token-id order; Geneformer leaves the order of ties unspecified.
     """
     indptr = np.asarray(indptr, dtype=np.int64)
     indices = np.asarray(indices)
@@ -185,28 +185,24 @@ def rank_value_encode(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
     x /= medians[indices]
     starts = indptr[:-1]
     W_all = int(nnz_row.max(initial=0))
-    pos_bits = max(15, int(W_all).bit_length())
-    row_start = np.repeat(starts, nnz_row)
-    # payload: offset in the row, and the cell's index within its block of 2^_ROW_BITS cells in the
-    # top bits (one subtraction: starts - (cell << 59) repeated per nonzero)
+    pos_bits = max(15, int(token_ids.max(initial=0)).bit_length())
+    # payload: the token id, and the cell's index within its block of 2^_ROW_BITS cells in the top bits
     local = (np.arange(B, dtype=np.int64) & ((1 << _ROW_BITS) - 1)) << (63 - _ROW_BITS)
-    payload = np.arange(len(x), dtype=np.int64)
-    payload -= np.repeat(starts - local, nnz_row)
+    payload = token_ids[indices]
+    payload += np.repeat(local, nnz_row)
     keys = _sort_keys(x, payload, pos_bits, _ROW_BITS)
     del x, payload
-    # one numpy.sort per block of cells orders by (cell, descending x) and leaves every cell's
-    # nonzeros where CSR had them
+    # one numpy.sort per block of cells orders by (cell, descending x, token id) and leaves every
+    # cell's nonzeros where CSR had them
     step = 1 << _ROW_BITS
     for r0 in range(0, B, step):
         keys[indptr[r0]:indptr[min(B, r0 + step)]].sort()
     keys &= np.int64((1 << pos_bits) - 1)
-    keys += row_start
-    tok_sorted = token_ids[indices[keys]]
-    del keys
+    tok_sorted = keys
     lengths_genes = np.minimum(nnz_row, n_genes_max)
     if W_all > n_genes_max:  # truncation to the model input size: the first n_genes_max of each cell
         pos = np.arange(len(tok_sorted), dtype=np.int64)
-        pos -= row_start
+        pos -= np.repeat(starts, nnz_row)
         tok_sorted = tok_sorted[pos < n_genes_max]
     off = 1 if special else 0
     L_out = int(lengths_genes.max(initial=0)) + 2 * off
