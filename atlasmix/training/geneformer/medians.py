@@ -13,9 +13,11 @@ even count) with two streaming passes over X and memory independent of the numbe
 2. A second pass keeps only the values that fall into those one or two bins per gene; sorting
    them gives the two middle values exactly.
 
-Memory: genes x bins int64 for the histograms (20,000 genes x 192 bins = 31 MB) plus the values
-of the median bins (about 1/30 of a gene's nonzeros with 8 bins per octave on typical data),
-plus the loader's IO buffers. Both passes stream cells through
+Memory: genes x bins int64 for the histograms (20,000 genes x 192 bins = 31 MB, plus a temporary
+of the same size per chunk) plus the values that fall into the median bins (16 bytes each; with
+8 bins per octave, a bin spans 9% in value, so typically a few percent of all nonzeros; raise
+``bins_per_octave`` to shrink it for very large corpora), plus the loader's IO buffers. Measured:
+25,395 cells x 54,793 human genes of ``../shared/data`` in 7 s, 1.1 GB peak RSS (CLI, 2 cores). Both passes stream cells through
 :class:`atlasmix.training.loader.MixtureLoader` (store order, no shuffle) and compute the values
 with the same float64 operations, so a value lands in the same bin in both passes.
 """
