@@ -4,6 +4,7 @@ refusal, LDVAE outputs vs scvi-tools, and the CLI run + report."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -242,3 +243,116 @@ def test_cli_run_and_report(trained, tmp_path):
     for p in pngs:
         assert f'src="{p}"' in page and (rep.parent / p).stat().st_size > 5000
     assert "<table" in page and "pbmc3k_part" in page and "pbmc_mix" in page
+
+
+# ---------------------------------------------------------------------------------------------- Geneformer
+@pytest.fixture(scope="module")
+def gf_run(trained):
+    """A tiny Geneformer (2 layers, hidden 32, 128 tokens, 15 steps) trained on the LDVAE's manifest."""
+    import torch
+
+    from atlasmix.training.geneformer.dictionaries import build_dictionaries, load_dictionaries, write_dictionaries
+    from atlasmix.training.geneformer.pretrain import train_geneformer
+
+    store, d = trained
+    torch.set_num_threads(1)
+    gf = SHARED.parent / "geneformer"
+    var = store.var()
+    genes = var["feature_id"][var["feature_id"].str.startswith("ENSG")].tolist()
+    if (gf / "token_dictionary.pkl").is_file():  # Geneformer's V1 medians of the store's human genes
+        full = load_dictionaries(gf)
+        med = {g: full.median[g] for g in genes if g in full.median}
+    else:
+        med = dict(zip(genes, np.random.default_rng(0).uniform(0.5, 3.0, len(genes))))
+    write_dictionaries(build_dictionaries(med), d / "gf_dict")
+    train_geneformer(store, d / "mix.parquet", d / "gf", dictionaries=d / "gf_dict", preset="tiny", max_len=128,
+                     batch_size=16, group_batches=4, max_steps=15, warmup_steps=2, lr=5e-3, log_every=5,
+                     checkpoint_every=0, device="cpu", io_batch_size=512)
+    return d / "gf"
+
+
+@needs_shared
+def test_geneformer_evaluation_and_report(trained, gf_run, tmp_path):
+    import torch
+
+    from atlasmix.evaluation.evalsets import store_eval_sets
+    from atlasmix.evaluation.models import GeneformerAdapter, load_model
+    from atlasmix.evaluation.report import render_report
+    from atlasmix.evaluation.run import evaluate, geneformer_outputs
+    from atlasmix.training.geneformer.embed import embed_cells
+
+    torch.set_num_threads(1)
+    store, d = trained
+    m = load_model(gf_run)
+    assert isinstance(m, GeneformerAdapter) and m.name == "gf" and m.mixture == "pbmc_mix" and m.max_len == 128
+    m2 = load_model(gf_run / "model")  # OUT/model: run.json found in the parent
+    assert m2.name == "gf" and m2.mixture == "pbmc_mix" and m2.training_cells()[0] is not None
+    (e,) = store_eval_sets(d / "eval_sets.toml", store)
+    # the evaluation's embeddings are embed_cells' (same tokens, same layer, same pooling)
+    g = geneformer_outputs(m, e, batch_size=300, max_rank_cells=0)
+    ref = embed_cells(gf_run, store, e.joinids[:6], device="cpu")
+    np.testing.assert_allclose(g["emb"][:6], ref.filter(like="emb_").to_numpy(), rtol=1e-4, atol=1e-5)
+    assert (g["n_tokens"][:6] == ref["n_tokens"].to_numpy()).all() and (g["n_tokens"] > 0).all()
+
+    out = tmp_path / "res"
+    doc = evaluate([d / "ldvae", gf_run], [e], out, store=store, batch_size=400, few_shot_fractions=(0.5, 1.0),
+                   few_shot_seeds=(0,), rank_fidelity=False, max_rank_cells=150, log=lambda s: None)
+    assert [x["kind"] for x in doc["models"]] == ["ldvae", "geneformer"] and doc["overlap_checks"]["gf/pbmc3k_part"]["checked"]
+    res = pd.read_parquet(out / "results.parquet")
+    v = res.set_index(["model", "metric"])["value"]
+    gfm = set(res.loc[res["model"] == "gf", "metric"])
+    assert not any(k.startswith("recon_") for k in gfm)  # no reconstruction for Geneformer
+    assert 0 <= v[("gf", "knn_macro_f1")] <= 1 and 0 <= v[("gf", "few_shot_macro_f1_f1")] <= 1
+    assert 0 <= v[("gf", "knn_accuracy")] <= 1 and v[("gf", "n_cell_types")] == v[("pca", "n_cell_types")]
+    for k in ("rank_pred_pearson_median", "rank_pred_baseline_pearson_median"):
+        assert -1 <= v[("gf", k)] <= 1
+    # the mean-rank baseline knows the order of highly expressed genes well; 15 steps of training do not
+    assert v[("gf", "rank_pred_baseline_pearson_median")] > 0.3
+    assert v[("gf", "rank_pred_n_cells_scored")] == 150 and v[("gf", "no_token_cells_fraction")] == 0
+    assert 0 < v[("gf", "truncated_cells_fraction")] <= 1  # 128 tokens: most PBMCs express more genes
+    pc = pd.read_parquet(out / "per_cell.parquet")
+    pg, pl = pc[pc["model"] == "gf"], pc[pc["model"] == "ldvae"]
+    assert len(pg) == len(pl) == e.n_cells and pg["pearson_r"].isna().all() and pl["rank_pred_pearson"].isna().all()
+    assert pg["rank_pred_pearson"].notna().sum() == 150 and pg["rank_pred_pearson"].abs().max() <= 1
+    np.testing.assert_allclose(pg["rank_pred_pearson"].median(), v[("gf", "rank_pred_pearson_median")])
+
+    rep = render_report(out, tmp_path / "rep" / "report.html")
+    names = sorted(Path(f).name for f in rep["figures"])
+    assert names == ["report_few_shot.png", "report_heatmap.png", "report_knn.png", "report_per_cell_0.png",
+                     "report_rank_prediction.png"]
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "Rank prediction" in page and "rank_pred_pearson_median" in page
+
+
+@needs_shared
+def test_geneformer_overlap_refusal_and_file_sets(trained, gf_run, tmp_path):
+    import torch
+
+    from atlasmix.errors import AtlasmixError
+    from atlasmix.evaluation.evalsets import file_eval_set, store_eval_sets
+    from atlasmix.evaluation.models import load_model
+    from atlasmix.evaluation.run import check_overlap, evaluate, geneformer_outputs
+
+    torch.set_num_threads(1)
+    store, d = trained
+    bad = tmp_path / "bad_eval.toml"
+    bad.write_text('name = "bad"\n[eval_sets.kang_all]\nwhere = "dataset_id = \'kang_ifnb\'"\n')
+    with pytest.raises(AtlasmixError, match="shares .* training manifest of model gf"):
+        evaluate([gf_run], store_eval_sets(bad, store), tmp_path / "r", store=store, log=lambda s: None)
+    assert not (tmp_path / "r" / "results.parquet").exists()
+    m = load_model(gf_run)
+    with pytest.raises(AtlasmixError, match="source file of dataset 'kang_ifnb'"):
+        check_overlap(m, file_eval_set(SHARED / "kang_pbmc_ifnb.h5ad"), store)
+    # an external file is tokenized on the vocabulary genes with its own totals: the pbmc3k cells of
+    # the store come from this file, so their tokens and embeddings are the same
+    f = file_eval_set(PBMC3K, cell_type_column="classified")
+    assert check_overlap(m, f, store)["checked"]
+    (e,) = store_eval_sets(d / "eval_sets.toml", store)
+    gs = geneformer_outputs(m, e, max_rank_cells=0)
+    gf = geneformer_outputs(m, f, max_rank_cells=40, seed=1)
+    at = pd.Index("pbmc3k:" + f.obs["cell_id"]).get_indexer(e.obs["cell_id"])
+    assert (at >= 0).all()
+    assert (gs["n_tokens"] == gf["n_tokens"][at]).all()
+    np.testing.assert_allclose(gs["emb"], gf["emb"][at], rtol=1e-4, atol=1e-5)
+    ok = np.isfinite(gf["rank_pred"])
+    assert ok.sum() == 40 and np.isfinite(gf["rank_baseline"][ok]).all()

@@ -30,8 +30,9 @@ def register(app: typer.Typer) -> None:
                                                      "file set. Repeat for several.")],
         out: Annotated[Path, typer.Option("--out", help="Results directory (results/per_cell parquet+CSV, "
                                                         "few_shot.csv, evaluation.json).")],
-        models: Annotated[Optional[list[Path]], typer.Option("--models", help="Model directory (LDVAE run dir). "
-                                                             "Repeat, or give several after one --models.")] = None,
+        models: Annotated[Optional[list[Path]], typer.Option("--models", help="Model directory (LDVAE run dir, or "
+                                                             "Geneformer run dir OUT / OUT/model). Repeat, or give "
+                                                             "several after one --models.")] = None,
         store: Annotated[Optional[str], typer.Option("--store", help="Store path or URI of the store eval sets.")] = None,
         pca: Annotated[bool, typer.Option(help="Include the PCA baseline (50 PCs of the set's top 2,000 HVGs).")] = True,
         batch_size: Annotated[int, typer.Option(help="Eval cells per streamed batch.")] = 1024,
@@ -42,10 +43,13 @@ def register(app: typer.Typer) -> None:
         organism: Annotated[str, typer.Option(help="Organism of external files' gene symbols.")] = "human",
         sample_z: Annotated[bool, typer.Option(help="Decode one posterior sample of z (scvi's default) instead of "
                                                     "its mean.")] = False,
+        max_rank_cells: Annotated[int, typer.Option(help="Geneformer: cells per eval set (seeded subsample) scored by "
+                                                         "masked rank prediction; 0 scores every cell.")] = 500,
         seed: Annotated[int, typer.Option(help="Seed of splits and subsamples.")] = 0,
         device: Annotated[str, typer.Option(help="torch device for the models: cpu or cuda.")] = "cpu",
     ):
-        """Every model on every eval set: reconstruction accuracy, kNN, few-shot, rank fidelity."""
+        """Every model on every eval set: reconstruction accuracy (LDVAE), rank prediction (Geneformer), kNN,
+        few-shot, rank fidelity."""
         from atlasmix.errors import AtlasmixError
         from atlasmix.evaluation.evalsets import load_eval_sets
         from atlasmix.evaluation.run import evaluate
@@ -62,7 +66,7 @@ def register(app: typer.Typer) -> None:
         seeds = tuple(range(few_shot_seeds))
         doc = evaluate(model_dirs, sets, out, store=st, pca_baseline=pca, batch_size=batch_size, n_hvg=n_hvg,
                        few_shot_fractions=_floats(few_shot_fractions) if seeds else (), few_shot_seeds=seeds,
-                       sample_z=sample_z, seed=seed, device=device,
+                       sample_z=sample_z, max_rank_cells=max_rank_cells or None, seed=seed, device=device,
                        log=lambda s: typer.echo(s, err=True))
         typer.echo(f"evaluated {len(doc['models'])} model(s) (+ PCA baseline)" if pca else
                    f"evaluated {len(doc['models'])} model(s)", err=True)

@@ -14,6 +14,8 @@ External eval sets
 
 Either kind streams its counts aligned to any gene axis given as Ensembl ids
 (:meth:`EvalSet.iter_counts`): genes the set lacks are zero-filled, genes the axis lacks are dropped.
+:meth:`EvalSet.iter_counts_totals` adds each cell's total counts over all its measured genes
+(Geneformer's ``n_counts``).
 """
 
 from __future__ import annotations
@@ -87,7 +89,28 @@ class EvalSet:
             Rows of :attr:`obs` covered, and their counts, float32, shape (batch, n_genes); genes the
             set does not measure are zero.
         """
+        for sl, m, _ in self._iter(feature_ids, batch_size, totals=False):
+            yield sl, m
+
+    def iter_counts_totals(self, feature_ids, batch_size: int = 2048) -> Iterator[tuple[slice, sp.csr_matrix, np.ndarray]]:
+        """:meth:`iter_counts` plus each cell's total counts over *all* its measured genes.
+
+        The totals are Geneformer's ``n_counts`` (the CP10k denominator of rank value encoding):
+        obs ``total_counts`` of a store set (the sum over every gene of the source file, recorded
+        at ingest), the row sums of the raw source rows (before gene mapping) of a file set.
+
+        Yields
+        ------
+        (slice, scipy.sparse.csr_matrix, numpy.ndarray of float64)
+        """
+        yield from self._iter(feature_ids, batch_size, totals=True)
+
+    def _iter(self, feature_ids, batch_size: int, totals: bool):
         target = pd.Index(np.asarray(feature_ids, dtype=object))
+        tc = None
+        if totals and self.kind == "store":
+            o = self.store.obs(["total_counts"]).to_pandas().set_index("soma_joinid")
+            tc = o["total_counts"].reindex(self.joinids).to_numpy(dtype=np.float64)
         if self.kind == "store":
             var = self.store.var()
             jid_of = pd.Series(var.index.to_numpy(dtype=np.int64), index=var["feature_id"].to_numpy())
@@ -100,11 +123,13 @@ class EvalSet:
             if len(vj) == 0:
                 for s in range(0, len(ids), batch_size):
                     n = min(batch_size, len(ids) - s)
-                    yield slice(s, s + n), sp.csr_matrix((n, len(target)), dtype=np.float32)
+                    yield slice(s, s + n), sp.csr_matrix((n, len(target)), dtype=np.float32), \
+                        (tc[s:s + n] if tc is not None else None)
                 return
             for chunk_ids, m in self.store.iter_X(ids, vj, chunk_size=batch_size):
                 n = len(chunk_ids)
-                yield slice(start, start + n), _place(m, cols, len(target))
+                yield slice(start, start + n), _place(m, cols, len(target)), \
+                    (tc[start:start + n] if tc is not None else None)
                 start += n
             return
         # external file: source genes -> mapped Ensembl ids (summing duplicates) -> target axis
@@ -117,7 +142,8 @@ class EvalSet:
         for s in range(0, n, batch_size):
             idx = np.arange(s, min(n, s + batch_size))
             block = sp.vstack(list(self._reader.iter_rows(idx, batch_size))).tocsr()
-            yield slice(s, s + len(idx)), (block.astype(np.float32) @ M).tocsr()
+            tot = np.asarray(block.sum(axis=1), dtype=np.float64).ravel() if totals else None
+            yield slice(s, s + len(idx)), (block.astype(np.float32) @ M).tocsr(), tot
 
 
 def _place(m: sp.csr_matrix, cols: np.ndarray, width: int) -> sp.csr_matrix:

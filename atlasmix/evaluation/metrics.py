@@ -506,12 +506,36 @@ def rank_prediction_scores(input_ids: np.ndarray, mask: np.ndarray, logits: np.n
         lg = lg - lg.max(axis=1, keepdims=True)
         p = np.exp(lg)
         p /= p.sum(axis=1, keepdims=True)
-        w = p[:, genes]  # (masked position j, masked gene g)
-        w = w / np.maximum(w.sum(axis=0, keepdims=True), 1e-300)
-        expected = (pos[:, None] * w).sum(axis=0)
-        pred = _assign_order(pos, expected)
-        out[i] = np.corrcoef(pos, pred)[0, 1]
+        out[i] = rank_prediction_score(pos, p[:, genes])
     return out
+
+
+def rank_prediction_score(pos: np.ndarray, prob: np.ndarray) -> float:
+    """The rank prediction score of one cell (:func:`rank_prediction_scores`) from the probabilities
+    of its masked genes only.
+
+    Parameters
+    ----------
+    pos : numpy.ndarray of int, shape (n,)
+        The masked positions, ascending.
+    prob : numpy.ndarray of float, shape (n, n)
+        ``prob[j, g]``: the model's probability (softmax over the *whole* vocabulary) of the gene
+        truly at masked position ``g`` at masked position ``j``. Gathering these n x n values from
+        the logits of the masked positions avoids materialising (seq_len x vocab) per cell.
+
+    Returns
+    -------
+    float
+        Pearson r of true vs predicted positions; NaN when fewer than 3 positions.
+    """
+    pos = np.asarray(pos)
+    if len(pos) < 3:
+        return np.nan
+    w = np.asarray(prob, dtype=np.float64)
+    w = w / np.maximum(w.sum(axis=0, keepdims=True), 1e-300)
+    expected = (pos[:, None] * w).sum(axis=0)
+    pred = _assign_order(pos, expected)
+    return float(np.corrcoef(pos, pred)[0, 1])
 
 
 def mean_rank_baseline_scores(input_ids: np.ndarray, mask: np.ndarray, mean_position: np.ndarray) -> np.ndarray:

@@ -21,9 +21,12 @@ LDVAE (``atlasmix train ldvae`` output: ``model/``, ``run.json``)
     without query-model surgery (scArches), and the LDVAE decoder's batch term is additive in the
     linear predictor, so this conditions the reconstruction on a fixed, seen batch. The per-cell
     table records ``batch_seen``.
-Geneformer (``config.json`` + ``token_dictionary.pkl`` + ``gene_median_dictionary.pkl``)
-    :class:`GeneformerAdapter`, see its docstring; it needs the project's rank value encoding
-    tokenizer (:mod:`atlasmix.training.geneformer.tokenizer`) and refuses to run without it.
+Geneformer (``atlasmix train geneformer`` output ``OUT`` with ``run.json`` and ``model/``, or a model
+folder with ``config.json`` + ``token_dictionary.pkl`` + ``gene_median_dictionary.pkl``)
+    :class:`GeneformerAdapter`: rank value encoding of eval counts with the project's tokenizer
+    (:mod:`atlasmix.training.geneformer.tokenizer`), cell embeddings (mean of the second-to-last
+    hidden layer over gene tokens) and per-cell rank prediction scores of the MLM head. The gene
+    axis is the vocabulary; there is no batch covariate and no reconstruction output.
 """
 
 from __future__ import annotations
@@ -230,42 +233,193 @@ class PCABaseline:
 
 
 class GeneformerAdapter:
-    """A Geneformer BERT masked language model (``transformers.BertForMaskedLM``) directory.
+    """A Geneformer BERT masked language model (``atlasmix train geneformer`` output).
 
-    The directory holds the Hugging Face model (``config.json``, weights) and the Geneformer
-    dictionaries ``token_dictionary.pkl`` and ``gene_median_dictionary.pkl``. Eval cells are rank
-    value encoded with the project's tokenizer (:mod:`atlasmix.training.geneformer`): CP10k divided
-    by each gene's median, genes sorted by decreasing value, truncated to the model's input size.
-    Outputs: the cell embedding (mean of the last hidden layer over gene positions, Geneformer's
-    ``emb_mode="cell"``) and, for :func:`atlasmix.evaluation.metrics.rank_prediction_scores`, the
-    MLM logits of a masked copy of the input.
+    ``path`` is the run directory ``OUT`` (``OUT/model/`` = ``save_pretrained`` + ``token_dictionary.pkl``
+    + ``gene_median_dictionary.pkl`` + ``atlasmix_geneformer.json``; ``OUT/run.json`` = options,
+    manifest path and sha256, store identity), ``OUT/model`` itself (``run.json`` is then read from
+    the parent when present), or any Geneformer model folder (e.g. a published model; no training
+    manifest, so no overlap check). The model is loaded with
+    :func:`atlasmix.training.geneformer.pretrain.load_model` (tokenizer mode and input size from
+    ``atlasmix_geneformer.json``).
+
+    Eval cells are rank value encoded with the project's tokenizer
+    (:func:`atlasmix.training.geneformer.tokenizer.rank_value_encode`): counts / n_counts * 10,000
+    / gene median over the vocabulary genes, genes sorted by decreasing value, truncated to the
+    model input size (``<cls>``/``<eos>`` in V2 mode). Outputs: the cell embedding
+    (:meth:`embed`, the mean of the second-to-last hidden layer over the gene tokens, as
+    :func:`atlasmix.training.geneformer.embed.embed_cells` and Geneformer's ``EmbExtractor`` with
+    ``emb_layer=-1``) and the per-cell rank prediction score of the MLM head (:meth:`rank_scores`).
+
+    Parameters
+    ----------
+    path : path
+    device : str
+        torch device (``cpu``, ``cuda``, ``auto``).
+
+    Attributes
+    ----------
+    name : str
+        The run directory's name (``OUT``'s, also when ``OUT/model`` is given).
+    mixture : str
+        The training manifest's name (``run.json``), else ``name``.
+    feature_ids : numpy.ndarray of str
+        The vocabulary genes (Ensembl ids with a token and a median), in token-id order.
+    max_len : int
+        Model input size; ``mode`` the tokenizer mode.
 
     Raises
     ------
     AtlasmixError
-        The directory lacks the model or dictionaries, or the tokenizer module is not available.
+        Not a Geneformer model directory (``config.json`` + both dictionaries).
     """
 
     kind = "geneformer"
 
     def __init__(self, path: str | Path, device: str = "cpu"):
-        self.path = Path(path)
-        for f in ("config.json", "token_dictionary.pkl", "gene_median_dictionary.pkl"):
-            if not (self.path / f).is_file():
-                raise AtlasmixError(f"{self.path} is not a Geneformer model directory (no {f})")
-        import importlib
+        from atlasmix.training.geneformer.pretrain import _device
+        from atlasmix.training.geneformer.pretrain import load_model as load_gf
+        from atlasmix.training.geneformer.pretrain import model_dir
 
-        try:
-            importlib.import_module("atlasmix.training.geneformer.tokenizer")
-        except ImportError as e:
-            raise AtlasmixError("Geneformer evaluation needs atlasmix.training.geneformer.tokenizer (the rank value "
-                                f"encoding), which is not available in this checkout ({e})") from None
-        raise AtlasmixError("Geneformer evaluation is not wired to the tokenizer yet; evaluate LDVAE models and the "
-                            "PCA baseline, or use atlasmix.evaluation.metrics.rank_prediction_scores directly")
+        p = Path(path)
+        mdir = model_dir(p)  # OUT/model or p itself
+        for f in ("config.json", "token_dictionary.pkl", "gene_median_dictionary.pkl"):
+            if not (mdir / f).is_file():
+                raise AtlasmixError(f"{p} is not a Geneformer model directory (no {f} in {mdir})")
+        self.path = p if mdir == p / "model" else (mdir.parent if (mdir.parent / "run.json").is_file() else mdir)
+        run_json = self.path / "run.json"
+        self.run = json.loads(run_json.read_text()) if run_json.is_file() and self.path != mdir else {}
+        self.model, self.dicts, self.meta = load_gf(mdir)
+        self.device = _device(device)
+        self.model.to(self.device)
+        self.name = self.path.name
+        self.mixture = self.run.get("manifest", {}).get("name") or self.name
+        self.feature_ids = np.asarray(self.dicts.genes(), dtype=object)
+        self.mode = str(self.meta["mode"])
+        self.max_len = int(self.meta["max_len"])
+        from atlasmix.training.geneformer.dictionaries import CLS, EOS
+        from atlasmix.training.geneformer.tokenizer import mode_settings
+
+        _, special = mode_settings(self.mode, self.max_len)
+        self.cls_id = self.dicts.token[CLS] if special else None
+        self.eos_id = self.dicts.token[EOS] if special else None
+        self.special_ids = list(self.dicts.special_ids)
+        self.vocab_size = int(self.model.config.vocab_size)
+        self.n_latent = int(self.model.config.hidden_size)
+        ok, tok, med = self.dicts.arrays(self.feature_ids)
+        self._tok, self._med = tok[ok], med[ok]
+
+    def training_cells(self) -> tuple[np.ndarray | None, dict]:
+        """(train + validation soma_joinids, info) from the manifest named in ``run.json``
+        (as :meth:`LDVAEAdapter.training_cells`); (None, ...) for a model folder without ``run.json``."""
+        m = self.run.get("manifest", {})
+        if m.get("path") and not Path(m["path"]).is_file():
+            raise AtlasmixError(f"{self.name}: training manifest {m['path']} is missing, so the eval/train overlap "
+                                "cannot be checked")
+        ids, _ = _training_cells_from_manifest(m.get("path"), m.get("sha256"))
+        return ids, {"store": self.run.get("store", {}), "manifest": m.get("path")}
+
+    def tokenize(self, counts, n_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rank value encoding of raw counts on the vocabulary axis (:attr:`feature_ids`).
+
+        Parameters
+        ----------
+        counts : scipy.sparse.csr_matrix, shape (B, len(feature_ids))
+        n_counts : numpy.ndarray, shape (B,)
+            Total counts of each cell over all its measured genes (cells with no count: any value).
+
+        Returns
+        -------
+        (numpy.ndarray of int64, numpy.ndarray of int64)
+            Tokens (B, L) padded with ``<pad>``, lengths (B,) (special tokens included).
+        """
+        import scipy.sparse as sp
+
+        from atlasmix.training.geneformer.tokenizer import rank_value_encode
+
+        m = sp.csr_matrix(counts)
+        nc = np.asarray(n_counts, dtype=np.float64).copy()
+        nc[np.diff(m.indptr) == 0] = 1.0  # empty rows: no gene, any positive total
+        return rank_value_encode(m.indptr, m.indices, m.data, nc, self._med, self._tok, self.max_len,
+                                 cls_id=self.cls_id, eos_id=self.eos_id, pad_id=self.dicts.pad_id)
+
+    def n_genes(self, lengths: np.ndarray) -> np.ndarray:
+        """Gene tokens per cell from sequence lengths (special tokens removed)."""
+        return np.asarray(lengths) - (2 if self.cls_id is not None else 0)
+
+    def embed(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Cell embeddings: mean of the second-to-last hidden layer over the gene tokens.
+
+        Parameters
+        ----------
+        tokens : numpy.ndarray of int64, shape (B, L)
+        lengths : numpy.ndarray of int, shape (B,)
+
+        Returns
+        -------
+        numpy.ndarray of float32, shape (B, hidden_size)
+            NaN rows for cells without a gene token.
+        """
+        import torch
+
+        L = int(max(1, np.max(lengths, initial=0)))
+        x = torch.as_tensor(np.ascontiguousarray(tokens[:, :L]), device=self.device)
+        att = (torch.arange(L, device=self.device)[None, :] < torch.as_tensor(lengths, device=self.device)[:, None]).long()
+        special = torch.tensor(self.special_ids, device=self.device)
+        with torch.inference_mode():
+            hs = self.model.bert(input_ids=x, attention_mask=att, output_hidden_states=True).hidden_states[-2]
+            keep = (att.bool() & ~torch.isin(x, special)).unsqueeze(-1).to(hs.dtype)
+            e = (hs * keep).sum(1) / keep.sum(1).clamp(min=1)
+        e = e.float().cpu().numpy()
+        e[self.n_genes(lengths) <= 0] = np.nan
+        return e
+
+    def rank_scores(self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Per-cell rank prediction score (:func:`atlasmix.evaluation.metrics.rank_prediction_score`).
+
+        The masked positions are replaced by ``<mask>`` and the MLM scores every vocabulary token
+        there; only the (masked position x masked gene) probabilities are gathered per cell, so no
+        (seq_len x vocab) logits are held.
+
+        Parameters
+        ----------
+        tokens : numpy.ndarray of int64, shape (B, L)
+            Unmasked tokens.
+        lengths : numpy.ndarray, shape (B,)
+        mask : numpy.ndarray of bool, shape (B, L)
+            :func:`atlasmix.evaluation.metrics.mask_positions`.
+
+        Returns
+        -------
+        numpy.ndarray of float64, shape (B,)
+            NaN for cells with fewer than 3 masked genes.
+        """
+        import torch
+
+        from atlasmix.evaluation.metrics import rank_prediction_score
+
+        L = int(max(1, np.max(lengths, initial=0)))
+        ids = np.ascontiguousarray(tokens[:, :L])
+        mk = np.asarray(mask)[:, :L]
+        masked = np.where(mk, self.dicts.mask_id, ids)
+        x = torch.as_tensor(masked, device=self.device)
+        att = (torch.arange(L, device=self.device)[None, :] < torch.as_tensor(lengths, device=self.device)[:, None]).long()
+        out = np.full(len(ids), np.nan)
+        with torch.inference_mode():
+            h = self.model.bert(input_ids=x, attention_mask=att).last_hidden_state
+            for i in range(len(ids)):
+                pos = np.flatnonzero(mk[i])
+                if len(pos) < 3:
+                    continue
+                lp = torch.log_softmax(self.model.cls(h[i, torch.as_tensor(pos, device=self.device)]).float(), dim=-1)
+                genes = torch.as_tensor(ids[i, pos], device=self.device)
+                out[i] = rank_prediction_score(pos, lp[:, genes].exp().double().cpu().numpy())
+        return out
 
 
 def load_model(path: str | Path, device: str = "cpu"):
-    """The adapter for a model directory (LDVAE run dir or Geneformer model dir).
+    """The adapter for a model directory: an LDVAE run dir, a Geneformer run dir (``OUT``) or model dir
+    (``OUT/model`` or any folder with ``config.json`` and the Geneformer dictionaries).
 
     Raises
     ------
@@ -277,7 +431,8 @@ def load_model(path: str | Path, device: str = "cpu"):
         raise AtlasmixError(f"model directory not found: {p}")
     if (p / "run.json").is_file() and (p / "model" / "model.pt").is_file():
         return LDVAEAdapter(p, device)
-    if (p / "config.json").is_file() and (p / "token_dictionary.pkl").is_file():
-        return GeneformerAdapter(p, device)
-    raise AtlasmixError(f"{p}: not an LDVAE run directory (run.json + model/) nor a Geneformer model directory "
-                        "(config.json + token_dictionary.pkl)")
+    for c in (p / "model", p):
+        if (c / "config.json").is_file() and (c / "token_dictionary.pkl").is_file():
+            return GeneformerAdapter(p, device)
+    raise AtlasmixError(f"{p}: not an LDVAE run directory (run.json + model/) nor a Geneformer run or model "
+                        "directory (config.json + token_dictionary.pkl, in it or in its model/)")

@@ -9,6 +9,11 @@ Figures
 ``few_shot.png``                 few-shot macro F1 vs training fraction (mean +- sd over seeds), one
                                  panel per eval set, one line per model
 ``embedding_metrics.png``        kNN macro F1 by model and eval set (grouped bars), chance marked
+``rank_prediction.png``          Geneformer models only: median per-cell rank prediction score of
+                                 each model and of the mean-rank baseline, per eval set (with a table)
+
+Models without a reconstruction output (Geneformer) are absent from the heatmap and the per-cell
+box plots (an eval set with no reconstruction score gets no box plot).
 """
 
 from __future__ import annotations
@@ -88,10 +93,12 @@ def heatmap(res: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-def per_cell_boxplot(pc: pd.DataFrame, eval_set: str, path: Path) -> None:
-    """Per-cell r distributions of one eval set, one box per model."""
+def per_cell_boxplot(pc: pd.DataFrame, eval_set: str, path: Path) -> bool:
+    """Per-cell r distributions of one eval set, one box per model; False when no model has one."""
+    d = pc[(pc["eval_set"] == eval_set) & np.isfinite(pc["pearson_r"].astype(float))]
+    if d.empty:
+        return False
     plt = _plt()
-    d = pc[(pc["eval_set"] == eval_set) & np.isfinite(pc["pearson_r"])]
     models = sorted(d["model"].unique())
     data = [d.loc[d["model"] == m, "pearson_r"].to_numpy() for m in models]
     fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(models) + 2), 3.6))
@@ -103,6 +110,7 @@ def per_cell_boxplot(pc: pd.DataFrame, eval_set: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def few_shot_plot(fs: pd.DataFrame, path: Path) -> bool:
@@ -146,6 +154,30 @@ def knn_plot(res: pd.DataFrame, path: Path) -> bool:
     ax.set_xticks(np.arange(len(tab)) + 0.4 - w / 2, tab.index)
     ax.set_ylabel("kNN (k=5) macro F1; dashed: 1/n types")
     ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def rank_prediction_plot(res: pd.DataFrame, path: Path) -> bool:
+    """Median rank prediction score per Geneformer model and eval set, beside the mean-rank baseline."""
+    d = res[res["metric"].isin(["rank_pred_pearson_median", "rank_pred_baseline_pearson_median"])]
+    if d.empty:
+        return False
+    plt = _plt()
+    d = d.assign(series=np.where(d["metric"] == "rank_pred_pearson_median", d["model"], d["model"] + " mean-rank baseline"))
+    tab = d.pivot_table(index="eval_set", columns="series", values="value")
+    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(tab) + 2), 3.6))
+    w = 0.8 / tab.shape[1]
+    for k, m in enumerate(tab.columns):
+        ax.bar(np.arange(len(tab)) + k * w, tab[m].to_numpy(), width=w, label=m,
+               hatch="//" if m.endswith("baseline") else None)
+    ax.set_xticks(np.arange(len(tab)) + 0.4 - w / 2, tab.index)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylabel("median per-cell Pearson r\n(true vs predicted rank of masked genes)")
+    ax.set_ylim(min(-0.1, float(np.nanmin(tab.to_numpy())) - 0.05), 1.02)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -208,6 +240,11 @@ def render_report(results: str | Path, out: str | Path, title: str = "atlasmix e
         "L1 logistic regression (liblinear, C by 5-fold CV) on growing fractions of the training half; mean +- sd over seeds.",
         few_shot_plot, fs)
     add("knn", "kNN cell-type classification", "k = 5, seeded stratified 50/50 split.", knn_plot, res)
+    add("rank_prediction", "Rank prediction (Geneformer MLM head)",
+        "Per cell, 15% of the gene tokens are masked; the masked genes are ordered by the model's expected position "
+        "(or by their mean position over the eval set: the mean-rank baseline) and the score is the Pearson r "
+        "between true and predicted positions (sc-foundation-eval). Median over the scored cells.",
+        rank_prediction_plot, res)
 
     tables = []
     rec = res[res["metric"].isin(["recon_pearson_median", "recon_pearson_iqr", "recon_r2_median"])]
@@ -219,6 +256,13 @@ def render_report(results: str | Path, out: str | Path, title: str = "atlasmix e
     if not emb.empty:
         tables.append({"title": "Embedding metrics", "html": _table_html(
             emb.pivot_table(index=["eval_set", "model"], columns="metric", values="value"))})
+    rp = res[res["metric"].isin(["rank_pred_pearson_median", "rank_pred_pearson_iqr",
+                                 "rank_pred_baseline_pearson_median", "rank_pred_minus_baseline_median",
+                                 "rank_pred_n_cells_scored"])]
+    if not rp.empty:
+        tables.append({"title": "Rank prediction (Geneformer; per-cell Pearson r of masked gene ranks)",
+                       "html": _table_html(rp.pivot_table(index=["eval_set", "model"], columns="metric",
+                                                          values="value"))})
     fid = res[res["metric"].str.startswith("rank_fidelity_")]
     if not fid.empty:
         tables.append({"title": "Rank-value-encoding fidelity (per eval set)", "html": _table_html(

@@ -13,6 +13,13 @@ held dense):
    flavour on log1p CP10k, exact over all cells); pass 2 encodes each batch, scores per-cell
    reconstruction accuracy (Pearson r, r^2) on those HVGs and keeps the latent means; then the
    embedding metrics on the latent.
+4. Every Geneformer (:func:`geneformer_outputs`): the set's counts on the model's vocabulary genes,
+   with each cell's total counts over all its genes, rank value encoded as in pretraining; cell
+   embedding = mean of the second-to-last hidden layer over the gene tokens, then the embedding
+   metrics (cells without a vocabulary gene left out); on a seeded subsample of at most
+   ``max_rank_cells`` cells, the masked rank prediction score of the MLM head and its mean-rank
+   baseline (``rank_pred_*`` rows: median / IQR over cells). Reconstruction accuracy does not
+   apply (no expression output). Store and external file sets alike.
 
 Embedding metrics, on cells whose cell type is known and has >= ``min_cells_per_type`` cells (and
 only when >= 2 such types): kNN (k=5) accuracy / macro F1 on a seeded 50/50 split, the few-shot
@@ -25,7 +32,11 @@ Outputs in ``out``
 ------------------
 ``results.parquet`` / ``results.csv``    tidy: ``model, mixture, eval_set, metric, value``
 ``per_cell.parquet`` / ``per_cell.csv``  ``model, mixture, eval_set, cell_id, soma_joinid,
-                                         dataset_id, cell_type, batch_seen, pearson_r, r2``
+                                         dataset_id, cell_type, batch_seen, pearson_r, r2``; with a
+                                         Geneformer model also ``n_tokens, rank_pred_pearson,
+                                         rank_pred_baseline_pearson`` (NaN outside the rank
+                                         subsample and for other models; Geneformer rows have
+                                         NaN ``pearson_r`` and empty ``batch_seen``)
 ``few_shot.csv``                         per (model, eval set, fraction, seed) rows
 ``evaluation.json``                      models, eval-set definitions, options, store identity, timings
 """
@@ -44,6 +55,8 @@ from atlasmix.errors import AtlasmixError
 from atlasmix.evaluation import metrics as M
 
 RESULT_COLUMNS = ["model", "mixture", "eval_set", "metric", "value"]
+#: per-cell columns of Geneformer models (NaN for other models' rows)
+PER_CELL_GENEFORMER = ["n_tokens", "rank_pred_pearson", "rank_pred_baseline_pearson"]
 
 
 def check_overlap(model, eval_set, store=None) -> dict:
@@ -165,18 +178,99 @@ def _fidelity(eval_set, genes: np.ndarray, max_cells: int, seed: int, batch_size
     return M.rank_fidelity(counts, eval_set.obs["cell_type"].to_numpy()[pick], k=k, max_cells=max_cells, seed=seed)
 
 
+def geneformer_outputs(model, eval_set, *, batch_size: int = 1024, forward_batch_size: int = 32,
+                       max_rank_cells: int | None = 500, mask_fraction: float = 0.15, seed: int = 0) -> dict:
+    """Embeddings and rank prediction scores of a Geneformer model on an eval set (streamed).
+
+    Counts are read in batches of ``batch_size`` cells on the model's vocabulary genes (genes the
+    set lacks are absent from every cell's encoding) with each cell's total counts over all its
+    genes (:meth:`~atlasmix.evaluation.evalsets.EvalSet.iter_counts_totals`), rank value encoded
+    (:meth:`~atlasmix.evaluation.models.GeneformerAdapter.tokenize`), sorted by length and run
+    through the model ``forward_batch_size`` cells at a time.
+
+    Rank prediction (sc-foundation-eval's zero-shot test of the MLM head) runs on a seeded
+    subsample of at most ``max_rank_cells`` cells (None: all; BERT on CPU is slow): per cell
+    ``mask_fraction`` of the gene tokens (at least 3) are replaced by ``<mask>`` with
+    :func:`~atlasmix.evaluation.metrics.mask_positions` (seed ``seed``), the model's score is
+    :meth:`~atlasmix.evaluation.models.GeneformerAdapter.rank_scores` and the baseline's
+    :func:`~atlasmix.evaluation.metrics.mean_rank_baseline_scores`, with each gene's mean position
+    over all cells of the eval set (unmasked encodings).
+
+    Returns
+    -------
+    dict
+        ``emb`` float32 (n_cells, hidden) (NaN rows: cells without a vocabulary gene), ``n_tokens``
+        int64 (gene tokens per cell), ``n_expressed`` int64 (vocabulary genes expressed, before
+        truncation), ``rank_pred`` and ``rank_baseline`` float64 (n_cells,) (NaN outside the
+        subsample), ``vocab_genes_in_set`` (int).
+    """
+    n = eval_set.n_cells
+    fids = model.feature_ids
+    have = eval_set.store.var()["feature_id"].to_numpy() if eval_set.kind == "store" else eval_set.feature_ids
+    present = pd.Index(fids).isin(have)  # (np.isin on object arrays is quadratic)
+    axis = fids[present]
+    if len(axis) == 0:
+        raise AtlasmixError(f"eval set {eval_set.name}: no gene of {model.name}'s vocabulary is measured")
+    # the model sees the vocabulary genes the set measures; tokenize() expects the full vocabulary axis
+    cols = np.flatnonzero(present)
+    rng = np.random.default_rng(seed)
+    n_rank = n if max_rank_cells is None else min(n, int(max_rank_cells))
+    rank_pick = np.sort(rng.permutation(n)[:n_rank])
+    emb = np.full((n, model.n_latent), np.nan, dtype=np.float32)
+    n_tok = np.zeros(n, dtype=np.int64)
+    n_expr = np.zeros(n, dtype=np.int64)
+    psum = np.zeros(model.vocab_size, dtype=np.float64)
+    pcnt = np.zeros(model.vocab_size, dtype=np.int64)
+    rank_tokens = np.full((len(rank_pick), model.max_len), model.dicts.pad_id, dtype=np.int64)
+    rank_len = np.zeros(len(rank_pick), dtype=np.int64)
+    import scipy.sparse as sp
+
+    for sl, cnt, tot in eval_set.iter_counts_totals(axis, batch_size):
+        m = cnt.tocoo()
+        full = sp.csr_matrix((m.data, (m.row, cols[m.col])), shape=(cnt.shape[0], len(fids)))
+        n_expr[sl] = np.asarray((cnt > 0).sum(axis=1)).ravel()
+        toks, lens = model.tokenize(full, tot)
+        n_tok[sl] = model.n_genes(lens)
+        s, c = M.mean_positions(toks, model.vocab_size, model.special_ids)
+        psum += s
+        pcnt += c
+        order = np.argsort(-lens, kind="stable")
+        for k in range(0, len(order), forward_batch_size):
+            g = order[k:k + forward_batch_size]
+            emb[sl.start + g] = model.embed(toks[g], lens[g])
+        sel = rank_pick[(rank_pick >= sl.start) & (rank_pick < sl.stop)]
+        if len(sel):
+            at = np.searchsorted(rank_pick, sel)
+            rank_tokens[at, :toks.shape[1]] = toks[sel - sl.start]
+            rank_len[at] = lens[sel - sl.start]
+    rank_pred = np.full(n, np.nan)
+    rank_base = np.full(n, np.nan)
+    if len(rank_pick):
+        mask = M.mask_positions(rank_tokens, fraction=mask_fraction, seed=seed, special_ids=model.special_ids)
+        mean_pos = np.where(pcnt > 0, psum / np.maximum(pcnt, 1), np.nan)
+        rank_base[rank_pick] = M.mean_rank_baseline_scores(rank_tokens, mask, mean_pos)
+        order = np.argsort(-rank_len, kind="stable")
+        for k in range(0, len(order), forward_batch_size):
+            g = order[k:k + forward_batch_size]
+            rank_pred[rank_pick[g]] = model.rank_scores(rank_tokens[g], rank_len[g], mask[g])
+    return {"emb": emb, "n_tokens": n_tok, "n_expressed": n_expr, "rank_pred": rank_pred,
+            "rank_baseline": rank_base, "vocab_genes_in_set": int(len(axis)), "n_rank_cells": int(len(rank_pick))}
+
+
 def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline: bool = True,
              batch_size: int = 1024, n_hvg: int = 1000, n_hvg_baseline: int = 2000, n_pcs: int = 50,
              knn_k: int = 5, few_shot_fractions=M.FEW_SHOT_FRACTIONS, few_shot_seeds=(0, 1, 2),
              min_cells_per_type: int = 10, integration: bool = True, rank_fidelity: bool = True,
-             max_fidelity_cells: int = 3000, sample_z: bool = False, seed: int = 0, device: str = "cpu",
+             max_fidelity_cells: int = 3000, sample_z: bool = False, max_rank_cells: int | None = 500,
+             mask_fraction: float = 0.15, geneformer_batch_size: int = 32, seed: int = 0, device: str = "cpu",
              log: Callable[[str], None] = print) -> dict:
     """Evaluate every model on every eval set (module doc) and write the tables to ``out``.
 
     Parameters
     ----------
     model_dirs : sequence of path
-        Model directories (:func:`atlasmix.evaluation.models.load_model`).
+        Model directories (:func:`atlasmix.evaluation.models.load_model`): LDVAE run dirs, Geneformer
+        run dirs (``OUT``) or model dirs (``OUT/model``).
     eval_sets : sequence of EvalSet
         From :func:`atlasmix.evaluation.evalsets.load_eval_sets`.
     out : path
@@ -195,6 +289,14 @@ def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline
         Classification settings (see :func:`embedding_metrics`).
     sample_z : bool
         Decode one posterior sample of z instead of its mean (scvi's default; seeded by ``seed``).
+    max_rank_cells : int or None
+        Geneformer: cells per eval set (seeded subsample) scored by the masked rank prediction
+        test; 500 by default because BERT on CPU is slow (one more forward pass per scored cell,
+        with up to 2,048 tokens for V1); None scores every cell.
+    mask_fraction : float
+        Geneformer: share of each cell's gene tokens masked for rank prediction (15 %, as pretraining).
+    geneformer_batch_size : int
+        Geneformer: cells per forward pass (cells sorted by length within each streamed batch).
 
     Returns
     -------
@@ -208,7 +310,7 @@ def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline
     """
     import torch
 
-    from atlasmix.evaluation.models import LDVAEAdapter, PCABaseline, load_model
+    from atlasmix.evaluation.models import GeneformerAdapter, LDVAEAdapter, PCABaseline, load_model
 
     out = Path(out)
     if not eval_sets:
@@ -262,11 +364,51 @@ def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline
             log(f"pca on {e.name}: {timings[f'pca/{e.name}']} s")
 
         for m in models:
+            if isinstance(m, GeneformerAdapter):
+                t0 = time.perf_counter()
+                g = geneformer_outputs(m, e, batch_size=batch_size, forward_batch_size=geneformer_batch_size,
+                                       max_rank_cells=max_rank_cells, mask_fraction=mask_fraction, seed=seed)
+                ok = g["n_tokens"] > 0
+                pc = e.obs[["cell_id", "soma_joinid", "dataset_id", "cell_type"]].copy()
+                pc.insert(0, "eval_set", e.name)
+                pc.insert(0, "mixture", m.mixture)
+                pc.insert(0, "model", m.name)
+                pc["batch_seen"] = None  # no batch covariate
+                pc["pearson_r"] = np.nan  # no reconstruction output
+                pc["r2"] = np.nan
+                pc["n_tokens"] = g["n_tokens"]
+                pc["rank_pred_pearson"] = g["rank_pred"]
+                pc["rank_pred_baseline_pearson"] = g["rank_baseline"]
+                per_cell.append(pc)
+                s = M.summarize(g["rank_pred"])
+                sb = M.summarize(g["rank_baseline"])
+                sd = M.summarize(g["rank_pred"] - g["rank_baseline"])
+                d = {"rank_pred_pearson_median": s["median"], "rank_pred_pearson_iqr": s["iqr"],
+                     "rank_pred_pearson_mean": s["mean"], "rank_pred_baseline_pearson_median": sb["median"],
+                     "rank_pred_baseline_pearson_iqr": sb["iqr"], "rank_pred_minus_baseline_median": sd["median"],
+                     "rank_pred_n_cells_scored": s["n"], "rank_pred_mask_fraction": mask_fraction,
+                     "vocab_genes_in_set": g["vocab_genes_in_set"],
+                     "model_genes_missing_fraction": float(1 - g["vocab_genes_in_set"] / max(len(m.feature_ids), 1)),
+                     "no_token_cells_fraction": float(1 - ok.mean()),
+                     "tokens_per_cell_median": float(np.median(g["n_tokens"])),
+                     "truncated_cells_fraction": float(np.mean(g["n_expressed"] > g["n_tokens"]))}
+                rows += _rows(m.name, m.mixture, e.name, d)
+                # cells without a vocabulary gene have no embedding: left out of the embedding metrics
+                lab = np.where(ok, labels.astype(object), "unknown")
+                emb = np.nan_to_num(g["emb"], nan=0.0)
+                met, fs = embedding_metrics(emb, lab, **emb_kw)
+                rows += _rows(m.name, m.mixture, e.name, met)
+                if len(fs):
+                    few.append(fs.assign(model=m.name, mixture=m.mixture, eval_set=e.name))
+                timings[f"{m.name}/{e.name}"] = round(time.perf_counter() - t0, 2)
+                log(f"{m.name} on {e.name}: median rank prediction r = {s['median']:.3f} (mean-rank baseline "
+                    f"{sb['median']:.3f}, {s['n']} cells), {timings[f'{m.name}/{e.name}']} s")
+                continue
             if not isinstance(m, LDVAEAdapter):
                 continue
             t0 = time.perf_counter()
             fids = m.feature_ids
-            present = np.isin(fids, e.feature_ids)
+            present = pd.Index(fids).isin(e.feature_ids)
             hv = hvg_columns(e, fids, n_hvg, batch_size)
             codes, seen = m.batch_codes(e.obs)
             if sample_z:
@@ -304,6 +446,11 @@ def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline
     res = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     res.to_parquet(out / "results.parquet", index=False)
     res.to_csv(out / "results.csv", index=False)
+    if per_cell and any("rank_pred_pearson" in p for p in per_cell):  # same columns in every part
+        for p in per_cell:
+            for c in PER_CELL_GENEFORMER:
+                if c not in p:
+                    p[c] = np.nan
     pcs = pd.concat(per_cell, ignore_index=True) if per_cell else pd.DataFrame(
         columns=["model", "mixture", "eval_set", "cell_id", "soma_joinid", "dataset_id", "cell_type", "batch_seen",
                  "pearson_r", "r2"])
@@ -323,7 +470,8 @@ def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline
                     "knn_k": knn_k, "few_shot_fractions": list(few_shot_fractions),
                     "few_shot_seeds": list(few_shot_seeds), "min_cells_per_type": min_cells_per_type,
                     "sample_z": sample_z, "seed": seed, "pca_baseline": pca_baseline, "rank_fidelity": rank_fidelity,
-                    "max_fidelity_cells": max_fidelity_cells},
+                    "max_fidelity_cells": max_fidelity_cells, "max_rank_cells": max_rank_cells,
+                    "mask_fraction": mask_fraction, "geneformer_batch_size": geneformer_batch_size},
         "store": store.identity() if store is not None else None,
         "timings_s": timings,
     }
