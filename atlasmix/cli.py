@@ -174,6 +174,30 @@ def ingest_cmd(
                       f"by rule {gm['by_method']}), qc_pass {r['qc_pass_fraction']:.1%}")
 
 
+@app.command("demo")
+def demo_cmd(
+    workdir: Annotated[Path, typer.Option(help="Output folder (replaced): store, manifests, models, results, "
+                                               "report.html.")] = Path("demo"),
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder of real files (h5ad / 10x h5 / zarr / MEX) "
+                                                          "instead of the simulated corpus.")] = None,
+    cells: Annotated[int, typer.Option(help="Cells of the simulated corpus.")] = 50_000,
+    epochs: Annotated[Optional[int], typer.Option(help="LDVAE epochs per mixture (default 2 on CPU, 20 on GPU).")] = None,
+    genes: Annotated[int, typer.Option(help="HVGs on the models' gene axis.")] = 2000,
+    accelerator: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, gpu.")] = "auto",
+    geneformer: Annotated[bool, typer.Option(help="Also pretrain and evaluate a tiny Geneformer.")] = True,
+    few_shot: Annotated[Optional[bool], typer.Option("--few-shot/--no-few-shot",
+                                                     help="Few-shot protocol (default: on a GPU machine only).")] = None,
+    mixture: Annotated[Optional[list[str]], typer.Option(help="Run only these mixture specs (repeatable).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the corpus, draws and training.")] = 0,
+):
+    """Run the whole study: simulated (or your) corpus -> store -> mixtures -> LDVAE + Geneformer -> evaluation -> HTML report."""
+    from atlasmix.demo import run_demo
+
+    run_demo(workdir, data_dir, n_cells=cells, epochs=epochs, n_genes=genes, accelerator=accelerator,
+             geneformer=geneformer, few_shot=few_shot, mixtures=mixture, seed=seed,
+             log=lambda s: console.print(s, soft_wrap=True))
+
+
 def _register_optional() -> None:
     """Let each stage add its commands: ``atlasmix.<stage>.cli.register(app)`` where it exists."""
     import importlib
