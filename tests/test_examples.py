@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
-import pytest
 
 from atlasmix.cli import _plan_requests
 from atlasmix.ingest import QCPolicy, ingest

@@ -3,7 +3,6 @@ concurrent ingests never corrupt the store."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
