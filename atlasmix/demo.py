@@ -195,7 +195,9 @@ def choose_genes(store, manifests: list[Path], n_genes: int = 2000, max_cells: i
     stats = HVGStats(len(cand))
     for _, m in store.iter_X(cells, cand, chunk_size=4096):
         stats.update(m)
-    top = stats.top_genes(min(n_genes, len(cand)))[:n_genes]
+    dn = stats.table()["dispersions_norm"].to_numpy()
+    order = np.argsort(-np.nan_to_num(dn, nan=-np.inf), kind="stable")  # most variable first, NaN last
+    top = np.sort(order[:min(n_genes, len(cand))])
     return var.loc[cand[top], "feature_id"].astype(str).tolist()
 
 

@@ -34,7 +34,17 @@ def test_real_data_study_base_and_added_sources(shared_store, tmp_path):
     # every LDVAE on every held-out set, nothing missing, Pearson in range
     assert set(recon["mixture"]) == set(REAL_MIXTURES)
     assert len(recon) == len(REAL_MIXTURES) * len(sets)
-    assert recon["value"].between(-1, 1).all() and np.isfinite(recon["value"]).all()
+    scored = recon.set_index(["mixture", "eval_set"])["value"]
+    n_hvg = res[res["metric"] == "recon_n_hvg"].set_index(["mixture", "eval_set"])["value"].loc[scored.index]
+    n_scored = res[res["metric"] == "recon_n_cells_scored"].set_index(["mixture", "eval_set"])["value"].loc[scored.index]
+    ok = ((n_hvg > 0) & (n_scored > 0)).to_numpy()
+    assert np.isfinite(scored[ok]).all() and scored[ok].between(-1, 1).all()
+    # a set none of whose HVGs the human models know (mouse paul15), or whose cells have no counts on
+    # the shared HVGs (the 28-gene CRISPR panel), is reported as not scorable (NaN), never a made-up number
+    assert scored[~ok].isna().all()
+    assert (n_hvg.xs("bone_marrow_balanced", level="eval_set") == 0).all()  # mouse genes vs human models
+    for s in ("pbmc5k_heldout", "ifnb_stimulated", "pancreas_heldout_donor"):
+        assert (n_hvg.xs(s, level="eval_set") > 0).all(), s
     # held-out real PBMCs are reconstructed by a PBMC-trained model better than chance (r > 0)
     pbmc = recon[recon["eval_set"] == "pbmc5k_heldout"].set_index("mixture")["value"]
     assert (pbmc > 0.1).all(), pbmc
@@ -43,9 +53,9 @@ def test_real_data_study_base_and_added_sources(shared_store, tmp_path):
     for m in REAL_MIXTURES:
         assert pc[pc["model"] == f"ldvae_{m}"].groupby("eval_set").size().equals(n_eval)
     assert pc["cell_type"].notna().any()
-    # the PCA baseline separates held-out PBMC cell types far above chance
-    pca = res[(res["model"] == "pca") & (res["eval_set"] == "pbmc5k_heldout")].set_index("metric")["value"]
-    assert pca["knn_macro_f1"] > 3 * pca["chance_macro_f1"]
+    # the PCA baseline separates the labelled held-out cells (paul15's myeloid types) well above chance
+    pca = res[(res["model"] == "pca") & (res["eval_set"] == "bone_marrow_balanced")].set_index("metric")["value"]
+    assert pca["knn_macro_f1"] > 2 * pca["chance_macro_f1"]
     # no model was evaluated on its own training cells (the overlap check ran and found none)
     ev = json.loads((tmp_path / "results" / "evaluation.json").read_text())
     assert ev["overlap_checks"] and all(v["checked"] and v["n_overlap"] == 0 for v in ev["overlap_checks"].values())
@@ -67,7 +77,8 @@ def test_choose_genes_survives_small_panels(shared_store, tmp_path):
     assert all(g.startswith("ENSG") for g in genes)
     var = store.var().set_index("feature_id")
     names = set(var.loc[genes, "feature_name"])
-    assert {"LYZ", "S100A8", "CD74"} & names  # classic PBMC HVGs
+    # seurat-flavour HVGs of PBMCs: platelet, plasma-cell, NK and B-cell markers
+    assert len({"PPBP", "PF4", "GNLY", "NKG7", "MS4A1", "CD79A", "JCHAIN", "IGLC2"} & names) >= 3, names
 
 
 @needs_shared

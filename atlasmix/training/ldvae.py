@@ -54,6 +54,10 @@ from atlasmix.training.loader import MixtureLoader
 from atlasmix.training.defaults import DEFAULTS  # noqa: E402  (light module: the CLI imports it)
 
 
+#: Floor of the per-batch variance of log library size (the library prior's scale must be > 0).
+MIN_LIBRARY_LOG_VAR = 1e-2
+
+
 class _ScviBatches:
     """An iterable view of a :class:`MixtureLoader` yielding scvi-keyed minibatches.
 
@@ -237,6 +241,9 @@ def library_priors(loader: MixtureLoader, batch_key: str | None, max_cells: int)
         if len(sel):
             means[k] = sel.mean()
             var[k] = sel.var() if len(sel) > 1 else var[k]
+    # a batch whose sampled cells all have the same library (e.g. a small gene panel that measures none
+    # of the gene axis: every library is 0) has variance 0, and Normal(mean, 0) is invalid in scvi-tools
+    var = np.maximum(var, MIN_LIBRARY_LOG_VAR)
     sample = {"X": sp.vstack(keep_X).tocsr(), "batch": np.concatenate(keep_b), "soma_joinid": np.concatenate(keep_id)}
     return means.reshape(1, -1).astype(np.float32), var.reshape(1, -1).astype(np.float32), sample
 
