@@ -282,12 +282,19 @@ def run_study(store, spec_dir: str | Path, workdir: str | Path, mixtures: list[s
         log(f"   {len(genes):,} HVGs of the training cells -> genes.txt")
 
     model_dirs: list[Path] = []
+    skipped: dict[str, str] = {}
     with L.stage(f"train LDVAE x {len(manifests)}"):
         for name, path in manifests.items():
             out = workdir / "models" / f"ldvae_{name}"
-            run = train_ldvae(store, path, out, accelerator="gpu" if gpu else "cpu", batch_size=batch_size,
-                              max_epochs=epochs, seed=seed, genes=genes, checkpoint_every=0, validation=True,
-                              progress=False, prior_cells=20_000, io_batch_size=8192)
+            try:
+                run = train_ldvae(store, path, out, accelerator="gpu" if gpu else "cpu", batch_size=batch_size,
+                                  max_epochs=epochs, seed=seed, genes=genes, checkpoint_every=0, validation=True,
+                                  progress=False, prior_cells=20_000, io_batch_size=8192)
+            except AtlasmixError as e:  # e.g. a mouse-only mixture on the human gene axis: skipped, said why
+                shutil.rmtree(out, ignore_errors=True)
+                skipped[f"ldvae_{name}"] = str(e)
+                log(f"   ldvae_{name:<28} [yellow]skipped[/]: {e}")
+                continue
             model_dirs.append(out)
             log(f"   ldvae_{name:<28} {run['n_cells']['train']:>7,} cells x {epochs} epoch(s)  "
                 f"{run['wall_s']:>6.1f} s  ({run['train_cells_per_s']:,.0f} cells/s)")
@@ -296,7 +303,7 @@ def run_study(store, spec_dir: str | Path, workdir: str | Path, mixtures: list[s
         with L.stage("train a tiny Geneformer"):
             from atlasmix.training.geneformer.pretrain import train_geneformer
 
-            first = next(iter(manifests))
+            first = "base_model" if "base_model" in manifests else next(iter(manifests))
             out = workdir / "models" / f"geneformer_{first}"
             run = train_geneformer(store, manifests[first], out, preset="tiny", max_len=256, batch_size=16,
                                    max_steps=geneformer_steps, warmup_steps=5, device=device, seed=seed,
@@ -325,7 +332,7 @@ def run_study(store, spec_dir: str | Path, workdir: str | Path, mixtures: list[s
                "total_s": round(time.perf_counter() - L.t0, 1), "models": [str(p) for p in model_dirs],
                "report": str(rep["html"]), "n_genes": len(genes),
                "median_reconstruction_r": json.loads(med.round(4).to_json(orient="index")),
-               "n_result_rows": int(len(res)), "eval_sets": [e.name for e in sets]}
+               "n_result_rows": int(len(res)), "eval_sets": [e.name for e in sets], "skipped": skipped}
     (workdir / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
     if len(med):
         log("median reconstruction accuracy (Pearson r, top-1000 HVGs of each eval set):")

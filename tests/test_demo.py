@@ -24,8 +24,12 @@ def test_real_data_study_base_and_added_sources(shared_store, tmp_path):
     LDVAE on each -> evaluation on held-out real cells -> a complete, sane results table and report."""
     store = shared_store[0]
     spec_dir = examples_dir() / "mixtures" / "shared"
-    summary = run_study(store, spec_dir, tmp_path, REAL_MIXTURES, epochs=1, n_genes=400, batch_size=256,
-                        geneformer=False, few_shot=False, log=lambda s: None)
+    summary = run_study(store, spec_dir, tmp_path, REAL_MIXTURES + ["bone_marrow_only"], epochs=1, n_genes=400,
+                        batch_size=256, geneformer=False, few_shot=False, log=lambda s: None)
+    # mouse-only paul15 has no counts on the human HVG axis: skipped with the reason, not a broken model
+    assert list(summary["skipped"]) == ["ldvae_bone_marrow_only"]
+    assert "no counts on the gene axis" in summary["skipped"]["ldvae_bone_marrow_only"]
+    assert not (tmp_path / "models" / "ldvae_bone_marrow_only").exists()
     res = pd.read_parquet(tmp_path / "results" / "results.parquet")
     pc = pd.read_parquet(tmp_path / "results" / "per_cell.parquet")
     sets = sorted(res["eval_set"].unique())

@@ -356,3 +356,18 @@ def test_geneformer_overlap_refusal_and_file_sets(trained, gf_run, tmp_path):
     np.testing.assert_allclose(gs["emb"], gf["emb"][at], rtol=1e-4, atol=1e-5)
     ok = np.isfinite(gf["rank_pred"])
     assert ok.sum() == 40 and np.isfinite(gf["rank_baseline"][ok]).all()
+
+
+def test_geneformer_adapter_batch_without_tokens_gives_nan_not_a_crash():
+    """A batch of cells with no vocabulary gene (e.g. mouse cells, human vocabulary) embeds to NaN rows."""
+    import numpy as np
+
+    from atlasmix.evaluation.models import GeneformerAdapter
+
+    a = GeneformerAdapter.__new__(GeneformerAdapter)  # only n_latent is consulted before any forward pass
+    a.n_latent = 8
+    e = GeneformerAdapter.embed(a, np.zeros((4, 0), dtype=np.int64), np.zeros(4, dtype=np.int64))
+    assert e.shape == (4, 8) and np.isnan(e).all()
+    r = GeneformerAdapter.rank_scores(a, np.zeros((4, 0), dtype=np.int64), np.zeros(4, dtype=np.int64),
+                                      np.zeros((4, 0), dtype=bool))
+    assert r.shape == (4,) and np.isnan(r).all()

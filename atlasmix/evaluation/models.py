@@ -362,6 +362,8 @@ class GeneformerAdapter:
         """
         import torch
 
+        if np.max(lengths, initial=0) <= 0 or tokens.shape[1] == 0:  # no cell has a token (e.g. mouse genes)
+            return np.full((len(lengths), self.n_latent), np.nan, dtype=np.float32)
         L = int(max(1, np.max(lengths, initial=0)))
         x = torch.as_tensor(np.ascontiguousarray(tokens[:, :L]), device=self.device)
         att = (torch.arange(L, device=self.device)[None, :] < torch.as_tensor(lengths, device=self.device)[:, None]).long()
@@ -398,6 +400,8 @@ class GeneformerAdapter:
 
         from atlasmix.evaluation.metrics import rank_prediction_score
 
+        if np.max(lengths, initial=0) < 3 or tokens.shape[1] == 0:  # no cell can have 3 masked genes
+            return np.full(len(lengths), np.nan)
         L = int(max(1, np.max(lengths, initial=0)))
         ids = np.ascontiguousarray(tokens[:, :L])
         mk = np.asarray(mask)[:, :L]

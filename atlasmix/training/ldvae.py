@@ -356,7 +356,8 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     Raises
     ------
     AtlasmixError
-        ``out`` not empty (without resume), nothing to resume, bad manifest or options.
+        ``out`` not empty (without resume), nothing to resume, bad manifest or options, training cells
+        with no counts on the gene axis.
     """
     import scvi
     from lightning.pytorch import seed_everything
@@ -391,6 +392,10 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     sampler = MixtureLoader(store, manifest, "train", seed=seed + 1, var_joinids=train.var_joinids,
                             categories=train.categories, **{k: v for k, v in common.items() if k != "genes"})
     means, variances, sample = library_priors(sampler, batch_key, prior_cells)
+    if sample["X"].nnz == 0:  # e.g. mouse cells on a human gene axis: nothing to learn, and scvi-tools
+        # would take the all-zero template for a "minified" AnnData and refuse to load the saved model
+        raise AtlasmixError(f"the mixture's training cells have no counts on the gene axis ({train.n_vars} genes); "
+                            "choose genes its datasets measure (--genes)")
     adata = template_anndata(store, train, sample, batch_key, n_template)
     scvi.model.LinearSCVI.setup_anndata(adata, batch_key="batch")
     model = scvi.model.LinearSCVI(adata, n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers,
