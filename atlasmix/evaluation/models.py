@@ -54,7 +54,29 @@ def _training_cells_from_manifest(path: str | None, sha256: str | None) -> tuple
     return np.unique(tv["soma_joinid"].to_numpy(dtype=np.int64)), side
 
 
-class LDVAEAdapter:
+class _TrainedOnManifest:
+    """``training_cells`` for adapters of run directories whose ``run.json`` names the training manifest."""
+
+    def training_cells(self) -> tuple[np.ndarray | None, dict]:
+        """(train + validation soma_joinids, info) from the manifest named in ``run.json``; (None, ...)
+        when it names none (a bare model folder).
+
+        ``info`` holds ``store`` (the training store's identity) and ``manifest`` (path).
+
+        Raises
+        ------
+        AtlasmixError
+            The manifest named in ``run.json`` is missing (the overlap check cannot be done).
+        """
+        m = self.run.get("manifest", {})
+        if m.get("path") and not Path(m["path"]).is_file():
+            raise AtlasmixError(f"{self.name}: training manifest {m['path']} is missing, so the eval/train overlap "
+                                "cannot be checked")
+        ids, _ = _training_cells_from_manifest(m.get("path"), m.get("sha256"))
+        return ids, {"store": self.run.get("store", {}), "manifest": m.get("path")}
+
+
+class LDVAEAdapter(_TrainedOnManifest):
     """A trained LinearSCVI (``OUT`` of :func:`atlasmix.training.ldvae.train_ldvae`).
 
     Parameters
@@ -114,18 +136,6 @@ class LDVAEAdapter:
             return set(cats)
         seen = {str(r.get("dataset_id")) for r in comp if r.get("split") == "train" and r.get("n_cells", 0) > 0}
         return seen or set(cats)
-
-    def training_cells(self) -> tuple[np.ndarray | None, dict]:
-        """(train + validation soma_joinids, info) from the manifest named in ``run.json``.
-
-        ``info`` holds ``store`` (the training store's identity) and ``manifest`` (path).
-        """
-        m = self.run.get("manifest", {})
-        if m.get("path") and not Path(m["path"]).is_file():
-            raise AtlasmixError(f"{self.name}: training manifest {m['path']} is missing, so the eval/train overlap "
-                                "cannot be checked")
-        ids, _ = _training_cells_from_manifest(m.get("path"), m.get("sha256"))
-        return ids, {"store": self.run.get("store", {}), "manifest": m.get("path")}
 
     def batch_codes(self, obs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Batch codes of eval cells (module doc) and whether each cell's batch was seen in training."""
@@ -232,7 +242,7 @@ class PCABaseline:
         return out
 
 
-class GeneformerAdapter:
+class GeneformerAdapter(_TrainedOnManifest):
     """A Geneformer BERT masked language model (``atlasmix train geneformer`` output).
 
     ``path`` is the run directory ``OUT`` (``OUT/model/`` = ``save_pretrained`` + ``token_dictionary.pkl``
@@ -308,16 +318,6 @@ class GeneformerAdapter:
         self.n_latent = int(self.model.config.hidden_size)
         ok, tok, med = self.dicts.arrays(self.feature_ids)
         self._tok, self._med = tok[ok], med[ok]
-
-    def training_cells(self) -> tuple[np.ndarray | None, dict]:
-        """(train + validation soma_joinids, info) from the manifest named in ``run.json``
-        (as :meth:`LDVAEAdapter.training_cells`); (None, ...) for a model folder without ``run.json``."""
-        m = self.run.get("manifest", {})
-        if m.get("path") and not Path(m["path"]).is_file():
-            raise AtlasmixError(f"{self.name}: training manifest {m['path']} is missing, so the eval/train overlap "
-                                "cannot be checked")
-        ids, _ = _training_cells_from_manifest(m.get("path"), m.get("sha256"))
-        return ids, {"store": self.run.get("store", {}), "manifest": m.get("path")}
 
     def tokenize(self, counts, n_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rank value encoding of raw counts on the vocabulary axis (:attr:`feature_ids`).
