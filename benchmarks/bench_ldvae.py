@@ -63,9 +63,12 @@ from bench_loader import build_store  # noqa: E402
 class _GpuSampler:
     """Mean NVML utilisation.gpu (percent) between ``start`` and ``stop``; None without NVML/CUDA."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         self.samples: list[int] = []
         self._run = False
+        self._nvml = None
+        if not enabled:
+            return
         try:
             import pynvml
 
@@ -148,9 +151,7 @@ def run_one(method: str, uri: str, manifest: Path, args) -> dict:
     table, _ = read_manifest(manifest, store=store)
     cells = np.sort(table["soma_joinid"].to_numpy())
     accel = "gpu" if torch.cuda.is_available() else "cpu"
-    sampler = _GpuSampler() if accel == "gpu" else _GpuSampler.__new__(_GpuSampler)
-    if accel != "gpu":
-        sampler.samples, sampler._run, sampler._nvml = [], False, None
+    sampler = _GpuSampler(enabled=accel == "gpu")
     timer = _epoch_timer(sampler)
     extra: dict = {}
     if method.startswith("atlasmix"):
