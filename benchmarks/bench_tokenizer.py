@@ -28,25 +28,31 @@ Pretraining part (``--pretrain``): ``train_geneformer`` with the V1 model (6 lay
 fraction of wall time the training loop waited for the next tokenized batch (data wait).
 
 Measured (2026-11-23, 2 shared CPU cores without AVX-512, numpy 2.4, batches of 1,024 cells, best
-of 3; other jobs were running, so repeats varied by ~20%)::
+of 3 over 4,096 cells; encoder sorting blocks of 32 cells with every pass cache-resident)::
 
-    cells                          nnz/cell  vectorised 1 thr  2 thr            per-cell reference  speed-up (1 / 2 thr)
-    pisces PBMC (real, V1 vocab)   2,018     15,800/s          22,700/s         3,600/s             4.4x / 6.3x
-    simulated                      500       96,800/s          109,700/s        8,600/s             11.3x / 12.7x
-    simulated                      2,000     18,700/s          28,600/s         3,600/s             5.1x / 7.9x
+    cells                          nnz/cell  vectorised 1 thr  2 thr     per-cell reference  speed-up (1 / 2 thr)
+    pisces PBMC (real, V1 vocab)   2,018     20,300/s          36,500/s  3,400/s             6.0x / 10.8x
+    simulated                      300       136,400/s         176,000/s 10,700/s            12.7x / 16.4x
+    simulated                      500       90,600/s          126,200/s 8,900/s             10.2x / 14.2x
+    simulated                      2,000     23,700/s          37,400/s  3,600/s             6.6x / 10.3x
+
+    (the previous encoder, one sort per 16 cells with whole-batch passes: 15,800 / 22,700 cells/s
+    on the pisces PBMCs, 4.4x / 6.3x)
 
     data pipeline alone (MixtureLoader + GeneformerStream, 5,700 PBMC cells of 6 datasets from a
     store of ../shared/data, 306 tokens per cell on average):      13,500 cells/s
     V1 pretraining on the CPU (6 layers, 2,048 positions, batch 12, 20 steps): 3.6 cells/s,
     data wait 0.4% of the wall time (the model, not the data, is the bottleneck on a CPU)
 
-The issue's goal (>= 20x over a per-cell implementation) is **not** reached on this CPU: the
-per-cell reference spends ~60 us of its ~300 us per 2,000-gene cell in ``argsort`` and the rest in
-Python / scipy row access; the vectorised encoder removes the Python part and replaces the argsort
-by one SIMD ``numpy.sort`` of packed int64 keys (cell, value, token id) per 16 cells (about 10 ns
-per nonzero), but it still has to sort every nonzero and make ~12 passes over them, which bounds
-the speed-up at ~4-6x for whole-transcriptome cells and ~11-13x for 500-gene cells here. GPU numbers: run with ``--pretrain
---device cuda`` where a GPU is available.
+The issue's goal (>= 20x over a per-cell implementation) is **not** reached on this CPU (10-16x
+with 2 threads). The per-cell reference spends ~60 us of its ~300 us per 2,000-gene cell in
+``argsort`` and the rest in Python / scipy row access (Geneformer's own loop, which indexes each
+row twice and uses the default argsort, measured the same 3,500 cells/s). The vectorised encoder
+has no per-cell Python and sorts packed int64 keys (cell, value, token id) with one SIMD
+``numpy.sort`` per 32 cells, but the sort alone costs ~10 ns per nonzero here (of ~19 ns in all:
+the gathers of medians and token ids and the padded scatter are the rest), which bounds the
+speed-up for whole-transcriptome cells. GPU numbers: run with ``--pretrain --device cuda`` where a
+GPU is available.
 """
 
 from __future__ import annotations

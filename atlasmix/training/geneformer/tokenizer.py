@@ -13,8 +13,9 @@ tokens, ``<cls>`` first and ``<eos>`` last (so at most 4,094 genes).
 
 :func:`rank_value_encode` does this for a whole CSR minibatch without a Python loop per cell: the
 normalised values become packed int64 keys (cell, descending value, token) sorted per block of
-16 cells with ``numpy.sort``, then token ids are gathered and truncated with flat index
-arithmetic. Values are computed in float64 as Geneformer does; ties come out in token-id order
+32 cells with ``numpy.sort``, then token ids are gathered and truncated with flat index
+arithmetic. Values are computed in float64 as Geneformer does (up to the per-cell constant
+``10,000 / n_counts``, which does not change the order); ties come out in token-id order
 (Geneformer's own ``np.argsort`` leaves tie order unspecified). With Geneformer's V1 dictionaries
 it reproduces the published V1 tokens of ``pisces_pbmc1k`` for all 1,000 cells, tie order included.
 :func:`rank_value_encode_reference` is the straightforward per-cell version of the reference
@@ -60,24 +61,72 @@ def mode_settings(mode: str, max_len: int | None = None) -> tuple[int, bool]:
 
 
 _HI_BITS = np.float64(2.0 ** 64).view(np.int64)  # x is clipped to [2^-64, 2^64): 2^59 bit patterns
-_ROW_BITS = 4  # cells per sorted block: 16
+_ROW_BITS = 5  # cells per sorted block: 32 (~64k nonzeros of whole-transcriptome cells: cache-resident)
+_POOL: dict[int, Any] = {}
 
 
-def _sort_keys(x: np.ndarray, pos: np.ndarray, pos_bits: int, row_bits: int) -> np.ndarray:
-    """int64 keys whose ascending order is descending ``x`` (positive float64), payload ``pos`` (< 2^pos_bits,
-    plus anything at or above bit 63 - row_bits) or-ed in.
+def _pool(threads: int):
+    """A process-wide thread pool per size (encoding threads release the GIL inside numpy)."""
+    if threads not in _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="atlasmix-rve")
+    return _POOL[threads]
+
+
+def _sort_keys(x: np.ndarray, pos: np.ndarray, pos_bits: int, row_bits: int, clip: bool = True) -> np.ndarray:
+    """int64 keys (in place over ``x``'s buffer) whose ascending order is descending ``x`` (positive
+    float64), payload ``pos`` (< 2^pos_bits, plus anything at or above bit 63 - row_bits) or-ed in.
 
     The float64 bit pattern of a positive number is monotonic in it; x is clipped to
     [2^-64, 2^64) (59 significant bits) and the top ``63 - row_bits - pos_bits`` of those bits are
-    kept: relative resolution 2^-(52 - (row_bits + pos_bits - 4)), 7.3e-12 for 4 + 15 bits. Values
-    closer than that count as tied (ordered by ``pos``)."""
-    if len(x) and (x.min() < 2.0 ** -64 or x.max() >= 2.0 ** 64):
+    kept: relative resolution 2^-(52 - (row_bits + pos_bits - 4)), 1.5e-11 for 5 + 15 bits. Values
+    closer than that count as tied (ordered by ``pos``). ``clip=False``: the caller knows x is in range."""
+    if clip and len(x) and (x.min() < 2.0 ** -64 or x.max() >= 2.0 ** 64):
         x = np.clip(x, 2.0 ** -64, 2.0 ** 64 * (1 - 2 ** -53))
-    q = (_HI_BITS - 1) - x.view(np.int64)  # in [0, 2^59)
+    q = x.view(np.int64)
+    np.subtract(_HI_BITS - 1, q, out=q)  # in [0, 2^59)
     q >>= row_bits + pos_bits - 4
     q <<= pos_bits
     q |= pos  # (or the payload with its top bits: x's bits never reach bit 63 - row_bits)
     return q
+
+
+def _encode_rows(out: np.ndarray, r0: int, r1: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
+                 inv_medians: np.ndarray, token_ids: np.ndarray, pos_bits: int, n_genes_max: int, off: int,
+                 clip: bool) -> None:
+    """Encode cells ``r0:r1`` into ``out`` rows, one sorted block of 2^_ROW_BITS cells at a time.
+
+    Every pass over a block's nonzeros (gather, scale, key, sort, mask, scatter) stays in the CPU
+    cache; the whole-batch passes of a one-shot version spill to memory and cost as much as the sort.
+    """
+    step = 1 << _ROW_BITS
+    local_all = np.arange(step, dtype=np.int64) << (63 - _ROW_BITS)
+    mask = np.int64((1 << pos_bits) - 1)
+    cols = np.arange(out.shape[1] - 2 * off)
+    for b0 in range(r0, r1, step):
+        b1 = min(r1, b0 + step)
+        a, b = int(indptr[b0]), int(indptr[b1])
+        if a == b:
+            continue
+        nnz_row = np.diff(indptr[b0:b1 + 1])
+        ix = indices[a:b]
+        x = inv_medians[ix]
+        x *= data[a:b]  # counts / median: the cell's constant 10,000 / n_counts does not change the order
+        payload = token_ids[ix]
+        payload |= np.repeat(local_all[:b1 - b0], nnz_row)
+        keys = _sort_keys(x, payload, pos_bits, _ROW_BITS, clip)
+        keys.sort()  # (cell, descending x, token id); each cell's nonzeros stay where CSR had them
+        keys &= mask
+        if nnz_row.max() > n_genes_max:  # truncation: the first n_genes_max of each cell
+            pos = np.arange(b - a, dtype=np.int64)
+            pos -= np.repeat(indptr[b0:b1] - a, nnz_row)
+            keys = keys[pos < n_genes_max]
+        fill = cols[None, :] < np.minimum(nnz_row, n_genes_max)[:, None]
+        if off:
+            out[b0:b1, off:out.shape[1] - off][fill] = keys
+        else:
+            out[b0:b1][fill] = keys
 
 
 def rank_value_encode(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_counts: np.ndarray,
@@ -108,9 +157,9 @@ def rank_value_encode(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
     pad_id : int
         Padding token id of the output.
     target_sum : float
-        CP10k: 10,000.
+        CP10k: 10,000 (a per-cell constant factor: it does not change the order).
     threads : int
-        Threads, each encoding a contiguous share of the cells (numpy releases the GIL).
+        Threads, each encoding a contiguous share of the cells in place (numpy releases the GIL).
 
     Returns
     -------
@@ -125,14 +174,17 @@ def rank_value_encode(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
 
     Notes
     -----
-    ``x`` is computed in float64 exactly as Geneformer does (``counts / n_counts * 10,000 / median``).
-    Each nonzero becomes one int64 key (its cell within a block of 16 cells in the top bits, then
-    descending ``x``, then its token id in the low 15 bits) and each block of 16 cells is sorted
-    with one ``numpy.sort`` (SIMD value sort, no argsort indirection): no Python loop per cell, the
-    tokens are the low bits of the sorted keys, and every cell's sorted nonzeros stay where CSR had
-    them, so truncation and padding are flat vectorised operations. Values within a relative
-    7.3e-12 of each other (float64 rounding noise of equal ratios) count as ties and come in
-    token-id order; Geneformer leaves the order of ties unspecified.
+    Geneformer orders a cell's genes by ``x = counts / n_counts * 10,000 / median`` (float64);
+    ``10,000 / n_counts`` is the same for all genes of a cell, so the order is that of
+    ``counts * (1 / median)``, computed here in float64 (``n_counts`` and ``target_sum`` only
+    validate). Each nonzero becomes one int64 key (its cell within a block of 32 cells in the top
+    bits, then descending ``x``, then its token id in the low 15 bits) and each block of 32 cells
+    is sorted with one ``numpy.sort`` (SIMD value sort, no argsort indirection): no Python loop per
+    cell, the tokens are the low bits of the sorted keys, and every cell's sorted nonzeros stay
+    where CSR had them, so truncation and padding are flat vectorised operations. All passes over a
+    block's ~64k nonzeros stay in the CPU cache. Values within a relative 1.5e-11 of each other
+    (float64 rounding noise of equal ratios) count as ties and come in token-id order; Geneformer
+    leaves the order of ties unspecified.
     """
     indptr = np.asarray(indptr, dtype=np.int64)
     indices = np.asarray(indices)
@@ -147,22 +199,6 @@ def rank_value_encode(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
     n_genes_max = int(max_len) - (2 if special else 0)
     if n_genes_max < 1:
         raise AtlasmixError(f"model input size {max_len} leaves no room for genes")
-    if threads > 1 and B >= 64 * threads:  # split the cells, one share per thread
-        from concurrent.futures import ThreadPoolExecutor
-
-        cuts = np.linspace(0, B, threads + 1).astype(int)
-        kw = dict(cls_id=cls_id, eos_id=eos_id, pad_id=pad_id, target_sum=target_sum, threads=1)
-        with ThreadPoolExecutor(threads) as ex:
-            parts = list(ex.map(lambda ab: rank_value_encode(
-                indptr[ab[0]:ab[1] + 1] - indptr[ab[0]], indices[indptr[ab[0]]:indptr[ab[1]]],
-                data[indptr[ab[0]]:indptr[ab[1]]], n_counts[ab[0]:ab[1]], medians, token_ids, max_len, **kw),
-                zip(cuts[:-1], cuts[1:])))
-        L = max(p[0].shape[1] for p in parts)
-        out = np.full((B, L), pad_id, dtype=np.int64)
-        for (a, b), (t, _) in zip(zip(cuts[:-1], cuts[1:]), parts):
-            out[a:b, :t.shape[1]] = t
-        return out, np.concatenate([p[1] for p in parts])
-
     nnz_row = np.diff(indptr)
     if np.all(medians > 0):  # every column in the vocabulary (the store loader's axis): no per-nonzero test
         ok = data > 0 if len(data) and data.min() <= 0 else None
@@ -178,41 +214,27 @@ def rank_value_encode(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
         nnz_row = np.diff(indptr)
     if np.any(n_counts[nnz_row > 0] <= 0):
         raise AtlasmixError("a cell with nonzero counts has n_counts <= 0")
-    # Geneformer's normalisation, in float64: counts / n_counts * 10,000 / gene median
-    x = data.astype(np.float64)
-    x /= np.repeat(n_counts, nnz_row)
-    x *= target_sum
-    x /= medians[indices]
-    starts = indptr[:-1]
-    W_all = int(nnz_row.max(initial=0))
-    pos_bits = max(15, int(token_ids.max(initial=0)).bit_length())
-    # payload: the token id, and the cell's index within its block of 2^_ROW_BITS cells in the top bits
-    local = (np.arange(B, dtype=np.int64) & ((1 << _ROW_BITS) - 1)) << (63 - _ROW_BITS)
-    payload = token_ids[indices]
-    payload += np.repeat(local, nnz_row)
-    keys = _sort_keys(x, payload, pos_bits, _ROW_BITS)
-    del x, payload
-    # one numpy.sort per block of cells orders by (cell, descending x, token id) and leaves every
-    # cell's nonzeros where CSR had them
-    step = 1 << _ROW_BITS
-    for r0 in range(0, B, step):
-        keys[indptr[r0]:indptr[min(B, r0 + step)]].sort()
-    keys &= np.int64((1 << pos_bits) - 1)
-    tok_sorted = keys
     lengths_genes = np.minimum(nnz_row, n_genes_max)
-    if W_all > n_genes_max:  # truncation to the model input size: the first n_genes_max of each cell
-        pos = np.arange(len(tok_sorted), dtype=np.int64)
-        pos -= np.repeat(starts, nnz_row)
-        tok_sorted = tok_sorted[pos < n_genes_max]
     off = 1 if special else 0
     L_out = int(lengths_genes.max(initial=0)) + 2 * off
     out = np.full((B, L_out), pad_id, dtype=np.int64)
-    # row-major boolean assignment fills each row's first lengths_genes slots in flat order
-    fill = np.arange(L_out - 2 * off)[None, :] < lengths_genes[:, None]
-    if special:
-        out[:, off:L_out - off][fill] = tok_sorted
+    pos_bits = max(15, int(token_ids.max(initial=0)).bit_length())
+    with np.errstate(divide="ignore"):
+        inv_medians = 1.0 / medians  # (columns outside the vocabulary were dropped above)
+    clip = False  # bounds of counts / median over the batch decide once whether blocks must clip
+    if len(data):
+        inv_used = inv_medians[np.isfinite(inv_medians) & (inv_medians > 0)]
+        lo = float(data.min()) * float(inv_used.min(initial=np.inf))
+        hi = float(data.max()) * float(inv_used.max(initial=0.0))
+        clip = not (2.0 ** -64 <= lo and hi < 2.0 ** 64)
+    args = (indptr, indices, data, inv_medians, token_ids, pos_bits, n_genes_max, off, clip)
+    step = 1 << _ROW_BITS
+    if threads > 1 and B >= 2 * step * threads:  # contiguous shares of whole blocks, written in place
+        cuts = np.linspace(0, B // step, threads + 1).astype(int) * step
+        cuts[-1] = B
+        list(_pool(threads).map(lambda ab: _encode_rows(out, ab[0], ab[1], *args), zip(cuts[:-1], cuts[1:])))
     else:
-        out[fill] = tok_sorted
+        _encode_rows(out, 0, B, *args)
     lengths = lengths_genes + 2 * off
     if special:
         out[:, 0] = cls_id
