@@ -98,6 +98,17 @@ def build_store(workdir: Path, n_cells: int, seed: int = 0) -> str:
 
 
 def _rss_mib() -> float:
+    """Peak RSS (MiB) of this process's own address space.
+
+    Linux ``VmHWM`` (reset by ``execve``); ``ru_maxrss`` is kept across ``execve`` on Linux, so a
+    loader subprocess started after the parent built the store would report the build's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
