@@ -40,6 +40,22 @@ At equal shuffle settings the atlasmix loader is at parity with tiledbsoma-ml on
 spend their time in TileDB's decode of the same tiles); the 10x goal of issue 5 was not reached
 here. Peak RSS does not grow during an epoch; it is set by io_batch_size x reads in flight.
 
+The same 2-core machine, later (io batch 16,384, 60,000 cells timed), a 400,000-cell store built
+with small data tiles (``capacity`` 2^13 nonzeros instead of 2^17, see ``atlasmix/store/schema.py``)
+next to the store above, same loader code in one session::
+
+    method                     cells/s (2^17 tiles)   cells/s (2^13 tiles)   entropy ratio
+    atlasmix (block 64)        7,400                  10,600                 0.996
+    atlasmix (block 16)        3,600                  10,000                 0.999
+    tiledbsoma_ml              6,100                   9,900                 0.995
+
+and, after ``read_csr`` moved its per-nonzero work to int32 (2^13 store): atlasmix 9,800 (block
+64; 9,600 with one IO thread, 2.4 GiB peak RSS), tiledbsoma_ml 10,400, scvi-tools in memory 62,700
+(after 66 s and 13.9 GiB to build the AnnData). Both TileDB loaders are bound by TileDB's read of
+the nonzeros: ~37-47 ns of CPU per nonzero with one TileDB thread, the same with zstd level 1 or
+LZ4 instead of zstd 3 (so not the codec), which on 2 cores caps any loader of this store at ~15-20k
+cells/s of 1,700 genes.
+
 Measured (2026-11-23, one NVIDIA H100 80GB, 16 CPU cores, Python 3.12, torch 2.11+cu130; a
 1,000,000-cell simulated store (simulate 26-41 s, ingest 68-86 s there), 19,907 genes, batch 1024,
 io batch 65,536, dense float32 batch on the GPU, 300,000-400,000 cells timed; the atlasmix loader
