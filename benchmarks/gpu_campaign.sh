@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One GPU session's measurements for issues 5 and 6, in as few device calls as possible.
+#
+# On this (CPU) machine, once per session:
+#   mkdir -p .git/info && bash ../shared/tools/gpu-wheels.sh
+#   (wheels land in .whl/part1 .. .whl/partN, each small enough to carry in one device call)
+# Device calls (the machine keeps /tmp between calls while it stays warm, ~30 s idle):
+#   carry [".whl/partK"]: python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+#                           --upgrade --target /tmp/site .whl/partK/*.whl          (K = 1 .. N)
+#   then:                 bash benchmarks/gpu_campaign.sh [all|loader|ldvae|geneformer]
+# Results (text tables and JSON) are written under $OUT (the device tool brings them back).
+#
+# Stages (each under one device call's 10-minute limit; a warm machine reuses the store in $W):
+#   loader      bench_loader.py on a 1M-cell simulated store: atlasmix vs tiledbsoma-ml (issue 5)
+#   ldvae       bench_ldvae.py: LDVAE from the store vs scvi-tools in memory vs the compute floor (issue 5)
+#   geneformer  gene medians of the store -> dictionaries, then bench_tokenizer.py --pretrain: V1
+#               pretraining cells/s streamed from the store and the data-wait fraction (issue 6)
+# Environment: NCELLS (store size, 1,000,000), DEVICE (cuda), W (work dir, /tmp/atlasmix_gpu),
+# LOADER_METHODS, LDVAE_METHODS, GF_STEPS (200), GF_CELLS (manifest cells, 200,000).
+set -uo pipefail
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/atlasmix_gpu_out}; mkdir -p "$OUT"
+W=${W:-/tmp/atlasmix_gpu}; NCELLS=${NCELLS:-1000000}; DEVICE=${DEVICE:-cuda}
+STAGE=${1:-all}
+nproc; nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null || true
+python3 -c "import atlasmix.cli, tiledbsoma, scvi, tiledbsoma_ml, torch; print('imports ok', tiledbsoma.__version__, scvi.__version__, torch.__version__)" || exit 3
+if [ "$STAGE" = all ] || [ "$STAGE" = loader ]; then
+  timeout "${LOADER_T:-540}" python3 benchmarks/bench_loader.py --workdir "$W" --n-cells "$NCELLS" --max-cells "${LOADER_CELLS:-300000}" \
+    --io-batch-size 65536 --batch-size 1024 --device "$DEVICE" \
+    --methods "${LOADER_METHODS:-atlasmix:io_threads=4,atlasmix:io_threads=8,atlasmix:io_threads=12:block_size=256,tiledbsoma_ml}" \
+    2>&1 | tee "$OUT/loader.txt"
+fi
+if [ "$STAGE" = all ] || [ "$STAGE" = ldvae ]; then
+  timeout "${LDVAE_T:-540}" python3 benchmarks/bench_ldvae.py --workdir "$W" --n-cells "$NCELLS" --train-cells "${LDVAE_CELLS:-200000}" \
+    --epochs 3 --batch-size 1024 --io-threads 8 --methods "${LDVAE_METHODS:-atlasmix,scvi_memory,compute_floor}" \
+    2>&1 | tee "$OUT/ldvae.txt"
+fi
+if [ "$STAGE" = all ] || [ "$STAGE" = geneformer ]; then
+  python3 - "$W" "$NCELLS" "${GF_CELLS:-200000}" <<'PY' || exit 4
+import sys
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from bench_loader import build_store
+from bench_ldvae import make_manifest
+w, n, m = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+w.mkdir(parents=True, exist_ok=True)
+uri = build_store(w, n)
+(w / "gf_manifest").write_text(str(make_manifest(uri, w, m)))
+PY
+  [ -f "$W/gf_dicts/token_dictionary.pkl" ] || python3 -m atlasmix.cli geneformer medians --store "$W/store" \
+    --mixture "$(cat "$W/gf_manifest")" --out "$W/gf_dicts" 2>&1 | tail -3 | tee "$OUT/medians.txt"
+  timeout "${GF_T:-540}" python3 benchmarks/bench_tokenizer.py --shared /nonexistent --sim-nnz "" \
+    --store "$W/store" --mixture "$(cat "$W/gf_manifest")" --dictionaries "$W/gf_dicts" \
+    --pretrain --preset v1 --steps "${GF_STEPS:-200}" --pretrain-batch-size "${GF_BATCH:-12}" --device "$DEVICE" \
+    --out "$OUT/geneformer.json" 2>&1 | tee "$OUT/geneformer.txt"
+fi
+cp "$W"/*.json "$OUT"/ 2>/dev/null || true
