@@ -289,7 +289,10 @@ def run_study(store, spec_dir: str | Path, workdir: str | Path, mixtures: list[s
             try:
                 run = train_ldvae(store, path, out, accelerator="gpu" if gpu else "cpu", batch_size=batch_size,
                                   max_epochs=epochs, seed=seed, genes=genes, checkpoint_every=0, validation=True,
-                                  progress=False, prior_cells=20_000, io_batch_size=8192)
+                                  progress=False, prior_cells=20_000, io_batch_size=8192,
+                                  # more than 2 epochs: project X onto the HVG axis once (about one
+                                  # epoch's read) so that later epochs read only its nonzeros
+                                  x_cache=workdir / "xcache" if epochs > 2 else None)
             except AtlasmixError as e:  # e.g. a mouse-only mixture on the human gene axis: skipped, said why
                 shutil.rmtree(out, ignore_errors=True)
                 skipped[f"ldvae_{name}"] = str(e)

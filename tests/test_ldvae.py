@@ -92,9 +92,12 @@ def test_resume_matches_uninterrupted_run(mix, tmp_path):
     kw = dict(n_hidden=16, n_layers=1, batch_size=128, io_batch_size=512, checkpoint_every=1, progress=False,
               accelerator="cpu", genes=genes, seed=7, prior_cells=2000)
     full = train_ldvae(store, path, tmp_path / "full", max_epochs=3, **kw)
-    train_ldvae(store, path, tmp_path / "cut", max_epochs=2, **kw)  # "killed" after epoch 2
-    resumed = train_ldvae(store, path, tmp_path / "cut", max_epochs=3, resume=True, **kw)
+    # the interrupted run reads X through an x cache projection (same minibatches, so same weights)
+    cut = train_ldvae(store, path, tmp_path / "cut", max_epochs=2, x_cache=tmp_path / "xc", **kw)  # "killed" after epoch 2
+    resumed = train_ldvae(store, path, tmp_path / "cut", max_epochs=3, resume=True, x_cache=tmp_path / "xc", **kw)
     assert full["epochs_run_this_call"] == 3 and resumed["resumed"]
+    assert cut["x_cache"]["train"]["built"] and not resumed["x_cache"]["train"]["built"]
+    assert cut["x_cache"]["train"]["n_vars"] == len(genes) and "validation" in cut["x_cache"]
     a = torch.load(tmp_path / "full" / "model" / "model.pt", weights_only=False)["model_state_dict"]
     b = torch.load(tmp_path / "cut" / "model" / "model.pt", weights_only=False)["model_state_dict"]
     assert a.keys() == b.keys()

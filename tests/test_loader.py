@@ -277,3 +277,37 @@ def test_read_processes_serve_the_same_batches_and_free_shared_memory(mix, gathe
         procs.close()
     assert procs._pool is None
     assert _shm_blocks() <= before  # every shared-memory block was unlinked
+
+
+def test_x_cache_projection_serves_the_same_batches_and_is_reused(mix, tmp_path):
+    """A gene-subset projection of X (cells x genes, in axis order) gives exactly the batches read
+    from the store, is built once and found again, and a different gene axis gets its own."""
+    from atlasmix.training.xcache import META
+
+    axis = base_loader(mix).var_joinids
+    vj = axis[::3][::-1].copy()  # a subset in non-joinid order: columns follow the axis, not var order
+    direct = make(mix, var_joinids=vj)
+    cached = make(mix, var_joinids=vj, x_cache=tmp_path)
+    for _ in range(2):
+        for a, b in zip(direct, cached, strict=True):
+            assert torch.equal(a["soma_joinid"], b["soma_joinid"])
+            assert torch.equal(a["X"], b["X"]) and a["X"].shape[1] == len(vj)
+            assert torch.equal(a["library_size"], b["library_size"])
+            assert torch.equal(a["dataset_id"], b["dataset_id"])
+    built = [p for p in tmp_path.iterdir() if (p / META).exists()]
+    assert len(built) == 1 and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    again = make(mix, var_joinids=vj, x_cache=tmp_path, read_processes=1)
+    try:
+        assert again.ensure_x_cache()["built"] is False
+        it, ref = iter(again), iter(make(mix, var_joinids=vj))  # both at epoch 0
+        for _ in range(3):
+            a, b = next(ref), next(it)
+            assert torch.equal(a["soma_joinid"], b["soma_joinid"]) and torch.equal(a["X"], b["X"])
+    finally:
+        again.close()
+    other = make(mix, var_joinids=axis[:50], x_cache=tmp_path)
+    meta = other.ensure_x_cache()
+    assert meta["built"] is True and meta["n_vars"] == 50 and meta["n_obs"] == len(mix[2])
+    assert len([p for p in tmp_path.iterdir() if (p / META).exists()]) == 2
+    with pytest.raises(AtlasmixError, match="no x_cache"):
+        direct.ensure_x_cache()

@@ -310,7 +310,7 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                 lr: float = DEFAULTS["lr"], early_stopping: bool = DEFAULTS["early_stopping"],
                 batch_key: str | None = "dataset_id", genes: list[str] | None = None,
                 io_batch_size: int = 65536, block_size: int = 64, prefetch_io: int = 2, io_threads: int = 2,
-                read_processes: int = 0,
+                read_processes: int = 0, x_cache: str | Path | None = None,
                 validation: bool = True, checkpoint_every: int = 10, resume: bool = False, prior_cells: int = 50_000,
                 n_template: int = 1000, progress: bool = True, callbacks: list | None = None) -> dict[str, Any]:
     """Train LinearSCVI on a mixture manifest's train split, streamed from the store.
@@ -335,6 +335,11 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
         Loader settings (:class:`atlasmix.training.loader.MixtureLoader`); ``read_processes`` > 0
         reads the store in that many spawned processes (on one H100 machine this was not faster
         than threads: 12.6k vs 14.2k cells/s end to end; see ``benchmarks/bench_ldvae.py``).
+    x_cache : str or pathlib.Path, optional
+        Local folder for projections of X onto the training (and validation) cells x the gene
+        axis (:mod:`atlasmix.training.xcache`), built before the first epoch (about one epoch's
+        read) and reused by later epochs and runs: each epoch then decodes only the gene axis's
+        nonzeros instead of whole transcriptomes. Same minibatches, same model.
     validation : bool
         Compute validation losses each epoch on the manifest's validation split (if it has one).
     checkpoint_every : int
@@ -382,11 +387,21 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     common = dict(batch_size=batch_size, io_batch_size=io_batch_size, block_size=block_size, obs_columns=obs_cols,
                   prefetch_io=prefetch_io, io_threads=io_threads, genes=genes)
     train_opts = {"read_processes": read_processes}
-    train = MixtureLoader(store, manifest, "train", seed=seed, **common, **train_opts)
+    train = MixtureLoader(store, manifest, "train", seed=seed, x_cache=x_cache, **common, **train_opts)
     val = None
     if validation and side.get("counts", {}).get("validation", 0):
         val = MixtureLoader(store, manifest, "validation", shuffle=False, var_joinids=train.var_joinids,
-                            categories=train.categories, **{k: v for k, v in common.items() if k != "genes"})
+                            categories=train.categories, x_cache=x_cache,
+                            **{k: v for k, v in common.items() if k != "genes"})
+    x_cache_meta = {}
+    if x_cache is not None:  # built now rather than inside the first epoch
+        for name, L in (("train", train), ("validation", val)):
+            if L is not None:
+                m = L.ensure_x_cache()
+                x_cache_meta[name] = {k: m[k] for k in ("n_obs", "n_vars", "nnz", "build_s", "built")}
+                if progress:
+                    print(f"x cache ({name}): {m['n_obs']:,} cells x {m['n_vars']:,} genes, {m['nnz']:,} nonzeros, "
+                          + (f"built in {m['build_s']:.1f} s" if m["built"] else "found"), flush=True)
 
     # library-size priors and the template AnnData (module doc)
     sampler = MixtureLoader(store, manifest, "train", seed=seed + 1, var_joinids=train.var_joinids,
@@ -437,7 +452,8 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                     "gene_likelihood": gene_likelihood, "dispersion": dispersion, "lr": lr,
                     "early_stopping": early_stopping, "batch_key": batch_key, "accelerator": accelerator,
                     "io_batch_size": train.io_batch_size, "block_size": block_size, "checkpoint_every": checkpoint_every,
-                    "read_processes": read_processes},
+                    "read_processes": read_processes, "x_cache": str(x_cache) if x_cache is not None else None},
+        "x_cache": x_cache_meta,
         "manifest": {"path": str(Path(manifest).resolve()), "sha256": side["manifest"]["sha256"],
                      "name": side.get("name"), "spec_hash": side.get("spec_hash")},
         "store": store.identity(),

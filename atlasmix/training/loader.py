@@ -336,12 +336,12 @@ def read_csr(X, ids_sorted: np.ndarray, col_of: np.ndarray | None, n_vars: int) 
 _W: dict[str, Any] = {}
 
 
-def _worker_init(uri: str, tiledb_config: dict, col_of: np.ndarray | None, n_vars: int) -> None:
-    """Read-process initializer: open X once (spawned process; see "Read processes")."""
+def _worker_init(x_uri: str, tiledb_config: dict, col_of: np.ndarray | None, n_vars: int) -> None:
+    """Read-process initializer: open X (the store's, or an x cache) once (spawned process; see "Read processes")."""
     import tiledbsoma as soma
 
     ctx = soma.SOMATileDBContext(tiledb_config=tiledb_config)
-    _W.update(X=soma.open(f"{uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}", "r", context=ctx), col_of=col_of, n_vars=n_vars)
+    _W.update(X=soma.open(x_uri, "r", context=ctx), col_of=col_of, n_vars=n_vars)
 
 
 def _worker_read(ids_sorted: np.ndarray) -> tuple:
@@ -456,6 +456,12 @@ class MixtureLoader:
         0 (default): IO batches are read by ``io_threads`` threads of this process. N > 0: by a pool
         of N spawned worker processes (each opens the store once), which hand the CSR back through
         shared memory; the training process then only copies it to the device. See "Read processes".
+    x_cache : str or pathlib.Path, optional
+        A local folder: read X from a projection of the store onto this loader's cells x gene axis
+        (:mod:`atlasmix.training.xcache`), built there on first use (about one epoch's read) and
+        reused by later epochs and runs with the same store state, cells and genes. A gene subset
+        (e.g. 2,000 HVGs) then costs only its own nonzeros per epoch instead of the whole
+        transcriptome's. Same minibatches as without it.
 
     Yields
     ------
@@ -478,7 +484,7 @@ class MixtureLoader:
                  world_size: int | None = None, worker: int = 0, num_workers: int = 1, uneven: str = "drop",
                  prefetch_io: int = 2, io_threads: int = 2, categories: dict[str, list[str]] | None = None,
                  read_buffer_bytes: int | None = None, gather_on_device: bool | None = None,
-                 read_processes: int = 0):
+                 read_processes: int = 0, x_cache: str | Path | None = None):
         if batch_size < 1 or io_batch_size < 1 or block_size < 1:
             raise AtlasmixError("batch_size, io_batch_size and block_size must be >= 1")
         if library not in LIBRARY_SOURCES:
@@ -510,6 +516,8 @@ class MixtureLoader:
         self.read_buffer_bytes = read_buffer_bytes
         self.gather_on_device = gather_on_device
         self.read_processes = max(0, int(read_processes))
+        self.x_cache = x_cache
+        self._x_cache_uri: str | None = None
         self._pool = None
         self.epoch = 0
         self.batches_done = 0
@@ -643,6 +651,30 @@ class MixtureLoader:
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
 
     # -------------------------------------------------------------- reading
+    def ensure_x_cache(self, progress: bool = False) -> dict:
+        """Build (or find) this loader's x cache projection now; see ``x_cache``.
+
+        Iteration does this on first use; call it explicitly to build before timing or before
+        starting DDP ranks (rank 0 builds, the others then find it).
+
+        Returns
+        -------
+        dict
+            The projection's metadata (:func:`atlasmix.training.xcache.ensure_x_cache`).
+
+        Raises
+        ------
+        AtlasmixError
+            The loader has no ``x_cache`` folder, or the projection is unusable.
+        """
+        from atlasmix.training.xcache import ensure_x_cache
+
+        if self.x_cache is None:
+            raise AtlasmixError("this loader has no x_cache folder")
+        uri, meta = ensure_x_cache(self.store, self.cells, self.var_joinids, self.x_cache, progress=progress)
+        self._x_cache_uri = uri
+        return meta
+
     def _read(self, X, ids_sorted: np.ndarray, col_of: np.ndarray | None) -> sp.csr_matrix:
         """One TileDB read of cells ``ids_sorted`` x the gene axis, as CSR (see :func:`read_csr`)."""
         return read_csr(X, ids_sorted, col_of, self.n_vars)
@@ -663,7 +695,7 @@ class MixtureLoader:
         Returns (positions, csr, perm): the sorted rows' positions and counts; minibatch ``j`` is
         sorted rows ``perm[j * batch_size:(j + 1) * batch_size]`` (gathered per minibatch, so the IO
         batch is never copied whole)."""
-        ids = self.cells[positions]
+        ids = positions.astype(np.int64) if self._x_cache_uri else self.cells[positions]  # x cache rows: positions
         order = np.argsort(ids, kind="stable")
         m = self._read(X, ids[order], col_of) if X is not None else None
         if self.shuffle:
@@ -788,7 +820,10 @@ class MixtureLoader:
         nb = len(self)
         if self.drop_last:
             seq = seq[: nb * self.batch_size]
-        col_of = self._col_of()
+        if self.x_cache is not None and self._x_cache_uri is None:
+            self.ensure_x_cache()
+        x_uri = self._x_cache_uri or f"{self.store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}"
+        col_of = None if self._x_cache_uri else self._col_of()
         first_io = (start_batch * self.batch_size) // self.io_batch_size
         skip = start_batch - first_io * (self.io_batch_size // self.batch_size)
         io_starts = list(range(first_io * self.io_batch_size, len(seq), self.io_batch_size))
@@ -801,7 +836,7 @@ class MixtureLoader:
 
         def job(i: int, s: int):
             if not hasattr(local, "X"):
-                local.X = soma.open(f"{self.store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}", "r", context=ctx)
+                local.X = soma.open(x_uri, "r", context=ctx)
             pos, m, perm = self._io_batch(local.X, seq[s:s + self.io_batch_size], shard, i, col_of)
             return pos, m, perm, None
 
@@ -821,7 +856,8 @@ class MixtureLoader:
             if self.read_processes == 0:
                 return pool.submit(job, i, s)
             pos, _, perm = self._io_batch(None, seq[s:s + self.io_batch_size], shard, i, col_of)
-            return _Proc(self._read_pool(ctx, col_of).submit(_worker_read, self.cells[pos]), pos, perm)
+            rows = pos if self._x_cache_uri else self.cells[pos]
+            return _Proc(self._read_pool(ctx, col_of, x_uri).submit(_worker_read, rows), pos, perm)
 
         on_dev = self._gathers_on_device()
         with ThreadPoolExecutor(self.io_threads) as pool:
@@ -859,7 +895,7 @@ class MixtureLoader:
                     if f is not None:
                         f.cancel()
 
-    def _read_pool(self, ctx, col_of):
+    def _read_pool(self, ctx, col_of, x_uri: str):
         """The loader's read processes (started once, on first use; see "Read processes")."""
         if self._pool is None:
             import multiprocessing as mp
@@ -867,7 +903,7 @@ class MixtureLoader:
 
             self._pool = ProcessPoolExecutor(self.read_processes, mp_context=mp.get_context("spawn"),
                                              initializer=_worker_init,
-                                             initargs=(self.store.uri, dict(ctx.tiledb_config), col_of, self.n_vars))
+                                             initargs=(x_uri, dict(ctx.tiledb_config), col_of, self.n_vars))
         return self._pool
 
     def close(self) -> None:
