@@ -310,11 +310,10 @@ def read_csr(X, ids_sorted: np.ndarray, col_of: np.ndarray | None, n_vars: int) 
     ordered = all(bool(np.all(a[1:] >= a[:-1])) for a in d0s) and all(
         a[-1] <= b[0] for a, b in zip(d0s[:-1], d0s[1:]))
 
-    def cat(k, dtype):
-        parts = [p[k] for p in pieces]
+    def cat(parts, dtype):
         return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, dtype)
 
-    c, v = cat(1, np.int32), cat(2, np.float32)
+    c, v = cat([p[1] for p in pieces], np.int32), cat([p[2] for p in pieces], np.float32)
     if not v.flags.writeable:  # arrow's zero-copy buffer: callers may hand it to torch or write to it
         v = v.copy()
     if ordered:  # TileDB returns row-major order: row starts from n binary searches per piece
