@@ -147,9 +147,12 @@ def run_one(method: str, uri: str, manifest: Path, args) -> dict:
     from atlasmix.store import Store
     from atlasmix.training.defaults import DEFAULTS
 
+    from bench_loader import gene_axis
+
     store = Store(uri)
     table, _ = read_manifest(manifest, store=store)
     cells = np.sort(table["soma_joinid"].to_numpy())
+    genes = gene_axis(store, args.n_genes)  # var joinids: every gene, or a seeded random --n-genes
     accel = "gpu" if torch.cuda.is_available() else "cpu"
     sampler = _GpuSampler(enabled=accel == "gpu")
     timer = _epoch_timer(sampler)
@@ -164,13 +167,19 @@ def run_one(method: str, uri: str, manifest: Path, args) -> dict:
         for kv in method.split(":")[1:]:  # e.g. atlasmix:io_threads=8:block_size=512
             k, v = kv.split("=")
             opts[k] = int(v)
+        if opts.pop("x_cache", 0):  # atlasmix:x_cache=1: projection of X onto the cells x genes, under --workdir
+            opts["x_cache"] = str(args.workdir / "xcache")
         extra["options"] = opts
+        if len(genes) < len(store.var()):
+            opts["genes"] = store.var().loc[genes, "feature_id"].tolist()
         out = args.workdir / "ldvae_run"
         shutil.rmtree(out, ignore_errors=True)
         run = train_ldvae(store, manifest, out, accelerator=accel, batch_size=args.batch_size,
                           max_epochs=args.epochs, validation=False, checkpoint_every=0, progress=False,
                           prior_cells=20_000, callbacks=[timer], **opts)
         extra["wall_s"] = run["wall_s"]
+        if run.get("x_cache"):
+            extra["x_cache"] = run["x_cache"]
     elif method == "scvi_memory":
         import anndata as ad
         import pandas as pd
@@ -178,9 +187,8 @@ def run_one(method: str, uri: str, manifest: Path, args) -> dict:
         import scvi
 
         t0 = time.perf_counter()
-        var = store.var()
         obs = store.obs(["dataset_id"]).to_pandas().set_index("soma_joinid").loc[cells]
-        parts = [m for _, m in store.iter_X(cells, var.index.to_numpy(), chunk_size=65536)]
+        parts = [m for _, m in store.iter_X(cells, genes, chunk_size=65536)]
         adata = ad.AnnData(X=sp.vstack(parts).tocsr(),
                            obs=pd.DataFrame({"batch": pd.Categorical(obs["dataset_id"])}, index=cells.astype(str)))
         del parts
@@ -201,10 +209,9 @@ def run_one(method: str, uri: str, manifest: Path, args) -> dict:
         import scvi
 
         dev = torch.device("cuda" if accel == "gpu" else "cpu")
-        var = store.var()
         n_batches = 16
         sub = cells[: n_batches * args.batch_size]
-        (_, m), = list(store.iter_X(sub, var.index.to_numpy(), chunk_size=len(sub)))
+        (_, m), = list(store.iter_X(sub, genes, chunk_size=len(sub)))
         obs = store.obs(["dataset_id"]).to_pandas().set_index("soma_joinid")
         cats = sorted(obs["dataset_id"].unique())
         codes = torch.from_numpy(pd.Categorical(obs.loc[sub, "dataset_id"], categories=cats).codes.astype(np.int64))
@@ -258,6 +265,8 @@ def main() -> None:
     ap.add_argument("--train-cells", type=int, default=200_000, help="cells in the training manifest")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_loader"))
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--n-genes", type=int, default=0, help="gene axis: a seeded random subset of this many genes "
+                    "(0: every gene), as bench_loader.py")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--io-batch-size", type=int, default=65536)
     ap.add_argument("--block-size", type=int, default=64)
@@ -288,7 +297,7 @@ def main() -> None:
         print(json.dumps(results[-1]), file=sys.stderr)
     base = {r["method"]: r["cells_per_s"] for r in results}
     dev = results[0]["device"] if results else "?"
-    print(f"LinearSCVI (scFM-datamix settings), {args.train_cells:,} cells x 19,907 genes from a "
+    print(f"LinearSCVI (scFM-datamix settings), {args.train_cells:,} cells x {args.n_genes or 19907:,} genes from a "
           f"{args.n_cells:,}-cell store, batch {args.batch_size}, {args.epochs} epochs, device {dev}")
     print(f"{'method':<36}{'cells/s':>10}{'x scvi mem':>11}{'GPU busy %':>11}{'peak RSS MiB':>13}")
     for r in results:

@@ -13,6 +13,8 @@
 # Stages (each under one device call's 10-minute limit; a warm machine reuses the store in $W):
 #   loader      bench_loader.py on a 1M-cell simulated store: atlasmix vs tiledbsoma-ml (issue 5)
 #   ldvae       bench_ldvae.py: LDVAE from the store vs scvi-tools in memory vs the compute floor (issue 5)
+#   hvg         both benches on a 2,000-gene axis, from the store and through the x cache
+#               (atlasmix:x_cache=1, atlasmix/training/xcache.py) vs tiledbsoma-ml / scvi in memory (issue 5)
 #   geneformer  gene medians of the store -> dictionaries, then bench_tokenizer.py --pretrain: V1
 #               pretraining cells/s streamed from the store and the data-wait fraction (issue 6)
 # Environment: NCELLS (store size, 1,000,000), DEVICE (cuda), W (work dir, /tmp/atlasmix_gpu),
@@ -34,6 +36,14 @@ if [ "$STAGE" = all ] || [ "$STAGE" = ldvae ]; then
   timeout "${LDVAE_T:-540}" python3 benchmarks/bench_ldvae.py --workdir "$W" --n-cells "$NCELLS" --train-cells "${LDVAE_CELLS:-200000}" \
     --epochs 3 --batch-size 1024 --io-threads 8 --methods "${LDVAE_METHODS:-atlasmix,scvi_memory,compute_floor}" \
     2>&1 | tee "$OUT/ldvae.txt"
+fi
+if [ "$STAGE" = all ] || [ "$STAGE" = hvg ]; then
+  timeout "${HVG_T:-280}" python3 benchmarks/bench_loader.py --workdir "$W" --n-cells "$NCELLS" --max-cells "${LOADER_CELLS:-300000}" \
+    --io-batch-size 65536 --batch-size 1024 --device "$DEVICE" --n-genes 2000 \
+    --methods "atlasmix:io_threads=8,atlasmix:io_threads=8:x_cache=1,tiledbsoma_ml" 2>&1 | tee "$OUT/loader_hvg.txt"
+  timeout "${HVG_T:-280}" python3 benchmarks/bench_ldvae.py --workdir "$W" --n-cells "$NCELLS" --train-cells "${LDVAE_CELLS:-200000}" \
+    --epochs 3 --batch-size 1024 --io-threads 8 --n-genes 2000 \
+    --methods "atlasmix,atlasmix:x_cache=1,scvi_memory,compute_floor" 2>&1 | tee "$OUT/ldvae_hvg.txt"
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = geneformer ]; then
   python3 - "$W" "$NCELLS" "${GF_CELLS:-200000}" <<'PY' || exit 4
