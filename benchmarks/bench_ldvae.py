@@ -166,9 +166,11 @@ def run_one(method: str, uri: str, manifest: Path, args) -> dict:
                     prefetch_io=args.prefetch)
         for kv in method.split(":")[1:]:  # e.g. atlasmix:io_threads=8:block_size=512
             k, v = kv.split("=")
-            opts[k] = int(v)
-        if opts.pop("x_cache", 0):  # atlasmix:x_cache=1: projection of X onto the cells x genes, under --workdir
+            opts[k] = int(v) if v.lstrip("-").isdigit() else v
+        xc = opts.pop("x_cache", 0)  # atlasmix:x_cache=1 (tiledb) or =h5: projection of X onto the cells x genes
+        if xc:
             opts["x_cache"] = str(args.workdir / "xcache")
+            opts["x_cache_format"] = "h5" if xc == "h5" else "tiledb"
         extra["options"] = opts
         if len(genes) < len(store.var()):
             opts["genes"] = store.var().loc[genes, "feature_id"].tolist()

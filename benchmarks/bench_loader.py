@@ -203,9 +203,11 @@ def run_one(method: str, uri: str, args) -> dict:
                     prefetch_io=args.prefetch)
         for kv in method.split(":")[1:]:  # e.g. atlasmix:io_threads=8:block_size=512
             k, v = kv.split("=")
-            opts[k] = int(v)
-        if opts.pop("x_cache", 0):  # atlasmix:x_cache=1: the gene-axis projection under --workdir
+            opts[k] = int(v) if v.lstrip("-").isdigit() else v
+        xc = opts.pop("x_cache", 0)  # atlasmix:x_cache=1 (tiledb) or =h5: the projection under --workdir
+        if xc:
             opts["x_cache"] = str(Path(args.x_cache_dir))
+            opts["x_cache_format"] = "h5" if xc == "h5" else "tiledb"
         extra["options"] = opts
         L = MixtureLoader(store, cells, batch_size=args.batch_size, seed=0, device=dev, var_joinids=genes, **opts)
         if "x_cache" in opts:

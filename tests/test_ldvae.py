@@ -39,9 +39,12 @@ def test_train_save_load_loadings_latents(mix, tmp_path):
 
     store, path, genes_file, genes = mix
     out = tmp_path / "run"
-    r = run_cli("train", "ldvae", "--store", store.uri, "--mixture", path, "--out", out, "--genes", genes_file, *SMALL)
+    r = run_cli("train", "ldvae", "--store", store.uri, "--mixture", path, "--out", out, "--genes", genes_file, *SMALL,
+                "--x-cache", tmp_path / "xc", "--x-cache-format", "h5")  # reads an uncompressed projection
     assert r.returncode == 0, r.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
+    assert run["x_cache"]["train"]["format"] == "h5" and run["x_cache"]["train"]["n_vars"] == 150
+    assert len(list((tmp_path / "xc").glob("x-*-h5/X.h5"))) == 2  # train and validation cells
     side = json.loads(path.with_suffix(".json").read_text())
     assert run["manifest"]["sha256"] == side["manifest"]["sha256"] and run["store"] == store.identity()
     assert run["n_genes"] == 150 and run["epochs_run_this_call"] == 2

@@ -279,7 +279,8 @@ def test_read_processes_serve_the_same_batches_and_free_shared_memory(mix, gathe
     assert _shm_blocks() <= before  # every shared-memory block was unlinked
 
 
-def test_x_cache_projection_serves_the_same_batches_and_is_reused(mix, tmp_path):
+@pytest.mark.parametrize("fmt", ["tiledb", "h5"])
+def test_x_cache_projection_serves_the_same_batches_and_is_reused(mix, tmp_path, fmt):
     """A gene-subset projection of X (cells x genes, in axis order) gives exactly the batches read
     from the store, is built once and found again, and a different gene axis gets its own."""
     from atlasmix.training.xcache import META
@@ -287,7 +288,7 @@ def test_x_cache_projection_serves_the_same_batches_and_is_reused(mix, tmp_path)
     axis = base_loader(mix).var_joinids
     vj = axis[::3][::-1].copy()  # a subset in non-joinid order: columns follow the axis, not var order
     direct = make(mix, var_joinids=vj)
-    cached = make(mix, var_joinids=vj, x_cache=tmp_path)
+    cached = make(mix, var_joinids=vj, x_cache=tmp_path, x_cache_format=fmt)
     for _ in range(2):
         for a, b in zip(direct, cached, strict=True):
             assert torch.equal(a["soma_joinid"], b["soma_joinid"])
@@ -296,7 +297,7 @@ def test_x_cache_projection_serves_the_same_batches_and_is_reused(mix, tmp_path)
             assert torch.equal(a["dataset_id"], b["dataset_id"])
     built = [p for p in tmp_path.iterdir() if (p / META).exists()]
     assert len(built) == 1 and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
-    again = make(mix, var_joinids=vj, x_cache=tmp_path, read_processes=1)
+    again = make(mix, var_joinids=vj, x_cache=tmp_path, x_cache_format=fmt, read_processes=1)
     try:
         assert again.ensure_x_cache()["built"] is False
         it, ref = iter(again), iter(make(mix, var_joinids=vj))  # both at epoch 0
@@ -305,9 +306,10 @@ def test_x_cache_projection_serves_the_same_batches_and_is_reused(mix, tmp_path)
             assert torch.equal(a["soma_joinid"], b["soma_joinid"]) and torch.equal(a["X"], b["X"])
     finally:
         again.close()
-    other = make(mix, var_joinids=axis[:50], x_cache=tmp_path)
+    other = make(mix, var_joinids=axis[:50], x_cache=tmp_path, x_cache_format=fmt)
     meta = other.ensure_x_cache()
     assert meta["built"] is True and meta["n_vars"] == 50 and meta["n_obs"] == len(mix[2])
+    assert meta["format"] == fmt and meta["bytes"] > 0
     assert len([p for p in tmp_path.iterdir() if (p / META).exists()]) == 2
     with pytest.raises(AtlasmixError, match="no x_cache"):
         direct.ensure_x_cache()

@@ -16,6 +16,14 @@ read. Building costs about one epoch's read; every later epoch (and every later 
 mixture and genes) reads ``n_vars`` columns only. The loader's shuffle is unchanged: the projection
 keeps store order, and the per-epoch permutation is drawn as before (no offline pre-shuffle).
 
+Two formats. ``tiledb`` (default): a SOMA ``SparseNDArray`` with the store's X tiling, compressed
+(~1.7 bytes per nonzero), read through TileDB (~40 ns of CPU per nonzero). ``h5``: the CSR arrays
+``data`` (float32), ``indices`` (int32) and ``indptr`` (int64) uncompressed in an HDF5 file, the
+layout of AnnData's on-disk CSR, read with h5py as one contiguous slice per run of consecutive
+rows: 8 bytes per nonzero on disk, but a block of cells is a plain copy from the page cache or
+disk, so it also speeds up whole-transcriptome axes (measured: 100,000 cells x 19,907 genes, blocks
+of 64 cells, 2 CPU cores: 63k cells/s from a warm page cache vs ~15k through TileDB).
+
 The projection is a cache, not a second store: it can be deleted at any time. It is built into a
 temporary folder and renamed into place when complete, so a crash leaves no partial projection
 behind, and two processes building the same one concurrently both end up reading a complete copy.
@@ -40,7 +48,11 @@ from atlasmix.store import schema as S
 META = "atlasmix_x_cache.json"
 
 
-def x_cache_key(state_hash: str, cells: np.ndarray, var_joinids: np.ndarray) -> str:
+#: cache formats: compressed TileDB-SOMA array, or uncompressed CSR in HDF5.
+FORMATS = ("tiledb", "h5")
+
+
+def x_cache_key(state_hash: str, cells: np.ndarray, var_joinids: np.ndarray, fmt: str = "tiledb") -> str:
     """Folder name of a projection: sha256 of the store state, the cell joinids and the gene axis.
 
     Parameters
@@ -51,22 +63,82 @@ def x_cache_key(state_hash: str, cells: np.ndarray, var_joinids: np.ndarray) -> 
         Cell soma_joinids, ascending (the rows).
     var_joinids : numpy.ndarray of int64, shape (n_vars,)
         Gene axis as var soma_joinids, in column order.
+    fmt : str
+        ``tiledb`` or ``h5`` (part of the name: the two never collide).
 
     Returns
     -------
     str
-        ``x-`` followed by 24 hex digits.
+        ``x-`` followed by 24 hex digits (``-h5`` appended for the HDF5 format).
     """
     h = hashlib.sha256()
     h.update(state_hash.encode())
     h.update(np.ascontiguousarray(cells, dtype=np.int64).tobytes())
     h.update(b"|")
     h.update(np.ascontiguousarray(var_joinids, dtype=np.int64).tobytes())
-    return "x-" + h.hexdigest()[:24]
+    return "x-" + h.hexdigest()[:24] + ("" if fmt == "tiledb" else f"-{fmt}")
+
+
+class H5CSR:
+    """Rows of an ``h5`` x cache as CSR (see module doc).
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The cache's ``X.h5`` (datasets ``data`` float32, ``indices`` int32, ``indptr`` int64).
+
+    Notes
+    -----
+    ``indptr`` (8 bytes per cell) is read into memory once; a read copies one contiguous slice of
+    ``data`` and ``indices`` per run of consecutive rows straight into the result arrays
+    (``h5py.Dataset.read_direct``). h5py serialises its calls, so reading threads take turns.
+    """
+
+    def __init__(self, path: str | Path):
+        import h5py
+
+        self.file = h5py.File(path, "r")
+        self.data, self.indices = self.file["data"], self.file["indices"]
+        self.indptr = self.file["indptr"][:]
+        self.shape = (len(self.indptr) - 1, int(self.file.attrs["n_vars"]))
+
+    def read_rows(self, rows: np.ndarray):
+        """CSR of ``rows`` (ascending row numbers), float32 data, int32 indices, shape (len(rows), n_vars)."""
+        import scipy.sparse as sp
+
+        rows = np.asarray(rows, dtype=np.int64)
+        counts = self.indptr[rows + 1] - self.indptr[rows]
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        data = np.empty(int(indptr[-1]), dtype=np.float32)
+        indices = np.empty(int(indptr[-1]), dtype=np.int32)
+        if len(rows):
+            brk = np.flatnonzero(np.diff(rows) != 1) + 1  # runs of consecutive rows: one slice each
+            starts, ends = np.r_[0, brk], np.r_[brk, len(rows)]
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                lo, hi = int(self.indptr[rows[a]]), int(self.indptr[rows[b - 1] + 1])
+                if hi > lo:
+                    o = int(indptr[a])
+                    self.data.read_direct(data, np.s_[lo:hi], np.s_[o:o + hi - lo])
+                    self.indices.read_direct(indices, np.s_[lo:hi], np.s_[o:o + hi - lo])
+        return sp.csr_matrix((data, indices, indptr), shape=(len(rows), self.shape[1]))
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def open_x(uri: str, context=None):
+    """Open an X source for :func:`atlasmix.training.loader.read_csr`: an ``h5`` x cache file
+    (:class:`H5CSR`) or a TileDB-SOMA ``SparseNDArray`` (the store's X or a ``tiledb`` x cache)."""
+    if str(uri).endswith(".h5"):
+        return H5CSR(uri)
+    import tiledbsoma as soma
+
+    return soma.open(str(uri), "r", context=context)
 
 
 def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir: str | Path, *,
-                   chunk_cells: int = 16384, progress: bool = False) -> tuple[str, dict]:
+                   fmt: str = "tiledb", chunk_cells: int = 16384, progress: bool = False) -> tuple[str, dict]:
     """The projection of ``store``'s X onto ``cells`` x ``var_joinids``, built if it is not there yet.
 
     Parameters
@@ -78,6 +150,9 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
         The gene axis: column ``j`` is var joinid ``var_joinids[j]``.
     cache_dir : str or pathlib.Path
         A local folder (created if needed); object-store URIs are refused.
+    fmt : {"tiledb", "h5"}
+        Cache format (module doc): compressed TileDB, or uncompressed CSR in HDF5 (faster to read,
+        ~4.7x the disk space).
     chunk_cells : int
         Cells per read while building (memory: ~ chunk_cells x nonzeros per cell x 20 bytes).
     progress : bool
@@ -86,14 +161,15 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
     Returns
     -------
     (str, dict)
-        URI of the projection's ``SparseNDArray`` (float32, shape (n_obs, n_vars), int64 coords)
-        and its metadata: ``state_hash``, ``n_obs``, ``n_vars``, ``nnz``, ``build_s``, ``built``
-        (True when this call built it).
+        URI of the projection (``tiledb``: a ``SparseNDArray``, float32, shape (n_obs, n_vars),
+        int64 coords; ``h5``: the ``X.h5`` file; open either with :func:`open_x`) and its
+        metadata: ``format``, ``state_hash``, ``n_obs``, ``n_vars``, ``nnz``, ``build_s``,
+        ``bytes``, ``built`` (True when this call built it).
 
     Raises
     ------
     AtlasmixError
-        No cells or genes, ``cells`` not ascending and unique, an object-store ``cache_dir``, or a projection whose
+        Unknown format, no cells or genes, ``cells`` not ascending and unique, an object-store ``cache_dir``, or a projection whose
         metadata disagrees with its name (left as is; delete it to rebuild).
     """
     import tiledbsoma as soma
@@ -102,6 +178,8 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
 
     cells = np.asarray(cells, dtype=np.int64)
     var_joinids = np.asarray(var_joinids, dtype=np.int64)
+    if fmt not in FORMATS:
+        raise AtlasmixError(f"x cache format must be one of {FORMATS}, got {fmt!r}")
     if len(cells) == 0 or len(var_joinids) == 0:
         raise AtlasmixError("x cache: no cells or no genes")
     if np.any(np.diff(cells) <= 0):
@@ -111,12 +189,13 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
     state = store.identity()["state_hash"]
     root = Path(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / x_cache_key(state, cells, var_joinids)
+    final = root / x_cache_key(state, cells, var_joinids, fmt)
+    leaf = "X.h5" if fmt == "h5" else "X"
     if (final / META).exists():
         meta = json.loads((final / META).read_text())
-        if meta.get("state_hash") != state or meta.get("n_obs") != len(cells) or meta.get("n_vars") != len(var_joinids):
+        if meta.get("format", "tiledb") != fmt or meta.get("state_hash") != state or meta.get("n_obs") != len(cells) or meta.get("n_vars") != len(var_joinids):
             raise AtlasmixError(f"x cache {final} does not hold what its name says; delete it to rebuild")
-        return str(final / "X"), {**meta, "built": False}
+        return str(final / leaf), {**meta, "built": False}
 
     t0 = time.perf_counter()
     tmp = root / f"{final.name}.tmp-{os.getpid()}-{time.time_ns()}"
@@ -127,22 +206,20 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
     nnz = 0
     try:
         tmp.mkdir()
-        with soma.SparseNDArray.create(str(tmp / "X"), type=pa.float32(), shape=(len(cells), len(var_joinids)),
-                                       platform_config=S.X_CREATE_OPTIONS, context=store.context) as out, \
-                soma.open(f"{store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}", "r", context=store.context) as X:
+        with soma.open(f"{store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}", "r", context=store.context) as X, \
+                _Writer(tmp / leaf, fmt, len(cells), len(var_joinids), store.context) as out:
             for s in range(0, len(cells), chunk_cells):
                 ids = cells[s:s + chunk_cells]
                 m = read_csr(X, ids, col_of, len(var_joinids))
-                m.sort_indices()  # row-major global order, so TileDB needs no sort
-                rows = np.repeat(np.arange(s, s + len(ids), dtype=np.int64), np.diff(m.indptr))
-                out.write(pa.table({"soma_dim_0": rows, "soma_dim_1": m.indices.astype(np.int64), "soma_data": m.data}),
-                          platform_config=soma.TileDBWriteOptions(sort_coords=False))
+                m.sort_indices()  # row-major order: TileDB needs no sort, h5 rows are sorted CSR
+                out.append(s, m)
                 nnz += int(m.nnz)
                 if progress:
                     print(f"x cache: {min(s + chunk_cells, len(cells)):,}/{len(cells):,} cells, {nnz:,} nonzeros",
                           flush=True)
-        meta = {"state_hash": state, "n_obs": int(len(cells)), "n_vars": int(len(var_joinids)), "nnz": nnz,
-                "build_s": round(time.perf_counter() - t0, 3), "store_uri": store.uri}
+        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        meta = {"format": fmt, "state_hash": state, "n_obs": int(len(cells)), "n_vars": int(len(var_joinids)),
+                "nnz": nnz, "build_s": round(time.perf_counter() - t0, 3), "bytes": int(size), "store_uri": store.uri}
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
         try:
             os.rename(tmp, final)
@@ -151,8 +228,57 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
             meta = json.loads((final / META).read_text())
-            return str(final / "X"), {**meta, "built": False}
+            return str(final / leaf), {**meta, "built": False}
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return str(final / "X"), {**meta, "built": True}
+    return str(final / leaf), {**meta, "built": True}
+
+
+class _Writer:
+    """Appends CSR chunks (rows in order) to a ``tiledb`` or ``h5`` x cache being built."""
+
+    def __init__(self, path: Path, fmt: str, n_obs: int, n_vars: int, context):
+        self.fmt, self.n_obs = fmt, n_obs
+        if fmt == "h5":
+            import h5py
+
+            self.f = h5py.File(path, "w")
+            self.f.attrs["n_vars"] = n_vars
+            chunk = (1 << 20,)
+            self.data = self.f.create_dataset("data", shape=(0,), maxshape=(None,), dtype="f4", chunks=chunk)
+            self.indices = self.f.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="i4", chunks=chunk)
+            self.indptr = [np.zeros(1, dtype=np.int64)]
+            self.nnz = 0
+        else:
+            import tiledbsoma as soma
+
+            self.arr = soma.SparseNDArray.create(str(path), type=pa.float32(), shape=(n_obs, n_vars),
+                                                 platform_config=S.X_CREATE_OPTIONS, context=context)
+
+    def append(self, row0: int, m) -> None:
+        if self.fmt == "h5":
+            n = self.nnz + int(m.nnz)
+            for ds, a in ((self.data, m.data), (self.indices, m.indices)):
+                ds.resize((n,))
+                ds[self.nnz:n] = a
+            self.indptr.append(self.nnz + m.indptr[1:].astype(np.int64))
+            self.nnz = n
+        else:
+            import tiledbsoma as soma
+
+            rows = np.repeat(np.arange(row0, row0 + m.shape[0], dtype=np.int64), np.diff(m.indptr))
+            self.arr.write(pa.table({"soma_dim_0": rows, "soma_dim_1": m.indices.astype(np.int64), "soma_data": m.data}),
+                           platform_config=soma.TileDBWriteOptions(sort_coords=False))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.fmt == "h5":
+            if exc[0] is None:
+                self.f.create_dataset("indptr", data=np.concatenate(self.indptr))
+            self.f.close()
+        else:
+            self.arr.close()
+        return False
