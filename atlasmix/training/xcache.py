@@ -245,7 +245,9 @@ class _Writer:
 
             self.f = h5py.File(path, "w")
             self.f.attrs["n_vars"] = n_vars
-            chunk = (1 << 20,)
+            # 2^16-element chunks (256 KiB): HDF5 reads whole chunks, so a 64-cell block of a 2,000-gene
+            # axis (~11k nonzeros) read 71k cells/s with 2^20-element chunks, 191k with 2^16
+            chunk = (1 << 16,)
             self.data = self.f.create_dataset("data", shape=(0,), maxshape=(None,), dtype="f4", chunks=chunk)
             self.indices = self.f.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="i4", chunks=chunk)
             self.indptr = [np.zeros(1, dtype=np.int64)]
