@@ -733,9 +733,10 @@ class MixtureLoader:
         for c in self.obs_columns:
             out[c] = torch.from_numpy(self.codes[c][pos])
         if self.device.type == "cpu" and not self.sparse:  # densify here, in the prefetch thread
-            X = np.zeros((m.shape[0], self.n_vars), dtype=np.float32)
-            X[np.repeat(np.arange(m.shape[0]), np.diff(m.indptr)), m.indices] = m.data
-            out["X"] = torch.from_numpy(X)
+            # scipy's C++ csr_todense: 2.2x the numpy fancy-index scatter (1024 x 19,907, 1,700 nonzeros per cell:
+            # 12.8 vs 27.7 ms); rows have no duplicate columns, so its summing equals assignment
+            X = m.toarray()
+            out["X"] = torch.from_numpy(X if X.dtype == np.float32 else X.astype(np.float32))
             return out
         out["_csr"] = (torch.from_numpy(m.indptr.astype(np.int64)), torch.from_numpy(m.indices.astype(np.int64)),
                        torch.from_numpy(m.data))
