@@ -75,6 +75,23 @@ nonzeros, like the top 2,000 HVGs of ``../shared/data``'s whole-transcriptome fi
     x cache: 1,000,000 cells x 2,000 genes, 172.3M nonzeros, built in 150 s (another job was
     running; ~105 s expected from the 400k build)
     same store, every gene:  atlasmix 9,854 cells/s (3,607 MiB), tiledbsoma_ml 6,766 (3,136 MiB): 1.46x
+    atlasmix:x_cache=h5 (uncompressed CSR in HDF5, 2^16-element chunks; built in 81 s, 1.4 GB):
+    124,155 cells/s, 2,144 MiB -- 94x tiledbsoma_ml on these genes; the compressed tiledb cache
+    read 58,079 in the same run. scvi-tools in memory on these genes: 390,218 cells/s after a
+    173 s AnnData build, 5,607 MiB.
+
+Every gene through the h5 x cache (400,000-cell store, one run, after the CPU densify moved to
+scipy's ``toarray``)::
+
+    method                  cells/s   x tdbml   peak RSS MiB   entropy ratio
+    atlasmix (store)         8,284     1.24      3,298          0.995
+    atlasmix:x_cache=h5     28,407     4.25      1,354          0.995
+    tiledbsoma_ml            6,689     1.00      2,970          0.995
+    scvi_memory             51,273     7.67     13,859          1.000
+    h5 x cache: 400,000 cells x 19,907 genes, 684M nonzeros, built in 38 s, 5.2 GB
+
+Through the h5 cache the read itself costs ~0.2 s per 16,384 whole-transcriptome cells (~80k
+cells/s); the rest is the CPU densify of 81 MB minibatches, which the GPU path does on the GPU.
 
 tiledbsoma-ml hands the gene coordinates to TileDB, whose point ranges on ``soma_dim_1`` make the
 read far slower; the atlasmix loader reads whole rows and maps genes afterwards, and with the x

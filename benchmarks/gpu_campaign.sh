@@ -17,6 +17,8 @@
 #               (atlasmix:x_cache=1, atlasmix/training/xcache.py) vs tiledbsoma-ml / scvi in memory (issue 5)
 #   geneformer  gene medians of the store -> dictionaries, then bench_tokenizer.py --pretrain: V1
 #               pretraining cells/s streamed from the store and the data-wait fraction (issue 6)
+# Disk: the 1M-cell store and its simulated sources take ~14 GB; an h5 x cache of every gene 8 bytes
+# per nonzero (1M cells: ~14 GB, 200k: ~3 GB). x cache builds are reported, not timed as training.
 # Environment: NCELLS (store size, 1,000,000), DEVICE (cuda), W (work dir, /tmp/atlasmix_gpu),
 # LOADER_METHODS, LDVAE_METHODS, GF_STEPS (200), GF_CELLS (manifest cells, 200,000).
 set -uo pipefail
@@ -29,21 +31,21 @@ python3 -c "import atlasmix.cli, tiledbsoma, scvi, tiledbsoma_ml, torch; print('
 if [ "$STAGE" = all ] || [ "$STAGE" = loader ]; then
   timeout "${LOADER_T:-540}" python3 benchmarks/bench_loader.py --workdir "$W" --n-cells "$NCELLS" --max-cells "${LOADER_CELLS:-300000}" \
     --io-batch-size 65536 --batch-size 1024 --device "$DEVICE" \
-    --methods "${LOADER_METHODS:-atlasmix:io_threads=4,atlasmix:io_threads=8,atlasmix:io_threads=12:block_size=256,tiledbsoma_ml}" \
+    --methods "${LOADER_METHODS:-atlasmix:io_threads=8,atlasmix:io_threads=12:block_size=256,atlasmix:io_threads=4:x_cache=h5,tiledbsoma_ml}" \
     2>&1 | tee "$OUT/loader.txt"
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = ldvae ]; then
   timeout "${LDVAE_T:-540}" python3 benchmarks/bench_ldvae.py --workdir "$W" --n-cells "$NCELLS" --train-cells "${LDVAE_CELLS:-200000}" \
-    --epochs 3 --batch-size 1024 --io-threads 8 --methods "${LDVAE_METHODS:-atlasmix,scvi_memory,compute_floor}" \
+    --epochs 3 --batch-size 1024 --io-threads 8 --methods "${LDVAE_METHODS:-atlasmix,atlasmix:x_cache=h5,scvi_memory,compute_floor}" \
     2>&1 | tee "$OUT/ldvae.txt"
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = hvg ]; then
   timeout "${HVG_T:-280}" python3 benchmarks/bench_loader.py --workdir "$W" --n-cells "$NCELLS" --max-cells "${LOADER_CELLS:-300000}" \
     --io-batch-size 65536 --batch-size 1024 --device "$DEVICE" --n-genes 2000 \
-    --methods "atlasmix:io_threads=8,atlasmix:io_threads=8:x_cache=1,tiledbsoma_ml" 2>&1 | tee "$OUT/loader_hvg.txt"
+    --methods "atlasmix:io_threads=8,atlasmix:io_threads=8:x_cache=1,atlasmix:io_threads=4:x_cache=h5,tiledbsoma_ml" 2>&1 | tee "$OUT/loader_hvg.txt"
   timeout "${HVG_T:-280}" python3 benchmarks/bench_ldvae.py --workdir "$W" --n-cells "$NCELLS" --train-cells "${LDVAE_CELLS:-200000}" \
     --epochs 3 --batch-size 1024 --io-threads 8 --n-genes 2000 \
-    --methods "atlasmix,atlasmix:x_cache=1,scvi_memory,compute_floor" 2>&1 | tee "$OUT/ldvae_hvg.txt"
+    --methods "atlasmix,atlasmix:x_cache=1,atlasmix:x_cache=h5,scvi_memory,compute_floor" 2>&1 | tee "$OUT/ldvae_hvg.txt"
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = geneformer ]; then
   python3 - "$W" "$NCELLS" "${GF_CELLS:-200000}" <<'PY' || exit 4

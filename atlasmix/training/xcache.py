@@ -21,8 +21,10 @@ Two formats. ``tiledb`` (default): a SOMA ``SparseNDArray`` with the store's X t
 ``data`` (float32), ``indices`` (int32) and ``indptr`` (int64) uncompressed in an HDF5 file, the
 layout of AnnData's on-disk CSR, read with h5py as one contiguous slice per run of consecutive
 rows: 8 bytes per nonzero on disk, but a block of cells is a plain copy from the page cache or
-disk, so it also speeds up whole-transcriptome axes (measured: 100,000 cells x 19,907 genes, blocks
-of 64 cells, 2 CPU cores: 63k cells/s from a warm page cache vs ~15k through TileDB).
+disk, so it also speeds up whole-transcriptome axes. Measured with ``benchmarks/bench_loader.py``
+on 2 CPU cores (dense minibatches of 1,024 on the CPU): 1M cells x 2,000 genes, 124k cells/s (h5)
+vs 58k (tiledb cache), 11k (store) and 1.3k (tiledbsoma-ml); 400k cells x 19,907 genes, 28k (h5)
+vs 8k (store), 6.7k (tiledbsoma-ml) and 51k (scvi-tools on an in-memory AnnData, 13.9 GiB).
 
 The projection is a cache, not a second store: it can be deleted at any time. It is built into a
 temporary folder and renamed into place when complete, so a crash leaves no partial projection
