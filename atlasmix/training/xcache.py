@@ -27,8 +27,9 @@ vs 58k (tiledb cache), 11k (store) and 1.3k (tiledbsoma-ml); 400k cells x 19,907
 vs 8k (store), 6.7k (tiledbsoma-ml) and 51k (scvi-tools on an in-memory AnnData, 13.9 GiB).
 
 The projection is a cache, not a second store: it can be deleted at any time. It is built into a
-temporary folder and renamed into place when complete, so a crash leaves no partial projection
-behind, and two processes building the same one concurrently both end up reading a complete copy.
+temporary folder (``<name>.tmp-<pid>-<ns>``) and renamed into place when complete, so a crash
+leaves at most that temporary folder, which is never read (delete it), and two processes building
+the same projection concurrently both end up reading a complete copy.
 """
 
 from __future__ import annotations
