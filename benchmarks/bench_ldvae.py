@@ -147,7 +147,7 @@ def run_one(method: str, uri: str, manifest: Path, args) -> dict:
     from atlasmix.store import Store
     from atlasmix.training.defaults import DEFAULTS
 
-    from bench_loader import gene_axis
+    from bench_loader import gene_axis, method_options
 
     store = Store(uri)
     table, _ = read_manifest(manifest, store=store)
@@ -162,15 +162,7 @@ def run_one(method: str, uri: str, manifest: Path, args) -> dict:
 
         from atlasmix.training.ldvae import train_ldvae
 
-        opts = dict(io_threads=args.io_threads, block_size=args.block_size, io_batch_size=args.io_batch_size,
-                    prefetch_io=args.prefetch)
-        for kv in method.split(":")[1:]:  # e.g. atlasmix:io_threads=8:block_size=512
-            k, v = kv.split("=")
-            opts[k] = int(v) if v.lstrip("-").isdigit() else v
-        xc = opts.pop("x_cache", 0)  # atlasmix:x_cache=1 (tiledb) or =h5: projection of X onto the cells x genes
-        if xc:
-            opts["x_cache"] = str(args.workdir / "xcache")
-            opts["x_cache_format"] = "h5" if xc == "h5" else "tiledb"
+        opts = method_options(method, args, args.workdir / "xcache")  # e.g. atlasmix:io_threads=8:x_cache=h5
         extra["options"] = opts
         if len(genes) < len(store.var()):
             opts["genes"] = store.var().loc[genes, "feature_id"].tolist()

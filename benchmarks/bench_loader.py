@@ -202,6 +202,24 @@ def gene_axis(store, n_genes: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(allv, n_genes, replace=False))
 
 
+def method_options(method: str, args, x_cache_dir) -> dict:
+    """MixtureLoader options of a method ``atlasmix[:key=value...]`` over the command line's defaults.
+
+    e.g. ``atlasmix:io_threads=8:block_size=512``; ``x_cache=1`` (tiledb) or ``x_cache=h5`` reads
+    through an x cache projection in ``x_cache_dir``. Shared with ``bench_ldvae.py``.
+    """
+    opts = dict(io_batch_size=args.io_batch_size, block_size=args.block_size, io_threads=args.io_threads,
+                prefetch_io=args.prefetch)
+    for kv in method.split(":")[1:]:
+        k, v = kv.split("=")
+        opts[k] = int(v) if v.lstrip("-").isdigit() else v
+    xc = opts.pop("x_cache", 0)
+    if xc:
+        opts["x_cache"] = str(x_cache_dir)
+        opts["x_cache_format"] = "h5" if xc == "h5" else "tiledb"
+    return opts
+
+
 def run_one(method: str, uri: str, args) -> dict:
     import torch
 
@@ -216,15 +234,7 @@ def run_one(method: str, uri: str, args) -> dict:
     extra: dict = {}
     t_setup = time.perf_counter()
     if method.split(":")[0] == "atlasmix":
-        opts = dict(io_batch_size=args.io_batch_size, block_size=args.block_size, io_threads=args.io_threads,
-                    prefetch_io=args.prefetch)
-        for kv in method.split(":")[1:]:  # e.g. atlasmix:io_threads=8:block_size=512
-            k, v = kv.split("=")
-            opts[k] = int(v) if v.lstrip("-").isdigit() else v
-        xc = opts.pop("x_cache", 0)  # atlasmix:x_cache=1 (tiledb) or =h5: the projection under --workdir
-        if xc:
-            opts["x_cache"] = str(Path(args.x_cache_dir))
-            opts["x_cache_format"] = "h5" if xc == "h5" else "tiledb"
+        opts = method_options(method, args, args.x_cache_dir)
         extra["options"] = opts
         L = MixtureLoader(store, cells, batch_size=args.batch_size, seed=0, device=dev, var_joinids=genes, **opts)
         if "x_cache" in opts:

@@ -273,6 +273,18 @@ def mixture_genes(store, cells: np.ndarray, genes: Sequence[str] | None = None) 
 
 
 # ---------------------------------------------------------------------------------------------- loader
+def gene_columns(var_joinids: np.ndarray, n_var_store: int) -> np.ndarray:
+    """var joinid -> column of the gene axis ``var_joinids`` (-1: not on it), the ``col_of`` of :func:`read_csr`.
+
+    Returns
+    -------
+    numpy.ndarray of int32, shape (max(n_var_store, max(var_joinids) + 1),)
+    """
+    col_of = np.full(max(int(n_var_store), int(np.max(var_joinids, initial=-1)) + 1), -1, dtype=np.int32)
+    col_of[var_joinids] = np.arange(len(var_joinids), dtype=np.int32)
+    return col_of
+
+
 def read_csr(X, ids_sorted: np.ndarray, col_of: np.ndarray | None, n_vars: int) -> sp.csr_matrix:
     """One TileDB read of cells ``ids_sorted`` x the gene axis, as CSR (rows in ``ids_sorted`` order).
 
@@ -704,9 +716,7 @@ class MixtureLoader:
         n = self._n_var_store
         if len(self.var_joinids) == n and np.array_equal(self.var_joinids, np.arange(n)):
             return None
-        col_of = np.full(max(n, int(self.var_joinids.max()) + 1), -1, dtype=np.int32)
-        col_of[self.var_joinids] = np.arange(self.n_vars)
-        return col_of
+        return gene_columns(self.var_joinids, n)
 
     def _io_batch(self, X, positions: np.ndarray, shard: int, io_index: int, col_of: np.ndarray | None):
         """Read one IO batch in store order and draw its in-memory shuffle.

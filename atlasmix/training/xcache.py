@@ -177,7 +177,7 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
     """
     import tiledbsoma as soma
 
-    from atlasmix.training.loader import read_csr
+    from atlasmix.training.loader import gene_columns, read_csr
 
     cells = np.asarray(cells, dtype=np.int64)
     var_joinids = np.asarray(var_joinids, dtype=np.int64)
@@ -203,9 +203,7 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
     t0 = time.perf_counter()
     tmp = root / f"{final.name}.tmp-{os.getpid()}-{time.time_ns()}"
     var_index = store.var().index
-    n_store_var = int(var_index.max()) + 1 if len(var_index) else 0
-    col_of = np.full(max(n_store_var, int(var_joinids.max()) + 1), -1, dtype=np.int32)
-    col_of[var_joinids] = np.arange(len(var_joinids), dtype=np.int32)
+    col_of = gene_columns(var_joinids, int(var_index.max()) + 1 if len(var_index) else 0)
     nnz = 0
     try:
         tmp.mkdir()
