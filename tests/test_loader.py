@@ -311,5 +311,13 @@ def test_x_cache_projection_serves_the_same_batches_and_is_reused(mix, tmp_path,
     assert meta["built"] is True and meta["n_vars"] == 50 and meta["n_obs"] == len(mix[2])
     assert meta["format"] == fmt and meta["bytes"] > 0
     assert len([p for p in tmp_path.iterdir() if (p / META).exists()]) == 2
+    # a projection whose metadata disagrees with its name is refused, not read
+    import json
+    from pathlib import Path
+
+    meta_file = Path(other._x_cache_uri).parent / META
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "n_vars": 49}))
+    with pytest.raises(AtlasmixError, match="does not hold what its name says"):
+        make(mix, var_joinids=axis[:50], x_cache=tmp_path, x_cache_format=fmt).ensure_x_cache()
     with pytest.raises(AtlasmixError, match="no x_cache"):
         direct.ensure_x_cache()

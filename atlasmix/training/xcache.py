@@ -172,8 +172,9 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
     Raises
     ------
     AtlasmixError
-        Unknown format, no cells or genes, ``cells`` not ascending and unique, an object-store ``cache_dir``, or a projection whose
-        metadata disagrees with its name (left as is; delete it to rebuild).
+        Unknown format, no cells or genes, ``cells`` not ascending and unique, an object-store
+        ``cache_dir``, or a projection whose metadata disagrees with its name (left as is; delete
+        it to rebuild).
     """
     import tiledbsoma as soma
 
@@ -196,7 +197,8 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
     leaf = "X.h5" if fmt == "h5" else "X"
     if (final / META).exists():
         meta = json.loads((final / META).read_text())
-        if meta.get("format", "tiledb") != fmt or meta.get("state_hash") != state or meta.get("n_obs") != len(cells) or meta.get("n_vars") != len(var_joinids):
+        expected = {"format": fmt, "state_hash": state, "n_obs": len(cells), "n_vars": len(var_joinids)}
+        if {k: meta.get(k, "tiledb" if k == "format" else None) for k in expected} != expected:
             raise AtlasmixError(f"x cache {final} does not hold what its name says; delete it to rebuild")
         return str(final / leaf), {**meta, "built": False}
 
@@ -271,8 +273,8 @@ class _Writer:
             import tiledbsoma as soma
 
             rows = np.repeat(np.arange(row0, row0 + m.shape[0], dtype=np.int64), np.diff(m.indptr))
-            self.arr.write(pa.table({"soma_dim_0": rows, "soma_dim_1": m.indices.astype(np.int64), "soma_data": m.data}),
-                           platform_config=soma.TileDBWriteOptions(sort_coords=False))
+            t = pa.table({"soma_dim_0": rows, "soma_dim_1": m.indices.astype(np.int64), "soma_data": m.data})
+            self.arr.write(t, platform_config=soma.TileDBWriteOptions(sort_coords=False))
 
     def __enter__(self):
         return self
