@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import threading
@@ -137,7 +136,10 @@ def make_manifest(uri: str, workdir: Path, n_cells: int) -> Path:
 
 
 def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS of this process's own address space (see ``bench_loader._rss_mib``)."""
+    from bench_loader import _rss_mib as own_peak
+
+    return own_peak()
 
 
 def run_one(method: str, uri: str, manifest: Path, args) -> dict:
