@@ -22,7 +22,9 @@ lr 5e-3; ``dataset_id`` as batch key) for ``--epochs`` epochs, batch ``--batch-s
 Throughput is cells per second of *training* after the first epoch (epoch start to epoch end,
 timed by a Lightning callback; the first epoch includes set-up and warm-up), and the GPU's busy
 fraction sampled with NVML every 50 ms during those epochs (when ``pynvml`` is importable). Each
-method runs in its own subprocess so peak RSS (``ru_maxrss``) is its own. Prints a table and writes
+method runs in its own subprocess so peak RSS (Linux ``VmHWM``) is its own. ``--n-genes N`` trains on
+a seeded random N genes (as ``bench_loader.py``); method ``atlasmix:x_cache=1`` / ``=h5`` reads
+through an x cache projection (:mod:`atlasmix.training.xcache`, built before the timed epochs). Prints a table and writes
 ``--workdir/ldvae_results.json``.
 
 Measured (2026-11-23, one NVIDIA H100 80GB, 16 CPU cores; 200,000 random cells of a
@@ -41,6 +43,21 @@ store; restricting TileDB's compute/IO concurrency to 4, 2, 1 threads gave 15,00
 work per minibatch (none: minibatches are cut and densified on the GPU). The issue-5 goal
 (>= 2x scvi-tools in memory) was not reached. scvi-tools' own in-memory loop is itself host-bound
 (CSR -> dense on the CPU: 18 ms per batch, pageable 80 MB copies: 11 ms).
+
+Measured on the CPU (2026-11-23, 2 cores, no GPU; 100,000 random cells of a 1,000,000-cell store,
+2,000 genes (``--n-genes 2000``), batch 1024, 3 epochs, epochs 2-3 timed)::
+
+    method                                  cells/s  x scvi mem  peak RSS MiB
+    atlasmix (from the store, io_threads=4)   2,045       0.32        17,220
+    atlasmix:x_cache=h5                       5,002       0.77         1,355
+    atlasmix:x_cache=1 (tiledb)               5,889       0.91         4,492
+    scvi_memory (AnnData build 38 s)          6,472       1.00         7,775
+    compute_floor                             6,572       1.02         3,671
+
+Through an x cache, training from the store runs at the CPU's compute floor (the h5 / tiledb
+difference is within this machine's ~15 % noise); from the store it decodes ~10x the nonzeros it
+uses. The 17 GiB of the store path are its four concurrent 65,536-cell whole-transcriptome reads
+(``--io-batch-size`` / ``--io-threads`` bound it).
 """
 
 from __future__ import annotations
