@@ -387,15 +387,14 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
 
     obs_cols = [batch_key] if batch_key else []
     common = dict(batch_size=batch_size, io_batch_size=io_batch_size, block_size=block_size, obs_columns=obs_cols,
-                  prefetch_io=prefetch_io, io_threads=io_threads, genes=genes)
+                  prefetch_io=prefetch_io, io_threads=io_threads, genes=genes,
+                  x_cache=x_cache, x_cache_format=x_cache_format)
     train_opts = {"read_processes": read_processes}
-    train = MixtureLoader(store, manifest, "train", seed=seed, x_cache=x_cache, x_cache_format=x_cache_format,
-                          **common, **train_opts)
+    train = MixtureLoader(store, manifest, "train", seed=seed, **common, **train_opts)
     val = None
     if validation and side.get("counts", {}).get("validation", 0):
         val = MixtureLoader(store, manifest, "validation", shuffle=False, var_joinids=train.var_joinids,
-                            categories=train.categories, x_cache=x_cache, x_cache_format=x_cache_format,
-                            **{k: v for k, v in common.items() if k != "genes"})
+                            categories=train.categories, **{k: v for k, v in common.items() if k != "genes"})
     x_cache_meta = {}
     if x_cache is not None:  # built now rather than inside the first epoch
         for name, L in (("train", train), ("validation", val)):
@@ -414,7 +413,7 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     sample_opts = {k: v for k, v in common.items() if k != "genes"}
     sample_opts.update(io_batch_size=min(io_batch_size, max(int(prior_cells), batch_size)), io_threads=1, prefetch_io=1)
     sampler = MixtureLoader(store, manifest, "train", seed=seed + 1, var_joinids=train.var_joinids,
-                            categories=train.categories, x_cache=x_cache, x_cache_format=x_cache_format, **sample_opts)
+                            categories=train.categories, **sample_opts)
     means, variances, sample = library_priors(sampler, batch_key, prior_cells)
     if sample["X"].nnz == 0:  # e.g. mouse cells on a human gene axis: nothing to learn, and scvi-tools
         # would take the all-zero template for a "minified" AnnData and refuse to load the saved model

@@ -8,8 +8,7 @@ HVGs -- uses few of them: the top 2,000 seurat HVGs hold 6 % (pisces PBMC, 58,82
 epoch would decode the rest again for nothing.
 
 :func:`ensure_x_cache` writes, once, the loader's cells (rows in soma_joinid order) x its gene axis
-(columns in axis order) into a TileDB-SOMA ``SparseNDArray`` under a local folder, with the store's
-X tiling. It streams: one read of ``chunk_cells`` cells at a time, so memory is bounded by the chunk,
+(columns in axis order) under a local folder, in one of the two formats below. It streams: one read of ``chunk_cells`` cells at a time, so memory is bounded by the chunk,
 not by the corpus. The folder name is a hash of the store's ``state_hash``, the cells and the gene
 axis, so a changed store, manifest or gene list gets its own projection and a stale one is never
 read. Building costs about one epoch's read; every later epoch (and every later run on the same
