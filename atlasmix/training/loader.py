@@ -41,8 +41,9 @@ with a pool of ``io_threads`` threads (TileDB releases the GIL), at most ``prefe
 ahead, and keeps at most 4 ready minibatches. Memory held is O((prefetch_io + io_threads + 1) x
 io_batch_size x nonzeros per cell x ~20 bytes) for TileDB's arrow results and the CSR, plus 4
 minibatches (dense on the CPU: 4 x batch_size x genes x 4 bytes), independent of corpus size, plus the per-cell index arrays (joinids and covariate codes: ~8 bytes + 4 bytes per covariate
-per manifest cell). By default no processes are used: TileDB is opened in the loader's own
-threads. For DataLoader worker processes wrap the loader in :class:`MixtureIterableDataset` and use
+per manifest cell). By default no processes are used: each epoch opens X once per read thread
+before its first read and closes it after its last (opens and closes of all loaders one at a
+time, never while this loader reads: concurrent opens and reads have crashed tiledbsoma). For DataLoader worker processes wrap the loader in :class:`MixtureIterableDataset` and use
 ``multiprocessing_context="spawn"`` (forking after TileDB is opened hangs): the loader pickles by
 store URI, and each worker serves its interleaved (rank, worker) shard.
 
@@ -90,6 +91,7 @@ pure function of (seed, epoch, shard, IO batch index).
 from __future__ import annotations
 
 import math
+import queue
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -107,6 +109,7 @@ from atlasmix.errors import AtlasmixError
 from atlasmix.store import schema as S
 
 LIBRARY_SOURCES = ("counts", "total_counts")
+_OPEN_LOCK = threading.Lock()  # X opens and closes of all loaders, one at a time
 
 
 # ---------------------------------------------------------------------------------------------- ordering
@@ -857,17 +860,29 @@ class MixtureLoader:
         first_io = (start_batch * self.batch_size) // self.io_batch_size
         skip = start_batch - first_io * (self.io_batch_size // self.batch_size)
         io_starts = list(range(first_io * self.io_batch_size, len(seq), self.io_batch_size))
-        local = threading.local()
         ctx = self.store.context
         if self.read_buffer_bytes:  # TileDB result buffers per read (bigger results come in pieces)
             cfg = dict(ctx.tiledb_config)
             cfg["soma.init_buffer_bytes"] = str(int(self.read_buffer_bytes))
             ctx = ctx.replace(tiledb_config=cfg)
 
+        # X handles for the read threads: opened here, before any read starts, and closed below after
+        # the last read ended, so no open or close ever overlaps a read of this loader (concurrent
+        # opens and reads in threads have crashed tiledbsoma: TileDB-SOMA PRs #2800, #2801)
+        handles: queue.SimpleQueue = queue.SimpleQueue()
+        opened: list = []
+        if self.read_processes == 0:
+            with _OPEN_LOCK:
+                opened = [open_x(x_uri, ctx) for _ in range(self.io_threads)]
+            for h in opened:
+                handles.put(h)
+
         def job(i: int, s: int):
-            if not hasattr(local, "X"):
-                local.X = open_x(x_uri, ctx)
-            pos, m, perm = self._io_batch(local.X, seq[s:s + self.io_batch_size], shard, i, col_of)
+            X = handles.get()  # never waits: the pool runs at most io_threads jobs at once
+            try:
+                pos, m, perm = self._io_batch(X, seq[s:s + self.io_batch_size], shard, i, col_of)
+            finally:
+                handles.put(X)
             return pos, m, perm, None
 
         class _Proc:  # a read process's future, resolved to (pos, csr view, perm, shared blocks)
@@ -882,7 +897,7 @@ class MixtureLoader:
                 if not self.fut.cancel():
                     self.fut.add_done_callback(_free_result)
 
-        def submit(i: int, s: int):
+        def submit(pool, i: int, s: int):
             if self.read_processes == 0:
                 return pool.submit(job, i, s)
             pos, _, perm = self._io_batch(None, seq[s:s + self.io_batch_size], shard, i, col_of)
@@ -890,13 +905,23 @@ class MixtureLoader:
             return _Proc(self._read_pool(ctx, col_of, x_uri).submit(_worker_read, rows), pos, perm)
 
         on_dev = self._gathers_on_device()
+        try:
+            yield from self._run_reads(io_starts, first_io, skip, submit, on_dev)
+        finally:
+            with _OPEN_LOCK:
+                for h in opened:
+                    h.close()
+
+    def _run_reads(self, io_starts: list, first_io: int, skip: int, submit, on_dev: bool) -> Iterator[Any]:
+        """The read loop of :meth:`_batches`: at most ``prefetch_io`` IO batches ahead, minibatches cut
+        from each in its shuffled order; reads not started yet are dropped when the consumer stops."""
         with ThreadPoolExecutor(self.io_threads) as pool:
             futs: list = []
             nxt = 0
             try:
                 for k in range(len(io_starts)):
                     while nxt < len(io_starts) and nxt <= k + self.prefetch_io:
-                        futs.append(submit(first_io + nxt, io_starts[nxt]))
+                        futs.append(submit(pool, first_io + nxt, io_starts[nxt]))
                         nxt += 1
                     pos, m, perm, shms = futs[k].result()
                     futs[k] = None
