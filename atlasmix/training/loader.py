@@ -43,7 +43,8 @@ io_batch_size x nonzeros per cell x ~20 bytes) for TileDB's arrow results and th
 minibatches (dense on the CPU: 4 x batch_size x genes x 4 bytes), independent of corpus size, plus the per-cell index arrays (joinids and covariate codes: ~8 bytes + 4 bytes per covariate
 per manifest cell). By default no processes are used: each epoch opens X once per read thread
 before its first read and closes it after its last (opens and closes of all loaders one at a
-time, never while this loader reads: concurrent opens and reads have crashed tiledbsoma). For DataLoader worker processes wrap the loader in :class:`MixtureIterableDataset` and use
+time, never while this loader reads: concurrent opens and reads have crashed tiledbsoma). For
+DataLoader worker processes wrap the loader in :class:`MixtureIterableDataset` and use
 ``multiprocessing_context="spawn"`` (forking after TileDB is opened hangs): the loader pickles by
 store URI, and each worker serves its interleaved (rank, worker) shard.
 
