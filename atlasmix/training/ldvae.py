@@ -389,12 +389,13 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     common = dict(batch_size=batch_size, io_batch_size=io_batch_size, block_size=block_size, obs_columns=obs_cols,
                   prefetch_io=prefetch_io, io_threads=io_threads, genes=genes,
                   x_cache=x_cache, x_cache_format=x_cache_format)
+    on_train_axis = {k: v for k, v in common.items() if k != "genes"}  # loaders given train's var_joinids
     train_opts = {"read_processes": read_processes}
     train = MixtureLoader(store, manifest, "train", seed=seed, **common, **train_opts)
     val = None
     if validation and side.get("counts", {}).get("validation", 0):
         val = MixtureLoader(store, manifest, "validation", shuffle=False, var_joinids=train.var_joinids,
-                            categories=train.categories, **{k: v for k, v in common.items() if k != "genes"})
+                            categories=train.categories, **on_train_axis)
     x_cache_meta = {}
     if x_cache is not None:  # built now rather than inside the first epoch
         for name, L in (("train", train), ("validation", val)):
@@ -410,7 +411,7 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     # training loader's 65,536-cell IO batches and 4 read threads this sample peaked at 15.4 GiB of RSS
     # on whole-transcriptome cells, 5.5 GiB with one 20,480-cell read); through the x cache if any
     # (same cells and genes as the training loader, so the same projection)
-    sample_opts = {k: v for k, v in common.items() if k != "genes"}
+    sample_opts = dict(on_train_axis)
     sample_opts.update(io_batch_size=min(io_batch_size, max(int(prior_cells), batch_size)), io_threads=1, prefetch_io=1)
     sampler = MixtureLoader(store, manifest, "train", seed=seed + 1, var_joinids=train.var_joinids,
                             categories=train.categories, **sample_opts)
