@@ -114,6 +114,15 @@ TileDB's decode of the same data tiles, which did not scale past ~4 read threads
 +8 %); larger locality blocks (fewer tiles decoded per cell) helped most. Peak RSS is dominated by
 TileDB's result buffers for 65,536-cell reads (lower ``--io-batch-size`` / ``read_buffer_bytes``
 to trade speed for memory); it is set by the IO batch, not the corpus size.
+
+The numbers above were taken with TileDB's "preprocess tile merge" on (TileDB 2.30's default).
+atlasmix turns it off since 2026-11-23 because it crashed multi-fragment reads
+(``atlasmix.store.store.TILEDB_DEFAULTS``). Cost, same 2-core machine, 400,000-cell 2^13 store,
+every gene, io batch 16,384, 60,000 cells timed, two alternating runs each: atlasmix from the store
+11,050 / 10,980 cells/s off vs 12,240 / 11,960 on (-9 %), peak RSS 3.3 vs 3.6 GiB; the tiledb x
+cache (1,000,000 cells x 2,000 genes, 62 fragments, 200,000 cells timed) 49,300 / 59,200 off vs
+55,400 / 63,400 on (-7 to -11 %). The h5 x cache does not read through TileDB, and tiledbsoma-ml
+shares the store's context (so it pays the same). ``ATLASMIX_TILEDB_CONFIG`` turns it back on.
 """
 
 from __future__ import annotations

@@ -1,0 +1,29 @@
+"""The TileDB settings every atlasmix context carries (atlasmix.store.store.TILEDB_DEFAULTS)."""
+
+from __future__ import annotations
+
+import json
+
+from atlasmix.store import Store
+from atlasmix.store.store import TILEDB_DEFAULTS, make_context
+
+MERGE = "sm.query.sparse_global_order.preprocess_tile_merge"
+
+
+def _native(ctx) -> str:
+    """The value TileDB itself was configured with (not just the dict atlasmix passed)."""
+    return ctx.native_context.config()[MERGE]
+
+
+def test_preprocess_tile_merge_is_off_in_store_contexts(tmp_path, monkeypatch):
+    monkeypatch.delenv("ATLASMIX_TILEDB_CONFIG", raising=False)
+    assert TILEDB_DEFAULTS[MERGE] == "0"
+    assert _native(make_context()) == "0"
+    store = Store.create(str(tmp_path / "store"))
+    assert _native(Store(store.uri).context) == "0"
+
+
+def test_defaults_are_overridable_by_env_and_argument(monkeypatch):
+    monkeypatch.setenv("ATLASMIX_TILEDB_CONFIG", json.dumps({MERGE: "32768"}))
+    assert _native(make_context()) == "32768"
+    assert _native(make_context({MERGE: "128"})) == "128"
