@@ -898,7 +898,7 @@ class MixtureLoader:
                 if not self.fut.cancel():
                     self.fut.add_done_callback(_free_result)
 
-        def submit(pool, i: int, s: int):
+        def submit(i: int, s: int):  # (pool: the read threads, made below)
             if self.read_processes == 0:
                 return pool.submit(job, i, s)
             pos, _, perm = self._io_batch(None, seq[s:s + self.io_batch_size], shard, i, col_of)
@@ -906,50 +906,46 @@ class MixtureLoader:
             return _Proc(self._read_pool(ctx, col_of, x_uri).submit(_worker_read, rows), pos, perm)
 
         on_dev = self._gathers_on_device()
+        futs: list = []
         try:
-            yield from self._run_reads(io_starts, first_io, skip, submit, on_dev)
-        finally:
+            # at most prefetch_io IO batches read ahead; minibatches cut from each in its shuffled order
+            with ThreadPoolExecutor(self.io_threads) as pool:  # (its exit waits for the running reads)
+                try:
+                    nxt = 0
+                    for k in range(len(io_starts)):
+                        while nxt < len(io_starts) and nxt <= k + self.prefetch_io:
+                            futs.append(submit(first_io + nxt, io_starts[nxt]))
+                            nxt += 1
+                        pos, m, perm, shms = futs[k].result()
+                        futs[k] = None
+                        first = (skip if k == 0 else 0) * self.batch_size
+                        try:
+                            if on_dev:
+                                dev_io = self._io_to_device(m)
+                                if shms:
+                                    _release(shms)
+                                    shms = None
+                                for b0 in range(first, len(pos), self.batch_size):
+                                    idx = perm[b0:b0 + self.batch_size]
+                                    yield self._to_device_batch(pos[idx], idx, dev_io)
+                                del dev_io
+                            else:
+                                for b0 in range(first, len(pos), self.batch_size):
+                                    idx = perm[b0:b0 + self.batch_size]
+                                    yield self._to_batch(pos[idx], m[idx])
+                        finally:
+                            del m
+                            if shms:
+                                _release(shms)
+                        del pos, perm
+                finally:  # also when the consumer stopped early: drop the reads not started yet
+                    for f in futs:
+                        if f is not None:
+                            f.cancel()
+        finally:  # every read has ended (the pool was shut down): close the read threads' handles
             with _OPEN_LOCK:
                 for h in opened:
                     h.close()
-
-    def _run_reads(self, io_starts: list, first_io: int, skip: int, submit, on_dev: bool) -> Iterator[Any]:
-        """The read loop of :meth:`_batches`: at most ``prefetch_io`` IO batches ahead, minibatches cut
-        from each in its shuffled order; reads not started yet are dropped when the consumer stops."""
-        with ThreadPoolExecutor(self.io_threads) as pool:
-            futs: list = []
-            nxt = 0
-            try:
-                for k in range(len(io_starts)):
-                    while nxt < len(io_starts) and nxt <= k + self.prefetch_io:
-                        futs.append(submit(pool, first_io + nxt, io_starts[nxt]))
-                        nxt += 1
-                    pos, m, perm, shms = futs[k].result()
-                    futs[k] = None
-                    first = (skip if k == 0 else 0) * self.batch_size
-                    try:
-                        if on_dev:
-                            dev_io = self._io_to_device(m)
-                            if shms:
-                                _release(shms)
-                                shms = None
-                            for b0 in range(first, len(pos), self.batch_size):
-                                idx = perm[b0:b0 + self.batch_size]
-                                yield self._to_device_batch(pos[idx], idx, dev_io)
-                            del dev_io
-                        else:
-                            for b0 in range(first, len(pos), self.batch_size):
-                                idx = perm[b0:b0 + self.batch_size]
-                                yield self._to_batch(pos[idx], m[idx])
-                    finally:
-                        del m
-                        if shms:
-                            _release(shms)
-                    del pos, perm
-            finally:  # also when the consumer stopped early: drop the reads not started yet
-                for f in futs:
-                    if f is not None:
-                        f.cancel()
 
     def _read_pool(self, ctx, col_of, x_uri: str):
         """The loader's read processes (started once, on first use; see "Read processes")."""
