@@ -91,6 +91,7 @@ pure function of (seed, epoch, shard, IO batch index).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -421,6 +422,20 @@ def _free_result(fut) -> None:
     """Done-callback of an abandoned read: unlink its shared-memory blocks."""
     if not fut.cancelled() and fut.exception() is None:
         _release(_attach(fut.result())[1])
+
+
+def _close_handles(handles: list) -> None:
+    """Close read threads' X handles (under the lock that serialises all X opens and closes)."""
+    with _OPEN_LOCK:
+        for h in handles:
+            h.close()
+
+
+def _cancel_pending(futs: list) -> None:
+    """Drop reads not started yet (``None``: consumed); running reads end on their own."""
+    for f in futs:
+        if f is not None:
+            f.cancel()
 
 
 class MixtureLoader:
@@ -898,7 +913,7 @@ class MixtureLoader:
                 if not self.fut.cancel():
                     self.fut.add_done_callback(_free_result)
 
-        def submit(i: int, s: int):  # (pool: the read threads, made below)
+        def submit(i: int, s: int):  # (pool: the read threads, entered below)
             if self.read_processes == 0:
                 return pool.submit(job, i, s)
             pos, _, perm = self._io_batch(None, seq[s:s + self.io_batch_size], shard, i, col_of)
@@ -907,45 +922,40 @@ class MixtureLoader:
 
         on_dev = self._gathers_on_device()
         futs: list = []
-        try:
+        # teardown runs in reverse, also when the consumer stops early: drop the reads not started
+        # yet, wait for the running ones (pool shutdown), then close the read threads' handles
+        with contextlib.ExitStack() as teardown:
+            teardown.callback(_close_handles, opened)
+            pool = teardown.enter_context(ThreadPoolExecutor(self.io_threads))
+            teardown.callback(_cancel_pending, futs)
             # at most prefetch_io IO batches read ahead; minibatches cut from each in its shuffled order
-            with ThreadPoolExecutor(self.io_threads) as pool:  # (its exit waits for the running reads)
+            nxt = 0
+            for k in range(len(io_starts)):
+                while nxt < len(io_starts) and nxt <= k + self.prefetch_io:
+                    futs.append(submit(first_io + nxt, io_starts[nxt]))
+                    nxt += 1
+                pos, m, perm, shms = futs[k].result()
+                futs[k] = None
+                first = (skip if k == 0 else 0) * self.batch_size
                 try:
-                    nxt = 0
-                    for k in range(len(io_starts)):
-                        while nxt < len(io_starts) and nxt <= k + self.prefetch_io:
-                            futs.append(submit(first_io + nxt, io_starts[nxt]))
-                            nxt += 1
-                        pos, m, perm, shms = futs[k].result()
-                        futs[k] = None
-                        first = (skip if k == 0 else 0) * self.batch_size
-                        try:
-                            if on_dev:
-                                dev_io = self._io_to_device(m)
-                                if shms:
-                                    _release(shms)
-                                    shms = None
-                                for b0 in range(first, len(pos), self.batch_size):
-                                    idx = perm[b0:b0 + self.batch_size]
-                                    yield self._to_device_batch(pos[idx], idx, dev_io)
-                                del dev_io
-                            else:
-                                for b0 in range(first, len(pos), self.batch_size):
-                                    idx = perm[b0:b0 + self.batch_size]
-                                    yield self._to_batch(pos[idx], m[idx])
-                        finally:
-                            del m
-                            if shms:
-                                _release(shms)
-                        del pos, perm
-                finally:  # also when the consumer stopped early: drop the reads not started yet
-                    for f in futs:
-                        if f is not None:
-                            f.cancel()
-        finally:  # every read has ended (the pool was shut down): close the read threads' handles
-            with _OPEN_LOCK:
-                for h in opened:
-                    h.close()
+                    if on_dev:
+                        dev_io = self._io_to_device(m)
+                        if shms:
+                            _release(shms)
+                            shms = None
+                        for b0 in range(first, len(pos), self.batch_size):
+                            idx = perm[b0:b0 + self.batch_size]
+                            yield self._to_device_batch(pos[idx], idx, dev_io)
+                        del dev_io
+                    else:
+                        for b0 in range(first, len(pos), self.batch_size):
+                            idx = perm[b0:b0 + self.batch_size]
+                            yield self._to_batch(pos[idx], m[idx])
+                finally:
+                    del m
+                    if shms:
+                        _release(shms)
+                del pos, perm
 
     def _read_pool(self, ctx, col_of, x_uri: str):
         """The loader's read processes (started once, on first use; see "Read processes")."""
