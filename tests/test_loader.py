@@ -321,3 +321,41 @@ def test_x_cache_projection_serves_the_same_batches_and_is_reused(mix, tmp_path,
         make(mix, var_joinids=axis[:50], x_cache=tmp_path, x_cache_format=fmt).ensure_x_cache()
     with pytest.raises(AtlasmixError, match="no x_cache"):
         direct.ensure_x_cache()
+
+
+@pytest.mark.parametrize("layout", ["chunked", "contiguous", "gzip", "big-endian"])
+def test_h5_x_cache_rows_read_directly_or_through_h5py(tmp_path, layout):
+    """H5CSR reads rows equal to the CSR it holds: by pread from the chunk offsets HDF5 reports when
+    the bytes on disk are the array (chunked or contiguous, unfiltered, native order), else via h5py."""
+    import h5py
+    import scipy.sparse as sp
+
+    from atlasmix.training.xcache import H5CSR
+
+    rng = np.random.default_rng(3)
+    m = sp.random(300, 40, density=0.2, format="csr", dtype=np.float32, random_state=rng)
+    m.sort_indices()
+    path = tmp_path / "X.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["n_vars"] = 40
+        for name, a in (("data", m.data), ("indices", m.indices.astype(np.int32))):
+            if layout == "chunked":  # small chunks: reads cross many chunk boundaries
+                f.create_dataset(name, data=a, chunks=(7,), maxshape=(None,))
+            elif layout == "contiguous":
+                f.create_dataset(name, data=a)
+            elif layout == "gzip":
+                f.create_dataset(name, data=a, chunks=(7,), compression="gzip")
+            else:
+                f.create_dataset(name, data=a.astype(a.dtype.newbyteorder(">")))
+        f.create_dataset("indptr", data=m.indptr.astype(np.int64))
+    X = H5CSR(path)
+    try:
+        assert X.direct is (layout in ("chunked", "contiguous"))
+        for rows in (np.arange(300), np.array([0, 1, 2, 150, 299]), np.sort(rng.choice(300, 120, replace=False)),
+                     np.array([], dtype=np.int64)):
+            got = X.read_rows(rows)
+            want = m[rows]
+            assert got.shape == want.shape and np.array_equal(got.indptr, want.indptr)
+            assert np.array_equal(got.indices, want.indices) and np.array_equal(got.data, want.data)
+    finally:
+        X.close()
