@@ -24,10 +24,11 @@ speeds up whole-transcriptome axes. The slices are read with ``os.preadv`` at th
 HDF5 reports (:class:`H5CSR`), not through h5py's per-call machinery and process-wide lock: read
 only, 16,384-cell batches of 64-cell blocks, 2 cores, 1M cells x 2,000 genes 1.58M cells/s vs
 133k through ``h5py.Dataset.read_direct``; 400k cells x 19,907 genes 191k (1 thread) / 317k
-(2 threads) vs 76k (either). Measured with ``benchmarks/bench_loader.py``
-on 2 CPU cores (dense minibatches of 1,024 on the CPU): 1M cells x 2,000 genes, 124k cells/s (h5)
-vs 58k (tiledb cache), 11k (store) and 1.3k (tiledbsoma-ml); 400k cells x 19,907 genes, 28k (h5)
-vs 8k (store), 6.7k (tiledbsoma-ml) and 51k (scvi-tools on an in-memory AnnData, 13.9 GiB).
+(2 threads) vs 76k (either). The loader, measured with ``benchmarks/bench_loader.py`` before
+that change on 2 CPU cores (dense minibatches of 1,024 on the CPU): 1M cells x 2,000 genes, 124k
+cells/s (h5) vs 58k (tiledb cache), 11k (store) and 1.3k (tiledbsoma-ml); 400k cells x 19,907
+genes, 28k (h5) vs 8k (store), 6.7k (tiledbsoma-ml) and 51k (scvi-tools on an in-memory AnnData,
+13.9 GiB). With it: 119k and ~33k cells/s through the h5 cache (the bench's docstring).
 
 The projection is a cache, not a second store: it can be deleted at any time. It is built into a
 temporary folder (``<name>.tmp-<pid>-<ns>``) and renamed into place when complete, so a crash
