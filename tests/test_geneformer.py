@@ -84,6 +84,43 @@ def test_ties_come_in_token_order_and_values_descend():
     assert out.tolist() == [[12, 11, 40000, 70000]]
 
 
+def test_encoder_exact_on_crowded_extreme_and_filtered_cells():
+    """Cells that defeat the bucket sort's spread (one far outlier crowds every other key into a
+    few buckets: the O(n log n) fallback), values outside [2^-64, 2^64) (clipped: ties in token
+    order), explicit zeros and NaN / inf / non-positive medians (dropped), single-gene and empty
+    cells; the order must be exactly (descending x, token id) in every case."""
+    rng = np.random.default_rng(4)
+    G = 3200
+    medians = 1.0 / (1.0 + np.arange(G) * 1e-9)  # x = 1 / median: distinct steps of 1e-9, far above ties
+    medians[0] = 1e-15  # x = 1e15: the outlier
+    medians[1:3] = 1e-30  # x = 1e30 and 2e30 -> clipped to just under 2^64: tied
+    medians[3:5] = [1e30, 2e30]  # x below 2^-64 -> clipped to 2^-64: tied
+    medians[5:9] = [np.nan, np.inf, 0.0, -1.0]  # outside the vocabulary
+    tokens = rng.permutation(G) + 2
+    crowded = rng.permutation(G)  # every column, unsorted within the row
+    counts_crowded = np.ones(G)
+    counts_crowded[crowded == 2] = 2.0
+    counts_crowded[crowded == 10] = 0.0  # an explicit zero
+    indices = np.concatenate([crowded, [20], [], [30, 31]]).astype(np.int32)
+    data = np.concatenate([counts_crowded[crowded], [3.0], [], [0.0, 0.0]]).astype(np.float32)
+    indptr = np.array([0, G, G + 1, G + 1, G + 3])
+    nc = np.array([5e3, 3.0, 1.0, 1.0])
+    x_all = np.clip(data * (1.0 / np.where(medians > 0, medians, np.nan))[indices], 2.0 ** -64,
+                    2.0 ** 64 * (1 - 2.0 ** -53))
+    for max_len, threads in ((4096, 1), (4096, 2), (100, 2)):
+        out, lens = rank_value_encode(indptr, indices, data, nc, medians, tokens, max_len, threads=threads)
+        for i in range(4):
+            a, b = indptr[i], indptr[i + 1]
+            x, t = x_all[a:b], tokens[indices[a:b]]
+            ok = np.isfinite(x) & (data[a:b] > 0) & (medians[indices[a:b]] < np.inf)
+            want = t[ok][np.lexsort((t[ok], -x[ok]))][:max_len]
+            assert lens[i] == len(want) and out[i, :lens[i]].tolist() == want.tolist(), (i, max_len, threads)
+            assert (out[i, lens[i]:] == 0).all()
+    assert lens.tolist()[1:] == [1, 0, 0] and out.shape[1] == 100  # max_len of the last round
+    first = out[0, :4].tolist()  # the clipped pair tie (token order), then the outlier
+    assert first[:2] == sorted(tokens[1:3].tolist()) and first[2] == tokens[0]
+
+
 @needs_gf
 def test_h5ad_parity_with_golden_v1_tokens():
     import anndata as ad
