@@ -104,17 +104,18 @@ def _encode_cells(out, lengths, r0, r1, indptr, indices, data, inv_medians, toke
     medians drop out) and makes an int64 key per kept nonzero, ``(descending x, token id)``, from
     the bit pattern of x (monotonic for positive float64; x clipped to [2^-64, 2^64)); a counting
     sort scatters the keys into 4 to 8 buckets per nonzero, equal steps of the cell's key range
-    (the key is close to linear in log x); an insertion pass orders the few keys that share a bucket; the
-    low bits of the first ``n_genes_max`` keys are the tokens, written with ``<cls>`` / ``<eos>``
-    (``cls_id >= 0``) and padding. Expected O(n) per cell; a cell whose keys crowd into few buckets
-    (over 16 insertion shifts per nonzero) is sorted with ``ndarray.sort`` instead, so the worst
-    case stays O(n log n). ``lengths[i]`` gets the row's length, special tokens included.
+    (the key is close to linear in log x), straight into the cell's output row unless the cell is
+    truncated; an insertion pass orders the few keys that share a bucket; the low bits of the first
+    ``n_genes_max`` keys are the tokens, written with ``<cls>`` / ``<eos>`` (``cls_id >= 0``) and
+    padding. Expected O(n) per cell; a cell whose keys crowd into few buckets (over 16 insertion
+    shifts per nonzero) is sorted with ``ndarray.sort`` instead, so the worst case stays
+    O(n log n). ``lengths[i]`` gets the row's length, special tokens included.
     """
     max_n = 1
     for i in range(r0, r1):
         max_n = max(max_n, indptr[i + 1] - indptr[i])
     keys = np.empty(max_n, np.int64)
-    tmp = np.empty(max_n, np.int64)
+    tmp = np.empty(max_n, np.int64)  # sorted keys of a truncated cell (longer than its output row)
     counts = np.empty(2 * _BUCKETS_PER_NONZERO * max_n, np.int32)
     bucket = np.empty(max_n, np.int32)
     mask = (np.int64(1) << pos_bits) - 1
@@ -157,28 +158,32 @@ def _encode_cells(out, lengths, r0, r1, indptr, indices, data, inv_medians, toke
                 c = counts[t]
                 counts[t] = start
                 start += c
+            # sorted in place in the output row when the cell is not truncated (saves a copy pass)
+            dst = out[i, off:off + n] if n + 2 * off <= width else tmp
             for j in range(n):
                 bk = bucket[j]
-                tmp[counts[bk]] = keys[j]
+                dst[counts[bk]] = keys[j]
                 counts[bk] += 1
             budget = 16 * n
             for p in range(1, n):
-                v = tmp[p]
-                if tmp[p - 1] > v:
+                v = dst[p]
+                if dst[p - 1] > v:
                     q = p - 1
-                    while q >= 0 and tmp[q] > v:
-                        tmp[q + 1] = tmp[q]
+                    while q >= 0 and dst[q] > v:
+                        dst[q + 1] = dst[q]
                         q -= 1
-                    tmp[q + 1] = v
+                    dst[q + 1] = v
                     budget -= p - 1 - q
                     if budget < 0:
-                        tmp[:n].sort()
+                        dst[:n].sort()
                         break
-        elif n == 1:
+        else:
+            dst = tmp
             tmp[0] = keys[0]
         m = min(n, n_genes_max)
+        row = out[i]
         for j in range(m):
-            out[i, off + j] = tmp[j] & mask
+            row[off + j] = dst[j] & mask
         if off:
             out[i, 0] = cls_id
             out[i, m + 1] = eos_id
