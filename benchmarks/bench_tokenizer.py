@@ -29,14 +29,15 @@ Pretraining part (``--pretrain``): ``train_geneformer`` with the V1 model (6 lay
 fraction of wall time the training loop waited for the next tokenized batch (data wait).
 
 Measured (2026-11-23, 2 shared CPU cores without AVX-512, numba 0.68, batches of 1,024 cells,
-best of 5 over 4,096 cells with the three methods interleaved per repeat; two runs, the first
-shown, speed-ups of both)::
+best of 5-7 over 4,096 cells with the three methods interleaved per repeat; one run shown, then
+the range of the speed-ups over 5 runs (2,000 nonzeros) or 2 runs (300 / 500); the shared
+machine's speed drifts by 20-30% within minutes, the reference's as much as the encoder's)::
 
-    cells                          nnz/cell  compiled 1 thr  2 thr      per-cell reference  speed-up 1 thr / 2 thr
-    pisces PBMC (real, V1 vocab)   2,018     34,000/s        47,800/s   3,050/s             11.1-10.8x / 15.7-16.9x
-    simulated                      300       224,500/s       231,700/s  8,600/s             26.2-22.4x / 27.0-20.9x
-    simulated                      500       144,800/s       129,900/s  6,700/s             21.5-19.6x / 19.3-19.2x
-    simulated                      2,000     37,400/s        51,900/s   3,000/s             12.4-11.7x / 17.2-17.2x
+    cells                     nnz/cell  1 thread   2 threads  reference  speed-up 1 thr (median)  2 thr (median)
+    pisces PBMC (real, V1)    2,018     36,900/s   53,600/s   2,600/s    11.0-14.2x (12.7)        17.7-21.4x (20.6)
+    simulated                 300       233,800/s  257,800/s  8,700/s    20.1-26.9x               26.4-29.7x
+    simulated                 500       144,300/s  118,300/s  6,100/s    18.5-23.8x               19.5-23.0x
+    simulated                 2,000     35,800/s   52,400/s   3,100/s    11.5-14.2x (11.6)        16.4-22.1x (17.6)
 
     the previous encoder (int64 keys, one numpy.sort per 32 cells), same session, run before:
     pisces PBMC 12,700 / 23,800 cells/s, reference 2,360/s: 5.4x / 10.1x
@@ -48,17 +49,19 @@ shown, speed-ups of both)::
     3.6 cells/s, data wait 0.4% of the wall time (the model is the bottleneck on a CPU)
 
 The issue's goal (>= 20x over a per-cell implementation) is reached for cells of 300-500 genes
-but **not** for whole-transcriptome cells on this CPU (11x with 1 thread, 16-17x with 2; the two
-vCPUs scale a cache-resident kernel by only ~1.25-1.5x). The per-cell reference spends ~60 us of
-its ~320 us per 2,000-gene cell in ``argsort`` and the rest in Python / scipy row access
+and, with 2 threads, on the real whole-transcriptome PBMCs in 3 of 5 runs (median 20.6x); it is
+**not** reached robustly for 2,000-gene cells (1 thread ~12x; 2 threads 16-22x; the two vCPUs
+scale a cache-resident kernel by only ~1.25-1.9x). The per-cell reference spends ~60 us of its
+~320-380 us per 2,000-gene cell in ``argsort`` and the rest in Python / scipy row access
 (Geneformer's own loop, which indexes each row twice and uses the default argsort, measured the
 same). The encoder is one compiled numba pass per cell without the GIL: keys (descending value,
 token id), a bucket sort over 4-8 buckets per nonzero plus an insertion pass (expected O(n), no
-comparison sort), tokens, special tokens and padding written in place. Per nonzero, on batches
-already in cache: keys ~3.5 ns (two table gathers), histogram ~1.2 ns, prefix sum ~1 ns, scatter
-~2.2 ns, insertion ~2.2 ns, output ~1 ns: ~12 ns, ~15 ns with the batch streamed from memory,
-against the reference's ~160 ns. GPU numbers: run with ``--pretrain --device cuda`` where a GPU
-is available.
+comparison sort; keys scattered straight into the output row), tokens, special tokens and
+padding written in place. Per nonzero, on batches already in cache (before the last two kernel
+changes, which took ~25% off): keys ~3.5 ns (two table gathers), histogram ~1.2 ns, prefix sum
+~1 ns, scatter ~2.2 ns, insertion ~2.2 ns, output ~1 ns; now ~13 ns in all with the batch
+streamed from memory, against the reference's ~160-190 ns. GPU numbers: run with
+``--pretrain --device cuda`` where a GPU is available.
 """
 
 from __future__ import annotations
