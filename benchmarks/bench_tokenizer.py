@@ -55,7 +55,7 @@ scale a cache-resident kernel by only ~1.25-1.9x). The per-cell reference spends
 ~320-380 us per 2,000-gene cell in ``argsort`` and the rest in Python / scipy row access
 (Geneformer's own loop, which indexes each row twice and uses the default argsort, measured the
 same). The encoder is one compiled numba pass per cell without the GIL: keys (descending value,
-token id), a bucket sort over 4-8 buckets per nonzero plus an insertion pass (expected O(n), no
+token id), a bucket sort over 2-8 buckets per nonzero plus an insertion pass (expected O(n), no
 comparison sort; keys scattered straight into the output row), tokens, special tokens and
 padding written in place. Per nonzero, on batches already in cache (before the last two kernel
 changes, which took ~25% off): keys ~3.5 ns (two table gathers), histogram ~1.2 ns, prefix sum

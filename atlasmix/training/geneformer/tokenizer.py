@@ -67,7 +67,10 @@ _HI_BITS = np.int64(np.float64(2.0 ** 64).view(np.int64))  # x is clipped to [2^
 #: of each other count as tied (float64 rounding noise of equal ratios) and come in token-id order.
 _TIE_BITS = 16
 _MAX_POS_BITS = 63 - (59 - _TIE_BITS)  # token ids below 2^20 fit next to the 43 value bits
-_BUCKETS_PER_NONZERO = 4  # bucket sort: ~0.14 out-of-order neighbours per nonzero on real PBMCs
+#: bucket sort: a cell of n nonzeros gets 2 n to 2^k buckets, 2^k the power of two >= 4 n; on the
+#: pisces PBMCs 4.4 buckets per nonzero on average, leaving 0.14 out-of-order neighbours per
+#: nonzero for the insertion pass.
+_BUCKETS_PER_NONZERO = 4
 _POOL: dict[int, Any] = {}
 
 
@@ -103,7 +106,7 @@ def _encode_cells(out, lengths, r0, r1, indptr, indices, data, inv_medians, toke
     Per cell: one pass keeps the nonzeros with ``x = count / median > 0`` (explicit zeros and NaN
     medians drop out) and makes an int64 key per kept nonzero, ``(descending x, token id)``, from
     the bit pattern of x (monotonic for positive float64; x clipped to [2^-64, 2^64)); a counting
-    sort scatters the keys into 4 to 8 buckets per nonzero, equal steps of the cell's key range
+    sort scatters the keys into 2 to 8 buckets per nonzero, equal steps of the cell's key range
     (the key is close to linear in log x), straight into the cell's output row unless the cell is
     truncated; an insertion pass orders the few keys that share a bucket; the low bits of the first
     ``n_genes_max`` keys are the tokens, written with ``<cls>`` / ``<eos>`` (``cls_id >= 0``) and
@@ -139,8 +142,8 @@ def _encode_cells(out, lengths, r0, r1, indptr, indices, data, inv_medians, toke
             kmax = max(kmax, k)
             n += 1
         if n > 1:
-            # buckets: (k - kmin) >> shift, at least 4 and under 8 per nonzero (the key is close to
-            # linear in log x, so buckets are equal steps of log x)
+            # buckets: (k - kmin) >> shift with the smallest shift giving under 2^n_bits (>= 4 n) of
+            # them: 2 to 8 per nonzero, equal steps of log x (the key is close to linear in log x)
             n_bits = 0
             while (np.int64(1) << n_bits) < _BUCKETS_PER_NONZERO * n:
                 n_bits += 1
@@ -246,7 +249,7 @@ def rank_value_encode(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
     positive numbers) negated, its low 16 bits dropped, then the token id in the low 15+ bits; so
     ascending keys are descending x, and values within a relative 1.5e-11 of each other (float64
     rounding noise of equal ratios) count as ties and come in token-id order (Geneformer leaves the
-    order of ties unspecified). Each cell's keys are bucket sorted (4-8 buckets per nonzero over the
+    order of ties unspecified). Each cell's keys are bucket sorted (2-8 buckets per nonzero over the
     cell's key range, which is close to linear in log x; measured 0.14 out-of-order neighbours per
     nonzero on whole-transcriptome PBMCs, fixed by one insertion pass), with a comparison sort as
     the fallback for cells whose keys crowd into few buckets. The kernel is compiled by numba on
