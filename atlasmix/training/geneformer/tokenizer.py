@@ -18,8 +18,8 @@ instead of a comparison sort's O(n log n). Values are computed in float64 as Gen
 the per-cell constant ``10,000 / n_counts``, which does not change the order); ties come out in
 token-id order (Geneformer's own ``np.argsort`` leaves tie order unspecified). With Geneformer's V1
 dictionaries it reproduces the published V1 tokens of ``pisces_pbmc1k`` for all 1,000 cells, tie
-order included. :func:`rank_value_encode_reference` is the straightforward per-cell version of the reference
-algorithm, kept for tests and the benchmark.
+order included. :func:`rank_value_encode_reference` is the straightforward per-cell version of the
+reference algorithm, kept for tests and the benchmark.
 
 :class:`GeneformerStream` wraps a :class:`~atlasmix.training.loader.MixtureLoader` (sparse CSR
 minibatches, ``library="total_counts"`` = Geneformer's ``n_counts``, gene axis = the vocabulary
@@ -180,18 +180,16 @@ def _encode_cells(out, lengths, r0, r1, indptr, indices, data, inv_medians, toke
                     if budget < 0:
                         dst[:n].sort()
                         break
-        else:
-            dst = tmp
-            tmp[0] = keys[0]
+        else:  # zero or one key: already in order
+            dst = keys
         m = min(n, n_genes_max)
         row = out[i]
         for j in range(m):
             row[off + j] = dst[j] & mask
         if off:
-            out[i, 0] = cls_id
-            out[i, m + 1] = eos_id
-        for j in range(m + 2 * off, width):
-            out[i, j] = pad_id
+            row[0] = cls_id
+            row[m + 1] = eos_id
+        row[m + 2 * off:] = pad_id
         lengths[i] = m + 2 * off
 
 
@@ -200,7 +198,7 @@ def rank_value_encode(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
                       cls_id: int | None = None, eos_id: int | None = None, pad_id: int = 0,
                       target_sum: float = TARGET_SUM,
                       threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Rank value encoding of a CSR batch of raw counts (compiled, no Python loop per cell; Geneformer's algorithm).
+    """Rank value encoding of a CSR batch of raw counts (Geneformer's algorithm, compiled per cell).
 
     Parameters
     ----------
@@ -523,8 +521,8 @@ class GeneformerStream:
             L.set_epoch(L.epoch + 1)
         self._epoch, self._mega = L.epoch, L.batches_done
         skip = self.sub_done
-        # tokenization runs ahead in a thread (the encoding kernel releases the GIL): the training loop only waits
-        # when the loader + tokenizer are slower than the model
+        # tokenization runs ahead in a thread (the encoding kernel releases the GIL): the training loop
+        # only waits when the loader + tokenizer are slower than the model
         for epoch, mega_index, subs in prefetch(self._produce(), depth=self.prefetch, name="atlasmix-geneformer"):
             self._epoch, self._mega = epoch, mega_index
             for j in range(skip, len(subs)):
