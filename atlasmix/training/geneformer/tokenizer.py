@@ -120,7 +120,6 @@ def _encode_cells(out, lengths, r0, r1, indptr, indices, data, inv_medians, toke
     keys = np.empty(max_n, np.int64)
     tmp = np.empty(max_n, np.int64)  # sorted keys of a truncated cell (longer than its output row)
     counts = np.empty(2 * _BUCKETS_PER_NONZERO * max_n, np.int32)
-    bucket = np.empty(max_n, np.int32)
     mask = (np.int64(1) << pos_bits) - 1
     top = _HI_BITS - 1
     lo, hi = 2.0 ** -64, 2.0 ** 64 * (1 - 2.0 ** -53)
@@ -153,9 +152,7 @@ def _encode_cells(out, lengths, r0, r1, indptr, indices, data, inv_medians, toke
             nb = ((kmax - kmin) >> shift) + 1
             counts[:nb] = 0
             for j in range(n):
-                bk = np.int32((keys[j] - kmin) >> shift)
-                bucket[j] = bk
-                counts[bk] += 1
+                counts[(keys[j] - kmin) >> shift] += 1
             start = 0
             for t in range(nb):  # exclusive prefix sum, running total in a register
                 c = counts[t]
@@ -164,9 +161,10 @@ def _encode_cells(out, lengths, r0, r1, indptr, indices, data, inv_medians, toke
             # sorted in place in the output row when the cell is not truncated (saves a copy pass)
             dst = out[i, off:off + n] if n + 2 * off <= width else tmp
             for j in range(n):
-                bk = bucket[j]
-                dst[counts[bk]] = keys[j]
-                counts[bk] += 1
+                k = keys[j]
+                b = (k - kmin) >> shift
+                dst[counts[b]] = k
+                counts[b] += 1
             budget = 16 * n
             for p in range(1, n):
                 v = dst[p]
