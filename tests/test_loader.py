@@ -359,3 +359,87 @@ def test_h5_x_cache_rows_read_directly_or_through_h5py(tmp_path, layout):
             assert np.array_equal(got.indices, want.indices) and np.array_equal(got.data, want.data)
     finally:
         X.close()
+
+
+def test_gather_dense_equals_scipy_gather_and_toarray():
+    """The one-pass gather + densify + library size equals scipy's ``m[rows].toarray()`` and row sums,
+    for unsorted and duplicate columns, repeated rows, a buffer holding garbage, a partial buffer."""
+    import scipy.sparse as sp
+
+    from atlasmix.training._dense import gather_dense
+
+    rng = np.random.default_rng(0)
+    m = sp.random(200, 300, density=0.15, format="csr", dtype=np.float32, random_state=rng)
+    m.data = np.round(m.data * 20 + 1).astype(np.float32)
+    for k in range(0, m.shape[0], 7):  # unsorted columns in some rows
+        lo, hi = m.indptr[k], m.indptr[k + 1]
+        m.indices[lo:hi] = m.indices[lo:hi][::-1].copy()
+    dup = sp.csr_matrix((np.array([1.0, 2.0, 5.0], dtype=np.float32), np.array([3, 3, 0]), np.array([0, 3])),
+                        shape=(1, 300))  # a duplicate column sums, as in toarray
+    for mat, rows in ((m, rng.permutation(200)[:64]), (m, np.array([5, 5, 199, 0])), (dup, np.array([0]))):
+        out = np.full((70, mat.shape[1]), np.nan, dtype=np.float32)  # an old minibatch's garbage
+        lib = gather_dense(mat.indptr, mat.indices, mat.data, rows, out)
+        assert np.array_equal(out[:len(rows)], mat[rows].toarray())
+        assert np.isnan(out[len(rows):]).all()  # rows past the minibatch untouched
+        np.testing.assert_allclose(lib, np.asarray(mat[rows].sum(axis=1)).ravel(), rtol=1e-6)
+    # a fresh zero buffer needs no clearing; one with old content does
+    out = np.ones((4, 300), dtype=np.float32)
+    gather_dense(m.indptr, m.indices, m.data, np.arange(4), out, clear=False)
+    assert not np.array_equal(out, m[:4].toarray())
+    with pytest.raises(ValueError, match="outside"):
+        bad = m.indices.copy()
+        bad[m.indptr[2]] = 300
+        gather_dense(m.indptr, bad, m.data, np.arange(4), np.zeros((4, 300), dtype=np.float32))
+    with pytest.raises(ValueError, match="float32"):
+        gather_dense(m.indptr, m.indices, m.data, np.arange(4), np.zeros((4, 300)))
+
+
+def test_dense_buffer_pool_reuses_only_released_buffers():
+    from atlasmix.training._dense import DenseBufferPool
+
+    pool = DenseBufferPool(8, 5, capacity=2)
+    a, clear = pool.take(8)
+    assert a.shape == (8, 5) and not clear and pool.n_fresh == 1
+    held = [torch.from_numpy(a)[2:4]]  # a view of a tensor of the buffer keeps it in use
+    del a
+    b, _ = pool.take(3)
+    assert pool.n_fresh == 2 and b.shape == (3, 5)
+    arr = torch.from_numpy(b).numpy()  # ... as does a numpy view of the tensor
+    del b
+    c, _ = pool.take(8)
+    assert pool.n_fresh == 3  # both held, capacity reached: a fresh buffer outside the pool
+    del c, arr
+    d, clear = pool.take(8)  # the second buffer is free again
+    assert clear and pool.n_fresh == 3
+    d[:] = 1
+    held.clear()
+    e, clear = pool.take(8)
+    assert clear and pool.n_fresh == 3 and not np.shares_memory(d, e)
+
+
+def test_dense_cpu_batches_stay_intact_and_reused_buffers_carry_no_old_content(mix):
+    """Dense CPU minibatches are written into reused buffers: a batch the consumer keeps is never
+    overwritten, and one it edited in place and dropped leaves nothing behind in later batches."""
+    store, _, _ = mix
+    L = make(mix, obs_columns=("dataset_id",))
+
+    def expected(ids):
+        order = np.argsort(ids)
+        (_, m), = list(store.iter_X(ids[order], L.var_joinids, chunk_size=10_000))
+        out = np.empty((len(ids), L.n_vars), dtype=np.float32)
+        out[order] = m.toarray()
+        return out
+
+    kept = list(L)  # every batch held: each needs its own buffer
+    assert len({b["X"].data_ptr() for b in kept}) == len(kept)
+    for b in kept:
+        assert np.array_equal(b["X"].numpy(), expected(b["soma_joinid"].numpy()))
+    del kept
+    ptrs = set()
+    for b in L:  # dropped after use (a training loop): buffers are reused
+        X = b["X"]
+        ptrs.add(X.data_ptr())
+        assert np.array_equal(X.numpy(), expected(b["soma_joinid"].numpy()))
+        X.add_(7.0)  # the consumer edits its batch in place, then drops it
+        del b, X
+    assert len(ptrs) <= 8 < len(L)

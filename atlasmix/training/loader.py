@@ -41,7 +41,10 @@ with a pool of ``io_threads`` threads (TileDB releases the GIL), at most ``prefe
 ahead, and keeps at most 4 ready minibatches. Memory held is O((prefetch_io + io_threads + 1) x
 io_batch_size x nonzeros per cell x ~20 bytes) for TileDB's arrow results and the CSR, plus 4
 minibatches (dense on the CPU: 4 x batch_size x genes x 4 bytes), independent of corpus size, plus the per-cell index arrays (joinids and covariate codes: ~8 bytes + 4 bytes per covariate
-per manifest cell). By default no processes are used: each epoch opens X once per read thread
+per manifest cell). Dense CPU minibatches are gathered, densified and summed in one compiled pass
+into at most 8 reused (batch_size, genes) buffers, each reused only once no minibatch (or view of
+one) holds it (:mod:`atlasmix.training._dense`): a whole-transcriptome minibatch is 81 MB, and
+allocating it fresh every time cost more than reading its counts. By default no processes are used: each epoch opens X once per read thread
 before its first read and closes it after its last (opens and closes of all loaders one at a
 time, never while this loader reads: concurrent opens and reads have crashed tiledbsoma). For
 DataLoader worker processes wrap the loader in :class:`MixtureIterableDataset` and use
@@ -109,6 +112,7 @@ import torch
 from atlasmix._prefetch import prefetch
 from atlasmix.errors import AtlasmixError
 from atlasmix.store import schema as S
+from atlasmix.training._dense import DenseBufferPool, gather_dense
 
 LIBRARY_SOURCES = ("counts", "total_counts")
 _OPEN_LOCK = threading.Lock()  # X opens and closes of all loaders, one at a time
@@ -752,7 +756,22 @@ class MixtureLoader:
             perm = np.arange(len(ids))
         return positions[order], m, perm
 
+    def _dense_batch(self, pos: np.ndarray, rows: np.ndarray, m: sp.csr_matrix, pool: DenseBufferPool
+                     ) -> dict[str, Any]:
+        """A dense CPU minibatch: rows ``rows`` of the IO batch ``m``, gathered and densified in one
+        pass into a reused buffer (run in the prefetch thread; see :mod:`atlasmix.training._dense`)."""
+        out: dict[str, Any] = {"soma_joinid": torch.from_numpy(self.cells[pos])}
+        buf, clear = pool.take(len(rows))
+        lib = gather_dense(m.indptr, m.indices, m.data, rows, buf, clear=clear)
+        lib = lib.reshape(-1, 1) if self.library == "counts" else self.total_counts[pos].reshape(-1, 1)
+        out["library_size"] = torch.from_numpy(lib)
+        for c in self.obs_columns:
+            out[c] = torch.from_numpy(self.codes[c][pos])
+        out["X"] = torch.from_numpy(buf)
+        return out
+
     def _to_batch(self, pos: np.ndarray, m: sp.csr_matrix) -> dict[str, Any]:
+        """A CSR minibatch (``m``: its rows) for :meth:`_finish` to move and build X on the device."""
         out: dict[str, Any] = {"soma_joinid": torch.from_numpy(self.cells[pos])}
         if self.library == "counts":
             lib = np.asarray(m.sum(axis=1), dtype=np.float32).reshape(-1, 1)
@@ -761,12 +780,6 @@ class MixtureLoader:
         out["library_size"] = torch.from_numpy(lib)
         for c in self.obs_columns:
             out[c] = torch.from_numpy(self.codes[c][pos])
-        if self.device.type == "cpu" and not self.sparse:  # densify here, in the prefetch thread
-            # scipy's C++ csr_todense: 2.2x the numpy fancy-index scatter (1024 x 19,907, 1,700 nonzeros per cell:
-            # 12.8 vs 27.7 ms); rows have no duplicate columns, so its summing equals assignment
-            X = m.toarray()
-            out["X"] = torch.from_numpy(X if X.dtype == np.float32 else X.astype(np.float32))
-            return out
         out["_csr"] = (torch.from_numpy(m.indptr.astype(np.int64)), torch.from_numpy(m.indices.astype(np.int64)),
                        torch.from_numpy(m.data))
         if self.device.type == "cuda":
@@ -921,6 +934,9 @@ class MixtureLoader:
             return _Proc(self._read_pool(ctx, col_of, x_uri).submit(_worker_read, rows), pos, perm)
 
         on_dev = self._gathers_on_device()
+        dense_cpu = self.device.type == "cpu" and not self.sparse  # densified here, in the prefetch thread
+        # the <= 4 queued minibatches, the consumer's and the one being built fit in 8 buffers
+        buffers = DenseBufferPool(self.batch_size, self.n_vars, capacity=8) if dense_cpu else None
         futs: list = []
         # teardown runs in reverse, also when the consumer stops early: drop the reads not started
         # yet, wait for the running ones (pool shutdown), then close the read threads' handles
@@ -947,6 +963,10 @@ class MixtureLoader:
                             idx = perm[b0:b0 + self.batch_size]
                             yield self._to_device_batch(pos[idx], idx, dev_io)
                         del dev_io
+                    elif dense_cpu:
+                        for b0 in range(first, len(pos), self.batch_size):
+                            idx = perm[b0:b0 + self.batch_size]
+                            yield self._dense_batch(pos[idx], idx, m, buffers)
                     else:
                         for b0 in range(first, len(pos), self.batch_size):
                             idx = perm[b0:b0 + self.batch_size]
