@@ -48,6 +48,19 @@ machine's speed drifts by 20-30% within minutes, the reference's as much as the 
     V1 pretraining on the CPU (6 layers, 2,048 positions, batch 12, 20 steps; earlier session):
     3.6 cells/s, data wait 0.4% of the wall time (the model is the bottleneck on a CPU)
 
+After the insertion pass began keeping the running maximum in a register (a key one place out of
+order is placed with min / max instead of a mispredicted branch; 7-8% less time per nonzero in
+interleaved A/B runs of the kernel alone), same machine, later session, 6 runs (2 of them
+alternating with the previous kernel, which gave 13.1x / 13.2x at 1 thread on pisces)::
+
+    cells                     nnz/cell  speed-up 1 thread (median)   2 threads (median)
+    pisces PBMC (real, V1)    2,018     11.5-14.2x (14.2)            17.4-25.2x (21.6)
+    simulated                 500       18.7-21.2x (20.0)            21.7-33.8x (26.0)
+    simulated                 2,000     14.1-14.8x (14.4)            15.9-23.6x (20.3)
+
+(reference 2,800-3,600 cells/s on pisces; the 1-thread ratio is steady, the 2-thread one swings
+with what else the host runs on the second vCPU).
+
 The issue's goal (>= 20x over a per-cell implementation) is reached for cells of 300-500 genes
 and, with 2 threads, on the real whole-transcriptome PBMCs in 3 of 5 runs (median 20.6x); it is
 **not** reached robustly for 2,000-gene cells (1 thread ~12x; 2 threads 16-22x; the two vCPUs
