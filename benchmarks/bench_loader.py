@@ -105,7 +105,9 @@ buffers (``atlasmix.training._dense``; before: scipy ``m[rows]`` then ``toarray(
 81 MB array per minibatch, 4 + 13-14 us per cell), same 2-core machine, io batch 16,384, every gene
 (19,907) through the h5 x cache. 400,000 cells, 100,000 timed, the old and new code alternating:
 39,182 / 34,862 -> 75,172 / 74,218 cells/s (peak RSS 1,359 -> 1,450 MiB). 1,000,000 cells (1.71
-billion nonzeros; the h5 x cache is 13.7 GB, built in 143 s), 200,000 cells timed, two runs::
+billion nonzeros; the h5 x cache is 13.7 GB, built in 143 s), 200,000 cells timed, two runs
+(``--n-cells 1000000 --io-batch-size 16384 --max-cells 200000 --methods
+atlasmix:x_cache=h5,tiledbsoma_ml,atlasmix``)::
 
     method                               cells/s   x tdbml   peak RSS MiB   entropy ratio
     run 1  atlasmix:x_cache=h5            50,237     9.07        2,367        0.995   (first read after the build)
