@@ -376,7 +376,8 @@ def test_gather_dense_equals_scipy_gather_and_toarray():
         m.indices[lo:hi] = m.indices[lo:hi][::-1].copy()
     dup = sp.csr_matrix((np.array([1.0, 2.0, 5.0], dtype=np.float32), np.array([3, 3, 0]), np.array([0, 3])),
                         shape=(1, 300))  # a duplicate column sums, as in toarray
-    for mat, rows in ((m, rng.permutation(200)[:64]), (m, np.array([5, 5, 199, 0])), (dup, np.array([0]))):
+    for mat, rows in ((m, rng.permutation(200)[:64]), (m, np.array([5, 5, 199, 0])), (dup, np.array([0])),
+                      (m.astype(np.float64), rng.permutation(200)[:16])):  # other dtypes: cast per element
         out = np.full((70, mat.shape[1]), np.nan, dtype=np.float32)  # an old minibatch's garbage
         lib = gather_dense(mat.indptr, mat.indices, mat.data, rows, out)
         assert np.array_equal(out[:len(rows)], mat[rows].toarray())

@@ -65,8 +65,9 @@ def gather_dense(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows
     indptr : numpy.ndarray of int32 or int64, shape (n_rows + 1,)
     indices : numpy.ndarray of int32 or int64, shape (nnz,)
         Column of each nonzero, in ``[0, out.shape[1])``.
-    data : numpy.ndarray of float32, shape (nnz,)
-        Counts.
+    data : numpy.ndarray, shape (nnz,)
+        Counts (float32 as the loader reads them; another numeric dtype is cast per element in
+        the kernel, never copied as a whole).
     rows : numpy.ndarray of int64, shape (n,)
         Rows of the CSR to take, in output order (any order, repeats allowed).
     out : numpy.ndarray of float32, shape (>= n, n_genes), C-contiguous
@@ -88,8 +89,6 @@ def gather_dense(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     if out.dtype != np.float32 or out.ndim != 2 or not out.flags.c_contiguous or out.shape[0] < len(rows):
         raise ValueError(f"out must be a C-contiguous float32 matrix with >= {len(rows)} rows")
-    if data.dtype != np.float32:
-        data = data.astype(np.float32)
     lib = np.empty(len(rows), dtype=np.float32)
     bad = _gather_dense_kernel(indptr, indices, data, rows, out, lib, clear)
     if bad:
