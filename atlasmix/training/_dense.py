@@ -9,8 +9,10 @@ are written roughly twice (page zeroing, then the scatter's cache-line fills).
 
 :func:`gather_dense` does the gather, the densify and the library size in one compiled pass
 (numba, ``nogil``: read threads keep running) into a buffer of :class:`DenseBufferPool` that no
-longer holds a live minibatch: per output row, clear the row (80 KB, stays in L2) and add the
-row's nonzeros into it, so every output cache line goes to memory once.
+longer holds a live minibatch: per output row, clear the row and add the row's nonzeros into it.
+No intermediate CSR is built and no page is faulted in per minibatch: ~11 us per cell measured in
+the same setting. That pass is still bound by memory traffic (the clear and the scatter each touch
+most of the row's cache lines).
 
 Reuse is safe without any contract on the consumer: a buffer is reused only when nothing but the
 pool references it. ``torch.from_numpy`` keeps the numpy array alive for as long as the tensor,

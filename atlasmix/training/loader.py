@@ -758,30 +758,32 @@ class MixtureLoader:
             perm = np.arange(len(ids))
         return positions[order], m, perm
 
+    def _batch_obs(self, pos: np.ndarray, lib: np.ndarray) -> dict[str, Any]:
+        """A minibatch's per-cell fields: ``soma_joinid``, ``library_size`` (``lib`` as (B, 1)) and
+        the obs codes of the cells at positions ``pos``."""
+        out: dict[str, Any] = {"soma_joinid": torch.from_numpy(self.cells[pos]),
+                               "library_size": torch.from_numpy(lib.reshape(-1, 1))}
+        for c in self.obs_columns:
+            out[c] = torch.from_numpy(self.codes[c][pos])
+        return out
+
     def _dense_batch(self, pos: np.ndarray, rows: np.ndarray, m: sp.csr_matrix, pool: DenseBufferPool
                      ) -> dict[str, Any]:
         """A dense CPU minibatch: rows ``rows`` of the IO batch ``m``, gathered and densified in one
         pass into a reused buffer (run in the prefetch thread; see :mod:`atlasmix.training._dense`)."""
-        out: dict[str, Any] = {"soma_joinid": torch.from_numpy(self.cells[pos])}
         buf, clear = pool.take(len(rows))
         lib = gather_dense(m.indptr, m.indices, m.data, rows, buf, clear=clear)
-        lib = lib.reshape(-1, 1) if self.library == "counts" else self.total_counts[pos].reshape(-1, 1)
-        out["library_size"] = torch.from_numpy(lib)
-        for c in self.obs_columns:
-            out[c] = torch.from_numpy(self.codes[c][pos])
+        out = self._batch_obs(pos, lib if self.library == "counts" else self.total_counts[pos])
         out["X"] = torch.from_numpy(buf)
         return out
 
     def _to_batch(self, pos: np.ndarray, m: sp.csr_matrix) -> dict[str, Any]:
         """A CSR minibatch (``m``: its rows) for :meth:`_finish` to move and build X on the device."""
-        out: dict[str, Any] = {"soma_joinid": torch.from_numpy(self.cells[pos])}
         if self.library == "counts":
-            lib = np.asarray(m.sum(axis=1), dtype=np.float32).reshape(-1, 1)
+            lib = np.asarray(m.sum(axis=1), dtype=np.float32)
         else:
-            lib = self.total_counts[pos].reshape(-1, 1)
-        out["library_size"] = torch.from_numpy(lib)
-        for c in self.obs_columns:
-            out[c] = torch.from_numpy(self.codes[c][pos])
+            lib = self.total_counts[pos]
+        out = self._batch_obs(pos, lib)
         out["_csr"] = (torch.from_numpy(m.indptr.astype(np.int64)), torch.from_numpy(m.indices.astype(np.int64)),
                        torch.from_numpy(m.data))
         if self.device.type == "cuda":
@@ -812,11 +814,8 @@ class MixtureLoader:
         return {"indptr": dev[0], "indices": dev[1], "data": dev[2], "lens": np.diff(m.indptr), "lib": lib}
 
     def _to_device_batch(self, pos: np.ndarray, rows: np.ndarray, dev_io: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"soma_joinid": torch.from_numpy(self.cells[pos])}
         lib = dev_io["lib"][rows] if dev_io["lib"] is not None else self.total_counts[pos]
-        out["library_size"] = torch.from_numpy(np.ascontiguousarray(lib, dtype=np.float32).reshape(-1, 1))
-        for c in self.obs_columns:
-            out[c] = torch.from_numpy(self.codes[c][pos])
+        out = self._batch_obs(pos, np.ascontiguousarray(lib, dtype=np.float32))
         lens = dev_io["lens"][rows]
         out["_dev"] = (dev_io, torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(lens.astype(np.int64)),
                        int(lens.sum()))
