@@ -72,6 +72,24 @@ def test_vectorised_matches_reference_with_ties_truncation_and_v2():
     assert lens[5] == 2  # the empty cell: <cls> <eos>
 
 
+def test_multithreaded_chunks_equal_single_thread(monkeypatch):
+    """The threads share many small chunks of cells (dynamic scheduling, the caller included):
+    every row is written exactly once and equals the single-threaded encoding."""
+    from atlasmix.training.geneformer import tokenizer as tk
+
+    rng = np.random.default_rng(3)
+    G = 400
+    X = _random_csr(rng, 301, G, 0.2)
+    medians = rng.lognormal(0.0, 1.0, G)
+    tokens = rng.permutation(G) + 2
+    nc = np.asarray(X.sum(axis=1)).ravel() + 50.0
+    want, want_lens = rank_value_encode(X.indptr, X.indices, X.data, nc, medians, tokens, 60, threads=1)
+    monkeypatch.setattr(tk, "_CHUNK_NNZ", 97)  # ~24k nonzeros: 16 chunks per thread, 1-20 cells each
+    for threads in (2, 3):
+        out, lens = rank_value_encode(X.indptr, X.indices, X.data, nc, medians, tokens, 60, threads=threads)
+        assert np.array_equal(out, want) and np.array_equal(lens, want_lens), threads
+
+
 def test_ties_come_in_token_order_and_values_descend():
     # counts 2 with median 2 and counts 1 with median 1 tie exactly: ties come in token-id order
     indptr, indices = np.array([0, 4]), np.array([0, 1, 2, 3])
