@@ -139,6 +139,28 @@ def test_encoder_exact_on_crowded_extreme_and_filtered_cells():
     assert first[:2] == sorted(tokens[1:3].tolist()) and first[2] == tokens[0]
 
 
+def test_encoder_exact_on_a_cell_beyond_the_bucket_table():
+    """A cell with more keys than the uint16 bucket table can index (> 65,535) is sorted by the
+    comparison fallback; the cells around it still go through the bucket sort."""
+    from atlasmix.training.geneformer import tokenizer as tk
+
+    rng = np.random.default_rng(5)
+    G = tk._MAX_BUCKET_N + 500
+    medians = rng.lognormal(0.0, 1.0, G)
+    tokens = rng.permutation(G) + 2
+    small = np.sort(rng.choice(G, 300, replace=False))
+    indices = np.concatenate([small, np.arange(G), small]).astype(np.int32)
+    data = rng.integers(1, 30, len(indices)).astype(np.float32)
+    indptr = np.array([0, 300, 300 + G, 600 + G])
+    out, lens = rank_value_encode(indptr, indices, data, np.full(3, 1e5), medians, tokens, G + 10)
+    x = data / medians[indices]
+    for i in range(3):
+        a, b = indptr[i], indptr[i + 1]
+        t = tokens[indices[a:b]]
+        want = t[np.lexsort((t, -x[a:b]))]
+        assert lens[i] == b - a and out[i, :lens[i]].tolist() == want.tolist(), i
+
+
 @needs_gf
 def test_h5ad_parity_with_golden_v1_tokens():
     import anndata as ad
