@@ -58,23 +58,37 @@ alternating with the previous kernel, which gave 13.1x / 13.2x at 1 thread on pi
     simulated                 500       18.7-21.2x (20.0)            21.7-33.8x (26.0)
     simulated                 2,000     14.1-14.8x (14.4)            15.9-23.6x (20.3)
 
-(reference 2,800-3,600 cells/s on pisces; the 1-thread ratio is steady, the 2-thread one swings
-with what else the host runs on the second vCPU).
+(reference 2,800-3,600 cells/s on pisces; the 1-thread ratio is steady, the 2-thread one swung
+with what else the host ran on the second vCPU: each thread had one fixed share of the cells).
 
-The issue's goal (>= 20x over a per-cell implementation) is reached for cells of 300-500 genes
-and, with 2 threads, on the real whole-transcriptome PBMCs in 3 of 5 runs (median 20.6x); it is
-**not** reached robustly for 2,000-gene cells (1 thread ~12x; 2 threads 16-22x; the two vCPUs
-scale a cache-resident kernel by only ~1.25-1.9x). The per-cell reference spends ~60 us of its
-~320-380 us per 2,000-gene cell in ``argsort`` and the rest in Python / scipy row access
-(Geneformer's own loop, which indexes each row twice and uses the default argsort, measured the
-same). The encoder is one compiled numba pass per cell without the GIL: keys (descending value,
-token id), a bucket sort over 2-8 buckets per nonzero plus an insertion pass (expected O(n), no
-comparison sort; keys scattered straight into the output row), tokens, special tokens and
-padding written in place. Per nonzero, on batches already in cache (before the last two kernel
-changes, which took ~25% off): keys ~3.5 ns (two table gathers), histogram ~1.2 ns, prefix sum
-~1 ns, scatter ~2.2 ns, insertion ~2.2 ns, output ~1 ns; now ~13 ns in all with the batch
-streamed from memory, against the reference's ~160-190 ns. GPU numbers: run with
-``--pretrain --device cuda`` where a GPU is available.
+Then the threads began taking small chunks of cells (about equal nonzeros, up to 16 per thread,
+the caller working too) from a shared queue, so a vCPU slowed by the host takes fewer chunks instead
+of setting the pace (kernel harness, pisces, 1,024-cell batches: 2-thread median 48-52k -> 59-67k
+cells/s), and the bucket table became uint16 (-2 to -5% per nonzero in interleaved kernel A/B).
+Same machine, same session, 12 runs (7 with the chunks, 5 with both changes; the host was slower
+during the last 5: reference 2,450-2,900 cells/s)::
+
+    cells                     nnz/cell  1 thread (median)    2 threads (median)   2 threads cells/s   reference cells/s
+    pisces PBMC (real, V1)    2,018     13.8-18.1x (15.0)    21.9-33.7x (24.8)    61,800-90,500       2,450-3,370
+    simulated                 500       19.9-23.3x (21.4)    26.2-38.4x (30.3)    194,200-300,500     6,250-8,830
+    simulated                 2,000     13.7-15.3x (14.6)    21.9-28.2x (24.3)    59,700-92,200       2,730-3,530
+
+The issue's goal (>= 20x over a per-cell implementation) is met with the machine's 2 threads in
+all 12 runs, on real whole-transcriptome PBMCs and on simulated cells of 500 and 2,000 genes. Per
+thread it is not: one thread is ~15x on 2,000-gene cells; 20x would need ~7.5 ns per nonzero, and
+no remaining pass (stage costs below) is big enough without a SIMD sort, which numba cannot
+express.
+
+The per-cell reference spends ~60 us of its ~320-380 us per 2,000-gene cell in ``argsort`` and the
+rest in Python / scipy row access (Geneformer's own loop, which indexes each row twice and uses the
+default argsort, measured the same). The encoder is one compiled numba pass per cell without the
+GIL: keys (descending value, token id), a bucket sort over 2-8 buckets per nonzero plus an insertion
+pass (expected O(n), no comparison sort; keys scattered straight into the output row), tokens,
+special tokens and padding written in place. Per nonzero, on batches already in cache (before the
+later kernel changes, which took ~25% off): keys ~3.5 ns (two table gathers), histogram ~1.2 ns,
+prefix sum ~1 ns, scatter ~2.2 ns, insertion ~2.2 ns, output ~1 ns; now ~10-11 ns in all with the
+batch streamed from memory (best of interleaved kernel runs), against the reference's ~160-190 ns.
+GPU numbers: run with ``--pretrain --device cuda`` where a GPU is available.
 """
 
 from __future__ import annotations
