@@ -52,14 +52,16 @@ def store_info(store: str, as_json: Annotated[bool, typer.Option("--json", help=
     t = Table(title=f"{info['uri']}: {info['n_cells']:,} cells, {info['n_genes']:,} genes "
                     f"({info['n_genes_measured']:,} measured), "
                     f"{(info['size_bytes'] or 0) / 2**20:.1f} MiB")
-    for c in ["dataset_id", "status", "cells", "genes measured", "mapped", "qc_pass", "format", "organism"]:
+    for c in ["dataset_id", "status", "cells", "genes measured", "mapped", "qc_pass", "format", "organism",
+              "copies of"]:
         t.add_column(c)
     for d in info["datasets"]:
         gm = d["gene_mapping"]
+        dup = (d.get("duplicate_cells") or {}).get("by_dataset", {})
         t.add_row(d["dataset_id"], d["status"], f"{d['n_cells']:,}", f"{d['n_genes_measured']:,}",
                   f"{gm.get('n_mapped', 0)}/{gm.get('n_source_genes', 0)}",
                   "" if d["qc_pass_fraction"] is None else f"{d['qc_pass_fraction']:.0%}",
-                  d["source_format"], d["organism"])
+                  d["source_format"], d["organism"], ", ".join(f"{k} ({n:,})" for k, n in dup.items()))
     Console().print(t)
 
 
@@ -126,6 +128,9 @@ def ingest_cmd(
     fmt: Annotated[Optional[str], typer.Option("--format", help="h5ad | zarr | mex | 10x_h5 | soma (default: detect)")] = None,
     assume_counts: Annotated[bool, typer.Option(help="Accept non-integer values as counts")] = False,
     on_duplicate_genes: Annotated[str, typer.Option(help="sum | refuse")] = "sum",
+    on_duplicate_cells: Annotated[str, typer.Option(
+        help="warn | refuse: cells with the same count on every gene as stored cells (same cells under "
+             "another id or format)")] = "warn",
     replace: Annotated[bool, typer.Option(help="Replace an existing dataset with the same id")] = False,
     qc_max_pct_mt: Annotated[float, typer.Option(help="QC: pct_counts_mt below this passes")] = 10.0,
     qc_min_counts: Annotated[float, typer.Option(help="QC: total_counts above this passes")] = 1000.0,
@@ -141,7 +146,7 @@ def ingest_cmd(
 
     qc = QCPolicy(max_pct_counts_mt=qc_max_pct_mt, min_total_counts=qc_min_counts, min_genes=qc_min_genes)
     common = dict(organism=organism, tissue=tissue, assume_counts=assume_counts, on_duplicate_genes=on_duplicate_genes,
-                  replace=replace, qc=qc, layer=layer, gene_table=gene_table, format=fmt)
+                  on_duplicate_cells=on_duplicate_cells, replace=replace, qc=qc, layer=layer, gene_table=gene_table, format=fmt)
     if plan is not None:
         if source or dataset_id:
             raise AtlasmixError("give either SOURCE --dataset-id or --plan, not both")
@@ -151,6 +156,8 @@ def ingest_cmd(
             raise AtlasmixError("need SOURCE and --dataset-id (or --plan plan.toml)")
         if on_duplicate_genes not in ("sum", "refuse"):
             raise AtlasmixError("--on-duplicate-genes must be sum or refuse")
+        if on_duplicate_cells not in ("warn", "refuse"):
+            raise AtlasmixError("--on-duplicate-cells must be warn or refuse")
         reqs = [DatasetRequest(dataset_id=dataset_id, source=source, title=title, citation=citation,
                                set=_kv(set_, "--set"), obs_map=_kv(obs_map, "--obs-map"), obs_table=obs_table,
                                obs_filter=obs_filter, gene_id_column=gene_id_column, **common)]
@@ -172,6 +179,13 @@ def ingest_cmd(
                       f"{gm['n_source_genes']} ({gm['mapped_fraction']:.1%}; unmapped {gm['n_unmapped']}, "
                       f"ambiguous {gm['n_ambiguous']}, duplicates summed {gm['n_duplicates']}; "
                       f"by rule {gm['by_method']}), qc_pass {r['qc_pass_fraction']:.1%}")
+        dup = r.get("duplicate_cells", {})
+        for d, n in dup.get("by_dataset", {}).items():
+            console.print(f"warning: {n:,} cells of {r['dataset_id']} have the same counts on every gene as cells of "
+                          f"{d} (the same cells twice?); recorded in the catalog provenance")
+        if dup.get("within_dataset"):
+            console.print(f"warning: {dup['within_dataset']:,} cells of {r['dataset_id']} repeat the counts of other "
+                          "cells of the same source")
 
 
 @app.command("demo")

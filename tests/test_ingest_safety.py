@@ -3,6 +3,7 @@ concurrent ingests never corrupt the store."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -188,3 +189,39 @@ def test_replace_swaps_the_dataset(store_copy):
 
     with soma.Experiment.open(str(store_copy)) as exp:  # old cells deleted, not just hidden
         assert exp.obs.read(column_names=["soma_joinid"]).concat().num_rows == 344
+
+
+def test_copies_of_stored_cells_are_reported_or_refused_and_refusal_changes_nothing(store_copy, tmp_path):
+    """The same cells under another id / format (the 10x MEX of pbmc3k; a slice of the h5ad with one
+    count changed): refused with ``--on-duplicate-cells refuse`` (store unchanged), else ingested
+    with a warning and recorded in the catalog."""
+    before = tree_digest(store_copy)
+    mex = SHARED / "pbmc3k_hvg2000_mex"
+    r = run_cli("ingest", store_copy, mex, "--dataset-id", "pbmc3k_mex", "--on-duplicate-cells", "refuse")
+    assert r.returncode == 2, r.stderr
+    last = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1]
+    assert last.startswith("error: ") and "2,638 equal cells of dataset 'pbmc3k'" in last, last
+    assert "same count on every gene" in last and "Traceback" not in r.stderr
+    assert tree_digest(store_copy) == before
+
+    def bump(a):  # cell 5 gets one more count on one gene: no longer the same cell
+        a.X = a.X.tocsr()
+        a.X.data[a.X.indptr[5]] += 1
+    part = _small(tmp_path, "part.h5ad", bump)
+    r = run_cli("ingest", store_copy, part, "--dataset-id", "part", "--on-duplicate-cells", "refuse")
+    assert r.returncode == 2 and "59 equal cells of dataset 'pbmc3k'" in r.stderr, r.stderr
+    assert tree_digest(store_copy) == before
+
+    r = run_cli("ingest", store_copy, mex, "--dataset-id", "pbmc3k_mex")
+    assert r.returncode == 0, r.stderr
+    said = " ".join(r.stderr.split())  # the console writes to stderr, wrapped
+    assert "warning: 2,638 cells of pbmc3k_mex have the same counts on every gene as cells of pbmc3k" in said
+    cat = Store(str(store_copy)).catalog().set_index("dataset_id")
+    dup = json.loads(cat.loc["pbmc3k_mex", "provenance"])["duplicate_cells"]
+    assert dup["by_dataset"] == {"pbmc3k": 2638} and dup["within_dataset"] == 0
+    info = {d["dataset_id"]: d for d in json.loads(run_cli("store", "info", store_copy, "--json").stdout)["datasets"]}
+    assert info["pbmc3k_mex"]["duplicate_cells"]["by_dataset"] == {"pbmc3k": 2638}
+    assert info["pbmc3k"]["duplicate_cells"]["by_dataset"] == {}
+    # replacing a dataset with the same file does not count its own retiring cells as copies
+    r = run_cli("ingest", store_copy, PBMC3K, "--dataset-id", "pbmc3k", "--replace", "--on-duplicate-cells", "refuse")
+    assert r.returncode == 2 and "'pbmc3k_mex'" in r.stderr and "of dataset 'pbmc3k' " not in r.stderr, r.stderr

@@ -42,6 +42,7 @@ from atlasmix.ingest.harmonize import GeneMapping, check_usable, harmonize_genes
 from atlasmix.ingest.readers import Reader, detect_format, open_reader, provenance_json, read_obs_table, sha256_of
 from atlasmix.store import Store
 from atlasmix.store import schema as S
+from atlasmix.store.fingerprint import cell_fingerprints, duplicates_in_store, duplicates_within, gene_hashes
 from atlasmix.store.genes import ORGANISMS, gene_table, mitochondrial_mask, normalize_organism
 
 DATASET_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -87,6 +88,7 @@ class DatasetRequest(BaseModel):
     layer: str | None = None
     assume_counts: bool = False
     on_duplicate_genes: Literal["sum", "refuse"] = "sum"
+    on_duplicate_cells: Literal["warn", "refuse"] = "warn"
     min_mapped_fraction: float = 0.5
     replace: bool = False
     qc: QCPolicy = Field(default_factory=QCPolicy)
@@ -107,6 +109,7 @@ class Prepared:
     provenance: dict
     table_genes: pd.DataFrame
     report: dict = field(default_factory=dict)
+    fingerprints: np.ndarray | None = None  # int64 per cell (atlasmix.store.fingerprint)
 
 
 def _select_rows(src_obs: pd.DataFrame, obs_filter: str | None) -> np.ndarray:
@@ -246,7 +249,13 @@ def prepare(req: DatasetRequest, chunk_size: int = 8192, context=None) -> Prepar
         sym = np.where(pd.isna(mapped_sym), np.char.strip(names.astype(str)), mapped_sym)
         mt = mitochondrial_mask(sym).to_numpy().astype(np.float64)
 
+        # cell fingerprints over the harmonised genes (any column order: the hash is order-free)
+        fp_genes = list(mapping.target_ids)
+        M = mapping.matrix({f: i for i, f in enumerate(fp_genes)}, len(fp_genes))
+        fp_hash = gene_hashes(fp_genes)
+
         n = len(rows)
+        fps = np.zeros(n, np.int64)
         total = np.zeros(n, np.float64)
         ngenes = np.zeros(n, np.int32)
         mtc = np.zeros(n, np.float64)
@@ -267,6 +276,9 @@ def prepare(req: DatasetRequest, chunk_size: int = 8192, context=None) -> Prepar
             total[pos:pos + k] = np.asarray(block.sum(axis=1)).ravel()
             ngenes[pos:pos + k] = np.diff(block.indptr) if block.has_canonical_format else (block > 0).sum(axis=1).A1
             mtc[pos:pos + k] = block @ mt
+            y = (block.astype(np.float32) @ M).tocsr()
+            y.sum_duplicates()
+            fps[pos:pos + k] = cell_fingerprints(y.indptr, y.indices, y.data, fp_hash)
             pos += k
         if pos != n:
             raise IngestError(f"truncated source: read {pos} of {n} cells")
@@ -281,7 +293,8 @@ def prepare(req: DatasetRequest, chunk_size: int = 8192, context=None) -> Prepar
         prov = reader.provenance()
         report = {"dataset_id": req.dataset_id, "n_cells": n, "gene_mapping": mapping.report,
                   "qc_pass_fraction": float(obs["qc_pass"].mean())}
-        return Prepared(req, reader, rows, obs, extra, mapping, organism_label, sha, prov, table.genes, report)
+        return Prepared(req, reader, rows, obs, extra, mapping, organism_label, sha, prov, table.genes, report,
+                        fingerprints=fps)
     except BaseException:
         reader.close()
         raise
@@ -375,6 +388,7 @@ def _write_rest(store: Store, p: Prepared, ds_jid: int, start: int, var_jid_of: 
                                     platform_config=S.DF_CREATE_OPTIONS) as df:
             if len(extra.columns) > 1:
                 df.write(et)
+    store.write_x_fingerprints(ds_jid, start, p.fingerprints)
     _checkpoint("before_obs")
     obs = p.obs.copy()
     obs.insert(0, "soma_joinid", joinids)
@@ -384,6 +398,40 @@ def _write_rest(store: Store, p: Prepared, ds_jid: int, start: int, var_jid_of: 
     with soma.DataFrame.open(f"{store.uri}/obs", "w", context=store.context) as df:
         df.write(t, platform_config=S.WRITE_LAST)  # one write = one fragment: the dataset's cells appear at once
     _checkpoint("before_commit")
+
+
+def _check_duplicate_cells(store: Store, prepared: list[Prepared], retiring: set[int]) -> None:
+    """Find cells whose counts equal those of cells already stored, of an earlier dataset of this
+    ingest, or of another cell of the same dataset (by fingerprint); record them in the report and
+    the catalog provenance, and refuse where ``on_duplicate_cells="refuse"`` (before any write).
+
+    Raises
+    ------
+    IngestError
+        A dataset with ``on_duplicate_cells="refuse"`` has duplicated cells.
+    """
+    found = duplicates_in_store(store, [p.fingerprints for p in prepared], exclude=retiring)
+    for k, p in enumerate(prepared):
+        by = dict(found["by_dataset"][k])
+        example = {d: f"{p.obs['obs_id'].iloc[i]!r} = {o!r}" for d, (i, o) in found["example"][k].items()}
+        for q in prepared[:k]:
+            hit = np.isin(p.fingerprints, q.fingerprints[q.fingerprints != 0]) & (p.fingerprints != 0)
+            if hit.any():
+                by[q.req.dataset_id] = int(hit.sum())
+                i = int(np.flatnonzero(hit)[0])
+                j = int(np.flatnonzero(q.fingerprints == p.fingerprints[i])[0])
+                example[q.req.dataset_id] = f"{p.obs['obs_id'].iloc[i]!r} = {q.obs['obs_id'].iloc[j]!r}"
+        within = duplicates_within(p.fingerprints)
+        rec = {"by_dataset": by, "within_dataset": within, "unchecked_datasets": found["unchecked"],
+               "fingerprinted_cells": int(np.count_nonzero(p.fingerprints))}
+        p.report["duplicate_cells"] = rec
+        p.provenance = p.provenance | {"duplicate_cells": rec}
+        if p.req.on_duplicate_cells == "refuse" and (by or within):
+            what = "; ".join(f"{n:,} equal cells of dataset {d!r} (e.g. {example[d]})" for d, n in by.items())
+            if within:
+                what = (what + "; " if what else "") + f"{within:,} repeat other cells of the same source"
+            raise IngestError(f"dataset {p.req.dataset_id!r}: of its {len(p.rows):,} cells, {what} (same count on "
+                              "every gene); refusing (--on-duplicate-cells warn ingests and records them)")
 
 
 def _run_parallel(fns: list[Callable], parallel: bool) -> list:
@@ -440,6 +488,12 @@ def ingest(store_uri: str | Store, requests: list[DatasetRequest], chunk_size: i
     prepared: list[Prepared] = []
     try:
         prepared = _run_parallel([lambda r=r: prep(r) for r in requests], parallel)
+        # copies of stored cells: checked before the lock (a refusal leaves every file as it was), and
+        # again under it if another ingest completed datasets in between
+        cat = store.catalog()
+        ids_checked = set(cat.index)
+        _check_duplicate_cells(store, prepared, {int(j) for j, d in zip(cat.index, cat["dataset_id"])
+                                                 if any(p.req.replace and p.req.dataset_id == d for p in prepared)})
         with store.write_lock(on_wait=on_wait):
             store.recover()
             cat = store.catalog()
@@ -450,6 +504,8 @@ def ingest(store_uri: str | Store, requests: list[DatasetRequest], chunk_size: i
                     raise IngestError(f"dataset {p.req.dataset_id!r} already exists in the store; pass --replace")
                 if len(hit):
                     old[p.req.dataset_id] = (int(hit.index[0]), hit.iloc[0].to_dict())
+            if set(cat.index) != ids_checked:
+                _check_duplicate_cells(store, prepared, {jid for jid, _ in old.values()})
             start = store.next_obs_joinid()
             ds_jid = store.next_dataset_joinid()
             var = store.var()

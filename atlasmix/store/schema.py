@@ -10,6 +10,9 @@ Layout of one store (a TileDB-SOMA ``Experiment`` at the store URI)::
                                            SparseNDArray bool, datasets x genes (as CELLxGENE Census)
       atlasmix/datasets                    DataFrame, the dataset catalog (CATALOG_SCHEMA)
       atlasmix/obs_extra/d<dataset joinid> DataFrame per dataset: the source's other obs columns
+      atlasmix/x_fingerprints/d<dataset joinid>
+                                           DataFrame per dataset: each cell's count fingerprint
+                                           (atlasmix.store.fingerprint), to find duplicated cells
 
 Other obs columns of a source are kept in a per-dataset side table (``atlasmix/obs_extra``), keyed by
 the cell ``soma_joinid`` and keeping the source's column types. We chose a side table over evolving
@@ -28,6 +31,7 @@ PRESENCE = "feature_dataset_presence_matrix"
 ATLASMIX = "atlasmix"
 CATALOG = "datasets"
 OBS_EXTRA = "obs_extra"
+X_FINGERPRINTS = "x_fingerprints"
 STORE_SCHEMA_VERSION = "1"
 
 #: Catalog ``status`` values. Only ``complete`` datasets are visible to queries.

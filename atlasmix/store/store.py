@@ -156,6 +156,7 @@ class Store:
             am.add_new_dataframe(S.CATALOG, schema=S.CATALOG_SCHEMA, index_column_names=["soma_joinid"],
                                  domain=[(0, S.MAX_DATASETS - 1)], platform_config=S.DF_CREATE_OPTIONS)
             am.add_new_collection(S.OBS_EXTRA)
+            am.add_new_collection(S.X_FINGERPRINTS)
         return cls(uri, ctx)
 
     # ------------------------------------------------------------------ opening
@@ -273,6 +274,53 @@ class Store:
         with self._open(f"{S.ATLASMIX}/{S.OBS_EXTRA}/{key}") as df:
             return df.read().concat().to_pandas().set_index("soma_joinid")
 
+    # ------------------------------------------------------------------ cell fingerprints
+    def x_fingerprints(self, dataset_joinid: int) -> np.ndarray | None:
+        """Count fingerprints of one dataset's cells (:mod:`atlasmix.store.fingerprint`).
+
+        Parameters
+        ----------
+        dataset_joinid : int
+            The dataset's catalog ``soma_joinid``.
+
+        Returns
+        -------
+        numpy.ndarray of int64, shape (n_cells,), or None
+            One per cell in cell ``soma_joinid`` order (0: too few genes to fingerprint); None for a
+            dataset ingested before atlasmix wrote fingerprints.
+        """
+        key = f"d{int(dataset_joinid)}"
+        with self._open(S.ATLASMIX) as am:
+            if S.X_FINGERPRINTS not in am or key not in am[S.X_FINGERPRINTS]:
+                return None
+        with self._open(f"{S.ATLASMIX}/{S.X_FINGERPRINTS}/{key}") as df:
+            t = df.read(column_names=["soma_joinid", "x_fingerprint"]).concat()
+        order = np.argsort(t["soma_joinid"].to_numpy(), kind="stable")
+        return t["x_fingerprint"].to_numpy()[order]
+
+    def write_x_fingerprints(self, dataset_joinid: int, start: int, fingerprints: np.ndarray) -> None:
+        """Write one dataset's fingerprints (cells ``start ..``); call with the write lock held.
+
+        Creates ``atlasmix/x_fingerprints`` in stores made before it existed.
+        """
+        fps = np.asarray(fingerprints, dtype=np.int64)
+        key = f"d{int(dataset_joinid)}"
+        with self._open(S.ATLASMIX) as am:
+            missing = S.X_FINGERPRINTS not in am
+        if missing:
+            with self._open(S.ATLASMIX, "w") as am:
+                am.add_new_collection(S.X_FINGERPRINTS)
+        with self._open(f"{S.ATLASMIX}/{S.X_FINGERPRINTS}", "w") as coll:
+            if key in coll:
+                del coll[key]
+            with coll.add_new_dataframe(key, schema=pa.schema([pa.field("x_fingerprint", pa.int64(), nullable=False)]),
+                                        index_column_names=["soma_joinid"],
+                                        domain=[(start, max(start, start + len(fps) - 1))],
+                                        platform_config=S.DF_CREATE_OPTIONS) as df:
+                if len(fps):
+                    df.write(pa.table({"soma_joinid": np.arange(start, start + len(fps), dtype=np.int64),
+                                       "x_fingerprint": fps}))
+
     # ------------------------------------------------------------------ X
     def iter_X(self, joinids: np.ndarray, var_joinids: np.ndarray | None = None,
                chunk_size: int = 8192) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
@@ -361,6 +409,11 @@ class Store:
         with self._open(f"{S.ATLASMIX}/{S.OBS_EXTRA}", "w") as coll:
             if key in coll:
                 del coll[key]
+        with self._open(S.ATLASMIX) as am:
+            has_fps = S.X_FINGERPRINTS in am and key in am[S.X_FINGERPRINTS]
+        if has_fps:
+            with self._open(f"{S.ATLASMIX}/{S.X_FINGERPRINTS}", "w") as coll:
+                del coll[key]
 
     def recover(self) -> list[str]:
         """Clean up after killed ingests; call with the write lock held.
@@ -421,7 +474,9 @@ class Store:
             ``uri``, ``n_cells`` (complete datasets only), ``n_genes`` (var rows),
             ``n_genes_measured`` (genes present in >= 1 complete dataset), ``size_bytes``,
             ``datasets`` (list of dicts: ``dataset_id``, ``n_cells``, ``n_genes_measured``,
-            ``status``, ``organism``, ``source_format``, ``qc_pass_fraction``, ``gene_mapping``, ...).
+            ``status``, ``organism``, ``source_format``, ``qc_pass_fraction``, ``gene_mapping``,
+            ``duplicate_cells`` (cells with the same counts as cells of datasets stored before, as
+            found at ingest; None for datasets ingested before atlasmix fingerprinted cells), ...).
         """
         cat = self.catalog(include_all=True)
         var = self.var()
@@ -444,6 +499,7 @@ class Store:
                 "qc_pass_fraction": float(qc[row["dataset_id"]]) if row["status"] == S.STATUS_COMPLETE
                 and row["dataset_id"] in qc else None,
                 "gene_mapping": json.loads(row["gene_mapping"]), "ingest_time": row["ingest_time"],
+                "duplicate_cells": json.loads(row["provenance"] or "{}").get("duplicate_cells"),
             })
         complete = [d for d in datasets if d["status"] == S.STATUS_COMPLETE]
         return {

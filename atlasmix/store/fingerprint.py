@@ -1,0 +1,217 @@
+"""Cell fingerprints: a 64-bit hash of each cell's raw counts over the store's Ensembl gene space.
+
+Two datasets can hold the same cells under different ids and formats (the same 10x run as an h5ad
+and as a MEX folder; a CELLxGENE dataset and the paper's own file). soma_joinids cannot see that, so
+atlasmix fingerprints every cell at ingest: cells with the same count on every gene (after gene
+harmonisation) get the same fingerprint, whatever their barcode, gene order or source format.
+Ingest reports (or refuses) cells that duplicate cells already in the store, and the evaluation
+refuses a held-out set whose cells duplicate training cells.
+
+The fingerprint of a cell with nonzero counts ``c_g`` on genes ``g`` is
+
+    F = mix(sum_g mix(h(g) xor bits(c_g) * K) xor n * K)        (wrapping 64-bit arithmetic)
+
+with ``h(g)`` the first 8 bytes of BLAKE2b of the gene's Ensembl id, ``bits(c)`` the IEEE-754 bit
+pattern of the float32 count (the X layer's type), ``n`` the number of nonzero genes, ``K`` the
+64-bit golden-ratio constant and ``mix`` the SplitMix64 finaliser (Steele, Lea & Flood 2014, "Fast
+splittable pseudorandom number generators", OOPSLA; the constants of Java's ``SplittableRandom``).
+The sum makes F independent of the order of the nonzeros, so no sort is needed. Two different cells
+collide with probability ~2^-64 per pair (~7e-5 for any pair among 50M cells).
+
+Cells with fewer than :data:`MIN_GENES` nonzero genes get fingerprint 0 (not fingerprinted): their
+count vectors are low in entropy (two near-empty droplets with 1 count on the same few genes are
+identical without being the same cell), so equality would not mean duplication.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from numba import njit
+
+#: fewest nonzero genes for a cell to be fingerprinted (cells below get 0 = not fingerprinted)
+MIN_GENES = 20
+_K = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio (SplitMix64's increment)
+
+
+def gene_hashes(feature_ids) -> np.ndarray:
+    """64-bit hash per gene id: the first 8 bytes of BLAKE2b of the id (UTF-8).
+
+    Parameters
+    ----------
+    feature_ids : sequence of str, length G
+        Ensembl gene ids (the store's ``var.feature_id``).
+
+    Returns
+    -------
+    numpy.ndarray of uint64, shape (G,)
+    """
+    return np.array([int.from_bytes(hashlib.blake2b(str(f).encode(), digest_size=8).digest(), "little")
+                     for f in feature_ids], dtype=np.uint64)
+
+
+@njit(cache=True, nogil=True)
+def _mix(z):  # pragma: no cover - compiled; tested through cell_fingerprints
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True, nogil=True)
+def _fingerprints(indptr, indices, bits, gene_hash, min_genes, out):  # pragma: no cover - compiled
+    k = np.uint64(0x9E3779B97F4A7C15)
+    for i in range(len(indptr) - 1):
+        s = np.uint64(0)
+        n = 0
+        for j in range(indptr[i], indptr[i + 1]):
+            b = bits[j]
+            if b == 0 or b >= np.uint32(0x80000000):  # +0.0 (explicit zero) or negative: not expressed
+                continue
+            s += _mix(gene_hash[indices[j]] ^ (np.uint64(b) * k))
+            n += 1
+        if n < min_genes:
+            out[i] = 0
+        else:
+            f = _mix(s ^ (np.uint64(n) * k))
+            out[i] = f if f != 0 else np.uint64(1)  # 0 means "not fingerprinted"
+
+
+def cell_fingerprints(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, gene_hash: np.ndarray,
+                      min_genes: int = MIN_GENES) -> np.ndarray:
+    """Fingerprint each row of a CSR matrix of raw counts (see the module docstring).
+
+    Parameters
+    ----------
+    indptr : numpy.ndarray of int, shape (B + 1,)
+    indices : numpy.ndarray of int, shape (nnz,)
+        Columns into ``gene_hash``; each (row, column) at most once (sum duplicates first).
+    data : numpy.ndarray, shape (nnz,)
+        Counts; cast to float32 (the store's X type). Zeros are ignored.
+    gene_hash : numpy.ndarray of uint64, shape (G,)
+        :func:`gene_hashes` of the columns' Ensembl ids.
+    min_genes : int
+        Rows with fewer nonzero genes get 0.
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (B,)
+        The fingerprints as int64 (the uint64 bit pattern), 0 for rows not fingerprinted.
+    """
+    bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
+    out = np.empty(len(indptr) - 1, dtype=np.uint64)
+    _fingerprints(np.asarray(indptr, dtype=np.int64), np.ascontiguousarray(indices), bits,
+                  np.ascontiguousarray(gene_hash, dtype=np.uint64), int(min_genes), out)
+    return out.view(np.int64)
+
+
+def duplicates_in_store(store, fingerprints: list[np.ndarray], exclude: set[int] | frozenset = frozenset()) -> dict:
+    """Which complete datasets of a store hold cells with the same counts as the given cells.
+
+    Reads each stored dataset's fingerprints once (8 bytes per cell) and tests every array against
+    them, so memory is set by the largest dataset, not the corpus.
+
+    Parameters
+    ----------
+    store : atlasmix.store.Store
+    fingerprints : list of numpy.ndarray of int64
+        One array per group of cells to look up (e.g. per dataset being ingested); 0 = not
+        fingerprinted, never matches.
+    exclude : set of int
+        Catalog joinids of datasets to skip (e.g. the one a ``--replace`` retires).
+
+    Returns
+    -------
+    dict
+        ``by_dataset``: per input array, {dataset_id: number of its cells whose counts equal a cell
+        of that dataset}; ``example``: per input array, {dataset_id: (index into the array, obs_id of
+        the matching stored cell)}; ``unchecked``: dataset_ids stored without fingerprints
+        (ingested by an older atlasmix).
+    """
+    fps = [np.asarray(f, dtype=np.int64) for f in fingerprints]
+    out: dict = {"by_dataset": [{} for _ in fps], "example": [{} for _ in fps], "unchecked": []}
+    if not any(np.any(f != 0) for f in fps):
+        return out
+    for jid, row in store.catalog().iterrows():
+        if int(jid) in exclude:
+            continue
+        stored = store.x_fingerprints(int(jid))
+        if stored is None:
+            out["unchecked"].append(str(row["dataset_id"]))
+            continue
+        stored_set = stored[stored != 0]
+        for k, f in enumerate(fps):
+            hit = np.isin(f, stored_set) & (f != 0)
+            n = int(hit.sum())
+            if not n:
+                continue
+            i = int(np.flatnonzero(hit)[0])
+            j = int(row["obs_joinid_start"]) + int(np.flatnonzero(stored == f[i])[0])
+            with store._open("obs") as df:
+                obs_id = df.read(coords=[[j]], column_names=["obs_id"]).concat()["obs_id"][0].as_py()
+            out["by_dataset"][k][str(row["dataset_id"])] = n
+            out["example"][k][str(row["dataset_id"])] = (i, obs_id)
+    return out
+
+
+def duplicates_within(fingerprints: np.ndarray) -> int:
+    """Number of cells whose counts equal those of an earlier cell of the same array (0s excluded)."""
+    fps = np.asarray(fingerprints, dtype=np.int64)
+    fps = fps[fps != 0]
+    return int(len(fps) - len(np.unique(fps)))
+
+
+def shared_cells(store, joinids: np.ndarray, other_joinids: np.ndarray) -> dict:
+    """Cells of ``joinids`` whose counts equal those of a cell of ``other_joinids`` (by fingerprint).
+
+    Finds the same cells stored twice under different soma_joinids (e.g. a held-out dataset that is
+    a copy of a training dataset in another format). Streams one dataset's fingerprints at a time.
+
+    Parameters
+    ----------
+    store : atlasmix.store.Store
+    joinids : numpy.ndarray of int64, shape (n,)
+        Cells to test (e.g. an evaluation set).
+    other_joinids : numpy.ndarray of int64, shape (m,)
+        Cells to test against (e.g. a training manifest); m may be the whole corpus.
+
+    Returns
+    -------
+    dict
+        ``n_shared`` (cells of ``joinids``), ``datasets`` ({dataset_id of ``other_joinids`` cells:
+        number of ``joinids`` cells they duplicate}), ``unchecked`` (dataset_ids holding cells of
+        either set but stored without fingerprints).
+    """
+    a = np.sort(np.asarray(joinids, dtype=np.int64))
+    b = np.sort(np.asarray(other_joinids, dtype=np.int64))
+    cat = store.catalog()
+    out: dict = {"n_shared": 0, "datasets": {}, "unchecked": []}
+    parts, fps_of = [], {}
+    for jid, row in cat.iterrows():
+        s, e = int(row["obs_joinid_start"]), int(row["obs_joinid_end"])
+        ia = a[np.searchsorted(a, s):np.searchsorted(a, e)]
+        ib = np.searchsorted(b, s), np.searchsorted(b, e)
+        if not len(ia) and ib[0] == ib[1]:
+            continue
+        f = store.x_fingerprints(int(jid))
+        if f is None:
+            out["unchecked"].append(str(row["dataset_id"]))
+            continue
+        if len(ia):
+            parts.append(f[ia - s])
+        if ib[0] < ib[1]:
+            fps_of[str(row["dataset_id"])] = (int(jid), s, ib)
+    fa = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    fa = fa[fa != 0]
+    if not len(fa):
+        return out
+    shared = []
+    for did, (jid, s, (lo, hi)) in fps_of.items():
+        fb = store.x_fingerprints(jid)[b[lo:hi] - s]
+        common = np.intersect1d(fa, fb[fb != 0])
+        if len(common):
+            out["datasets"][did] = int(np.isin(fa, common).sum())
+            shared.append(common)
+    if shared:
+        out["n_shared"] = int(np.isin(fa, np.concatenate(shared)).sum())
+    return out

@@ -1,0 +1,109 @@
+"""Cell count fingerprints: the same cells stored twice (another id / format) are found at ingest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import scipy.sparse as sp
+
+from atlasmix.store.fingerprint import MIN_GENES, cell_fingerprints, duplicates_within, gene_hashes
+
+from conftest import needs_shared
+
+
+def _fp(m: sp.csr_matrix, genes) -> np.ndarray:
+    m = sp.csr_matrix(m)
+    return cell_fingerprints(m.indptr, m.indices, m.data, gene_hashes(genes))
+
+
+def test_fingerprints_depend_on_counts_per_gene_only():
+    rng = np.random.default_rng(0)
+    G = 300
+    genes = [f"ENSG{i:011d}" for i in range(G)]
+    X = sp.random(40, G, density=0.3, format="csr", random_state=rng,
+                  data_rvs=lambda k: rng.integers(1, 50, k).astype(np.float32))
+    f = _fp(X, genes)
+    assert f.dtype == np.int64 and (f != 0).all() and len(np.unique(f)) == 40
+    # the same cells over a permuted gene axis (another source's gene order), as float64: same
+    perm = rng.permutation(G)
+    assert np.array_equal(_fp(X[:, perm].astype(np.float64), [genes[p] for p in perm]), f)
+    # explicit zeros and unsorted columns within a row change nothing
+    Y = X.copy()
+    Y.data[::5] = 0
+    Yc = Y.copy()
+    Yc.eliminate_zeros()
+    assert np.array_equal(_fp(Y, genes), _fp(Yc, genes)) and not np.array_equal(_fp(Yc, genes), f)
+    U = X.copy()
+    a, b = U.indptr[2], U.indptr[3]
+    U.indices[a:b], U.data[a:b] = U.indices[a:b][::-1].copy(), U.data[a:b][::-1].copy()
+    assert np.array_equal(_fp(U, genes), f)
+    # one count one higher, or the same counts on other genes: another fingerprint
+    V = X.copy()
+    V.data[X.indptr[7]] += 1
+    g = _fp(V, genes)
+    assert g[7] != f[7] and np.array_equal(np.delete(g, 7), np.delete(f, 7))
+    assert not np.isin(_fp(X, genes[1:] + genes[:1]), f).any()
+    # a repeated cell is a duplicate within the matrix
+    assert duplicates_within(_fp(sp.vstack([X, X[[3, 9]]]), genes)) == 2
+    # cells with fewer than MIN_GENES nonzero genes are not fingerprinted (0)
+    W = sp.csr_matrix((np.ones(MIN_GENES - 1, np.float32), np.arange(MIN_GENES - 1), [0, MIN_GENES - 1]),
+                      shape=(1, G))
+    assert _fp(W, genes).tolist() == [0] and duplicates_within(np.zeros(5, np.int64)) == 0
+
+
+@needs_shared
+def test_stored_fingerprints_equal_a_recount_from_X_and_flag_only_the_mex_copy(shared_store):
+    store, _, reports = shared_store
+    # the plan ingests pbmc3k_mex (the same 10x cells as pbmc3k, another format): every cell flagged
+    assert reports["pbmc3k_mex"]["duplicate_cells"]["by_dataset"] == {"pbmc3k": 2638}
+    flagged = {d: r["duplicate_cells"]["by_dataset"] for d, r in reports.items() if r["duplicate_cells"]["by_dataset"]}
+    assert flagged == {"pbmc3k_mex": {"pbmc3k": 2638}}, flagged  # 11 other real datasets: no false copies
+    cat = store.catalog().set_index("dataset_id")
+    prov = json.loads(cat.loc["pbmc3k_mex", "provenance"])
+    assert prov["duplicate_cells"]["by_dataset"] == {"pbmc3k": 2638}
+    # the stored fingerprints are those of the stored X over the store's gene ids
+    var = store.var()
+    h = gene_hashes(var["feature_id"].to_numpy())
+    by_id = store.catalog()
+    for did in ("kang_ifnb", "baron_human"):
+        jid = int(by_id.index[by_id["dataset_id"] == did][0])
+        s, e = int(cat.loc[did, "obs_joinid_start"]), int(cat.loc[did, "obs_joinid_end"])
+        ids, X = next(store.iter_X(np.arange(s, e), None, chunk_size=e - s))
+        want = cell_fingerprints(X.indptr, X.indices, X.data, h)
+        got = store.x_fingerprints(jid)
+        assert len(got) == e - s and np.array_equal(got, want), did
+        assert (got != 0).mean() > 0.95
+
+
+@needs_shared
+def test_stores_and_datasets_from_before_fingerprints_keep_working(tmp_path):
+    import anndata as ad
+    import tiledbsoma as soma
+
+    from atlasmix.ingest import DatasetRequest, ingest
+    from atlasmix.store import Store
+    from atlasmix.store.fingerprint import shared_cells
+
+    from conftest import SHARED
+
+    a = ad.read_h5ad(SHARED / "pbmc3k_hvg2000.h5ad")[:300].copy()
+    a.write_h5ad(tmp_path / "a.h5ad")
+    st = Store.create(str(tmp_path / "s"))
+    with soma.open(f"{st.uri}/atlasmix", "w") as am:  # a store made before fingerprints existed
+        del am["x_fingerprints"]
+    shutil.rmtree(tmp_path / "s" / "atlasmix" / "x_fingerprints")
+    ingest(st, [DatasetRequest(dataset_id="a", source=str(tmp_path / "a.h5ad"))])
+    assert (st.x_fingerprints(0) != 0).all()  # the collection is made on the first write
+    with soma.open(f"{st.uri}/atlasmix/x_fingerprints", "w") as coll:  # a dataset ingested before
+        del coll["d0"]
+    shutil.rmtree(tmp_path / "s" / "atlasmix" / "x_fingerprints" / "d0")
+    assert st.x_fingerprints(0) is None
+    dup = ingest(st, [DatasetRequest(dataset_id="b", source=str(tmp_path / "a.h5ad"))])[0]["duplicate_cells"]
+    assert dup["by_dataset"] == {} and dup["unchecked_datasets"] == ["a"]
+    out = shared_cells(st, np.arange(300, 600), np.arange(300))
+    assert out["n_shared"] == 0 and out["unchecked"] == ["a"]
+    # with both fingerprinted, the copy is found
+    st.write_x_fingerprints(0, 0, st.x_fingerprints(1))
+    assert shared_cells(st, np.arange(300, 600), np.arange(150))["n_shared"] == 150
