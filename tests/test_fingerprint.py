@@ -1,11 +1,15 @@
-"""Cell count fingerprints: the same cells stored twice (another id / format) are found at ingest."""
+"""Cell count fingerprints: the same cells stored twice (another id / format) are found at ingest
+and refused as held-out cells of a model that trained on their copies."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
+import pytest
 import scipy.sparse as sp
 
 from atlasmix.store.fingerprint import MIN_GENES, cell_fingerprints, duplicates_within, gene_hashes
@@ -75,6 +79,34 @@ def test_stored_fingerprints_equal_a_recount_from_X_and_flag_only_the_mex_copy(s
         got = store.x_fingerprints(jid)
         assert len(got) == e - s and np.array_equal(got, want), did
         assert (got != 0).mean() > 0.95
+
+
+@needs_shared
+def test_eval_set_of_copies_of_training_cells_is_refused(shared_store):
+    from atlasmix.errors import AtlasmixError
+    from atlasmix.evaluation.run import check_overlap
+
+    store, _, _ = shared_store
+    cat = store.catalog().set_index("dataset_id")
+
+    def cells(did):
+        return np.arange(int(cat.loc[did, "obs_joinid_start"]), int(cat.loc[did, "obs_joinid_end"]))
+
+    ident = store.identity()
+    train = np.concatenate([cells("pbmc3k")[:2000], cells("pisces_pbmc1k")])
+    model = SimpleNamespace(name="m", training_cells=lambda: (train, {"store": ident, "manifest": "x.parquet"}))
+
+    def evalset(name, ids):
+        return SimpleNamespace(name=name, kind="store", store=store, joinids=ids, n_cells=len(ids),
+                               obs=pd.DataFrame({"soma_joinid": ids}))
+
+    # the mex copies of the 2,000 training cells of pbmc3k: different soma_joinids, same cells
+    with pytest.raises(AtlasmixError, match=r"2,000 of its 2,638 cells have the same counts on every gene .*pbmc3k "):
+        check_overlap(model, evalset("mex", cells("pbmc3k_mex")), store)
+    # the 638 held-out pbmc3k cells, through either copy, are fine; so is another dataset
+    held = check_overlap(model, evalset("mex_rest", cells("pbmc3k_mex")[2000:]), store)
+    assert held["checked"] and "fingerprints" in held["how"] and "not checked" not in held["how"]
+    assert check_overlap(model, evalset("kang", cells("kang_ifnb")), store)["checked"]
 
 
 @needs_shared

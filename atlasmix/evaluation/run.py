@@ -26,7 +26,9 @@ only when >= 2 such types): kNN (k=5) accuracy / macro F1 on a seeded 50/50 spli
 curve (L1 logistic regression, fractions x seeds), NMI / ARI / cell-type silhouette.
 
 Before any computation every (model, eval set) pair is checked for overlap with the model's
-training manifest (train + validation cells); an overlapping pair is refused.
+training manifest (train + validation cells), by soma_joinid and by cell count fingerprint (the
+same cells stored twice under other joinids, :mod:`atlasmix.store.fingerprint`); an overlapping
+pair is refused.
 
 Outputs in ``out``
 ------------------
@@ -53,6 +55,7 @@ import pandas as pd
 
 from atlasmix.errors import AtlasmixError
 from atlasmix.evaluation import metrics as M
+from atlasmix.store.fingerprint import shared_cells
 
 RESULT_COLUMNS = ["model", "mixture", "eval_set", "metric", "value"]
 #: per-cell columns of Geneformer models (NaN for other models' rows)
@@ -63,7 +66,9 @@ def check_overlap(model, eval_set, store=None) -> dict:
     """Refuse an eval set that shares cells with the model's training manifest.
 
     Store sets: the set's soma_joinids vs the manifest's train + validation joinids (same store id
-    required: joinids of two stores are not comparable). External files: the file's sha256 vs the
+    required: joinids of two stores are not comparable), then the cells' count fingerprints vs those
+    of the training cells (copies of training cells under other joinids, e.g. the same run ingested
+    from two formats; datasets ingested without fingerprints are named in ``how``). External files: the file's sha256 vs the
     source sha256 of every dataset that contributed training cells (read from the training store's
     catalog when that store is reachable).
 
@@ -75,7 +80,8 @@ def check_overlap(model, eval_set, store=None) -> dict:
     Raises
     ------
     AtlasmixError
-        Overlap, or a store set evaluated against a model trained on another store.
+        Overlap (shared joinids or copied cells), or a store set evaluated against a model trained
+        on another store.
     """
     from atlasmix.store import Store
 
@@ -94,7 +100,17 @@ def check_overlap(model, eval_set, store=None) -> dict:
             raise AtlasmixError(f"eval set {eval_set.name} shares {n:,} of its {eval_set.n_cells:,} cells with the "
                                 f"training manifest of model {model.name} ({info.get('manifest')}); refusing to "
                                 "evaluate on training cells")
-        return {"checked": True, "how": "soma_joinids vs training manifest (train + validation)", "n_overlap": 0}
+        # the same cells stored twice (another dataset id / format): equal counts on every gene
+        dup = shared_cells(eval_set.store, eval_set.joinids, train_ids)
+        if dup["n_shared"]:
+            src = ", ".join(f"{d} ({k:,})" for d, k in dup["datasets"].items())
+            raise AtlasmixError(f"eval set {eval_set.name}: {dup['n_shared']:,} of its {eval_set.n_cells:,} cells have "
+                                f"the same counts on every gene as training cells of model {model.name} (in {src}: "
+                                "the same cells stored twice); refusing to evaluate on training cells")
+        how = "soma_joinids and cell count fingerprints vs training manifest (train + validation)"
+        if dup["unchecked"]:
+            how += f"; datasets without fingerprints not checked for copies: {', '.join(dup['unchecked'])}"
+        return {"checked": True, "how": how, "n_overlap": 0}
     uri = rec.get("uri")
     if not uri:
         return {"checked": False, "how": "training store unknown", "n_overlap": 0}
