@@ -124,6 +124,28 @@ def plan_for(data_dir: Path, workdir: Path) -> tuple[Path, Path | None]:
     return plan, None
 
 
+def datasets_without_copies(reports: list[dict]) -> tuple[list[str], dict[str, dict[str, int]]]:
+    """Split ingested datasets into those to use and those holding copies of earlier ones' cells.
+
+    A dataset whose cells repeat another's (same counts on every gene, found by ingest's cell
+    fingerprints, e.g. one 10x run as h5ad and as MEX) would put the same cells in training and in a
+    held-out set, which the evaluation refuses; the one ingested first is kept.
+
+    Parameters
+    ----------
+    reports : list of dict
+        :func:`atlasmix.ingest.ingest` reports, in ingest order.
+
+    Returns
+    -------
+    (list of str, dict)
+        Dataset ids to use (sorted); {left-out dataset id: {dataset id: cells it copies}}.
+    """
+    copies = {r["dataset_id"]: r["duplicate_cells"]["by_dataset"] for r in reports
+              if r.get("duplicate_cells", {}).get("by_dataset")}
+    return sorted(r["dataset_id"] for r in reports if r["dataset_id"] not in copies), copies
+
+
 def generated_specs(dataset_ids: list[str], out_dir: Path) -> Path:
     """Mixture specs for an arbitrary set of datasets: ``all``, ``<id>_only``; eval: 10 % of each.
 
@@ -423,7 +445,11 @@ def run_demo(workdir: str | Path = "demo", data_dir: str | Path | None = None, *
         for r in reports:
             log(f"   {r['dataset_id']:<24} {r['n_cells']:>8,} cells")
         if spec_dir is None:
-            spec_dir = generated_specs(sorted(store.catalog()["dataset_id"]), workdir / "specs")
+            ids, copies = datasets_without_copies(reports)
+            for d, by in copies.items():
+                log(f"   {d} is left out of the generated mixtures and eval sets: "
+                    + ", ".join(f"{n:,} of its cells are copies of {o}'s" for o, n in by.items()))
+            spec_dir = generated_specs(ids, workdir / "specs")
         if wanted is None:
             wanted = sorted(p.stem for p in spec_dir.glob("*.toml") if p.name != EVAL_SPEC)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from atlasmix.demo import choose_genes, examples_dir, generated_specs, plan_for, run_study
+from atlasmix.demo import choose_genes, datasets_without_copies, examples_dir, generated_specs, plan_for, run_study
 from tests.conftest import SHARED, needs_shared, run_cli
 
 pytestmark = pytest.mark.slow
@@ -106,6 +106,14 @@ def test_plan_for_real_directories(tmp_path):
 
     with pytest.raises(AtlasmixError, match="no .h5ad"):
         plan_for(tmp_path / "specs", tmp_path / "c")
+
+
+def test_generated_mixtures_leave_out_copies_of_other_datasets(shared_store):
+    # the plan ingests pbmc3k and, later, the same cells as a 10x MEX folder: only the copy is left out
+    _, _, reports = shared_store
+    ids, copies = datasets_without_copies(list(reports.values()))
+    assert copies == {"pbmc3k_mex": {"pbmc3k": 2638}}
+    assert ids == sorted(set(reports) - {"pbmc3k_mex"})
 
 
 def test_demo_command_simulated_corpus_to_report(tmp_path):
