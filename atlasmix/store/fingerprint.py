@@ -59,14 +59,14 @@ def _mix(z):  # pragma: no cover - compiled; tested through cell_fingerprints
 
 
 @njit(cache=True, nogil=True)
-def _fingerprints(indptr, indices, bits, gene_hash, min_genes, out):  # pragma: no cover - compiled
+def _fingerprints(indptr, indices, bits, gene_hash, keep, min_genes, out):  # pragma: no cover - compiled
     k = np.uint64(0x9E3779B97F4A7C15)
     for i in range(len(indptr) - 1):
         s = np.uint64(0)
         n = 0
         for j in range(indptr[i], indptr[i + 1]):
             b = bits[j]
-            if b == 0 or b >= np.uint32(0x80000000):  # +0.0 (explicit zero) or negative: not expressed
+            if b == 0 or b >= np.uint32(0x80000000) or not keep[indices[j]]:  # zero, negative, column left out
                 continue
             s += _mix(gene_hash[indices[j]] ^ (np.uint64(b) * k))
             n += 1
@@ -78,7 +78,7 @@ def _fingerprints(indptr, indices, bits, gene_hash, min_genes, out):  # pragma: 
 
 
 def cell_fingerprints(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, gene_hash: np.ndarray,
-                      min_genes: int = MIN_GENES) -> np.ndarray:
+                      min_genes: int = MIN_GENES, keep: np.ndarray | None = None) -> np.ndarray:
     """Fingerprint each row of a CSR matrix of raw counts (see the module docstring).
 
     Parameters
@@ -92,6 +92,9 @@ def cell_fingerprints(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
         :func:`gene_hashes` of the columns' Ensembl ids.
     min_genes : int
         Rows with fewer nonzero genes get 0.
+    keep : numpy.ndarray of bool, shape (G,), optional
+        Columns to hash (default all): lets ingest hash a source's own columns, skipping those that
+        map to no gene, when no two columns map to the same gene (no sum needed first).
 
     Returns
     -------
@@ -100,8 +103,11 @@ def cell_fingerprints(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
     """
     bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
     out = np.empty(len(indptr) - 1, dtype=np.uint64)
+    keep = np.ones(len(gene_hash), dtype=np.bool_) if keep is None else np.ascontiguousarray(keep, dtype=np.bool_)
+    if len(keep) != len(gene_hash):
+        raise ValueError("keep and gene_hash differ in length")
     _fingerprints(np.asarray(indptr, dtype=np.int64), np.ascontiguousarray(indices), bits,
-                  np.ascontiguousarray(gene_hash, dtype=np.uint64), int(min_genes), out)
+                  np.ascontiguousarray(gene_hash, dtype=np.uint64), keep, int(min_genes), out)
     return out.view(np.int64)
 
 
