@@ -148,3 +148,26 @@ def test_stores_and_datasets_from_before_fingerprints_keep_working(tmp_path):
     # with both fingerprinted, the copy is found
     st.write_x_fingerprints(0, 0, st.x_fingerprints(1))
     assert shared_cells(st, np.arange(300, 600), np.arange(150))["n_shared"] == 150
+
+
+@needs_shared
+def test_mixture_resolution_reports_copies_in_training_and_of_eval_cells(shared_store):
+    from atlasmix.mixing import loads_spec, resolve
+
+    store, _, _ = shared_store
+    both = resolve(loads_spec('name = "both"\nseed = 1\n[[components]]\nname = "pbmc"\n'
+                              "where = \"dataset_id IN ('pbmc3k', 'pbmc3k_mex', 'kang_ifnb')\"\n"), store)
+    cp = both.disjointness["copies"]
+    assert cp["n_train_validation_repeats"] == 2638 and cp["n_eval_cells_copied_in_training"] == 0
+    assert "2,638 training / validation cells repeat" in both.disjointness["statement"]
+    # eval cells from pbmc3k, training on its mex copy: every eval cell has its copy in training
+    leak = resolve(loads_spec('name = "leak"\nseed = 1\n[[components]]\nname = "mex"\n'
+                              "where = \"dataset_id = 'pbmc3k_mex'\"\n"
+                              "[eval_sets.held]\nwhere = \"dataset_id = 'pbmc3k'\"\nn_cells = 300\n"), store)
+    cp = leak.disjointness["copies"]
+    assert cp["n_eval_cells_copied_in_training"] == 300 and cp["copied_from"] == {"pbmc3k_mex": 300}
+    assert leak.disjointness["disjoint"] and "the evaluation will refuse them" in leak.disjointness["statement"]
+    # no copies: nothing to say
+    clean = resolve(loads_spec('name = "clean"\nseed = 1\n[[components]]\nname = "k"\n'
+                               "where = \"dataset_id = 'kang_ifnb'\"\n"), store)
+    assert clean.disjointness["copies"]["n_train_validation_repeats"] == 0 and "Warning" not in clean.disjointness["statement"]

@@ -329,7 +329,10 @@ class Resolution:
     composition : list of dict
         ``component``, ``split``, ``dataset_id``, ``cell_type``, ``n_cells`` rows.
     disjointness : dict
-        The train+validation vs eval check (``disjoint`` true, counts, a sentence).
+        The train+validation vs eval check (``disjoint`` true, counts, a sentence); with a store also
+        ``copies``: cells held twice under different soma_joinids by count fingerprint
+        (``n_train_validation_repeats``, ``n_eval_cells_copied_in_training``, ``copied_from``,
+        ``unchecked_datasets``), a warning appended to the sentence when there are any.
     store : dict
         Store identity at resolution time.
     counts : dict
@@ -634,6 +637,11 @@ def resolve(spec: MixtureSpec | str | Path, store=None, *, obs: ObsContext | Non
         res = _Resolver(obs, root).resolve(root)
         table, disjoint, counts, rows = _manifest_table(res)
         composition = _composition(obs, rows)
+        if obs.store is not None:
+            cp = _copies(obs.store, rows)
+            disjoint["copies"] = cp["copies"]
+            if cp["warning"]:
+                disjoint["statement"] += " " + cp["warning"]
         if own_ctx and obs.store is not None:
             now = obs.store.identity()
             if now["state_hash"] != obs.identity["state_hash"]:
@@ -706,6 +714,32 @@ def _manifest_table(res: _Resolved) -> tuple[pa.Table, dict]:
     }, schema=MANIFEST_SCHEMA)
     counts = {k: int(c) for k, c in zip(SPLITS, np.bincount(split_idx, minlength=3))}
     return table, disjoint, counts, (jid, code, names)
+
+
+def _copies(store, rows: tuple[np.ndarray, np.ndarray, list[str]]) -> dict:
+    """Cells the manifest holds twice under different soma_joinids (the same counts on every gene:
+    :mod:`atlasmix.store.fingerprint`): among the training + validation cells, and eval-set cells
+    whose copies are training cells. Reported, not refused (the evaluation refuses the latter)."""
+    from atlasmix.store.fingerprint import duplicates_within, fingerprints_of, shared_cells
+
+    jid, code, names = rows
+    is_tv = code < 2 * max(len(names), 1)
+    tv, ev = jid[is_tv], np.unique(jid[~is_tv])
+    fps, unchecked = fingerprints_of(store, tv)
+    within = duplicates_within(fps)
+    cross = shared_cells(store, ev, tv) if len(ev) else {"n_shared": 0, "datasets": {}, "unchecked": []}
+    out = {"copies": {"n_train_validation_repeats": within, "n_eval_cells_copied_in_training": cross["n_shared"],
+                      "copied_from": cross["datasets"],
+                      "unchecked_datasets": sorted(set(unchecked) | set(cross["unchecked"]))}}
+    notes = []
+    if within:
+        notes.append(f"{within:,} training / validation cells repeat the counts of other cells of the mixture "
+                     "(the same cells under two dataset ids?)")
+    if cross["n_shared"]:
+        notes.append(f"{cross['n_shared']:,} eval-set cells have copies among the training cells (in "
+                     f"{', '.join(cross['datasets'])}); the evaluation will refuse them")
+    out["warning"] = ("Warning: " + "; ".join(notes) + ".") if notes else ""
+    return out
 
 
 #: Manifest columns. ``component`` and ``split`` are dictionary-encoded strings (pandas: categorical).

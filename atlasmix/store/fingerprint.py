@@ -221,3 +221,36 @@ def shared_cells(store, joinids: np.ndarray, other_joinids: np.ndarray) -> dict:
     if shared:
         out["n_shared"] = int(np.isin(fa, np.concatenate(shared)).sum())
     return out
+
+
+def fingerprints_of(store, joinids: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Fingerprints of the given cells, read one stored dataset at a time.
+
+    Parameters
+    ----------
+    store : atlasmix.store.Store
+    joinids : numpy.ndarray of int64, shape (n,)
+        Cells of complete datasets.
+
+    Returns
+    -------
+    (numpy.ndarray of int64, list of str)
+        Fingerprints in the order of ``joinids`` (0 for cells not fingerprinted, including cells of
+        datasets stored without fingerprints), and the dataset_ids of the latter.
+    """
+    ids = np.asarray(joinids, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    srt = ids[order]
+    out = np.zeros(len(ids), np.int64)
+    unchecked = []
+    for jid, row in store.catalog().iterrows():
+        s, e = int(row["obs_joinid_start"]), int(row["obs_joinid_end"])
+        lo, hi = np.searchsorted(srt, s), np.searchsorted(srt, e)
+        if lo == hi:
+            continue
+        f = store.x_fingerprints(int(jid))
+        if f is None:
+            unchecked.append(str(row["dataset_id"]))
+            continue
+        out[order[lo:hi]] = f[srt[lo:hi] - s]
+    return out, unchecked
