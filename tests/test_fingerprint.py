@@ -159,6 +159,7 @@ def test_mixture_resolution_reports_copies_in_training_and_of_eval_cells(shared_
                               "where = \"dataset_id IN ('pbmc3k', 'pbmc3k_mex', 'kang_ifnb')\"\n"), store)
     cp = both.disjointness["copies"]
     assert cp["n_train_validation_repeats"] == 2638 and cp["n_eval_cells_copied_in_training"] == 0
+    assert cp["unchecked_datasets"] == []
     assert "2,638 training / validation cells repeat" in both.disjointness["statement"]
     # eval cells from pbmc3k, training on its mex copy: every eval cell has its copy in training
     leak = resolve(loads_spec('name = "leak"\nseed = 1\n[[components]]\nname = "mex"\n'

@@ -719,18 +719,31 @@ def _manifest_table(res: _Resolved) -> tuple[pa.Table, dict]:
 def _copies(store, rows: tuple[np.ndarray, np.ndarray, list[str]]) -> dict:
     """Cells the manifest holds twice under different soma_joinids (the same counts on every gene:
     :mod:`atlasmix.store.fingerprint`): among the training + validation cells, and eval-set cells
-    whose copies are training cells. Reported, not refused (the evaluation refuses the latter)."""
-    from atlasmix.store.fingerprint import duplicates_within, fingerprints_of, shared_cells
+    whose copies are training cells. Reported, not refused (the evaluation refuses the latter).
+    Fingerprints are read only for datasets that ingest found copying each other
+    (:func:`~atlasmix.store.fingerprint.copy_suspects`), so mixtures without copies pay nothing."""
+    from atlasmix.store.fingerprint import copy_suspects, duplicates_within, fingerprints_of, shared_cells
 
-    jid, code, names = rows
+    jid, code, names = rows  # jid ascending
     is_tv = code < 2 * max(len(names), 1)
-    tv, ev = jid[is_tv], np.unique(jid[~is_tv])
-    fps, unchecked = fingerprints_of(store, tv)
-    within = duplicates_within(fps)
-    cross = shared_cells(store, ev, tv) if len(ev) else {"n_shared": 0, "datasets": {}, "unchecked": []}
+    cat = store.catalog()
+    starts, ends = cat["obs_joinid_start"].to_numpy(), cat["obs_joinid_end"].to_numpy()
+    lo, hi = np.searchsorted(jid, starts), np.searchsorted(jid, ends)
+    touched = [d for d, a, b in zip(cat["dataset_id"], lo, hi) if b > a]
+    suspects, unchecked = copy_suspects(cat, touched)
+    within, cross = 0, {"n_shared": 0, "datasets": {}, "unchecked": []}
+    if suspects:
+        keep = np.zeros(len(jid), bool)
+        for d, a, b in zip(cat["dataset_id"], lo, hi):
+            if d in suspects:
+                keep[a:b] = True
+        tv, ev = jid[keep & is_tv], jid[keep & ~is_tv]
+        fps, _ = fingerprints_of(store, tv)
+        within = duplicates_within(fps)
+        if len(ev) and fps.any():
+            cross = shared_cells(store, np.unique(ev), tv)
     out = {"copies": {"n_train_validation_repeats": within, "n_eval_cells_copied_in_training": cross["n_shared"],
-                      "copied_from": cross["datasets"],
-                      "unchecked_datasets": sorted(set(unchecked) | set(cross["unchecked"]))}}
+                      "copied_from": cross["datasets"], "unchecked_datasets": unchecked}}
     notes = []
     if within:
         notes.append(f"{within:,} training / validation cells repeat the counts of other cells of the mixture "
