@@ -55,7 +55,7 @@ import pandas as pd
 
 from atlasmix.errors import AtlasmixError
 from atlasmix.evaluation import metrics as M
-from atlasmix.store.fingerprint import shared_cells
+from atlasmix.store.fingerprint import copy_candidates, shared_cells
 
 RESULT_COLUMNS = ["model", "mixture", "eval_set", "metric", "value"]
 #: per-cell columns of Geneformer models (NaN for other models' rows)
@@ -68,9 +68,9 @@ def check_overlap(model, eval_set, store=None) -> dict:
     Store sets: the set's soma_joinids vs the manifest's train + validation joinids (same store id
     required: joinids of two stores are not comparable), then the cells' count fingerprints vs those
     of the training cells (copies of training cells under other joinids, e.g. the same run ingested
-    from two formats; datasets ingested without fingerprints are named in ``how``). External files: the file's sha256 vs the
-    source sha256 of every dataset that contributed training cells (read from the training store's
-    catalog when that store is reachable).
+    from two formats; datasets ingested without fingerprints are named in ``how``). External files:
+    the file's sha256 vs the source sha256 of every dataset that contributed training cells (read
+    from the training store's catalog when that store is reachable).
 
     Returns
     -------
@@ -100,16 +100,18 @@ def check_overlap(model, eval_set, store=None) -> dict:
             raise AtlasmixError(f"eval set {eval_set.name} shares {n:,} of its {eval_set.n_cells:,} cells with the "
                                 f"training manifest of model {model.name} ({info.get('manifest')}); refusing to "
                                 "evaluate on training cells")
-        # the same cells stored twice (another dataset id / format): equal counts on every gene
-        dup = shared_cells(eval_set.store, eval_set.joinids, train_ids)
+        # the same cells stored twice (another dataset id / format): equal counts on every gene,
+        # looked up only in datasets ingest found holding copies
+        (ev, tr), unchecked = copy_candidates(eval_set.store, eval_set.joinids, train_ids)
+        dup = shared_cells(eval_set.store, ev, tr) if len(ev) and len(tr) else {"n_shared": 0, "datasets": {}}
         if dup["n_shared"]:
             src = ", ".join(f"{d} ({k:,})" for d, k in dup["datasets"].items())
             raise AtlasmixError(f"eval set {eval_set.name}: {dup['n_shared']:,} of its {eval_set.n_cells:,} cells have "
                                 f"the same counts on every gene as training cells of model {model.name} (in {src}: "
                                 "the same cells stored twice); refusing to evaluate on training cells")
         how = "soma_joinids and cell count fingerprints vs training manifest (train + validation)"
-        if dup["unchecked"]:
-            how += f"; datasets without fingerprints not checked for copies: {', '.join(dup['unchecked'])}"
+        if unchecked:
+            how += f"; datasets without fingerprints not checked for copies: {', '.join(unchecked)}"
         return {"checked": True, "how": how, "n_overlap": 0}
     uri = rec.get("uri")
     if not uri:

@@ -722,26 +722,17 @@ def _copies(store, rows: tuple[np.ndarray, np.ndarray, list[str]]) -> dict:
     whose copies are training cells. Reported, not refused (the evaluation refuses the latter).
     Fingerprints are read only for datasets that ingest found copying each other
     (:func:`~atlasmix.store.fingerprint.copy_suspects`), so mixtures without copies pay nothing."""
-    from atlasmix.store.fingerprint import copy_suspects, duplicates_within, fingerprints_of, shared_cells
+    from atlasmix.store.fingerprint import copy_candidates, duplicates_within, fingerprints_of, shared_cells
 
     jid, code, names = rows  # jid ascending
     is_tv = code < 2 * max(len(names), 1)
-    cat = store.catalog()
-    starts, ends = cat["obs_joinid_start"].to_numpy(), cat["obs_joinid_end"].to_numpy()
-    lo, hi = np.searchsorted(jid, starts), np.searchsorted(jid, ends)
-    touched = [d for d, a, b in zip(cat["dataset_id"], lo, hi) if b > a]
-    suspects, unchecked = copy_suspects(cat, touched)
+    (tv, ev), unchecked = copy_candidates(store, jid[is_tv], np.unique(jid[~is_tv]))
     within, cross = 0, {"n_shared": 0, "datasets": {}, "unchecked": []}
-    if suspects:
-        keep = np.zeros(len(jid), bool)
-        for d, a, b in zip(cat["dataset_id"], lo, hi):
-            if d in suspects:
-                keep[a:b] = True
-        tv, ev = jid[keep & is_tv], jid[keep & ~is_tv]
+    if len(tv):
         fps, _ = fingerprints_of(store, tv)
         within = duplicates_within(fps)
         if len(ev) and fps.any():
-            cross = shared_cells(store, np.unique(ev), tv)
+            cross = shared_cells(store, ev, tv)
     out = {"copies": {"n_train_validation_repeats": within, "n_eval_cells_copied_in_training": cross["n_shared"],
                       "copied_from": cross["datasets"], "unchecked_datasets": unchecked}}
     notes = []

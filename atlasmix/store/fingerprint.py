@@ -204,25 +204,20 @@ def shared_cells(store, joinids: np.ndarray, other_joinids: np.ndarray) -> dict:
     """
     fa, unchecked = fingerprints_of(store, joinids)
     fa = fa[fa != 0]
-    b = _sorted(other_joinids)
     out: dict = {"n_shared": 0, "datasets": {}, "unchecked": list(unchecked)}
+    if not len(fa):  # no fingerprinted cell to look for
+        return out
+    b = _sorted(other_joinids)
     shared = []
-    for jid, row in store.catalog().iterrows():
-        s, e = int(row["obs_joinid_start"]), int(row["obs_joinid_end"])
-        lo, hi = np.searchsorted(b, s), np.searchsorted(b, e)
-        if lo == hi:
-            continue
-        f = store.x_fingerprints(int(jid))
+    for did, s, lo, hi, f in _per_dataset(store, b):
         if f is None:
-            if str(row["dataset_id"]) not in out["unchecked"]:
-                out["unchecked"].append(str(row["dataset_id"]))
-            continue
-        if not len(fa):
+            if did not in out["unchecked"]:
+                out["unchecked"].append(did)
             continue
         fb = f[b[lo:hi] - s]
         common = pd.unique(fb[_isin(fb, fa) & (fb != 0)])
         if len(common):
-            out["datasets"][str(row["dataset_id"])] = int(_isin(fa, common).sum())
+            out["datasets"][did] = int(_isin(fa, common).sum())
             shared.append(common)
     if shared:
         out["n_shared"] = int(_isin(fa, np.concatenate(shared)).sum())
@@ -249,17 +244,22 @@ def fingerprints_of(store, joinids: np.ndarray) -> tuple[np.ndarray, list[str]]:
     order = None if srt is ids else np.argsort(ids, kind="stable")
     out = np.zeros(len(ids), np.int64)
     unchecked = []
+    for did, s, lo, hi, f in _per_dataset(store, srt):
+        if f is None:
+            unchecked.append(did)
+        else:
+            out[slice(lo, hi) if order is None else order[lo:hi]] = f[srt[lo:hi] - s]
+    return out, unchecked
+
+
+def _per_dataset(store, srt: np.ndarray):
+    """Per complete dataset holding cells of the sorted joinids ``srt``: (dataset_id, its first
+    joinid, lo, hi, its fingerprints or None) with ``srt[lo:hi]`` its cells."""
     for jid, row in store.catalog().iterrows():
         s, e = int(row["obs_joinid_start"]), int(row["obs_joinid_end"])
-        lo, hi = np.searchsorted(srt, s), np.searchsorted(srt, e)
-        if lo == hi:
-            continue
-        f = store.x_fingerprints(int(jid))
-        if f is None:
-            unchecked.append(str(row["dataset_id"]))
-            continue
-        out[slice(lo, hi) if order is None else order[lo:hi]] = f[srt[lo:hi] - s]
-    return out, unchecked
+        lo, hi = int(np.searchsorted(srt, s)), int(np.searchsorted(srt, e))
+        if hi > lo:
+            yield str(row["dataset_id"]), s, lo, hi, store.x_fingerprints(int(jid))
 
 
 def copy_suspects(catalog: pd.DataFrame, dataset_ids) -> tuple[set[str], list[str]]:
@@ -300,3 +300,41 @@ def copy_suspects(catalog: pd.DataFrame, dataset_ids) -> tuple[set[str], list[st
             if other in ids:
                 suspects |= {did, other}
     return suspects, sorted(unchecked)
+
+
+def copy_candidates(store, *joinids: np.ndarray) -> tuple[list[np.ndarray], list[str]]:
+    """Keep, of each joinid array, the cells of datasets that may hold copies of each other's cells.
+
+    Uses :func:`copy_suspects` over the datasets the arrays touch, so callers read fingerprints
+    only where ingest found copies (usually nowhere).
+
+    Parameters
+    ----------
+    store : atlasmix.store.Store
+    *joinids : numpy.ndarray of int64
+        Cell soma_joinids (complete datasets), any order.
+
+    Returns
+    -------
+    (list of numpy.ndarray of int64, list of str)
+        The arrays restricted to suspect datasets (order kept), and the touched datasets ingested
+        without fingerprints.
+    """
+    cat = store.catalog().sort_values("obs_joinid_start")
+    starts = cat["obs_joinid_start"].to_numpy(np.int64)
+    ends = cat["obs_joinid_end"].to_numpy(np.int64)
+    names = cat["dataset_id"].to_numpy(object)
+    where = []
+    for ids in joinids:
+        ids = np.asarray(ids, dtype=np.int64)
+        k = np.searchsorted(starts, ids, side="right") - 1
+        ok = (k >= 0) & (ids < ends[np.clip(k, 0, None)]) if len(starts) else np.zeros(len(ids), bool)
+        where.append((ids, k, ok))
+    hit = np.zeros(len(names), bool)
+    for _, k, ok in where:
+        hit |= np.bincount(k[ok], minlength=len(names)).astype(bool)  # O(n), no sort
+    touched = set(names[hit])
+    suspects, unchecked = copy_suspects(cat, touched)
+    is_suspect = np.array([n in suspects for n in names], dtype=bool)
+    out = [ids[ok & is_suspect[np.clip(k, 0, None)]] if len(names) else ids[:0] for ids, k, ok in where]
+    return out, unchecked
