@@ -35,9 +35,9 @@ cell fingerprint (:mod:`atlasmix.store.fingerprint`), reading fingerprints only 
 recorded as holding copies. Fingerprints written for all 10M cells (added to the bench store by
 hand, since it has no X), best of 3, step (b):
 
-* code before the copies check: 1.73-2.32 s (4 runs, alternating with the next line's first version);
+* code before the copies check: 1.73-2.32 s (7 runs, alternating with the versions below);
 * reading every manifest cell's fingerprints (first version): 4.3-5.1 s, peak RSS +0.4 GiB;
-* final, no copies recorded in the catalog: 1.88-2.26 s (4 runs); in memory (b + c) 2.3-2.7 s;
+* final, no copies recorded in the catalog: 1.88-2.26 s (6 runs); in memory (b + c) 2.3-2.7 s;
 * final, blood_b recorded as copying blood_a (4.2M cells' fingerprints read): 2.80 s, 1.28 GiB.
 """
 
