@@ -4,8 +4,11 @@ Two datasets can hold the same cells under different ids and formats (the same 1
 and as a MEX folder; a CELLxGENE dataset and the paper's own file). soma_joinids cannot see that, so
 atlasmix fingerprints every cell at ingest: cells with the same count on every gene (after gene
 harmonisation) get the same fingerprint, whatever their barcode, gene order or source format.
-Ingest reports (or refuses) cells that duplicate cells already in the store, and the evaluation
-refuses a held-out set whose cells duplicate training cells.
+Ingest reports (or refuses) cells that duplicate cells already in the store and records which
+datasets copy which (catalog provenance); mixture resolution reports copies inside a manifest and
+the evaluation refuses a held-out set whose cells duplicate training cells, both reading
+fingerprints only of the datasets so recorded (:func:`copy_candidates`). An ingest reads every
+stored dataset's fingerprints once (8 bytes per cell: ~0.06 s per 2M cells here).
 
 The fingerprint of a cell with nonzero counts ``c_g`` on genes ``g`` is
 
