@@ -42,7 +42,8 @@ from atlasmix.ingest.harmonize import GeneMapping, check_usable, harmonize_genes
 from atlasmix.ingest.readers import Reader, detect_format, open_reader, provenance_json, read_obs_table, sha256_of
 from atlasmix.store import Store
 from atlasmix.store import schema as S
-from atlasmix.store.fingerprint import cell_fingerprints, duplicates_in_store, duplicates_within, gene_hashes
+from atlasmix.store.fingerprint import (cell_fingerprints, duplicates_in_store, duplicates_within, first_match,
+                                        gene_hashes)
 from atlasmix.store.genes import ORGANISMS, gene_table, mitochondrial_mask, normalize_organism
 
 DATASET_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -430,11 +431,9 @@ def _check_duplicate_cells(store: Store, prepared: list[Prepared], retiring: set
         by = dict(found["by_dataset"][k])
         example = {d: f"{p.obs['obs_id'].iloc[i]!r} = {o!r}" for d, (i, o) in found["example"][k].items()}
         for q in prepared[:k]:
-            hit = np.isin(p.fingerprints, q.fingerprints[q.fingerprints != 0]) & (p.fingerprints != 0)
-            if hit.any():
-                by[q.req.dataset_id] = int(hit.sum())
-                i = int(np.flatnonzero(hit)[0])
-                j = int(np.flatnonzero(q.fingerprints == p.fingerprints[i])[0])
+            n, i, j = first_match(p.fingerprints, q.fingerprints)
+            if n:
+                by[q.req.dataset_id] = n
                 example[q.req.dataset_id] = f"{p.obs['obs_id'].iloc[i]!r} = {q.obs['obs_id'].iloc[j]!r}"
         within = duplicates_within(p.fingerprints)
         rec = {"by_dataset": by, "within_dataset": within, "unchecked_datasets": found["unchecked"],

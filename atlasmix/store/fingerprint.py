@@ -160,19 +160,27 @@ def duplicates_in_store(store, fingerprints: list[np.ndarray], exclude: set[int]
         if stored is None:
             out["unchecked"].append(str(row["dataset_id"]))
             continue
-        stored_set = stored[stored != 0]
         for k, f in enumerate(fps):
-            hit = _isin(f, stored_set) & (f != 0)
-            n = int(hit.sum())
+            n, i, j = first_match(f, stored)
             if not n:
                 continue
-            i = int(np.flatnonzero(hit)[0])
-            j = int(row["obs_joinid_start"]) + int(np.flatnonzero(stored == f[i])[0])
+            j += int(row["obs_joinid_start"])
             with store._open("obs") as df:
                 obs_id = df.read(coords=[[j]], column_names=["obs_id"]).concat()["obs_id"][0].as_py()
             out["by_dataset"][k][str(row["dataset_id"])] = n
             out["example"][k][str(row["dataset_id"])] = (i, obs_id)
     return out
+
+
+def first_match(fingerprints: np.ndarray, other: np.ndarray) -> tuple[int, int, int]:
+    """How many of ``fingerprints`` occur in ``other`` (0s never match), and the first such cell's
+    index in each array (-1, -1 when none)."""
+    hit = _isin(fingerprints, other[other != 0]) & (fingerprints != 0)
+    n = int(hit.sum())
+    if not n:
+        return 0, -1, -1
+    i = int(np.flatnonzero(hit)[0])
+    return n, i, int(np.flatnonzero(other == fingerprints[i])[0])
 
 
 def duplicates_within(fingerprints: np.ndarray) -> int:
