@@ -45,9 +45,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import Callback, LightningDataModule
 
 from atlasmix.errors import AtlasmixError
+from atlasmix.training.budget import Budget, convergence
 from atlasmix.training.loader import MixtureLoader
 
 #: scFM-datamix's LDVAE settings (scvi-tools LinearSCVI).
@@ -148,7 +149,7 @@ class StoreDataModule(LightningDataModule):
             self.train_loader = self.train_loader.with_shard(rank, world)
             if self.val_loader is not None:
                 self.val_loader = self.val_loader.with_shard(rank, world)
-        for L in (self.train_loader, self.val_loader):
+        for L in (self.train_loader, self.val_loader, *getattr(self, "extra_loaders", [])):
             if L is not None:
                 L.device = dev
 
@@ -197,6 +198,86 @@ def _checkpoint_callback(dirpath: Path, every: int):
         on_train_batch_end = ModelCheckpoint.on_train_batch_end
 
     return EpochCheckpoint()
+
+
+class BudgetCallback(Callback):
+    """Counts cells and steps, validates every ``val_every`` steps and applies the early-stopping rule.
+
+    Validation is run here rather than by Lightning's validation loop so that its cadence is in
+    optimizer steps, the same for every mixture under a ``cells`` or ``steps`` budget whatever the
+    size of an epoch (scvi-tools' Trainer only validates every N epochs). The validation loss is the
+    ELBO per cell (reconstruction + KL of z, KL weight 1) of the module in eval mode, averaged over
+    the validation split; the training loss is the mean of scvi-tools' per-step training loss
+    (KL-weighted during warm-up) since the previous point.
+
+    Parameters
+    ----------
+    budget : Budget
+    max_steps, val_every, n_train : int
+    validation : _ScviBatches, optional
+        The validation split (restarting view).
+
+    Attributes
+    ----------
+    rows : list of dict
+        One per validation point: ``step, cells_seen, epoch, train_loss, validation_loss``.
+    stopped_early : bool
+        The early-stopping rule ended the run before ``max_steps``.
+    """
+
+    def __init__(self, budget: Budget, max_steps: int, val_every: int, n_train: int, validation=None):
+        super().__init__()
+        self.budget, self.max_steps, self.val_every, self.n_train = budget, max_steps, val_every, n_train
+        self.validation = validation
+        self.rows: list[dict] = []
+        self.cells = 0
+        self._loss_sum, self._loss_n = 0.0, 0
+        self.best, self.bad, self.stopped_early = float("inf"), 0, False
+
+    def validation_loss(self, pl_module) -> float:
+        """ELBO per validation cell (nats), module in eval mode, no gradients."""
+        mod = pl_module.module
+        was = mod.training
+        mod.eval()
+        tot, n = 0.0, 0
+        with torch.no_grad():
+            for b in self.validation:
+                _, _, lo = mod(b, loss_kwargs={"kl_weight": 1.0})
+                tot += float(lo.reconstruction_loss_sum) + float(lo.kl_local_sum)
+                n += int(b["X"].shape[0])
+        mod.train(was)
+        return tot / n if n else float("nan")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        n = int(batch["X"].shape[0])
+        self.cells += n
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._loss_sum += float(loss) * n
+        self._loss_n += n
+        step = int(trainer.global_step)
+        if step % self.val_every and step < self.max_steps:
+            return
+        val = self.validation_loss(pl_module) if self.validation is not None else float("nan")
+        self.rows.append({"step": step, "cells_seen": self.cells, "epoch": round(self.cells / self.n_train, 4),
+                          "train_loss": self._loss_sum / max(self._loss_n, 1), "validation_loss": val})
+        self._loss_sum, self._loss_n = 0.0, 0
+        if self.budget.until_converged and np.isfinite(val):
+            if val < self.best - self.budget.min_delta:
+                self.best, self.bad = val, 0
+            else:
+                self.bad += 1
+                if self.bad >= self.budget.patience and step < self.max_steps:
+                    self.stopped_early = True
+                    trainer.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "cells": self.cells, "best": self.best, "bad": self.bad,
+                "stopped_early": self.stopped_early, "loss": (self._loss_sum, self._loss_n)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows, self.cells = list(state["rows"]), int(state["cells"])
+        self.best, self.bad, self.stopped_early = state["best"], state["bad"], state["stopped_early"]
+        self._loss_sum, self._loss_n = state["loss"]
 
 
 def library_priors(loader: MixtureLoader, batch_key: str | None, max_cells: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -281,22 +362,19 @@ def _history_frame(model) -> pd.DataFrame:
 
 
 def _plot_curve(df: pd.DataFrame, path: Path) -> None:
+    """Training and validation loss (nats per cell) against cells seen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for col, ax in (("elbo", axes[0]), ("reconstruction_loss", axes[1])):
-        for split in ("train", "validation"):
-            c = f"{col}_{split}"
-            if c in df:
-                ax.plot(df["epoch"], df[c], label=split)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"{col} (nats per cell)")
-        ax.legend()
-    if "train_loss_epoch" in df and "elbo_train" not in df:
-        axes[0].plot(df["epoch"], df["train_loss_epoch"], label="train loss")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for col, lab in (("train_loss", "train (KL-weighted)"), ("validation_loss", "validation ELBO")):
+        if col in df and np.isfinite(df[col]).any():
+            ax.plot(df["cells_seen"], df[col], marker=".", label=lab)
+    ax.set_xlabel("cells seen")
+    ax.set_ylabel("loss (nats per cell)")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -308,7 +386,7 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                 n_hidden: int = DEFAULTS["n_hidden"], dropout_rate: float = DEFAULTS["dropout_rate"],
                 gene_likelihood: str = DEFAULTS["gene_likelihood"], dispersion: str = DEFAULTS["dispersion"],
                 lr: float = DEFAULTS["lr"], early_stopping: bool = DEFAULTS["early_stopping"],
-                batch_key: str | None = "dataset_id", genes: list[str] | None = None,
+                budget: Budget | str | None = None, batch_key: str | None = "dataset_id", genes: list[str] | None = None,
                 io_batch_size: int = 65536, block_size: int = 64, prefetch_io: int = 2, io_threads: int = 2,
                 read_processes: int = 0, x_cache: str | Path | None = None, x_cache_format: str = "tiledb",
                 validation: bool = True, checkpoint_every: int = 10, resume: bool = False, prior_cells: int = 50_000,
@@ -327,6 +405,14 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     batch_size, max_epochs, seed, n_latent, n_layers, n_hidden, dropout_rate, gene_likelihood,
     dispersion, lr, early_stopping
         LinearSCVI / training settings; defaults are scFM-datamix's (:data:`DEFAULTS`).
+        ``max_epochs`` and ``early_stopping`` are the budget when ``budget`` is not given
+        (``epochs=max_epochs``, until converged with ``early_stopping``).
+    budget : Budget or str, optional
+        How long to train (:class:`atlasmix.training.budget.Budget`, or its short form such as
+        ``cells=200000``): cells seen, steps, epochs or until converged. Validation runs every
+        ``budget.val_every`` steps; the KL weight warms up over ``kl_warmup_fraction`` of the steps
+        (None: scvi-tools' 400-epoch warm-up for an ``epochs`` budget, as scFM-datamix trained, and
+        25 % of the steps otherwise).
     batch_key : str or None
         obs column used as the batch covariate (default ``dataset_id``; None: no batch).
     genes : list of str, optional
@@ -427,32 +513,57 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     model.module.library_log_means.copy_(torch.from_numpy(means))
     model.module.library_log_vars.copy_(torch.from_numpy(variances))
 
-    dm = StoreDataModule(train, val, batch_key)
+    # the budget in optimizer steps; a last minibatch of 1-2 cells would break BatchNorm (and scvi-tools
+    # drops such a batch too), so the epoch's tail is dropped then (the permutation changes every epoch)
+    if budget is None:
+        budget = Budget(unit="epochs", value=max_epochs, until_converged=early_stopping, n_validations=max_epochs,
+                        kl_warmup_fraction=None)
+    elif isinstance(budget, str):
+        budget = Budget.parse(budget)
+    if train.n_obs > batch_size and 0 < train.shard_size % batch_size < 3:
+        train.drop_last = True
+    bpe = len(train)
+    if bpe == 0:
+        raise AtlasmixError(f"the training split has {train.n_obs} cells: no minibatch of {batch_size}")
+    max_steps = budget.max_steps(train.n_obs, batch_size, bpe)
+    val_every = budget.val_every(max_steps)
+    kl_steps = budget.kl_warmup_steps(max_steps)
+    plan_kwargs = {"lr": lr}
+    if kl_steps is not None or budget.kl_warmup_fraction is not None or budget.unit != "epochs":
+        plan_kwargs.update(n_epochs_kl_warmup=None, n_steps_kl_warmup=kl_steps)
+    kl_desc = (f"{kl_steps} steps" if kl_steps else "none") if "n_steps_kl_warmup" in plan_kwargs \
+        else "scvi-tools default (400 epochs)"
+    val_view = _ScviBatches(val, batch_key, restart=True) if val is not None else None
+    tracker = BudgetCallback(budget, max_steps, val_every, train.n_obs, val_view)
+    dm = StoreDataModule(train, None, batch_key)
+    dm.extra_loaders = [val] if val is not None else []
     ckpt = [_checkpoint_callback(ckdir, checkpoint_every)] if checkpoint_every > 0 else []
-    callbacks = ckpt + list(callbacks or [])
+    callbacks = [tracker] + ckpt + list(callbacks or [])
     t0 = time.perf_counter()
-    model.train(max_epochs=max_epochs, datamodule=dm, accelerator=accelerator, devices=1,
-                early_stopping=early_stopping, plan_kwargs={"lr": lr}, callbacks=callbacks,
+    # max_steps ends the run; max_epochs is only an upper bound (a resumed run whose checkpoint ended an
+    # epoch at max_steps restarts one epoch later, so an exact epoch limit would stop it at once)
+    model.train(max_epochs=max_steps, max_steps=max_steps, datamodule=dm, accelerator=accelerator,
+                devices=1, early_stopping=False, plan_kwargs=plan_kwargs, callbacks=callbacks,
                 enable_checkpointing=bool(ckpt), enable_progress_bar=progress,
-                check_val_every_n_epoch=1 if val is not None else None,
                 ckpt_path=str(last) if resume else None)
     wall = time.perf_counter() - t0
+    steps = int(model.trainer.global_step) if getattr(model, "trainer", None) is not None else None
 
     train.close()  # read processes, if any
     model.save(str(out / "model"), save_anndata=True, overwrite=True)
     load = model.get_loadings()
     load.insert(0, "feature_name", adata.var["feature_name"].to_numpy())
     load.to_parquet(out / "loadings.parquet")
-    curve = _history_frame(model)
-    if resume and (out / "training_curve.csv").is_file():
-        old = pd.read_csv(out / "training_curve.csv")
-        if len(curve):
-            old = old[old["epoch"] < curve["epoch"].min()]
-        curve = pd.concat([old, curve], ignore_index=True)
+    curve = pd.DataFrame(tracker.rows, columns=["step", "cells_seen", "epoch", "train_loss", "validation_loss"])
     curve.to_csv(out / "training_curve.csv", index=False)
     if len(curve):
         _plot_curve(curve, out / "training_curve.png")
+    conv = convergence(curve, rel_tol=budget.plateau_tol)
+    if budget.until_converged:  # the early-stopping rule itself decides
+        conv = {**conv, "converged": bool(tracker.stopped_early),
+                "rule": f"validation ELBO did not improve by {budget.min_delta} for {budget.patience} validation points"}
     epochs_run = int(len(_history_frame(model)))
+    last_row = tracker.rows[-1] if tracker.rows else {}
     run = {
         "model": "scvi.model.LinearSCVI",
         "scvi_tools_version": scvi.__version__,
@@ -462,6 +573,13 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                     "early_stopping": early_stopping, "batch_key": batch_key, "accelerator": accelerator,
                     "io_batch_size": train.io_batch_size, "block_size": block_size, "checkpoint_every": checkpoint_every,
                     "read_processes": read_processes, "x_cache": str(x_cache) if x_cache is not None else None},
+        "budget": {**budget.model_dump(mode="json"), "label": budget.label, "max_steps": max_steps,
+                   "val_every_steps": val_every, "kl_warmup": kl_desc, "batches_per_epoch": bpe,
+                   "drop_last": bool(train.drop_last)},
+        "training": {"steps": steps, "cells_seen": int(tracker.cells), "epochs": round(tracker.cells / train.n_obs, 4),
+                     "final_train_loss": last_row.get("train_loss"), "final_validation_loss":
+                         (None if not np.isfinite(last_row.get("validation_loss", np.nan)) else last_row["validation_loss"]),
+                     "stopped_early": bool(tracker.stopped_early), "convergence": conv},
         "x_cache": x_cache_meta,
         "manifest": {"path": str(Path(manifest).resolve()), "sha256": side["manifest"]["sha256"],
                      "name": side.get("name"), "spec_hash": side.get("spec_hash")},
@@ -474,7 +592,7 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
         "resumed": bool(resume),
         "epochs_run_this_call": epochs_run,
         "wall_s": round(wall, 3),
-        "train_cells_per_s": round(train.n_obs * max(epochs_run, 1) / wall, 1) if wall > 0 else None,
+        "train_cells_per_s": round(tracker.cells / wall, 1) if wall > 0 else None,
     }
     (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
     return run
