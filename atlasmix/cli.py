@@ -190,25 +190,27 @@ def ingest_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    workdir: Annotated[Path, typer.Option(help="Output folder (replaced): store, manifests, models, results, "
-                                               "report.html.")] = Path("demo"),
+    workdir: Annotated[Path, typer.Option(help="Output folder (replaced): corpus, store, study/ (manifests, runs, "
+                                               "tables, report.html), demo.json.")] = Path("demo"),
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder of real files (h5ad / 10x h5 / zarr / MEX) "
                                                           "instead of the simulated corpus.")] = None,
-    cells: Annotated[int, typer.Option(help="Cells of the simulated corpus.")] = 50_000,
-    epochs: Annotated[Optional[int], typer.Option(help="LDVAE epochs per mixture (default 2 on CPU, 20 on GPU).")] = None,
-    genes: Annotated[int, typer.Option(help="HVGs on the models' gene axis.")] = 2000,
+    cells: Annotated[int, typer.Option(help="Cells of the simulated corpus.")] = 30_000,
+    seeds: Annotated[Optional[list[int]], typer.Option("--seed-replicate", help="Replicate seeds (repeatable; "
+                                                                                 "default 0 1 2).")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="Training budget of every model: cells=N, steps=N, epochs=N "
+                                                       "or converged:epochs=N (default: the study's, cells=200000).")] = None,
+    genes: Annotated[Optional[int], typer.Option(help="HVGs on the models' gene axis (default: the study's, 500).")] = None,
+    jobs: Annotated[int, typer.Option(help="Grid cells trained at once.")] = 2,
     accelerator: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, gpu.")] = "auto",
-    geneformer: Annotated[bool, typer.Option(help="Also pretrain and evaluate a tiny Geneformer.")] = True,
-    few_shot: Annotated[Optional[bool], typer.Option("--few-shot/--no-few-shot",
-                                                     help="Few-shot protocol (default: on a GPU machine only).")] = None,
-    mixture: Annotated[Optional[list[str]], typer.Option(help="Run only these mixture specs (repeatable).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the corpus, draws and training.")] = 0,
+    mixture: Annotated[Optional[list[str]], typer.Option(help="Run only these mixtures (repeatable).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated corpus.")] = 0,
+    check: Annotated[bool, typer.Option(help="Fail (exit 2) when a sanity check fails on the simulated corpus.")] = True,
 ):
-    """Run the whole study: simulated (or your) corpus -> store -> mixtures -> LDVAE + Geneformer -> evaluation -> HTML report."""
+    """Run the demo study: simulated (or your) corpus -> store -> 10 mixtures x 3 seeds of LDVAE -> evaluation -> report."""
     from atlasmix.demo import run_demo
 
-    run_demo(workdir, data_dir, n_cells=cells, epochs=epochs, n_genes=genes, accelerator=accelerator,
-             geneformer=geneformer, few_shot=few_shot, mixtures=mixture, seed=seed,
+    run_demo(workdir, data_dir, n_cells=cells, seeds=seeds, budget=budget, n_genes=genes, jobs=jobs,
+             accelerator=accelerator, mixtures=mixture, seed=seed, check=check,
              log=lambda s: console.print(s, soft_wrap=True))
 
 
@@ -217,7 +219,7 @@ def _register_optional() -> None:
     import importlib
 
     for mod in ("atlasmix.simulate.cli", "atlasmix.mixing.cli", "atlasmix.training.cli",
-                "atlasmix.training.geneformer.cli", "atlasmix.evaluation.cli"):
+                "atlasmix.training.geneformer.cli", "atlasmix.evaluation.cli", "atlasmix.study.cli"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -1,25 +1,22 @@
-"""``atlasmix demo``: the whole study in one command -- corpus -> store -> mixtures -> models -> evaluation -> report.
+"""``atlasmix demo``: the demo study -- corpus -> store -> study grid -> evaluation -> report.
 
-Stages (each prints what it did and how long it took; outputs land in ``workdir``)::
+``atlasmix demo`` is a study spec shipped with the package (``atlasmix/study/demo/study.toml``) run
+on the simulated corpus (:mod:`atlasmix.simulate`): scFM-datamix's design (Figure 2) -- a base model
+trained on half of the healthy blood base, the base plus each added source, each added source
+alone -- as 10 mixtures x 3 seeds of LDVAE, every model trained on the same number of cells
+(compute-matched), evaluated on held-out sets that every mixture excludes, summarised with 95 %
+intervals and paired deltas against ``base_model``, and checked for sanity (each ``X_only`` model
+is best on X's held-out cells; adding X does not hurt on X). The demo fails (exit 2) when a check
+fails on the simulated corpus. Outputs in ``workdir``::
 
-    corpus/     the simulated multi-source atlas (default) or the user's files (--data-dir)
+    corpus/     the simulated multi-source atlas (default) or the plan of the user's files (--data-dir)
     store/      the TileDB-SOMA store, everything ingested through one plan
-    mixtures/   one resolved manifest (+ sidecar) per mixture spec
-    genes.txt   the shared gene axis of the models (see :func:`choose_genes`)
-    models/     ldvae_<mixture>/ for every mixture, geneformer_<mixture>/ for one
-    results/    atlasmix eval run output (results.parquet/csv, per_cell.parquet, few_shot.csv)
-    report.html the HTML report (PNGs beside it)
+    study/      ``atlasmix study run`` output: manifests, genes.txt, runs/, tables, report.html
+    demo.json   stage times, the headline table, the checks
 
-The study design is scFM-datamix's (Figure 2): a base model trained on half of the healthy blood
-base, the base plus each added source, and each added source alone, all evaluated on the same
-held-out eval suite (``eval_sets.toml``, excluded from every mixture). With the simulated corpus the
-specs are ``examples/mixtures/demo/`` (:data:`STUDY_MIXTURES`); with ``--data-dir`` they are
-``examples/mixtures/shared/`` when the directory holds the project's shared real datasets, else a
-generated design (every dataset alone, all together; eval set: 10 % of every dataset).
-
-Scale and speed: the demo's defaults are sized for a 2-core CPU (about 50k cells, a 2,000-HVG gene
-axis, 2 LDVAE epochs per mixture on the CPU, a tiny Geneformer for 30 steps, no few-shot protocol). On a GPU
-(``--accelerator auto`` finds it) the same command trains more epochs (``--epochs``).
+With ``--data-dir`` the same study machinery runs on real files: the project's shared datasets get
+``examples/studies/shared.toml``; any other folder a generated design (every dataset alone, all
+together; eval set: 10 % of every dataset). Checks that cannot apply to real data say so.
 """
 
 from __future__ import annotations
@@ -245,132 +242,45 @@ class _Log:
         return _S()
 
 
-def run_study(store, spec_dir: str | Path, workdir: str | Path, mixtures: list[str], *, epochs: int = 2,
-              n_genes: int = 2000, batch_size: int = 256, gpu: bool = False, geneformer: bool = True,
-              geneformer_steps: int = 30, few_shot: bool = False, seed: int = 0, title: str = "atlasmix study",
-              log: Callable[[str], None] = print, _log: _Log | None = None) -> dict[str, Any]:
-    """Resolve mixtures, choose the gene axis, train LDVAE on each (and a tiny Geneformer), evaluate, report.
-
-    The second half of :func:`run_demo`, on an existing store.
-
-    Parameters
-    ----------
-    store : atlasmix.store.Store
-    spec_dir : path
-        Folder with the mixture specs ``<name>.toml`` and ``eval_sets.toml``.
-    workdir : path
-        Output folder (``mixtures/``, ``genes.txt``, ``models/``, ``results/``, ``report.html``, ``demo.json``).
-    mixtures : list of str
-        Spec names to resolve and train on.
-    epochs, n_genes, batch_size, geneformer, geneformer_steps, few_shot, seed
-        As in :func:`run_demo`. ``gpu``: train and evaluate on CUDA.
-
-    Returns
-    -------
-    dict
-        Stage times (s), models, the report path, the median reconstruction accuracy table
-        (mixture x eval set) and the number of result rows.
-
-    Raises
-    ------
-    AtlasmixError
-        A missing spec, an unresolvable mixture, an eval set overlapping a training manifest.
-    """
-    from atlasmix.evaluation.evalsets import store_eval_sets
-    from atlasmix.evaluation.report import render_report
-    from atlasmix.evaluation.run import evaluate
-    from atlasmix.mixing import resolve, write_manifest
-    from atlasmix.training.ldvae import train_ldvae
-
-    spec_dir, workdir = Path(spec_dir), Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    L = _log or _Log(log)
-    device = "cuda" if gpu else "cpu"
-    with L.stage(f"resolve {len(mixtures)} mixtures"):
-        manifests: dict[str, Path] = {}
-        for name in mixtures:
-            spec = spec_dir / f"{name}.toml"
-            if not spec.is_file():
-                raise AtlasmixError(f"mixture spec not found: {spec}")
-            path = workdir / "mixtures" / f"{name}.parquet"
-            side = write_manifest(resolve(spec, store), path)
-            manifests[name] = path
-            counts = side.get("counts", {})
-            log(f"   {name:<32} train {counts.get('train', 0):>7,}  validation {counts.get('validation', 0):>6,}")
-
-    with L.stage("gene axis"):
-        genes = choose_genes(store, list(manifests.values()), n_genes=n_genes, seed=seed)
-        (workdir / "genes.txt").write_text("\n".join(genes) + "\n")
-        log(f"   {len(genes):,} HVGs of the training cells -> genes.txt")
-
-    model_dirs: list[Path] = []
-    skipped: dict[str, str] = {}
-    with L.stage(f"train LDVAE x {len(manifests)}"):
-        for name, path in manifests.items():
-            out = workdir / "models" / f"ldvae_{name}"
-            try:
-                run = train_ldvae(store, path, out, accelerator="gpu" if gpu else "cpu", batch_size=batch_size,
-                                  max_epochs=epochs, seed=seed, genes=genes, checkpoint_every=0, validation=True,
-                                  progress=False, prior_cells=20_000, io_batch_size=8192,
-                                  # more than 2 epochs: project X onto the HVG axis once (about one
-                                  # epoch's read) so that later epochs read only its nonzeros
-                                  x_cache=workdir / "xcache" if epochs > 2 else None)
-            except AtlasmixError as e:  # e.g. a mouse-only mixture on the human gene axis: skipped, said why
-                shutil.rmtree(out, ignore_errors=True)
-                skipped[f"ldvae_{name}"] = str(e)
-                log(f"   ldvae_{name:<28} [yellow]skipped[/]: {e}")
-                continue
-            model_dirs.append(out)
-            log(f"   ldvae_{name:<28} {run['n_cells']['train']:>7,} cells x {epochs} epoch(s)  "
-                f"{run['wall_s']:>6.1f} s  ({run['train_cells_per_s']:,.0f} cells/s)")
-
-    if geneformer:
-        with L.stage("train a tiny Geneformer"):
-            from atlasmix.training.geneformer.pretrain import train_geneformer
-
-            first = "base_model" if "base_model" in manifests else next(iter(manifests))
-            out = workdir / "models" / f"geneformer_{first}"
-            run = train_geneformer(store, manifests[first], out, preset="tiny", max_len=256, batch_size=16,
-                                   max_steps=geneformer_steps, warmup_steps=5, device=device, seed=seed,
-                                   checkpoint_every=0, io_batch_size=4096)
-            model_dirs.append(out)
-            log(f"   geneformer_{first}: {run['steps']} steps, final MLM loss {run['final_loss']:.3f}, "
-                f"{run['train_cells_per_s']:,.0f} cells/s")
-
-    with L.stage("evaluate"):
-        sets = store_eval_sets(spec_dir / EVAL_SPEC, store)
-        log(f"   eval sets: {', '.join(f'{e.name} ({e.n_cells:,})' for e in sets)}")
-        evaluate(model_dirs, sets, workdir / "results", store=store, few_shot_seeds=(seed,),
-                 few_shot_fractions=(0.1, 0.25, 0.5, 0.75, 1.0) if few_shot else (),
-                      device=device, seed=seed, log=lambda s: log(f"   {s}"))
-
-    with L.stage("report"):
-        rep = render_report(workdir / "results", workdir / "report.html",
-                            title=title)
-        log(f"   {rep['html']} ({len(rep['figures'])} figures)")
-
-    import pandas as pd
-
-    res = pd.read_parquet(workdir / "results" / "results.parquet")
-    med = res[res["metric"] == "recon_pearson_median"].pivot_table(index="mixture", columns="eval_set", values="value")
-    summary = {"workdir": str(workdir.resolve()), "device": device, "epochs": epochs, "stages_s": L.times,
-               "total_s": round(time.perf_counter() - L.t0, 1), "models": [str(p) for p in model_dirs],
-               "report": str(rep["html"]), "n_genes": len(genes),
-               "median_reconstruction_r": json.loads(med.round(4).to_json(orient="index")),
-               "n_result_rows": int(len(res)), "eval_sets": [e.name for e in sets], "skipped": skipped}
-    (workdir / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
-    if len(med):
-        log("median reconstruction accuracy (Pearson r, top-1000 HVGs of each eval set):")
-        log(med.round(3).to_string())
-    log(f"[bold green]demo finished in {summary['total_s']:.0f} s[/]: open {rep['html']}")
-    return summary
+def demo_study_path() -> Path:
+    """The demo study spec shipped with the package (``atlasmix/study/demo/study.toml``)."""
+    return Path(__file__).resolve().parent / "study" / "demo" / "study.toml"
 
 
-def run_demo(workdir: str | Path = "demo", data_dir: str | Path | None = None, *, n_cells: int = 50_000,
-             epochs: int | None = None, n_genes: int = 2000, batch_size: int = 256, accelerator: str = "auto",
-             geneformer: bool = True, geneformer_steps: int = 30, few_shot: bool | None = None,
-             mixtures: list[str] | None = None, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole study (module doc) and return a summary (also written to ``workdir/demo.json``).
+def _write_study(base: dict, workdir: Path, **update) -> Path:
+    """A copy of a study spec (as a dict) with ``update`` applied, written as TOML to ``workdir/study.toml``."""
+    doc = {**base, **{k: v for k, v in update.items() if v is not None}}
+
+    def val(v):
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return repr(v)
+
+    lines, tables = [], []
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        elif v is not None:
+            lines.append(f"{k} = {val(v)}")
+    for k, v in tables:
+        sub = [(kk, vv) for kk, vv in v.items() if isinstance(vv, dict)]
+        lines += ["", f"[{k}]"] + [f"{kk} = {val(vv)}" for kk, vv in v.items() if not isinstance(vv, dict) and vv is not None]
+        for kk, vv in sub:
+            lines += ["", f"[{k}.{kk}]"] + [f"{json.dumps(a)} = {val(b)}" for a, b in vv.items()]
+    path = workdir / "study.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_demo(workdir: str | Path = "demo", data_dir: str | Path | None = None, *, n_cells: int = 30_000,
+             seeds: list[int] | None = None, budget: str | None = None, n_genes: int | None = None, jobs: int = 2,
+             accelerator: str = "auto", mixtures: list[str] | None = None, seed: int = 0, check: bool = True,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the demo study (module doc) and return its summary (also ``workdir/demo.json``).
 
     Parameters
     ----------
@@ -380,38 +290,41 @@ def run_demo(workdir: str | Path = "demo", data_dir: str | Path | None = None, *
         A folder of real files (h5ad / 10x h5 / AnnData zarr / 10x MEX) instead of the simulated corpus.
     n_cells : int
         Cells of the simulated corpus.
-    epochs : int, optional
-        LDVAE epochs per mixture; default 2 on the CPU, 20 on a GPU.
-    n_genes : int
-        HVGs on the models' gene axis (:func:`choose_genes`).
-    batch_size : int
-        LDVAE minibatch.
+    seeds : list of int, optional
+        Replicates (default: the study's, 0, 1, 2).
+    budget : str, optional
+        Training budget of every model (e.g. ``cells=150000``, ``converged:epochs=200``; default: the
+        study's).
+    n_genes : int, optional
+        HVGs on the models' gene axis (default: the study's, 500).
+    jobs : int
+        Grid cells trained at once.
     accelerator : str
         ``auto`` (CUDA when present), ``cpu``, ``gpu``.
-    geneformer : bool
-        Also pretrain a tiny Geneformer on the first mixture (``geneformer_steps`` steps) and evaluate it.
-    few_shot : bool, optional
-        Run the few-shot protocol (one seed, 5 training fractions). Default: on a GPU machine only --
-        its one-vs-rest L1 liblinear fits with 5-fold CV took ~4 min per model and eval set on 2 CPU
-        cores, longer than the rest of the demo (``atlasmix eval run`` runs it by default).
     mixtures : list of str, optional
-        Mixture spec names to run (default: the study's, or every spec of the folder).
+        Run only these mixtures of the study.
+    seed : int
+        Seed of the simulated corpus.
+    check : bool
+        Raise when a sanity check fails on the simulated corpus.
 
     Returns
     -------
     dict
-        Stage times (s), models, the report path, and the median reconstruction accuracy table.
+        Stage times (s), the headline table (mean over seeds), the checks, the report path.
 
     Raises
     ------
     AtlasmixError
-        Bad data directory, a mixture that cannot be resolved, a failed stage.
+        Bad data directory, a mixture that cannot be resolved, a failed stage, or (``check``) a
+        failed sanity check of the simulated study.
     """
     import torch
 
     from atlasmix.cli import _plan_requests
     from atlasmix.ingest import QCPolicy, ingest
     from atlasmix.store import Store
+    from atlasmix.study.runner import run_study
 
     workdir = Path(workdir)
     if workdir.exists():
@@ -419,24 +332,17 @@ def run_demo(workdir: str | Path = "demo", data_dir: str | Path | None = None, *
     workdir.mkdir(parents=True)
     L = _Log(log)
     gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    if epochs is None:
-        epochs = 20 if gpu else 2
-    if few_shot is None:
-        few_shot = gpu
-    device = "cuda" if gpu else "cpu"
-    log(f"atlasmix demo -> {workdir.resolve()}  (device: {device}, LDVAE epochs: {epochs})")
+    log(f"atlasmix demo -> {workdir.resolve()}  (device: {'cuda' if gpu else 'cpu'}, jobs: {jobs})")
 
     with L.stage("corpus"):
         if data_dir is None:
             from atlasmix.simulate import simulate_atlas
 
             info = simulate_atlas(workdir / "corpus", n_cells=n_cells, seed=seed)
-            plan, spec_dir = Path(info["plan"]), examples_dir() / "mixtures" / "demo"
-            wanted = list(mixtures or STUDY_MIXTURES)
+            plan, spec_dir = Path(info["plan"]), None
             log(f"   simulated {n_cells:,} cells: " + ", ".join(f"{s['dataset_id']} ({s['n_cells']:,})" for s in info["sources"]))
         else:
             plan, spec_dir = plan_for(Path(data_dir), workdir / "corpus")
-            wanted = list(mixtures) if mixtures else None
             log(f"   real data from {data_dir}; plan {plan}")
 
     with L.stage("store + ingest"):
@@ -444,17 +350,50 @@ def run_demo(workdir: str | Path = "demo", data_dir: str | Path | None = None, *
         reports = ingest(store, _plan_requests(plan, {"qc": QCPolicy()}))
         for r in reports:
             log(f"   {r['dataset_id']:<24} {r['n_cells']:>8,} cells")
+
+    import tomllib
+
+    if data_dir is None:
+        base = tomllib.loads(demo_study_path().read_text())
+        base["mixtures_dir"] = str(demo_study_path().parent / base["mixtures_dir"])
+        base["eval_sets"] = str(demo_study_path().parent / base["eval_sets"])
+    elif spec_dir is not None and spec_dir.resolve() == (examples_dir() / "mixtures" / "shared").resolve():
+        sp = examples_dir() / "studies" / "shared.toml"
+        base = tomllib.loads(sp.read_text())
+        base["mixtures_dir"] = str((sp.parent / base["mixtures_dir"]).resolve())
+        base["eval_sets"] = str((sp.parent / base["eval_sets"]).resolve())
+    else:
         if spec_dir is None:
             ids, copies = datasets_without_copies(reports)
             for d, by in copies.items():
                 log(f"   {d} is left out of the generated mixtures and eval sets: "
                     + ", ".join(f"{n:,} of its cells are copies of {o}'s" for o, n in by.items()))
             spec_dir = generated_specs(ids, workdir / "specs")
-        if wanted is None:
-            wanted = sorted(p.stem for p in spec_dir.glob("*.toml") if p.name != EVAL_SPEC)
-
-    summary = run_study(store, spec_dir, workdir, wanted, epochs=epochs, n_genes=n_genes, batch_size=batch_size,
-                        gpu=gpu, geneformer=geneformer, geneformer_steps=geneformer_steps, few_shot=few_shot,
-                        seed=seed, title="atlasmix demo: training-data composition" + (" (real data)" if data_dir else ""),
-                        log=log, _log=L)
+        names = sorted(p.stem for p in spec_dir.glob("*.toml") if p.name != EVAL_SPEC)
+        base = {"name": "generated", "mixtures_dir": str(spec_dir.resolve()),
+                "eval_sets": str((spec_dir / EVAL_SPEC).resolve()), "mixtures": names,
+                "reference": "all" if "all" in names else None, "seeds": [0, 1, 2], "budgets": ["cells=60000"],
+                "genes": {"n_hvg": 500}, "ldvae": {"batch_size": 256, "lr": 0.03},
+                "evaluation": {"max_cells_per_set": 1000},
+                "checks": {"sources": {n[:-len("_only")]: f"{n[:-len('_only')]}_heldout" for n in names
+                                       if n.endswith("_only")}}}
+    genes = dict(base.get("genes", {}), **({"n_hvg": n_genes} if n_genes else {}))
+    study = _write_study(base, workdir, seeds=seeds, budgets=[budget] if budget else None,
+                         mixtures=list(mixtures) if mixtures else None, genes=genes)
+    if mixtures and base.get("reference") not in mixtures:
+        text = study.read_text().replace(f'reference = {json.dumps(base.get("reference"))}\n', "")
+        study.write_text(text)
+    with L.stage("study (resolve, train, evaluate, summarise, report)"):
+        doc = run_study(study, store, workdir / "study", jobs=jobs, accelerator="gpu" if gpu else "cpu",
+                        log=log)
+    summary = {"workdir": str(workdir.resolve()), "device": "cuda" if gpu else "cpu", "stages_s": L.times,
+               "study_stages_s": doc["stages_s"], "total_s": round(time.perf_counter() - L.t0, 1),
+               "report": doc.get("report"), "n_runs": doc["n_runs"], "headline": doc["headline"],
+               "checks": doc["checks"], "all_checks_passed": doc["all_checks_passed"]}
+    (workdir / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
+    log(f"[bold green]demo finished in {summary['total_s']:.0f} s[/]: open {doc.get('report')}")
+    if check and data_dir is None and doc["all_checks_passed"] is False:
+        bad = [c["name"] for c in doc["checks"] if c["applicable"] and not c["passed"]]
+        raise AtlasmixError(f"the demo study failed its sanity checks ({', '.join(bad)}): see "
+                            f"{workdir / 'study' / 'checks.json'} and the report")
     return summary

@@ -10,62 +10,45 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from atlasmix.demo import choose_genes, datasets_without_copies, examples_dir, generated_specs, plan_for, run_study
+from atlasmix.demo import choose_genes, datasets_without_copies, examples_dir, generated_specs, plan_for
 from tests.conftest import SHARED, needs_shared, run_cli
 
 pytestmark = pytest.mark.slow
 
-REAL_MIXTURES = ["base_model", "base_plus_perturbation", "base_plus_pancreas"]
-
 
 @needs_shared
 def test_real_data_study_base_and_added_sources(shared_store, tmp_path):
-    """Ingested real data (session store) -> blood-only base and base + other-source mixtures ->
-    LDVAE on each -> evaluation on held-out real cells -> a complete, sane results table and report."""
+    """The study machinery on the REAL datasets (examples/studies/shared.toml, smaller): blood base vs
+    base + pancreas / perturbation and each alone, 2 seeds -> tables with intervals, checks that say
+    what they could and could not check, a report."""
+    from atlasmix.study.runner import run_study
+
     store = shared_store[0]
-    spec_dir = examples_dir() / "mixtures" / "shared"
-    summary = run_study(store, spec_dir, tmp_path, REAL_MIXTURES + ["bone_marrow_only"], epochs=1, n_genes=400,
-                        batch_size=256, geneformer=False, few_shot=False, log=lambda s: None)
-    # mouse-only paul15 has no counts on the human HVG axis: skipped with the reason, not a broken model
-    assert list(summary["skipped"]) == ["ldvae_bone_marrow_only"]
-    assert "no counts on the gene axis" in summary["skipped"]["ldvae_bone_marrow_only"]
-    assert not (tmp_path / "models" / "ldvae_bone_marrow_only").exists()
-    res = pd.read_parquet(tmp_path / "results" / "results.parquet")
-    pc = pd.read_parquet(tmp_path / "results" / "per_cell.parquet")
-    sets = sorted(res["eval_set"].unique())
-    assert sets == ["bone_marrow_balanced", "crispr_holdout", "ifnb_stimulated", "pancreas_heldout_donor", "pbmc5k_heldout"]
-    recon = res[res["metric"] == "recon_pearson_median"]
-    # every LDVAE on every held-out set, nothing missing, Pearson in range
-    assert set(recon["mixture"]) == set(REAL_MIXTURES)
-    assert len(recon) == len(REAL_MIXTURES) * len(sets)
-    scored = recon.set_index(["mixture", "eval_set"])["value"]
-    n_hvg = res[res["metric"] == "recon_n_hvg"].set_index(["mixture", "eval_set"])["value"].loc[scored.index]
-    n_scored = res[res["metric"] == "recon_n_cells_scored"].set_index(["mixture", "eval_set"])["value"].loc[scored.index]
-    ok = ((n_hvg > 0) & (n_scored > 0)).to_numpy()
-    assert np.isfinite(scored[ok]).all() and scored[ok].between(-1, 1).all()
-    # a set none of whose HVGs the human models know (mouse paul15), or whose cells have no counts on
-    # the shared HVGs (the 28-gene CRISPR panel), is reported as not scorable (NaN), never a made-up number
-    assert scored[~ok].isna().all()
-    assert (n_hvg.xs("bone_marrow_balanced", level="eval_set") == 0).all()  # mouse genes vs human models
-    for s in ("pbmc5k_heldout", "ifnb_stimulated", "pancreas_heldout_donor"):
-        assert (n_hvg.xs(s, level="eval_set") > 0).all(), s
-    # held-out real PBMCs are reconstructed by a PBMC-trained model better than chance (r > 0)
-    pbmc = recon[recon["eval_set"] == "pbmc5k_heldout"].set_index("mixture")["value"]
-    assert (pbmc > 0.1).all(), pbmc
-    # per-cell table: one row per eval cell per model, cell types carried
-    n_eval = pc[pc["model"] == "ldvae_base_model"].groupby("eval_set").size()
-    for m in REAL_MIXTURES:
-        assert pc[pc["model"] == f"ldvae_{m}"].groupby("eval_set").size().equals(n_eval)
-    assert pc["cell_type"].notna().any()
-    # the PCA baseline separates the labelled held-out cells (paul15's myeloid types) well above chance
-    pca = res[(res["model"] == "pca") & (res["eval_set"] == "bone_marrow_balanced")].set_index("metric")["value"]
-    assert pca["knn_macro_f1"] > 2 * pca["chance_macro_f1"]
-    # no model was evaluated on its own training cells (the overlap check ran and found none)
-    ev = json.loads((tmp_path / "results" / "evaluation.json").read_text())
-    assert ev["overlap_checks"] and all(v["checked"] and v["n_overlap"] == 0 for v in ev["overlap_checks"].values())
-    html = Path(summary["report"]).read_text()
-    assert "<img" in html and (tmp_path / "report_heatmap.png").is_file()
-    assert summary["median_reconstruction_r"]["base_model"]["pbmc5k_heldout"] == pytest.approx(pbmc["base_model"], abs=1e-4)
+    src = examples_dir() / "studies" / "shared.toml"
+    text = src.read_text().replace('seeds = [0, 1, 2]', 'seeds = [0, 1]').replace('budgets = ["cells=60000"]',
+                                                                              'budgets = ["cells=3000"]')
+    text = text.replace('"../mixtures/shared', f'"{examples_dir() / "mixtures" / "shared"}').replace(
+        "n_hvg = 500", "n_hvg = 300").replace("max_cells_per_set = 1000", "max_cells_per_set = 300")
+    spec = tmp_path / "study.toml"
+    spec.write_text(text)
+    doc = run_study(spec, store, tmp_path / "out", log=lambda s: None)
+    summ = pd.read_parquet(tmp_path / "out" / "summary.parquet")
+    head = summ[summ["metric"] == "recon_pearson_median"]
+    assert set(head["eval_set"]) == {"bone_marrow_balanced", "crispr_holdout", "ifnb_stimulated",
+                                     "pancreas_heldout_donor", "pbmc5k_heldout"}
+    assert len(head) == 5 * 5 and (head["n_seeds"] == 2).all()
+    # human models on mouse paul15 cells share no gene: not scorable (NaN), never a made-up number
+    assert head[head["eval_set"] == "bone_marrow_balanced"]["mean"].isna().all()
+    pbmc = head[head["eval_set"] == "pbmc5k_heldout"].set_index("mixture")
+    assert (pbmc["mean"] > 0.1).all() and (pbmc["lo"] <= pbmc["mean"]).all() and (pbmc["mean"] <= pbmc["hi"]).all()
+    deltas = pd.read_parquet(tmp_path / "out" / "deltas.parquet")
+    assert set(deltas["mixture"]) == {"base_plus_pancreas", "base_plus_perturbation", "pancreas_only",
+                                      "perturbation_only"}
+    names = {c["name"]: c for c in doc["checks"]}
+    assert set(names) == {"diagonal:pancreas", "adding_helps:pancreas", "diagonal:perturbation",
+                          "adding_helps:perturbation"}
+    assert all(c["applicable"] for c in names.values())  # every declared source has its mixtures and scores
+    assert Path(doc["report"]).is_file() and "<img" in Path(doc["report"]).read_text()
 
 
 @needs_shared
@@ -117,22 +100,22 @@ def test_generated_mixtures_leave_out_copies_of_other_datasets(shared_store):
 
 
 def test_demo_command_simulated_corpus_to_report(tmp_path):
-    """`atlasmix demo` (small): simulate -> store -> two mixtures -> LDVAE + tiny Geneformer -> eval -> report."""
+    """`atlasmix demo` (small): simulate -> store -> the packaged study spec (3 mixtures, 2 seeds) -> report."""
     wd = tmp_path / "demo"
-    p = run_cli("demo", "--workdir", wd, "--cells", "6000", "--epochs", "1", "--genes", "300",
-                "--mixture", "base_model", "--mixture", "base_plus_malignant", "--accelerator", "cpu",
-                env={"OMP_NUM_THREADS": "1"}, timeout=900)
+    p = run_cli("demo", "--workdir", wd, "--cells", "6000", "--budget", "cells=2000", "--genes", "200",
+                "--seed-replicate", "0", "--seed-replicate", "1", "--jobs", "1", "--no-check",
+                "--mixture", "base_model", "--mixture", "base_plus_malignant", "--mixture", "malignant_only",
+                "--accelerator", "cpu", env={"OMP_NUM_THREADS": "1"}, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((wd / "demo.json").read_text())
-    assert set(summary["stages_s"]) >= {"corpus", "store + ingest", "gene axis", "train a tiny Geneformer", "evaluate",
-                                        "report"}
-    med = summary["median_reconstruction_r"]
-    assert set(med) == {"base_model", "base_plus_malignant"}
-    assert all(len(v) == 5 and all(-1 <= x <= 1 for x in v.values()) for v in med.values())
-    res = pd.read_parquet(wd / "results" / "results.parquet")
-    assert {"ldvae_base_model", "ldvae_base_plus_malignant", "geneformer_base_model", "pca"} <= set(res["model"])
-    assert res[res["model"] == "geneformer_base_model"]["metric"].str.startswith("rank_pred").any()
-    assert (wd / "report.html").is_file() and "demo finished" in p.stderr
+    assert set(summary["stages_s"]) >= {"corpus", "store + ingest", "study (resolve, train, evaluate, summarise, report)"}
+    assert summary["n_runs"] == 6
+    head = summary["headline"]["mean"]
+    assert set(head) == {"base_model", "base_plus_malignant", "malignant_only"}
+    assert all(len(v) == 5 and all(-1 <= x <= 1 for x in v.values()) for v in head.values())
+    assert (wd / "study" / "report.html").is_file() and "demo finished" in p.stderr
+    study = (wd / "study.toml").read_text()
+    assert "seeds = [0, 1]" in study and 'budgets = ["cells=2000"]' in study and "n_hvg = 200" in study
     # a bad data directory is one clear line and exit 2
     bad = run_cli("demo", "--workdir", tmp_path / "x", "--data-dir", tmp_path / "nope")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --data-dir")

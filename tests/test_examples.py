@@ -13,6 +13,7 @@ from atlasmix.store import Store
 from conftest import ROOT, needs_shared
 
 EXAMPLES = ROOT / "examples" / "mixtures"
+DEMO_MIXTURES = ROOT / "atlasmix" / "study" / "demo" / "mixtures"
 
 
 def _check_design(results: dict, base_name: str = "base_model") -> None:
@@ -35,7 +36,7 @@ def test_demo_mixtures_on_a_simulated_corpus(tmp_path):
     store = Store.create(str(tmp_path / "store"))
     ingest(store, _plan_requests(Path(info["plan"]), {"qc": QCPolicy()}), chunk_size=1000)
     results = {}
-    for f in sorted((EXAMPLES / "demo").glob("*.toml")):
+    for f in sorted(DEMO_MIXTURES.glob("*.toml")):
         if f.name in {"eval_sets.toml", "base_sketch_fixed_budget.toml"}:  # the sketch one needs >= 100k cells
             continue
         results[f.stem] = resolve(f, store)

@@ -16,6 +16,7 @@ from atlasmix.mixing.resolver import ObsContext
 from conftest import ROOT, needs_shared, run_cli
 
 EXAMPLES = ROOT / "examples" / "mixtures"
+DEMO_MIXTURES = ROOT / "atlasmix" / "study" / "demo" / "mixtures"
 BLOOD = "dataset_id IN ('zheng_pbmc8k', 'pbmc3k', 'pisces_pbmc1k', 'pbmc10k_cite')"
 
 
@@ -80,7 +81,8 @@ def test_spec_hash_ignores_formatting():
 
 def test_example_specs_are_valid():
     files = sorted(EXAMPLES.glob("*/*.toml"))
-    assert {f.parent.name for f in files} == {"demo", "shared"}
+    assert {f.parent.name for f in files} == {"shared"}
+    files += sorted(DEMO_MIXTURES.glob("*.toml"))
     for f in files:
         spec = load_spec(f)
         for item in spec.exclude:
