@@ -33,7 +33,7 @@ import numpy as np
 
 from atlasmix.errors import AtlasmixError
 
-#: The ten mixtures of scFM-datamix's design, as named in ``examples/mixtures/demo``.
+#: The ten mixtures of scFM-datamix's design, as named in ``atlasmix/study/demo/mixtures``.
 STUDY_MIXTURES = ("base_model", "base_full", "base_plus_malignant", "base_plus_perturbation",
                   "base_plus_bone_marrow", "base_plus_tf_atlas", "malignant_only", "perturbation_only",
                   "bone_marrow_only", "tf_atlas_only")
@@ -247,35 +247,6 @@ def demo_study_path() -> Path:
     return Path(__file__).resolve().parent / "study" / "demo" / "study.toml"
 
 
-def _write_study(base: dict, workdir: Path, **update) -> Path:
-    """A copy of a study spec (as a dict) with ``update`` applied, written as TOML to ``workdir/study.toml``."""
-    doc = {**base, **{k: v for k, v in update.items() if v is not None}}
-
-    def val(v):
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return repr(v)
-
-    lines, tables = [], []
-    for k, v in doc.items():
-        if isinstance(v, dict):
-            tables.append((k, v))
-        elif v is not None:
-            lines.append(f"{k} = {val(v)}")
-    for k, v in tables:
-        sub = [(kk, vv) for kk, vv in v.items() if isinstance(vv, dict)]
-        lines += ["", f"[{k}]"] + [f"{kk} = {val(vv)}" for kk, vv in v.items() if not isinstance(vv, dict) and vv is not None]
-        for kk, vv in sub:
-            lines += ["", f"[{k}.{kk}]"] + [f"{json.dumps(a)} = {val(b)}" for a, b in vv.items()]
-    path = workdir / "study.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def run_demo(workdir: str | Path = "demo", data_dir: str | Path | None = None, *, n_cells: int = 30_000,
              seeds: list[int] | None = None, budget: str | None = None, n_genes: int | None = None, jobs: int = 2,
              accelerator: str = "auto", mixtures: list[str] | None = None, seed: int = 0, check: bool = True,
@@ -377,12 +348,19 @@ def run_demo(workdir: str | Path = "demo", data_dir: str | Path | None = None, *
                 "evaluation": {"max_cells_per_set": 1000},
                 "checks": {"sources": {n[:-len("_only")]: f"{n[:-len('_only')]}_heldout" for n in names
                                        if n.endswith("_only")}}}
-    genes = dict(base.get("genes", {}), **({"n_hvg": n_genes} if n_genes else {}))
-    study = _write_study(base, workdir, seeds=seeds, budgets=[budget] if budget else None,
-                         mixtures=list(mixtures) if mixtures else None, genes=genes)
-    if mixtures and base.get("reference") not in mixtures:
-        text = study.read_text().replace(f'reference = {json.dumps(base.get("reference"))}\n', "")
-        study.write_text(text)
+    from atlasmix.study.spec import StudySpec
+
+    base["genes"] = dict(base.get("genes", {}), **({"n_hvg": n_genes} if n_genes else {}))
+    if seeds:
+        base["seeds"] = list(seeds)
+    if budget:
+        base["budgets"] = [budget]
+    if mixtures:
+        base["mixtures"] = list(mixtures)
+        if base.get("reference") not in mixtures:
+            base["reference"] = None
+    study = StudySpec.model_validate(base)
+    (workdir / "study.json").write_text(json.dumps(study.model_dump(mode="json"), indent=1) + "\n")
     with L.stage("study (resolve, train, evaluate, summarise, report)"):
         doc = run_study(study, store, workdir / "study", jobs=jobs, accelerator="gpu" if gpu else "cpu",
                         log=log)

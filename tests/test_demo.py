@@ -114,8 +114,9 @@ def test_demo_command_simulated_corpus_to_report(tmp_path):
     assert set(head) == {"base_model", "base_plus_malignant", "malignant_only"}
     assert all(len(v) == 5 and all(-1 <= x <= 1 for x in v.values()) for v in head.values())
     assert (wd / "study" / "report.html").is_file() and "demo finished" in p.stderr
-    study = (wd / "study.toml").read_text()
-    assert "seeds = [0, 1]" in study and 'budgets = ["cells=2000"]' in study and "n_hvg = 200" in study
+    study = json.loads((wd / "study.json").read_text())  # the study actually run: the package's, overridden
+    assert study["seeds"] == [0, 1] and study["budgets"] == ["cells=2000"] and study["genes"]["n_hvg"] == 200
+    assert study["reference"] == "base_model" and study["checks"]["sources"]["malignant"] == "malignant_heldout_donor"
     # a bad data directory is one clear line and exit 2
     bad = run_cli("demo", "--workdir", tmp_path / "x", "--data-dir", tmp_path / "nope")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --data-dir")

@@ -72,7 +72,7 @@ def _plt():
     return plt
 
 
-def _wrap(name, width: int = 18) -> str:
+def wrap_label(name, width: int = 18) -> str:
     """``name`` broken into lines of at most ``width`` characters at underscores, spaces or hyphens."""
     s = str(name)
     if len(s) <= width:
@@ -109,7 +109,7 @@ def heatmap(res: pd.DataFrame, path: Path) -> bool:
     tab = d.pivot_table(index="mixture", columns="eval_set", values="value", aggfunc="mean")
     fig, ax = plt.subplots(figsize=(3.5 + 1.3 * tab.shape[1], 1.6 + 0.6 * tab.shape[0]))
     im = ax.imshow(tab.to_numpy(), cmap="viridis", aspect="auto")
-    ax.set_xticks(range(tab.shape[1]), [_wrap(c) for c in tab.columns], rotation=35, ha="right",
+    ax.set_xticks(range(tab.shape[1]), [wrap_label(c) for c in tab.columns], rotation=35, ha="right",
                   rotation_mode="anchor", fontsize=9)
     ax.set_yticks(range(tab.shape[0]), tab.index, fontsize=9)
     for i in range(tab.shape[0]):
@@ -139,9 +139,9 @@ def per_cell_boxplot(pc: pd.DataFrame, eval_set: str, path: Path) -> bool:
     labels = []
     for m in models:
         mix = str(d.loc[d["model"] == m, "mixture"].iloc[0])
-        lab = _wrap(m, 22)
+        lab = wrap_label(m, 22)
         if mix and mix not in str(m):
-            lab += "\n(" + _wrap(mix, 22).replace("\n", "\n ") + ")"
+            lab += "\n(" + wrap_label(mix, 22).replace("\n", "\n ") + ")"
         labels.append(lab)
     fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(models) + 2.5), 3.6))
     ax.boxplot(data, showfliers=False)
@@ -168,7 +168,7 @@ def few_shot_plot(fs: pd.DataFrame, path: Path) -> bool:
             s = g.groupby("fraction")["macro_f1"].agg(["mean", "std"]).reset_index()
             ax.errorbar(s["fraction"], s["mean"], yerr=s["std"].fillna(0), marker="o", ms=4, capsize=3, label=m,
                         color=colors(models.index(m) % colors.N))
-        ax.set_title(_wrap(e, 30), fontsize=10)
+        ax.set_title(wrap_label(e, 30), fontsize=10)
         ax.set_xlabel("training fraction")
         ax.set_ylabel("macro F1 (test half)")
         ax.set_ylim(0, 1.02)
@@ -198,7 +198,7 @@ def knn_plot(res: pd.DataFrame, path: Path) -> bool:
     for i, e in enumerate(tab.index):
         if e in chance:
             ax.hlines(chance[e], i - w / 2 - 0.03, i + 0.8 - w / 2 + 0.03, colors="k", linestyles="dashed")
-    ax.set_xticks(np.arange(len(tab)) + 0.4 - w / 2, [_wrap(e, 22) for e in tab.index], fontsize=8.5)
+    ax.set_xticks(np.arange(len(tab)) + 0.4 - w / 2, [wrap_label(e, 22) for e in tab.index], fontsize=8.5)
     ax.set_xlim(-w / 2 - 0.15, len(tab) - 1 + 0.8 - w / 2 + 0.15)
     ax.set_ylabel("kNN (k=5) macro F1; dashed: 1/n types")
     ax.set_ylim(0, 1.02)
@@ -229,7 +229,7 @@ def rank_prediction_plot(res: pd.DataFrame, path: Path) -> bool:
                 if np.isfinite(v) and np.isfinite(b) and v <= b:  # above the pair (model, its baseline)
                     ax.text(x[i] + k * w + w / 2, max(v, b, 0) + 0.02, "does not beat\nits baseline", ha="center",
                             va="bottom", fontsize=6.5, color="#b00000", fontweight="bold", linespacing=1.0)
-    ax.set_xticks(x + 0.4 - w / 2, [_wrap(e, 22) for e in tab.index], fontsize=8.5)
+    ax.set_xticks(x + 0.4 - w / 2, [wrap_label(e, 22) for e in tab.index], fontsize=8.5)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_ylabel("median per-cell Pearson r\n(true vs predicted rank of masked genes)")
     ax.set_ylim(min(-0.1, float(np.nanmin(tab.to_numpy())) - 0.05), max(1.02, float(np.nanmax(tab.to_numpy())) + 0.15))

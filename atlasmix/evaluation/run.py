@@ -348,6 +348,7 @@ def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline
     per_cell: list[pd.DataFrame] = []
     few: list[pd.DataFrame] = []
     timings: dict[str, float] = {}
+    hvg_of: dict[tuple, np.ndarray] = {}  # (eval set, gene axis) -> HVG columns: one pass per axis, not per model
     emb_kw = dict(k=knn_k, seed=seed, fractions=tuple(few_shot_fractions), seeds=tuple(few_shot_seeds),
                   min_cells=min_cells_per_type, integration=integration)
 
@@ -427,7 +428,10 @@ def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline
             t0 = time.perf_counter()
             fids = m.feature_ids
             present = pd.Index(fids).isin(e.feature_ids)
-            hv = hvg_columns(e, fids, n_hvg, batch_size)
+            axis_key = (e.name, tuple(fids))
+            if axis_key not in hvg_of:  # models sharing a gene axis (e.g. a study's) share the set's HVGs
+                hvg_of[axis_key] = hvg_columns(e, fids, n_hvg, batch_size)
+            hv = hvg_of[axis_key]
             codes, seen = m.batch_codes(e.obs)
             if sample_z:
                 torch.manual_seed(seed)

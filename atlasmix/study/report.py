@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from atlasmix.errors import AtlasmixError
+from atlasmix.evaluation.report import wrap_label
 from atlasmix.study import tables as T
 
 #: the headline metric (scFM-datamix reconstruction accuracy) and the model kind it belongs to
@@ -138,49 +139,26 @@ def _plt():
     return plt
 
 
-def wrap_label(name: Any, width: int = 16) -> str:
-    """``name`` broken into lines of at most ``width`` characters, at underscores or spaces.
-
-    ``base_plus_bone_marrow_balanced`` -> ``base_plus_bone_\\nmarrow_balanced``. Words longer than
-    ``width`` are kept whole.
-    """
-    s = str(name)
-    if len(s) <= width:
-        return s
-    words = s.replace("_", "_\x00").replace(" ", " \x00").split("\x00")
-    lines, cur = [], ""
-    for w in words:
-        if cur and len(cur) + len(w.rstrip()) > width:
-            lines.append(cur.rstrip())
-            cur = ""
-        cur += w
-    if cur:
-        lines.append(cur.rstrip())
-    return "\n".join(lines)
+def _flag(v: Any) -> bool | None:
+    """A True / False flag of a table, None for None / NA."""
+    if v is None:
+        return None
+    try:
+        if pd.isna(v):
+            return None
+    except (TypeError, ValueError):
+        return None
+    return bool(v)
 
 
 def _false(v: Any) -> bool:
     """True for a False flag (not for None / NA)."""
-    if v is None:
-        return False
-    try:
-        if pd.isna(v):
-            return False
-    except (TypeError, ValueError):
-        return False
-    return not bool(v)
+    return _flag(v) is False
 
 
 def _true(v: Any) -> bool:
     """True for a True flag (not for None / NA)."""
-    if v is None:
-        return False
-    try:
-        if pd.isna(v):
-            return False
-    except (TypeError, ValueError):
-        return False
-    return bool(v)
+    return _flag(v) is True
 
 
 def _fmt(v: Any, nd: int = 3) -> str:

@@ -439,15 +439,19 @@ def _check_disjoint(store, eval_sets, manifests: dict) -> None:
             check_overlap(_M(f"{mix} (seed {seed})", path), e, store)
 
 
-def run_study(spec_path: str | Path, store, out: str | Path, *, jobs: int = 1, accelerator: str = "cpu",
-              log: Callable[[str], None] = print, progress: bool = False, report: bool = True) -> dict[str, Any]:
+def run_study(spec_path: str | Path | StudySpec, store, out: str | Path, *, root: str | Path | None = None,
+              jobs: int = 1, accelerator: str = "cpu", log: Callable[[str], None] = print, progress: bool = False,
+              report: bool = True) -> dict[str, Any]:
     """Run a study (module doc) and return its ``study.json`` contents.
 
     Parameters
     ----------
-    spec_path : path
-        The study TOML (:mod:`atlasmix.study.spec`).
+    spec_path : path or StudySpec
+        The study TOML (:mod:`atlasmix.study.spec`), or a validated spec.
     store : atlasmix.store.Store
+    root : path, optional
+        Folder the spec's relative paths are resolved against when ``spec_path`` is a StudySpec
+        (default: the working directory).
     out : path
         Output folder; an existing study there is continued (finished grid cells are kept).
     jobs : int
@@ -476,7 +480,10 @@ def run_study(spec_path: str | Path, store, out: str | Path, *, jobs: int = 1, a
     from atlasmix.mixing import load_spec
 
     t_all = time.perf_counter()
-    spec, root = load_study(spec_path)
+    if isinstance(spec_path, StudySpec):
+        spec, root = spec_path, Path(root or Path.cwd()).resolve()
+    else:
+        spec, root = load_study(spec_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
@@ -584,7 +591,8 @@ def run_study(spec_path: str | Path, store, out: str | Path, *, jobs: int = 1, a
         log(f"   check {mark} {c['name']:<28} {c['detail']}")
 
     head = summary[(summary["metric"] == HEADLINE) & (summary["budget"] == headline_budget)]
-    doc = {"name": spec.name, "spec": spec.model_dump(mode="json"), "spec_path": str(Path(spec_path).resolve()),
+    doc = {"name": spec.name, "spec": spec.model_dump(mode="json"),
+           "spec_path": None if isinstance(spec_path, StudySpec) else str(Path(spec_path).resolve()),
            "store": store.identity(), "jobs": jobs, "n_runs": len(tasks),
            "grid": [{"run_dir": Path(t["run_dir"]).name, **t["labels"], "train_key": t["train_key"], **r}
                     for t, r in zip(tasks, sorted(results, key=lambda r: [x["train_key"] for x in tasks].index(r["run_key"])))],

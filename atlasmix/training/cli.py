@@ -35,6 +35,9 @@ def register(app: typer.Typer) -> None:
         dispersion: Annotated[str, typer.Option(help="gene, gene-batch, gene-label or gene-cell.")] = DEFAULTS["dispersion"],
         lr: Annotated[float, typer.Option(help="Adam learning rate.")] = DEFAULTS["lr"],
         early_stopping: Annotated[bool, typer.Option(help="Stop when the validation loss stalls.")] = DEFAULTS["early_stopping"],
+        budget: Annotated[Optional[str], typer.Option(help="Training budget instead of --max-epochs: cells=N (cells "
+                                                           "seen), steps=N, epochs=N or converged:epochs=N[,patience=K]"
+                                                           ".")] = None,
         batch_key: Annotated[str, typer.Option(help="obs column used as batch covariate; 'none' for no batch.")] = "dataset_id",
         genes: Annotated[Optional[Path], typer.Option(help="Text file with one gene (feature_id or symbol) per line; "
                                                            "default: genes measured in every dataset of the mixture.")] = None,
@@ -65,11 +68,11 @@ def register(app: typer.Typer) -> None:
         run = train_ldvae(Store(store), mixture, out, accelerator=accelerator, batch_size=batch_size,
                           max_epochs=max_epochs, seed=seed, n_latent=n_latent, n_layers=n_layers, n_hidden=n_hidden,
                           dropout_rate=dropout_rate, gene_likelihood=gene_likelihood, dispersion=dispersion, lr=lr,
-                          early_stopping=early_stopping, batch_key=None if batch_key.lower() == "none" else batch_key,
+                          early_stopping=early_stopping, budget=budget, batch_key=None if batch_key.lower() == "none" else batch_key,
                           genes=gl, io_batch_size=io_batch_size, block_size=block_size, prefetch_io=prefetch,
                           io_threads=io_threads, read_processes=read_processes, x_cache=x_cache,
                           x_cache_format=x_cache_format, validation=validation, checkpoint_every=checkpoint_every,
                           resume=resume, progress=progress)
-        typer.echo(json.dumps({k: run[k] for k in ("n_cells", "n_genes", "epochs_run_this_call", "wall_s",
+        typer.echo(json.dumps({k: run[k] for k in ("n_cells", "n_genes", "budget", "training", "wall_s",
                                                    "train_cells_per_s")}))
         typer.echo(f"model: {Path(out) / 'model'}  loadings: {Path(out) / 'loadings.parquet'}", err=True)
