@@ -26,7 +26,7 @@ def test_real_data_study_base_and_added_sources(shared_store, tmp_path):
     store = shared_store[0]
     src = examples_dir() / "studies" / "shared.toml"
     text = src.read_text().replace('seeds = [0, 1, 2]', 'seeds = [0, 1]').replace('budgets = ["cells=60000"]',
-                                                                              'budgets = ["cells=3000"]')
+                                                                              'budgets = ["cells=20000"]')
     text = text.replace('"../mixtures/shared', f'"{examples_dir() / "mixtures" / "shared"}').replace(
         "n_hvg = 500", "n_hvg = 300").replace("max_cells_per_set = 1000", "max_cells_per_set = 300")
     spec = tmp_path / "study.toml"
@@ -40,7 +40,9 @@ def test_real_data_study_base_and_added_sources(shared_store, tmp_path):
     # human models on mouse paul15 cells share no gene: not scorable (NaN), never a made-up number
     assert head[head["eval_set"] == "bone_marrow_balanced"]["mean"].isna().all()
     pbmc = head[head["eval_set"] == "pbmc5k_heldout"].set_index("mixture")
-    assert (pbmc["mean"] > 0.1).all() and (pbmc["lo"] <= pbmc["mean"]).all() and (pbmc["mean"] <= pbmc["hi"]).all()
+    assert (pbmc["lo"] <= pbmc["mean"]).all() and (pbmc["mean"] <= pbmc["hi"]).all()
+    # held-out PBMCs are reconstructed by the blood-trained models better than chance
+    assert (pbmc.loc[["base_model", "base_plus_pancreas", "base_plus_perturbation"], "mean"] > 0.1).all(), pbmc
     deltas = pd.read_parquet(tmp_path / "out" / "deltas.parquet")
     assert set(deltas["mixture"]) == {"base_plus_pancreas", "base_plus_perturbation", "pancreas_only",
                                       "perturbation_only"}
