@@ -344,7 +344,7 @@ def run_demo(workdir: str | Path = "demo", data_dir: str | Path | None = None, *
         base = {"name": "generated", "mixtures_dir": str(spec_dir.resolve()),
                 "eval_sets": str((spec_dir / EVAL_SPEC).resolve()), "mixtures": names,
                 "reference": "all" if "all" in names else None, "seeds": [0, 1, 2], "budgets": ["cells=60000"],
-                "genes": {"n_hvg": 500}, "ldvae": {"batch_size": 256, "lr": 0.03},
+                "genes": {"n_hvg": 500}, "ldvae": {"batch_size": 256, "lr": 0.005},
                 "evaluation": {"max_cells_per_set": 1000},
                 "checks": {"sources": {n[:-len("_only")]: f"{n[:-len('_only')]}_heldout" for n in names
                                        if n.endswith("_only")}}}

@@ -300,3 +300,39 @@ def test_scaling_curves(sim_store, tmp_path):
     ok = small.dropna(subset=["best_mean"])
     assert len(ok) and ok["smallest_fraction"].isin([0.2, 1.0]).all()
     assert (ok["threshold"] <= ok["best_mean"]).all()
+
+
+@pytest.mark.slow
+def test_geneformer_runs_are_scored_against_their_baseline(sim_store, tmp_path):
+    from atlasmix.study.report import render_study_report
+    from atlasmix.study.runner import run_study
+
+    spec = _study(tmp_path, ["base_model", "malignant_only"], "cells=2000", seeds=(0, 1),
+                  extra='[geneformer]\nmixtures = ["base_model"]\npreset = "tiny"\nmax_len = 64\nbatch_size = 8\n'
+                        'budget = "steps=4"\nmax_rank_cells = 30\n')
+    out = tmp_path / "out"
+    doc = run_study(spec, sim_store, out, log=lambda s: None)
+    assert doc["n_runs"] == 2 * 2 + 2
+    gf = [g for g in doc["grid"] if g["run_dir"].startswith("geneformer__")]
+    assert len(gf) == 2 and {g["seed"] for g in gf} == {0, 1}
+    run = json.loads(next((out / "runs").glob("geneformer__*__s1__*/geneformer/run.json")).read_text())
+    assert run["training"]["steps"] == 4 and run["budget"]["label"] == "steps=4" and run["options"]["seed"] == 1
+    summ = pd.read_parquet(out / "summary.parquet")
+    g = summ[summ["model_kind"] == "geneformer"]
+    assert set(g["metric"]) == {"rank_pred_pearson_median"} and set(g["mixture"]) == {"base_model"}
+    scored = g.dropna(subset=["mean"])
+    assert len(scored) and scored["baseline"].notna().all() and scored["beats_baseline"].isin([True, False]).all()
+    # beats_baseline is the paired interval of score - baseline, recomputed here from the per-cell table
+    from atlasmix.study import stats
+
+    pc = pd.read_parquet(out / "per_cell.parquet")
+    row = scored.iloc[0]
+    cells = pc[(pc["model_kind"] == "geneformer") & (pc["eval_set"] == row["eval_set"])]
+    v = cells.pivot_table(index="seed", columns="cell_index", values="value", dropna=False).sort_index().to_numpy()
+    b = cells.pivot_table(index="seed", columns="cell_index", values="baseline_value",
+                          dropna=False).sort_index().to_numpy()
+    assert row["beats_baseline"] == (stats.paired_delta(v, b, n_bootstrap=200, seed=0)["lo"] > 0)
+    assert (pd.read_parquet(out / "curves.parquet")["model_kind"] == "geneformer").any()
+    html = Path(doc["report"]).read_text()
+    if (~scored["beats_baseline"].astype(bool)).any():  # a 4-step model is labelled, never shown as a result
+        assert "does not beat its baseline" in html

@@ -130,6 +130,57 @@ class Checks(BaseModel):
     margin: float = Field(0.01, ge=0)
 
 
+class GeneformerOptions(BaseModel):
+    """Geneformer (BERT masked-gene model on rank value encoded cells) runs of a study.
+
+    Each listed mixture x each study seed trains one model with ``budget`` (its own: MLM steps are
+    not LDVAE steps), then every eval set scores the masked rank prediction of a seeded subsample of
+    ``max_rank_cells`` cells against the mean-rank baseline (sc-foundation-eval's zero-shot test); a
+    model whose score does not beat the baseline (paired interval above 0) is labelled so.
+
+    Attributes
+    ----------
+    mixtures : list of str, optional
+        Mixtures to train on (default: the reference, else the first mixture).
+    preset : str
+        Model size (``atlasmix.training.geneformer.pretrain.PRESETS``: tiny, v1, ...).
+    max_len : int
+        Tokens per cell (rank value encoding truncated).
+    batch_size : int
+        Cells per optimizer step.
+    lr : float
+        AdamW learning rate.
+    budget : str
+        Training budget (:class:`atlasmix.training.budget.Budget` short form; cells or steps).
+    dictionaries : str, optional
+        Folder with ``token_dictionary.pkl`` + ``gene_median_dictionary.pkl`` (relative to the study
+        file); default: exact gene medians of each run's training split.
+    max_rank_cells : int
+        Cells per eval set scored by masked rank prediction.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    mixtures: list[str] | None = None
+    preset: str = "tiny"
+    max_len: int = Field(256, ge=8)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    budget: str = "steps=200"
+    dictionaries: str | None = None
+    max_rank_cells: int = Field(200, ge=10)
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v):
+        try:
+            b = Budget.parse(v)
+        except AtlasmixError as e:
+            raise ValueError(str(e)) from None
+        if b.until_converged:
+            raise ValueError("Geneformer runs take a cells, steps or epochs budget")
+        return v
+
+
 class Scaling(BaseModel):
     """Subset-size curves of one mixture (scFM-dataselection).
 
@@ -191,6 +242,8 @@ class StudySpec(BaseModel):
     budgets : list of str
         Training budgets (:class:`atlasmix.training.budget.Budget` short forms). The first is the
         headline.
+    geneformer : GeneformerOptions, optional
+        Also train Geneformer on some mixtures (scored by masked rank prediction vs its baseline).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -207,6 +260,7 @@ class StudySpec(BaseModel):
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
     checks: Checks = Field(default_factory=Checks)
     scaling: Scaling | None = None
+    geneformer: GeneformerOptions | None = None
 
     @field_validator("seeds")
     @classmethod
@@ -236,6 +290,9 @@ class StudySpec(BaseModel):
                 raise ValueError("mixtures: a mixture is named twice")
             if self.reference is not None and self.reference not in self.mixtures:
                 raise ValueError(f"reference: {self.reference!r} is not one of the study's mixtures")
+            for m in (self.geneformer.mixtures or []) if self.geneformer else []:
+                if m not in self.mixtures:
+                    raise ValueError(f"geneformer.mixtures: {m!r} is not one of the study's mixtures")
         return self
 
     def budget_objects(self) -> list[Budget]:
