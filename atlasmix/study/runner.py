@@ -150,6 +150,26 @@ def _load_eval(entry: dict):
 
 
 # ---------------------------------------------------------------------------------------------- one grid cell
+def _start_training(run_dir: Path, model_dir: Path, train_key: str) -> bool:
+    """True (and ``run_dir`` emptied) unless ``model_dir`` holds a model trained for ``train_key``."""
+    run = model_dir / "run.json"
+    if run.is_file() and json.loads(run.read_text()).get("study_train_key") == train_key:
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    return True
+
+
+def _finish(task: dict, rows: list[dict], per: list[pd.DataFrame], status: str, t0: float) -> dict:
+    """Write a grid cell's scores and per-cell table, then ``done.json`` (last: it marks the cell finished)."""
+    run_dir = Path(task["run_dir"])
+    pd.DataFrame(rows).to_parquet(run_dir / "scores.parquet", index=False)
+    pd.concat(per, ignore_index=True).to_parquet(run_dir / "per_cell.parquet", index=False)
+    (run_dir / "done.json").write_text(json.dumps({"train_key": task["train_key"], "score_key": task["score_key"],
+                                                   "labels": task["labels"]}))
+    return {"run_key": task["train_key"], "status": status, "wall_s": round(time.perf_counter() - t0, 2)}
+
+
 def _train_or_explain(fn, name: str, *args, **kwargs):
     """Call a trainer; a run whose loss diverged (NaN parameters, which torch reports as a ValueError of
     a distribution's arguments) becomes one AtlasmixError naming the run and the remedy."""
@@ -202,12 +222,8 @@ def run_grid_cell(task: dict) -> dict:
     if task.get("kind") == "geneformer":
         return _geneformer_cell(task, t0)
     model_dir = run_dir / "ldvae"
-    trained = (model_dir / "run.json").is_file() and json.loads(
-        (model_dir / "run.json").read_text()).get("study_train_key") == task["train_key"]
     status = "scored"
-    if not trained:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
+    if _start_training(run_dir, model_dir, task["train_key"]):
         o = task["ldvae"]
         store = Store(task["store"])
         try:
@@ -230,7 +246,6 @@ def run_grid_cell(task: dict) -> dict:
     if (perm < 0).any():
         raise AtlasmixError(f"{model_dir}: the model's genes are not the study's gene axis")
     rows, per = [], []
-    lab = task["labels"]
     for entry in task["eval"]:
         counts, hv, obs = _load_eval(entry)
         counts = counts[:, perm]
@@ -261,10 +276,7 @@ def run_grid_cell(task: dict) -> dict:
                            "soma_joinid": obs["soma_joinid"].to_numpy(dtype=np.int64),
                            "cell_type": obs["cell_type"].astype(str).to_numpy(), "value": r, "baseline_value": np.nan})
         per.append(pc)
-    pd.DataFrame(rows).to_parquet(run_dir / "scores.parquet", index=False)
-    pd.concat(per, ignore_index=True).to_parquet(run_dir / "per_cell.parquet", index=False)
-    done.write_text(json.dumps({"train_key": task["train_key"], "score_key": task["score_key"], "labels": lab}))
-    return {"run_key": task["train_key"], "status": status, "wall_s": round(time.perf_counter() - t0, 2)}
+    return _finish(task, rows, per, status, t0)
 
 
 def _geneformer_cell(task: dict, t0: float) -> dict:
@@ -281,12 +293,8 @@ def _geneformer_cell(task: dict, t0: float) -> dict:
     model_dir = run_dir / "geneformer"
     o = task["geneformer"]
     store = Store(task["store"])
-    trained = (model_dir / "run.json").is_file() and json.loads(
-        (model_dir / "run.json").read_text()).get("study_train_key") == task["train_key"]
     status = "scored"
-    if not trained:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
+    if _start_training(run_dir, model_dir, task["train_key"]):
         budget = Budget.parse(o["budget"])
         n_train = int(read_sidecar(task["manifest"])["counts"]["train"])
         steps = budget.max_steps(n_train, o["batch_size"])
@@ -320,11 +328,7 @@ def _geneformer_cell(task: dict, t0: float) -> dict:
                                  "soma_joinid": obs["soma_joinid"].to_numpy(dtype=np.int64),
                                  "cell_type": obs["cell_type"].astype(str).to_numpy(), "value": pred,
                                  "baseline_value": base}))
-    pd.DataFrame(rows).to_parquet(run_dir / "scores.parquet", index=False)
-    pd.concat(per, ignore_index=True).to_parquet(run_dir / "per_cell.parquet", index=False)
-    (run_dir / "done.json").write_text(json.dumps({"train_key": task["train_key"], "score_key": task["score_key"],
-                                                   "labels": task["labels"]}))
-    return {"run_key": task["train_key"], "status": status, "wall_s": round(time.perf_counter() - t0, 2)}
+    return _finish(task, rows, per, status, t0)
 
 
 # ---------------------------------------------------------------------------------------------- the study
