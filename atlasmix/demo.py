@@ -29,7 +29,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from atlasmix.errors import AtlasmixError
 
@@ -41,18 +40,14 @@ EVAL_SPEC = "eval_sets.toml"
 FILE_SUFFIXES = (".h5ad", ".h5", ".zarr")
 
 
-def examples_dir() -> Path:
-    """The repository's ``examples/`` folder (the demo reads its mixture specs and plans there).
+def examples_dir() -> Path | None:
+    """The repository's ``examples/`` folder, or None when atlasmix runs from an installed wheel.
 
-    Raises
-    ------
-    AtlasmixError
-        atlasmix is not run from a source checkout (``pip install -e .``), so ``examples/`` is absent.
+    Only ``--data-dir`` runs use it (to recognise the shared real datasets and their curated
+    mixtures); the simulated demo reads the study spec shipped in the package.
     """
     d = Path(__file__).resolve().parents[1] / "examples"
-    if not (d / "mixtures").is_dir():
-        raise AtlasmixError(f"examples/ not found beside the package ({d}); run the demo from a source checkout")
-    return d
+    return d if (d / "mixtures").is_dir() and (d / "shared_data_plan.toml").is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------- plans
@@ -90,10 +85,11 @@ def plan_for(data_dir: Path, workdir: Path) -> tuple[Path, Path | None]:
     if own.is_file():
         mix = data_dir / "mixtures"
         return own, (mix if mix.is_dir() else None)
-    shared_plan = examples_dir() / "shared_data_plan.toml"
-    doc = tomllib.loads(shared_plan.read_text())
-    names = [Path(d["source"]).name for d in doc["dataset"]]
     workdir.mkdir(parents=True, exist_ok=True)
+    ex = examples_dir()
+    shared_plan = ex / "shared_data_plan.toml" if ex is not None else None
+    doc = tomllib.loads(shared_plan.read_text()) if shared_plan is not None else {"dataset": []}
+    names = [Path(d["source"]).name for d in doc["dataset"]]
     if names and all((data_dir / n).exists() for n in names):
         text = shared_plan.read_text()
         for d in doc["dataset"]:
@@ -104,7 +100,7 @@ def plan_for(data_dir: Path, workdir: Path) -> tuple[Path, Path | None]:
                     text = text.replace(f'"{d[key]}"', json.dumps(str((shared_plan.parent / d[key]).resolve())))
         plan = workdir / "plan.toml"
         plan.write_text(text)
-        return plan, examples_dir() / "mixtures" / "shared"
+        return plan, ex / "mixtures" / "shared"
     files = _find_files(data_dir)
     if not files:
         raise AtlasmixError(f"no .h5ad / .h5 / .zarr / 10x MEX files in {data_dir}")
@@ -165,59 +161,6 @@ def generated_specs(dataset_ids: list[str], out_dir: Path) -> Path:
             t += ["", "[[components]]", f'name = "{cname}"', f'where = "{where} AND qc_pass"']
         (out_dir / f"{name}.toml").write_text("\n".join(t) + "\n")
     return out_dir
-
-
-# ---------------------------------------------------------------------------------------------- genes
-def choose_genes(store, manifests: list[Path], n_genes: int = 2000, max_cells: int = 20_000,
-                 min_dataset_fraction: float = 0.5, seed: int = 0) -> list[str]:
-    """The models' shared gene axis: the top ``n_genes`` HVGs of the mixtures' training cells.
-
-    Candidate genes are those measured (feature_dataset_presence_matrix) in at least
-    ``min_dataset_fraction`` of the datasets that contribute training cells -- small gene panels
-    (e.g. a 200-gene dataset) would otherwise empty the intersection. Among them, scanpy's
-    ``seurat``-flavour HVG selection on log1p(CP10k) (streamed moments,
-    :class:`atlasmix.evaluation.metrics.HVGStats`) over a seeded sample of at most ``max_cells``
-    training cells (union over ``manifests``).
-
-    Returns
-    -------
-    list of str
-        Ensembl ids (``feature_id``), in var order.
-
-    Raises
-    ------
-    AtlasmixError
-        No candidate gene.
-    """
-    from atlasmix.evaluation.metrics import HVGStats
-    from atlasmix.mixing import read_manifest
-
-    cells = []
-    for m in manifests:
-        t, _ = read_manifest(m, store=store)
-        split = t["split"].cast("string").to_numpy(zero_copy_only=False)
-        cells.append(t["soma_joinid"].to_numpy()[split == "train"])
-    cells = np.unique(np.concatenate(cells))
-    rng = np.random.default_rng(seed)
-    if len(cells) > max_cells:
-        cells = np.sort(rng.choice(cells, max_cells, replace=False))
-    obs = store.obs(["dataset_id"]).to_pandas().set_index("soma_joinid")
-    used = set(obs.loc[cells, "dataset_id"].unique())
-    cat = store.catalog()
-    rows = cat.index.to_numpy()[cat["dataset_id"].isin(used).to_numpy()]  # index: dataset joinid
-    pres = store.presence()[np.asarray(rows, dtype=np.int64)]
-    frac = np.asarray(pres.mean(axis=0)).ravel()
-    var = store.var()
-    cand = var.index.to_numpy()[frac[var.index.to_numpy()] >= min_dataset_fraction - 1e-9]
-    if len(cand) == 0:
-        raise AtlasmixError("no gene is measured in enough of the mixtures' datasets")
-    stats = HVGStats(len(cand))
-    for _, m in store.iter_X(cells, cand, chunk_size=4096):
-        stats.update(m)
-    dn = stats.table()["dispersions_norm"].to_numpy()
-    order = np.argsort(-np.nan_to_num(dn, nan=-np.inf), kind="stable")  # most variable first, NaN last
-    top = np.sort(order[:min(n_genes, len(cand))])
-    return var.loc[cand[top], "feature_id"].astype(str).tolist()
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -328,7 +271,8 @@ def run_demo(workdir: str | Path = "demo", data_dir: str | Path | None = None, *
         base = tomllib.loads(demo_study_path().read_text())
         base["mixtures_dir"] = str(demo_study_path().parent / base["mixtures_dir"])
         base["eval_sets"] = str(demo_study_path().parent / base["eval_sets"])
-    elif spec_dir is not None and spec_dir.resolve() == (examples_dir() / "mixtures" / "shared").resolve():
+    elif (spec_dir is not None and examples_dir() is not None
+          and spec_dir.resolve() == (examples_dir() / "mixtures" / "shared").resolve()):
         sp = examples_dir() / "studies" / "shared.toml"
         base = tomllib.loads(sp.read_text())
         base["mixtures_dir"] = str((sp.parent / base["mixtures_dir"]).resolve())

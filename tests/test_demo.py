@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from atlasmix.demo import choose_genes, datasets_without_copies, examples_dir, generated_specs, plan_for
+from atlasmix.demo import datasets_without_copies, examples_dir, generated_specs, plan_for
+from atlasmix.mixing.genes import choose_genes
 from tests.conftest import SHARED, needs_shared, run_cli
 
 pytestmark = pytest.mark.slow

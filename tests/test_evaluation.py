@@ -146,7 +146,7 @@ def trained(shared_store, tmp_path_factory):
     """A tiny LDVAE trained on kang_ifnb + pisces_pbmc1k, with pbmc3k cells held out as an eval set."""
     from atlasmix.mixing import loads_spec, resolve, write_manifest
     from atlasmix.training.ldvae import train_ldvae
-    from atlasmix.training.loader import mixture_genes
+    from atlasmix.mixing.genes import mixture_genes
 
     store = shared_store[0]
     d = tmp_path_factory.mktemp("evaluation")

@@ -25,7 +25,7 @@ def mix(shared_store, tmp_path_factory):
     d = tmp_path_factory.mktemp("ldvae")
     path = d / "ldvae.parquet"
     write_manifest(resolve(spec, store), path)
-    from atlasmix.training.loader import mixture_genes
+    from atlasmix.mixing.genes import mixture_genes
 
     cells = pd.read_parquet(path)["soma_joinid"].to_numpy()
     var = store.var()

@@ -178,7 +178,7 @@ def store_eval_sets(spec_path: str | Path, store) -> list[EvalSet]:
         Bad spec, failing query, or a spec without eval sets.
     """
     from atlasmix.mixing import load_spec, resolve
-    from atlasmix.training.loader import mixture_genes
+    from atlasmix.mixing.genes import mixture_genes
 
     path = Path(spec_path)
     spec = load_spec(path)

@@ -5,7 +5,7 @@ Stages (each timed in ``study.json``)::
     manifests/    one manifest per (mixture, seed) -- the seed replaces the mixture spec's seed --
                   and per (scaling strategy, fraction, seed); reused while the spec and the store
                   are unchanged
-    genes.txt     the models' shared gene axis (:func:`atlasmix.demo.choose_genes` or a file)
+    genes.txt     the models' shared gene axis (:func:`atlasmix.mixing.genes.choose_genes` or a file)
     eval_cache/   each eval set read from the store ONCE per study: its counts on the gene axis
                   (a seeded subsample when ``max_cells_per_set``), its top HVGs, its cells' obs;
                   every run is scored on exactly these cells
@@ -667,7 +667,7 @@ def run_study(spec_path: str | Path | StudySpec, store, out: str | Path, *, root
         by_name = dict(zip(var["feature_name"].astype(str), var["feature_id"].astype(str)))
         genes = [g if g.startswith("ENS") else by_name.get(g, g) for g in genes]
     else:
-        from atlasmix.demo import choose_genes
+        from atlasmix.mixing.genes import choose_genes
         from atlasmix.mixing import read_sidecar
 
         gkey = _sha({"m": sorted(read_sidecar(p)["manifest"]["sha256"] for k, p in manifests.items() if k[2] is None),

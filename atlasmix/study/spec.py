@@ -49,7 +49,7 @@ from atlasmix.training.defaults import DEFAULTS
 
 
 class GeneAxis(BaseModel):
-    """The models' shared gene axis (:func:`atlasmix.demo.choose_genes`).
+    """The models' shared gene axis (:func:`atlasmix.mixing.genes.choose_genes`).
 
     Attributes
     ----------

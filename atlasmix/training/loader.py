@@ -113,6 +113,7 @@ import torch
 
 from atlasmix._prefetch import prefetch
 from atlasmix.errors import AtlasmixError
+from atlasmix.mixing.genes import mixture_genes
 from atlasmix.store import schema as S
 from atlasmix.training._dense import DenseBufferPool, gather_dense
 
@@ -233,54 +234,6 @@ def shuffle_entropy(batches: Sequence[np.ndarray], seed: int = 0, n_categories: 
     iid = float(np.mean([_entropy(b, k) for b in np.split(perm, cuts)]))
     return {"entropy_bits": ent, "iid_entropy_bits": iid, "ratio": ent / iid if iid > 0 else float("nan"),
             "n_batches": len(batches)}
-
-
-# ---------------------------------------------------------------------------------------------- genes
-def mixture_genes(store, cells: np.ndarray, genes: Sequence[str] | None = None) -> np.ndarray:
-    """Var joinids of a mixture's gene axis.
-
-    Parameters
-    ----------
-    store : atlasmix.store.Store
-    cells : numpy.ndarray of int64
-        The mixture's cell joinids (any order).
-    genes : sequence of str, optional
-        Explicit gene list: Ensembl ``feature_id`` values (or ``feature_name`` symbols when unique),
-        returned in this order. Default: genes measured in *every* dataset that contributes cells
-        (the intersection of the datasets' rows of the presence matrix), sorted by var joinid.
-
-    Returns
-    -------
-    numpy.ndarray of int64
-
-    Raises
-    ------
-    AtlasmixError
-        A listed gene is not in the store, or the default intersection is empty.
-    """
-    var = store.var()
-    if genes is not None:
-        by_id = dict(zip(var["feature_id"], var.index))
-        names = var["feature_name"].value_counts()
-        by_name = {n: j for n, j in zip(var["feature_name"], var.index) if names[n] == 1}
-        out, missing = [], []
-        for g in genes:
-            j = by_id.get(g, by_name.get(g))
-            (missing if j is None else out).append(g if j is None else int(j))
-        if missing:
-            raise AtlasmixError(f"{len(missing)} genes are not in the store (first: {missing[0]!r})")
-        return np.asarray(out, dtype=np.int64)
-    ranges = store.complete_ranges()
-    cat = store.catalog()
-    start_to_jid = dict(zip(cat["obs_joinid_start"].to_numpy(), cat.index.to_numpy()))
-    which = np.unique(np.searchsorted(ranges[:, 0], np.unique(cells), side="right") - 1)
-    ds = [int(start_to_jid[int(ranges[i, 0])]) for i in which]
-    pres = store.presence()
-    keep = np.asarray(pres[ds].sum(axis=0)).ravel() == len(ds)
-    out = var.index.to_numpy(dtype=np.int64)[keep[: len(var)]]
-    if len(out) == 0:
-        raise AtlasmixError("the datasets of this mixture measure no gene in common; pass an explicit gene list")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- loader
