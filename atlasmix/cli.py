@@ -14,7 +14,8 @@ from rich.table import Table
 
 from atlasmix.errors import AtlasmixError
 
-app = typer.Typer(help="atlasmix: a TileDB-SOMA data lake for training-data composition studies.",
+app = typer.Typer(help="atlasmix: a TileDB-SOMA data lake for training-data composition studies. "
+                       "Every failure prints one line (error: ...) and exits 2; add --debug anywhere for the traceback.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 store_app = typer.Typer(help="Create and inspect a store.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
@@ -232,24 +233,49 @@ def _register_optional() -> None:
 _register_optional()
 
 
-def main() -> None:
-    """Console-script entry point: run the app; AtlasmixError -> one line on stderr, exit code 2."""
+def _one_line(e: BaseException, limit: int = 400) -> str:
+    """First non-empty line of ``str(e)``, shortened to ``limit`` characters."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else repr(e)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app and turn every failure into one line on stderr.
+
+    ``AtlasmixError`` (bad input, refused operation) prints ``error: <message>``; any other exception
+    prints ``error: <what happened> (<exception type>); rerun with --debug for the traceback``. Both
+    exit with status 2 (Ctrl-C: 130). ``--debug`` anywhere on the command line (or ``ATLASMIX_DEBUG=1``)
+    lets the traceback through instead. Commands that write are crash-safe on their own (the ingest
+    commits last), so an error here leaves the store as it was.
+    """
+    import os
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("ATLASMIX_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
     try:
-        app(standalone_mode=False)
+        app(args=args, prog_name="atlasmix", standalone_mode=False)
+    except SystemExit:
+        raise
     except AtlasmixError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
-    except Exception as e:  # click usage errors and aborts
+    except BaseException as e:  # click usage errors, Ctrl-C, and anything unexpected
         import click
 
         if isinstance(e, click.exceptions.ClickException):
             e.show()
             sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, (click.exceptions.Abort, KeyboardInterrupt)):
+            print("error: interrupted", file=sys.stderr)
             sys.exit(130)
-        raise
-    except SystemExit:
-        raise
+        if debug:
+            raise
+        print(f"error: {_one_line(e)} ({type(e).__name__}); rerun with --debug for the traceback", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

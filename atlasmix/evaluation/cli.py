@@ -46,11 +46,13 @@ def register(app: typer.Typer) -> None:
         max_rank_cells: Annotated[int, typer.Option(help="Geneformer: cells per eval set (seeded subsample) scored by "
                                                          "masked rank prediction; 0 scores every cell.")] = 500,
         seed: Annotated[int, typer.Option(help="Seed of splits and subsamples.")] = 0,
-        device: Annotated[str, typer.Option(help="torch device for the models: cpu or cuda.")] = "cpu",
+        accelerator: Annotated[str, typer.Option(help="Where the models run: cpu, gpu or auto (CUDA when present).")] = "cpu",
+        device: Annotated[Optional[str], typer.Option(hidden=True, help="Old spelling of --accelerator.")] = None,
     ):
         """Every model on every eval set: reconstruction accuracy (LDVAE), rank prediction (Geneformer), kNN,
         few-shot, rank fidelity."""
         from atlasmix.errors import AtlasmixError
+        from atlasmix.training.defaults import torch_device_name
         from atlasmix.evaluation.evalsets import load_eval_sets
         from atlasmix.evaluation.run import evaluate
         from atlasmix.store import Store
@@ -66,7 +68,7 @@ def register(app: typer.Typer) -> None:
         seeds = tuple(range(few_shot_seeds))
         doc = evaluate(model_dirs, sets, out, store=st, pca_baseline=pca, batch_size=batch_size, n_hvg=n_hvg,
                        few_shot_fractions=_floats(few_shot_fractions) if seeds else (), few_shot_seeds=seeds,
-                       sample_z=sample_z, max_rank_cells=max_rank_cells or None, seed=seed, device=device,
+                       sample_z=sample_z, max_rank_cells=max_rank_cells or None, seed=seed, device=torch_device_name(accelerator, device),
                        log=lambda s: typer.echo(s, err=True))
         typer.echo(f"evaluated {len(doc['models'])} model(s) (+ PCA baseline)" if pca else
                    f"evaluated {len(doc['models'])} model(s)", err=True)

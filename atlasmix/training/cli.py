@@ -11,6 +11,21 @@ import typer
 from atlasmix.training.defaults import DEFAULTS
 
 
+def check_devices(devices: int, model: str) -> None:
+    """Refuse ``--devices`` other than 1 with one line (multi-device training is not built yet).
+
+    Raises
+    ------
+    AtlasmixError
+        ``devices`` is not 1.
+    """
+    if devices != 1:
+        from atlasmix.errors import AtlasmixError
+
+        hint = " (Geneformer: run under torchrun --nproc_per_node N instead)" if model == "Geneformer" else ""
+        raise AtlasmixError(f"--devices {devices}: {model} trains on one device per process{hint}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``train`` sub-commands (``ldvae``) to ``app``."""
     train = typer.Typer(help="Train models on a mixture, streamed from the store.", no_args_is_help=True)
@@ -24,6 +39,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", help="Output directory (model/, loadings.parquet, "
                                                         "training_curve.csv/png, run.json, checkpoints/).")],
         accelerator: Annotated[str, typer.Option(help="Lightning accelerator: auto (CUDA when present), cpu, gpu.")] = "auto",
+        devices: Annotated[int, typer.Option(help="Devices (Lightning's term); one per run today.")] = 1,
         batch_size: Annotated[int, typer.Option(help="Cells per minibatch.")] = DEFAULTS["batch_size"],
         max_epochs: Annotated[int, typer.Option(help="Epochs.")] = DEFAULTS["max_epochs"],
         seed: Annotated[int, typer.Option(help="Seed of weights, dropout and the data order.")] = 0,
@@ -39,8 +55,11 @@ def register(app: typer.Typer) -> None:
                                                            "seen), steps=N, epochs=N or converged:epochs=N[,patience=K]"
                                                            ".")] = None,
         batch_key: Annotated[str, typer.Option(help="obs column used as batch covariate; 'none' for no batch.")] = "dataset_id",
-        genes: Annotated[Optional[Path], typer.Option(help="Text file with one gene (feature_id or symbol) per line; "
-                                                           "default: genes measured in every dataset of the mixture.")] = None,
+        genes: Annotated[Optional[str], typer.Option(help="Gene axis: all-shared (default: measured in every dataset "
+                                                          "of the mixture), hvg:N[,min-datasets=F] (top N HVGs of the "
+                                                          "training cells among genes measured in at least a fraction F "
+                                                          "of its datasets, default 0.5) or a file with one gene "
+                                                          "(feature_id or symbol) per line.")] = None,
         io_batch_size: Annotated[int, typer.Option(help="Cells per store read (memory ~ (prefetch+1) x this).")] = 65536,
         block_size: Annotated[int, typer.Option(help="Consecutive store cells kept together when shuffling.")] = 64,
         prefetch: Annotated[int, typer.Option(help="IO batches read ahead.")] = 2,
@@ -62,10 +81,13 @@ def register(app: typer.Typer) -> None:
         from atlasmix.store import Store
         from atlasmix.training.ldvae import train_ldvae
 
-        gl = None
-        if genes is not None:
-            gl = [g.strip() for g in genes.read_text().splitlines() if g.strip()]
-        run = train_ldvae(Store(store), mixture, out, accelerator=accelerator, batch_size=batch_size,
+        from atlasmix.mixing.genes import GeneAxis, resolve_gene_axis
+
+        check_devices(devices, "LDVAE")
+        store_ = Store(store)
+        axis = GeneAxis.parse(genes)
+        gl = resolve_gene_axis(store_, [mixture], axis, seed=seed)
+        run = train_ldvae(store_, mixture, out, accelerator=accelerator, batch_size=batch_size,
                           max_epochs=max_epochs, seed=seed, n_latent=n_latent, n_layers=n_layers, n_hidden=n_hidden,
                           dropout_rate=dropout_rate, gene_likelihood=gene_likelihood, dispersion=dispersion, lr=lr,
                           early_stopping=early_stopping, budget=budget, batch_key=None if batch_key.lower() == "none" else batch_key,

@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 
 from atlasmix.errors import AtlasmixError
+from atlasmix.training.cli import check_devices
+from atlasmix.training.defaults import torch_device_name
 
 
 def _train_group(app: typer.Typer) -> typer.Typer:
@@ -38,6 +41,8 @@ def register(app: typer.Typer) -> None:
         special_tokens: Annotated[bool, typer.Option("--v2/--v1", help="V2 dictionary (<cls>, <eos>) or V1.")] = False,
         min_cells: Annotated[int, typer.Option(help="Keep genes nonzero in at least this many cells.")] = 1,
         chunk_size: Annotated[int, typer.Option(help="Cells per read.")] = 8192,
+        genes: Annotated[Optional[str], typer.Option(help="Only genes of this axis (needs --mixture): all-shared, "
+                                                          "hvg:N[,min-datasets=F] or a file.")] = None,
     ):
         """Exact per-gene nonzero medians of CP10k expression (out of core) -> Geneformer dictionaries."""
         from atlasmix.store import Store
@@ -45,13 +50,19 @@ def register(app: typer.Typer) -> None:
         from atlasmix.training.geneformer.medians import gene_medians, species_genes
 
         s = Store(store)
-        genes = species_genes(s, species)
+        genes_ = species_genes(s, species)
+        if genes is not None:
+            from atlasmix.mixing.genes import GeneAxis, gene_axis_var_joinids
+
+            if mixture is None:
+                raise AtlasmixError("--genes needs --mixture (the cells whose gene axis it is)")
+            genes_ = np.intersect1d(genes_, gene_axis_var_joinids(s, mixture, GeneAxis.parse(genes), split))
         sha = None
         if mixture is not None:
             from atlasmix.mixing import read_sidecar
 
             sha = read_sidecar(mixture)["manifest"]["sha256"]
-        med = gene_medians(s, mixture, split, genes, chunk_size=chunk_size)
+        med = gene_medians(s, mixture, split, genes_, chunk_size=chunk_size)
         kept = med[med["n_nonzero"] >= max(min_cells, 1)]
         d = build_dictionaries(dict(zip(kept["feature_id"], kept["median"])), special_tokens=special_tokens)
         out.mkdir(parents=True, exist_ok=True)
@@ -72,7 +83,8 @@ def register(app: typer.Typer) -> None:
                                                            "\"dataset_id = 'pbmc3k'\".")],
         out: Annotated[Path, typer.Option("--out", help="Output .parquet (soma_joinid, obs, n_tokens, emb_*).")],
         batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 64,
-        device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+        accelerator: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, gpu.")] = "auto",
+        device: Annotated[Optional[str], typer.Option(hidden=True, help="Old spelling of --accelerator.")] = None,
     ):
         """Cell embeddings: mean of the second-to-last layer over the gene tokens."""
         from atlasmix.store import Store
@@ -83,7 +95,7 @@ def register(app: typer.Typer) -> None:
         ids = select_joinids(s, where)
         if len(ids) == 0:
             raise AtlasmixError(f"no cell matches --where {where!r}")
-        df = embed_cells(model, s, ids, batch_size=batch_size, device=device)
+        df = embed_cells(model, s, ids, batch_size=batch_size, device=torch_device_name(accelerator, device))
         out.parent.mkdir(parents=True, exist_ok=True)
         df.reset_index().to_parquet(out)
         typer.echo(json.dumps({"n_cells": int(len(df)), "n_without_tokens": int((df["n_tokens"] == 0).sum()),
@@ -114,7 +126,10 @@ def register(app: typer.Typer) -> None:
         warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps (capped at 10% of all steps).")] = 10_000,
         weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.001,
         seed: Annotated[int, typer.Option(help="Seed of weights, masks, dropout and data order.")] = 0,
-        device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda.")] = "auto",
+        accelerator: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, gpu.")] = "auto",
+        devices: Annotated[int, typer.Option(help="Devices of this process (1; for N GPUs run under torchrun "
+                                                  "--nproc_per_node N).")] = 1,
+        device: Annotated[Optional[str], typer.Option(hidden=True, help="Old spelling of --accelerator.")] = None,
         bf16: Annotated[bool, typer.Option(help="bf16 autocast on CUDA.")] = True,
         io_batch_size: Annotated[int, typer.Option(help="Cells per store read.")] = 16384,
         block_size: Annotated[int, typer.Option(help="Consecutive store cells kept together when shuffling.")] = 64,
@@ -122,21 +137,33 @@ def register(app: typer.Typer) -> None:
         checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: at the end only).")] = 500,
         resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints/last.pt.")] = False,
         tokenizer_threads: Annotated[int, typer.Option(help="Threads of the rank value encoding.")] = 1,
+        genes: Annotated[Optional[str], typer.Option(help="Restrict the vocabulary (medians of the train split) to a "
+                                                          "gene axis: all-shared, hvg:N[,min-datasets=F] or a file "
+                                                          "(default: every human gene, Geneformer's choice).")] = None,
         progress: Annotated[bool, typer.Option(help="Print a line per curve row.")] = False,
     ):
         """Pretrain Geneformer (BertForMaskedLM, MLM) on MIXTURE streamed from STORE."""
         from atlasmix.store import Store
         from atlasmix.training.geneformer.pretrain import train_geneformer
 
+        check_devices(devices, "Geneformer")
+        s = Store(store)
+        vj = None
+        if genes is not None:
+            from atlasmix.mixing.genes import GeneAxis, gene_axis_var_joinids
+
+            if dictionaries is not None:
+                raise AtlasmixError("give --genes or --dictionaries, not both (dictionaries fix the vocabulary)")
+            vj = gene_axis_var_joinids(s, mixture, GeneAxis.parse(genes), seed=seed)
         ov = {"num_hidden_layers": n_layers, "hidden_size": hidden_size, "num_attention_heads": n_heads,
               "intermediate_size": intermediate_size}
-        run = train_geneformer(Store(store), mixture, out, dictionaries=dictionaries, mode=mode, max_len=max_len,
+        run = train_geneformer(s, mixture, out, dictionaries=dictionaries, mode=mode, max_len=max_len,
                                preset=preset, config_overrides=ov, batch_size=batch_size, group_batches=group_batches,
                                epochs=epochs, max_steps=max_steps, lr=lr, warmup_steps=warmup_steps,
-                               weight_decay=weight_decay, seed=seed, device=device, bf16=bf16,
+                               weight_decay=weight_decay, seed=seed, device=torch_device_name(accelerator, device), bf16=bf16,
                                io_batch_size=io_batch_size, block_size=block_size, log_every=log_every,
                                checkpoint_every=checkpoint_every, resume=resume, progress=progress,
-                               tokenizer_threads=tokenizer_threads)
+                               tokenizer_threads=tokenizer_threads, var_joinids=vj)
         if run:  # rank 0 (under torchrun the other ranks return nothing)
             typer.echo(json.dumps({k: run.get(k) for k in ("steps", "cells_this_call", "wall_s", "train_cells_per_s",
                                                            "data_wait_fraction", "final_loss")}))

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -172,7 +173,7 @@ def _device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AtlasmixError("--device cuda requested but CUDA is not available")
+        raise AtlasmixError(f"--accelerator {device} requested but CUDA is not available")
     return torch.device(device)
 
 
@@ -201,7 +202,8 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
                      seed: int = 0, device: str = "auto", bf16: bool = True, io_batch_size: int = 16384,
                      block_size: int = 64, prefetch_io: int = 2, io_threads: int = 2, log_every: int = 10,
                      checkpoint_every: int = 500, resume: bool = False, tokenizer_threads: int = 1,
-                     progress: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+                     progress: bool = False, stop_after: int | None = None,
+                     var_joinids: np.ndarray | None = None) -> dict[str, Any]:
     """Pretrain a Geneformer BertForMaskedLM on a manifest's train split, streamed from the store.
 
     Parameters
@@ -246,6 +248,9 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
     stop_after : int, optional
         Stop after this optimizer step as if interrupted (checkpoint and outputs written; the
         learning-rate schedule still spans ``max_steps``/``epochs``): time-boxed jobs, tests.
+    var_joinids : numpy.ndarray of int64, optional
+        A gene axis (``--genes``, :func:`atlasmix.mixing.genes.gene_axis_var_joinids`): the medians,
+        and so the vocabulary, keep only its human genes. Ignored with ``dictionaries``.
 
     Returns
     -------
@@ -305,7 +310,12 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
     else:
         from atlasmix.training.geneformer.medians import gene_medians, species_genes
 
-        med = gene_medians(store, manifest, "train", species_genes(store, "human"))
+        genes = species_genes(store, "human")
+        if var_joinids is not None:  # a --genes axis restricts the vocabulary
+            genes = np.intersect1d(genes, np.asarray(var_joinids, dtype=np.int64))
+            if len(genes) == 0:
+                raise AtlasmixError("no human gene on the --genes axis")
+        med = gene_medians(store, manifest, "train", genes)
         med = med[med["n_nonzero"] > 0]
         dicts = build_dictionaries(dict(zip(med["feature_id"], med["median"])), special_tokens=special)
         if rank == 0:
