@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 
 from atlasmix.cli import _plan_requests
 from atlasmix.ingest import QCPolicy, ingest
@@ -57,3 +59,31 @@ def test_shared_mixtures_on_the_real_store(shared_store):
     t = results["base_model"].table.to_pandas()
     ds = set(obs.loc[t.loc[t.split == "train", "soma_joinid"], "dataset_id"])
     assert ds and ds <= {"zheng_pbmc8k", "pbmc3k", "pisces_pbmc1k", "pbmc10k_cite", "pbmc5k_cite", "kang_ifnb"}
+
+
+@needs_shared
+@pytest.mark.slow
+def test_every_shared_example_trains_from_the_cli(shared_store, tmp_path):
+    """Each example mixture resolves and trains (LDVAE, 2 steps) through the CLI on an HVG axis, including
+    those whose datasets measure no gene in common (the default axis then refuses with a hint)."""
+    from atlasmix.cli import main
+
+    store = shared_store[0]
+    refused_default = []
+    for f in sorted((EXAMPLES / "shared").glob("*.toml")):
+        if f.name == "eval_sets.toml":
+            continue
+        man = tmp_path / f"{f.stem}.parquet"
+        main(["mix", "resolve", str(f), "--store", store.uri, "--out", str(man), "-q"])
+        args = ["train", "ldvae", "--store", store.uri, "--mixture", str(man), "--budget", "steps=2",
+                "--n-hidden", "16", "--n-layers", "1", "--no-validation", "--checkpoint-every", "0",
+                "--no-progress", "--accelerator", "cpu"]
+        try:
+            main([*args, "--out", str(tmp_path / f"{f.stem}_default")])
+        except SystemExit as e:  # the default all-shared axis is empty for this mixture
+            assert e.code == 2
+            refused_default.append(f.stem)
+        main([*args, "--out", str(tmp_path / f.stem), "--genes", "hvg:200"])
+        run = json.loads((tmp_path / f.stem / "run.json").read_text())
+        assert run["n_genes"] == 200 and run["training"]["steps"] == 2, f.stem
+    assert "base_full" in refused_default  # the case the issue reported: it now trains with --genes hvg
