@@ -266,10 +266,12 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException as e:  # click usage errors, Ctrl-C, and anything unexpected
         import click
 
-        if isinstance(e, click.exceptions.ClickException):
+        # typer >= 0.20 raises its own copy of click's exceptions (typer.TyperException subclasses)
+        if isinstance(e, click.exceptions.ClickException) or (isinstance(e, typer.TyperException)
+                                                              and hasattr(e, "show") and hasattr(e, "exit_code")):
             e.show()
             sys.exit(2)
-        if isinstance(e, (click.exceptions.Abort, KeyboardInterrupt)):
+        if isinstance(e, (click.exceptions.Abort, typer.Abort, KeyboardInterrupt)):
             print("error: interrupted", file=sys.stderr)
             sys.exit(130)
         if debug:

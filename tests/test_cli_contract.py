@@ -112,6 +112,15 @@ def test_unexpected_exception_in_a_subprocess_prints_no_traceback(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
+def test_usage_errors_are_clicks_message_not_a_traceback():
+    """typer 0.2x raises its own copy of click's exceptions; they must still print as usage errors."""
+    for args, msg in [(["store", "info"], "Missing argument"), (["--version"], "No such option"),
+                      (["train", "ldvae", "--no-such-flag"], "No such option")]:
+        r = run_cli(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert msg in r.stderr
+
+
 # ------------------------------------------------------------------------------------------ one vocabulary
 @pytest.mark.parametrize("cmd", [["train", "ldvae"], ["train", "geneformer"], ["geneformer", "embed"],
                                  ["eval", "run"], ["study", "run"]])
