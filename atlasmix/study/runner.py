@@ -630,7 +630,8 @@ def run_study(spec_path: str | Path | StudySpec, store, out: str | Path, *, root
     for n in names:
         p = mix_dir / f"{n}.toml"
         if not p.is_file():
-            raise AtlasmixError(f"mixture spec not found: {p}")
+            have = sorted(q.stem for q in mix_dir.glob("*.toml") if q.resolve() != eval_spec)
+            raise AtlasmixError(f"mixture {n!r} not found in {mix_dir} (there: {', '.join(have) or 'none'})")
         specs[n] = load_spec(p)
     if spec.scaling is not None and spec.scaling.base not in specs:
         raise AtlasmixError(f"scaling base {spec.scaling.base!r} is not among the study's mixtures")
