@@ -201,6 +201,25 @@ def test_geneformer_medians_follow_the_gene_axis(panels, tmp_path):
     assert "no gene in common" in _one_error_line(r)
 
 
+def test_an_error_inside_ldvae_training_is_not_masked(panels, tmp_path):
+    """scvi's checkpoint callback used to replace any training error by an AttributeError of its own."""
+    from lightning.pytorch.callbacks import Callback
+
+    from atlasmix.training.ldvae import train_ldvae
+
+    class Boom(Callback):
+        def on_train_batch_end(self, *a, **k):
+            raise RuntimeError("boom at the first step")
+
+    store, paths = panels
+    with pytest.raises(RuntimeError, match="boom at the first step"):
+        train_ldvae(store, paths["blood"], tmp_path / "o", budget="steps=3", n_hidden=16, n_layers=1,
+                    batch_size=64, checkpoint_every=1, progress=False, accelerator="cpu", callbacks=[Boom()])
+    r = run_cli("train", "ldvae", "--store", store.uri, "--mixture", paths["blood"], "--out", tmp_path / "lr",
+                "--lr", "-1", *LDVAE_SMALL)
+    assert "learning rate must be > 0" in _one_error_line(r)
+
+
 # ------------------------------------------------------------------------------------------ kill -9, resume
 def _start(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ)

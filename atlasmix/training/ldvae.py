@@ -190,12 +190,16 @@ def _checkpoint_callback(dirpath: Path, every: int):
                                      save_last=True, monitor=None)
             self.load_best_on_end = False
             self.loss_is_nan = False
+            self.check_nan_gradients = False  # scvi's attribute; its on_exception is not used (below)
 
         on_save_checkpoint = ModelCheckpoint.on_save_checkpoint
         _remove_checkpoint = ModelCheckpoint._remove_checkpoint
         _update_best_and_save = ModelCheckpoint._update_best_and_save
         on_train_end = ModelCheckpoint.on_train_end
         on_train_batch_end = ModelCheckpoint.on_train_batch_end
+        # scvi's on_exception reloads a "best" model that this callback never writes and masks the
+        # training error with an AttributeError; Lightning's (a no-op) lets the error through
+        on_exception = ModelCheckpoint.on_exception
 
     return EpochCheckpoint()
 
@@ -467,6 +471,8 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     out.mkdir(parents=True, exist_ok=True)
     if gene_likelihood not in ("nb", "zinb", "poisson"):
         raise AtlasmixError(f"gene likelihood must be nb, zinb or poisson, got {gene_likelihood!r}")
+    if not lr > 0:
+        raise AtlasmixError(f"the learning rate must be > 0, got {lr}")
     side = read_sidecar(manifest)
     seed_everything(seed, workers=True, verbose=False)
     scvi.settings.seed = seed
