@@ -144,6 +144,10 @@ def test_devices_other_than_one_is_one_line(panels, tmp_path):
     r = run_cli("train", "geneformer", "--store", store.uri, "--mixture", paths["blood"], "--out", tmp_path / "g",
                 "--accelerator", "tpu")
     assert "--accelerator 'tpu'" in _one_error_line(r)
+    for flag, value, msg in [("--max-steps", "0", "--max-steps must be >= 1"), ("--lr", "0", "learning rate")]:
+        r = run_cli("train", "geneformer", "--store", store.uri, "--mixture", paths["blood"], "--out",
+                    tmp_path / f"g{flag}", flag, value, "--accelerator", "cpu")
+        assert msg in _one_error_line(r)
 
 
 # ------------------------------------------------------------------------------------------ the gene axis

@@ -281,6 +281,10 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
         raise AtlasmixError(f"{out} is not empty (pass --resume to continue a run there)")
     if batch_size < 1 or group_batches < 1 or epochs < 1:
         raise AtlasmixError("batch size, group batches and epochs must be >= 1")
+    if max_steps is not None and max_steps < 1:
+        raise AtlasmixError(f"--max-steps must be >= 1, got {max_steps}")
+    if not lr > 0:
+        raise AtlasmixError(f"the learning rate must be > 0, got {lr}")
     L, special = mode_settings(mode, max_len)
     out.mkdir(parents=True, exist_ok=True)
     side = read_sidecar(manifest)
