@@ -122,10 +122,14 @@ def _select_rows(src_obs: pd.DataFrame, obs_filter: str | None) -> np.ndarray:
             df[c] = df[c].astype(str)
     df["__row"] = np.arange(len(df), dtype=np.int64)
     df = df.reset_index(names="barcode")
-    con = duckdb.connect(config={"enable_external_access": False})
+    from atlasmix.store.query import check_sql, run_bounded, safe_connection
+
+    check_sql(obs_filter, "--obs-filter")
+    con = safe_connection()
     try:
         con.register("src_obs", df)
-        rows = con.execute(f"SELECT __row FROM src_obs WHERE ({obs_filter}) ORDER BY __row").fetchnumpy()["__row"]
+        rows = run_bounded(con, lambda: con.execute(f"SELECT __row FROM src_obs WHERE ({obs_filter}\n) "
+                                                    "ORDER BY __row").fetchnumpy()["__row"], "--obs-filter")
     except duckdb.Error as e:
         raise IngestError(f"bad --obs-filter {obs_filter!r}: {str(e).splitlines()[0]}") from e
     finally:

@@ -58,7 +58,7 @@ from atlasmix.errors import AtlasmixError
 from atlasmix.mixing import sampling
 from atlasmix.mixing.spec import MixtureSpec, Selection, SketchOptions, SpecError, canonical_json, load_spec
 from atlasmix.store import schema as S
-from atlasmix.store.query import check_sql, safe_connection
+from atlasmix.store.query import check_sql, run_bounded, safe_connection
 
 #: Store obs columns a query can name.
 OBS_COLUMNS: tuple[str, ...] = tuple(f.name for f in S.OBS_SCHEMA)
@@ -71,10 +71,6 @@ CATALOG_IN_OBS: dict[str, str] = {
 SPLITS = ("train", "validation", "eval")
 _SELECT_START = re.compile(r"^\s*(\(\s*)*(SELECT|WITH|FROM|VALUES)\b", re.IGNORECASE)
 #: Functions whose value changes between runs: a spec using them could not resolve reproducibly.
-_NONDETERMINISTIC = re.compile(r"\b(random|setseed|uuid|gen_random_uuid|uuidv4|uuidv7|now|today|get_current_time|"
-                               r"get_current_timestamp|current_localtimestamp|current_localtime)\s*\(|"
-                               r"\bcurrent_(timestamp|date|time)\b", re.IGNORECASE)
-
 
 # ---------------------------------------------------------------------------------------------- spec tree
 @dataclasses.dataclass
@@ -239,24 +235,24 @@ class ObsContext:
         if key == "sql":
             text = re.sub(r";\s*$", "", text)
         check_sql(text, f"{label}.{key}")
-        _check_deterministic(text, f"{label}.{key}")
         if key == "sql" and not _SELECT_START.match(text):
             raise AtlasmixError(f"refused {label}.sql: must be a SELECT query returning soma_joinid")
         self.load_extras(text)
         extra = "".join(f', o."{c}"' for c in columns)
         if key == "where":
-            q = f"SELECT o.soma_joinid{extra} FROM obs o WHERE ({text})"
+            q = f"SELECT o.soma_joinid{extra} FROM obs o WHERE ({text}\n)"  # \n: a trailing -- comment ends
         else:
-            q = (f"SELECT o.soma_joinid{extra} FROM obs o SEMI JOIN ({text}) AS _q "
+            q = (f"SELECT o.soma_joinid{extra} FROM obs o SEMI JOIN ({text}\n) AS _q "
                  "ON o.soma_joinid = _q.soma_joinid")
         try:
             if key == "sql":
-                outside = self.con.execute(f"SELECT count(*) FROM (SELECT DISTINCT soma_joinid FROM ({text}) AS _q) "
-                                           "AS _q2 ANTI JOIN obs ON obs.soma_joinid = _q2.soma_joinid").fetchall()[0][0]
+                outside = run_bounded(self.con, lambda: self.con.execute(
+                    f"SELECT count(*) FROM (SELECT DISTINCT soma_joinid FROM ({text}\n) AS _q) "
+                    "AS _q2 ANTI JOIN obs ON obs.soma_joinid = _q2.soma_joinid").fetchall()[0][0], f"{label}.{key}")
                 if outside:
                     raise AtlasmixError(f"{label}.sql returns {outside:,} soma_joinids that are not visible cells "
                                         "of the store")
-            return self.con.sql(q).to_arrow_table()
+            return run_bounded(self.con, lambda: self.con.sql(q).to_arrow_table(), f"{label}.{key}")
         except duckdb.Error as e:
             msg = str(e).splitlines()[0]
             if key == "sql" and "soma_joinid" in msg:
@@ -276,13 +272,6 @@ class ObsContext:
             r[jid] = np.arange(len(jid), dtype=dt)
             self._row_of = r
         return self._row_of
-
-
-def _check_deterministic(text: str, what: str) -> None:
-    m = _NONDETERMINISTIC.search(text)
-    if m:
-        raise AtlasmixError(f"refused {what}: {m.group(0).strip()!r} changes between runs, so the manifest would not "
-                            "be reproducible; use a strategy and the spec seed to sample")
 
 
 def read_obs(store, columns: list[str]) -> pa.Table:

@@ -3,6 +3,11 @@
 duckdb runs with ``enable_external_access=false`` (no files, no network, no extensions) and
 ``lock_configuration=true`` (a query cannot switch that back on); the user text is a single
 predicate placed inside ``SELECT soma_joinid FROM obs WHERE (...)``, and statements are refused.
+Every query runs with a memory limit, a thread limit, no spilling to disk and a wall-clock limit
+that interrupts it (:data:`SQL_MEMORY_LIMIT`, :data:`SQL_THREADS`, :data:`SQL_TIMEOUT_S`), and SQL
+whose result changes between runs (sampling, random numbers, clocks, LIMIT without ORDER BY) is
+refused, so that the same spec on the same store always gives the same manifest
+(``tests/test_sql_hostile.py`` holds the corpus of refused queries).
 """
 
 from __future__ import annotations
@@ -17,27 +22,110 @@ from atlasmix.errors import AtlasmixError
 from atlasmix.store import schema as S
 from atlasmix.store.store import Store
 
-FORBIDDEN = re.compile(r";|\b(COPY|ATTACH|DETACH|INSTALL|LOAD|PRAGMA|SET|CREATE|DROP|ALTER|INSERT|UPDATE|DELETE|"
-                       r"EXPORT|IMPORT|CALL)\b|read_\w+\s*\(|\bglob\s*\(", re.IGNORECASE)
+FORBIDDEN = re.compile(r";|\b(COPY|ATTACH|DETACH|INSTALL|LOAD|PRAGMA|SET|RESET|CREATE|DROP|ALTER|INSERT|UPDATE|DELETE|"
+                       r"EXPORT|IMPORT|CALL|CHECKPOINT|VACUUM|USE)\b|\b(read_\w+|glob|sniff_csv|parquet_\w+|"
+                       r"iceberg_\w+|delta_scan|query|query_table|getenv)\s*\(|\b(FROM|JOIN)\s+'", re.IGNORECASE)
+#: SQL whose result changes between runs on the same data: sampling, random numbers, clocks, and row
+#: choices that depend on the (multi-threaded) scan order.
+NONDETERMINISTIC = re.compile(
+    r"\bUSING\s+SAMPLE\b|\bTABLESAMPLE\b|\b(reservoir|bernoulli)\b|"
+    r"\b(random|setseed|uuid|gen_random_uuid|uuidv4|uuidv7|now|today|get_current_time|get_current_timestamp|"
+    r"current_localtimestamp|current_localtime|transaction_timestamp|epoch_ms_now|any_value|arbitrary|first|last|"
+    r"reservoir_quantile|approx_quantile|approx_count_distinct|approx_top_k)\s*\(|"
+    r"\bcurrent_(timestamp|date|time)\b", re.IGNORECASE)
+_LITERAL = re.compile(r"'(?:[^']|'')*'")
+_COMMENT = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+_WINDOW = re.compile(r"\bOVER\s*\(([^()]*)\)", re.IGNORECASE)
+
+#: Limits of every duckdb query over obs (environment variables override them).
+SQL_MEMORY_LIMIT = "2GB"   # ATLASMIX_SQL_MEMORY_LIMIT
+SQL_THREADS = 2            # ATLASMIX_SQL_THREADS
+SQL_TIMEOUT_S = 120.0      # ATLASMIX_SQL_TIMEOUT_S
+
+
+def _limits() -> tuple[str, int, float]:
+    import os
+
+    return (os.environ.get("ATLASMIX_SQL_MEMORY_LIMIT", SQL_MEMORY_LIMIT),
+            int(os.environ.get("ATLASMIX_SQL_THREADS", SQL_THREADS)),
+            float(os.environ.get("ATLASMIX_SQL_TIMEOUT_S", SQL_TIMEOUT_S)))
 
 
 def safe_connection() -> duckdb.DuckDBPyConnection:
-    """An in-memory duckdb connection with external access disabled and its configuration locked."""
-    return duckdb.connect(config={"enable_external_access": False, "lock_configuration": True})
+    """An in-memory duckdb connection for user SQL: no file or network access, no spilling to disk,
+    a memory limit and a thread limit (:data:`SQL_MEMORY_LIMIT`, :data:`SQL_THREADS`), configuration
+    locked so that a query cannot lift any of them."""
+    mem, threads, _ = _limits()
+    return duckdb.connect(config={"enable_external_access": False, "memory_limit": mem, "threads": threads,
+                                  "temp_directory": "", "lock_configuration": True})
+
+
+def _scan_text(text: str) -> str:
+    """``text`` without comments and string literals (so that ``cell_type = 'random'`` is not a call)."""
+    return _LITERAL.sub("''", _COMMENT.sub(" ", text))
 
 
 def check_sql(text: str, what: str = "query") -> None:
-    """Refuse statements and file/network access in user SQL.
+    """Refuse statements, file/network access and nondeterministic SQL in user text.
+
+    Scanned after removing comments and string literals. Refused: ``;`` (several statements),
+    DDL/DML, ``COPY``/``ATTACH``/``INSTALL``/``LOAD``/``PRAGMA``/``SET``/``RESET``/``USE``, table
+    functions that read files or run SQL strings (``read_*``, ``glob``, ``sniff_csv``, ``parquet_*``,
+    ``query``, ``query_table``...), ``FROM 'file'``; and anything whose result changes between runs
+    (:data:`NONDETERMINISTIC`: ``USING SAMPLE``, ``TABLESAMPLE``, ``reservoir``, ``random()``,
+    ``setseed()``, ``uuid()``, clocks, ``any_value``/``first``/``last``, approximate aggregates),
+    ``LIMIT``/``OFFSET`` without ``ORDER BY`` and window functions without ``ORDER BY``.
 
     Raises
     ------
     AtlasmixError
-        ``text`` contains ``;``, DDL/DML, ``COPY``/``ATTACH``/``INSTALL``/``LOAD``/``PRAGMA``/``SET`` or a
-        ``read_*(...)``/``glob(...)`` table function.
+        One line naming ``what`` and the refused text.
     """
-    m = FORBIDDEN.search(text)
+    bare = _scan_text(text)
+    m = FORBIDDEN.search(bare)
     if m:
         raise AtlasmixError(f"refused {what}: {m.group(0).strip()!r} is not allowed (read-only SELECT over obs only)")
+    m = NONDETERMINISTIC.search(bare)
+    why = "changes between runs, so the manifest would not be reproducible; use a strategy and the spec seed to sample"
+    if m:
+        raise AtlasmixError(f"refused {what}: {m.group(0).strip()!r} {why}")
+    if re.search(r"\b(LIMIT|OFFSET)\b", bare, re.IGNORECASE) and not re.search(r"\bORDER\s+BY\b", bare, re.IGNORECASE):
+        raise AtlasmixError(f"refused {what}: LIMIT/OFFSET without ORDER BY picks rows in scan order, which "
+                            "changes between runs; add ORDER BY (e.g. soma_joinid)")
+    for w in _WINDOW.finditer(bare):
+        if not re.search(r"\bORDER\s+BY\b", w.group(1), re.IGNORECASE):
+            raise AtlasmixError(f"refused {what}: window {w.group(0)!r} without ORDER BY numbers rows in scan "
+                                "order, which changes between runs")
+
+
+def run_bounded(con: duckdb.DuckDBPyConnection, fn, what: str):
+    """Run ``fn()`` (a duckdb call on ``con``) under the wall-clock limit :data:`SQL_TIMEOUT_S`.
+
+    The query is interrupted (``con.interrupt()``) when the time is up; running out of the
+    connection's memory limit is reported the same way.
+
+    Raises
+    ------
+    AtlasmixError
+        Interrupted at the time limit, or over the memory limit: one line naming ``what``, the limit
+        and the environment variable that raises it.
+    """
+    import threading
+
+    mem, _, timeout = _limits()
+    timer = threading.Timer(timeout, con.interrupt)
+    timer.daemon = True
+    timer.start()
+    try:
+        return fn()
+    except duckdb.InterruptException:
+        raise AtlasmixError(f"{what}: stopped after {timeout:g} s (the query time limit; ATLASMIX_SQL_TIMEOUT_S "
+                            "raises it)") from None
+    except duckdb.OutOfMemoryException:
+        raise AtlasmixError(f"{what}: stopped at the {mem} memory limit of a query (ATLASMIX_SQL_MEMORY_LIMIT "
+                            "raises it)") from None
+    finally:
+        timer.cancel()
 
 
 def select_joinids(store: Store, where: str) -> np.ndarray:
@@ -61,7 +149,8 @@ def select_joinids(store: Store, where: str) -> np.ndarray:
     con = safe_connection()
     try:
         con.register("obs", obs)
-        res = con.execute(f"SELECT soma_joinid FROM obs WHERE ({where}) ORDER BY soma_joinid").fetchnumpy()
+        res = run_bounded(con, lambda: con.execute(f"SELECT soma_joinid FROM obs WHERE ({where}\n) "
+                                                   "ORDER BY soma_joinid").fetchnumpy(), "--where")
     except duckdb.Error as e:
         raise AtlasmixError(f"bad --where {where!r}: {str(e).splitlines()[0]}") from e
     finally:
