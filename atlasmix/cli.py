@@ -126,6 +126,7 @@ def ingest_cmd(
     gene_id_column: Annotated[Optional[str], typer.Option(help="var column holding gene ids/symbols (default: var index)")] = None,
     gene_table: Annotated[Optional[str], typer.Option(help="GTF or CSV gene table instead of the built-in one")] = None,
     layer: Annotated[Optional[str], typer.Option(help="X (default), raw (raw/X) or a layer name; X layer for SOMA")] = None,
+    genome: Annotated[Optional[str], typer.Option(help="Genome of a multi-genome 10x HDF5 file (e.g. GRCh38, mm10)")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="h5ad | zarr | mex | 10x_h5 | soma (default: detect)")] = None,
     assume_counts: Annotated[bool, typer.Option(help="Accept non-integer values as counts")] = False,
     on_duplicate_genes: Annotated[str, typer.Option(help="sum | refuse")] = "sum",
@@ -147,7 +148,7 @@ def ingest_cmd(
 
     qc = QCPolicy(max_pct_counts_mt=qc_max_pct_mt, min_total_counts=qc_min_counts, min_genes=qc_min_genes)
     common = dict(organism=organism, tissue=tissue, assume_counts=assume_counts, on_duplicate_genes=on_duplicate_genes,
-                  on_duplicate_cells=on_duplicate_cells, replace=replace, qc=qc, layer=layer, gene_table=gene_table, format=fmt)
+                  on_duplicate_cells=on_duplicate_cells, replace=replace, qc=qc, layer=layer, gene_table=gene_table, format=fmt, genome=genome)
     if plan is not None:
         if source or dataset_id:
             raise AtlasmixError("give either SOURCE --dataset-id or --plan, not both")

@@ -87,6 +87,7 @@ class DatasetRequest(BaseModel):
     gene_id_column: str | None = None
     gene_table: str | None = None
     layer: str | None = None
+    genome: str | None = None
     assume_counts: bool = False
     on_duplicate_genes: Literal["sum", "refuse"] = "sum"
     on_duplicate_cells: Literal["warn", "refuse"] = "warn"
@@ -222,7 +223,7 @@ def prepare(req: DatasetRequest, chunk_size: int = 8192, context=None) -> Prepar
     fmt = req.format or detect_format(req.source)
     # SOMA sources get the filter pushed down as a tiledbsoma value_filter; files filter with duckdb
     reader = open_reader(req.source, fmt, req.layer, value_filter=req.obs_filter if fmt == "soma" else None,
-                         context=context)
+                         context=context, genome=req.genome)
     try:
         src_obs = reader.obs()
         if req.obs_table:

@@ -78,11 +78,21 @@ def detect_format(source: str) -> str:
         with h5py.File(p, "r") as f:
             if "matrix" in f and "barcodes" in f["matrix"]:
                 return "10x_h5"
+            if _cr2_genomes(f):  # Cell Ranger 2.x: one group per genome
+                return "10x_h5"
             if "X" in f and "obs" in f:
                 return "h5ad"
     except OSError as e:
         raise IngestError(f"truncated or unreadable HDF5 file {p.name}: {e}") from e
     raise IngestError(f"unknown format: HDF5 file {p.name} is neither h5ad nor 10x HDF5")
+
+
+_CR2_KEYS = {"barcodes", "data", "indices", "indptr", "shape", "genes"}
+
+
+def _cr2_genomes(f: h5py.File) -> list[str]:
+    """Genome groups of a Cell Ranger 2.x HDF5 file (each holds its own genes x cells CSC matrix)."""
+    return [k for k in f.keys() if isinstance(f[k], h5py.Group) and _CR2_KEYS <= set(f[k].keys())]
 
 
 class Reader:
@@ -123,32 +133,76 @@ class AnnDataReader(Reader):
                 import zarr
 
                 self._file = zarr.open_group(path, mode="r")
-            self._obs = ad.io.read_elem(self._file["obs"])
+            self._obs = self._read_frame(self._file["obs"])
             if layer in (None, "X"):
                 xg, varg = self._file["X"], self._file["var"]
             elif layer == "raw":
-                if "raw" not in self._file:
+                if "raw" in self._file:
+                    xg, varg = self._file["raw/X"], self._file["raw/var"]
+                elif "raw.X" in self._file:  # anndata < 0.7 stored raw as raw.X / raw.var
+                    xg, varg = self._file["raw.X"], self._file["raw.var"]
+                else:
                     raise IngestError(f"{Path(path).name} has no raw/X")
-                xg, varg = self._file["raw/X"], self._file["raw/var"]
             else:
                 if "layers" not in self._file or layer not in self._file["layers"]:
                     raise IngestError(f"{Path(path).name} has no layer {layer!r}")
                 xg, varg = self._file["layers"][layer], self._file["var"]
-            self._var = ad.io.read_elem(varg)
+            self._var = self._read_frame(varg)
+            self._legacy_categories()
             self._uns_prov = self._read_provenance()
         except IngestError:
             raise
         except Exception as e:  # truncated datasets, broken encodings
             raise IngestError(f"unreadable {fmt} file {Path(path).name}: {type(e).__name__}: {e}".splitlines()[0]) from e
-        enc = dict(xg.attrs).get("encoding-type", "array")
-        if enc in ("csr_matrix", "csc_matrix"):
-            self._X = ad.io.sparse_dataset(xg)
-        else:
+        attrs = dict(xg.attrs)
+        enc = attrs.get("encoding-type", "array")
+        if enc in ("csr_matrix", "csc_matrix") or "h5sparse_format" in attrs:  # h5sparse: anndata < 0.7
+            try:
+                self._X = ad.io.sparse_dataset(xg)
+            except Exception as e:
+                raise IngestError(f"unreadable sparse X in {Path(path).name}: {type(e).__name__}: {e}"
+                                  .splitlines()[0]) from e
+        elif hasattr(xg, "shape") and len(xg.shape) == 2:  # dense X, read in row chunks like sparse X
             self._X = xg
+        else:
+            raise IngestError(f"{Path(path).name}: X has encoding {enc!r}, not a 2-d dense or CSR/CSC matrix")
         self._enc = enc
         self.n_obs = len(self._obs)
         if self._X.shape != (len(self._obs), len(self._var)):
             raise IngestError(f"{Path(path).name}: X shape {tuple(self._X.shape)} does not match obs x var")
+
+    def _read_frame(self, elem) -> pd.DataFrame:
+        """obs/var through anndata's own dataframe reader, which also reads the pre-0.7 encoding
+        (a structured array whose first field is the index). anndata exposes it only as
+        ``anndata._io.{h5ad,zarr}.read_dataframe`` (what ``read_h5ad``/``read_zarr`` call)."""
+        import warnings
+
+        if self.format == "h5ad":
+            from anndata._io.h5ad import read_dataframe
+        else:
+            from anndata._io.zarr import read_dataframe
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # OldFormatWarning: we read it, and say so in the provenance
+            df = read_dataframe(elem)
+        if not isinstance(df, pd.DataFrame):
+            raise IngestError(f"{Path(self.path).name}: {elem.name} is not a dataframe")
+        self.legacy = getattr(self, "legacy", False) or not hasattr(elem, "keys")
+        return df
+
+    def _legacy_categories(self) -> None:
+        """anndata < 0.7 stored categorical obs/var columns as integer codes plus ``uns/<col>_categories``;
+        anndata's own compat step (``anndata.compat._clean_uns``) turns them back into categoricals."""
+        if not getattr(self, "legacy", False) or "uns" not in self._file:
+            return
+        import types
+
+        import anndata as ad
+        from anndata.compat import _clean_uns
+
+        uns = {k: ad.io.read_elem(self._file["uns"][k]) for k in self._file["uns"].keys() if k.endswith("_categories")}
+        uns = {k: (v.astype(str) if isinstance(v, np.ndarray) and v.dtype.kind == "S" else v) for k, v in uns.items()}
+        if uns:
+            _clean_uns(types.SimpleNamespace(obs=self._obs, var=self._var, uns=uns))
 
     def _read_provenance(self) -> dict:
         try:
@@ -247,35 +301,76 @@ class MexReader(Reader):
 
 
 class TenxH5Reader(Reader):
-    """10x Genomics HDF5 feature-barcode matrix (Cell Ranger >= 3 ``matrix`` group; v2 genome groups too).
+    """10x Genomics HDF5 feature-barcode matrix: Cell Ranger >= 3 (``matrix`` group, ``features/*``) and
+    Cell Ranger 2.x (one group per genome with ``genes``/``gene_names``), as ``scanpy.read_10x_h5`` reads them.
 
-    The file stores CSC of genes x cells = CSR of cells x genes, so rows are sliced through ``indptr``.
+    Multi-genome files (several CR2 genome groups, or CR3 ``features/genome`` with several values) need
+    ``genome``; without it the reader refuses with the list of genomes. Only ``Gene Expression``
+    features are kept. The file stores CSC of genes x cells = CSR of cells x genes, so rows are sliced
+    through ``indptr``.
+
+    Raises
+    ------
+    IngestError
+        Multi-genome file without ``genome``, an unknown ``genome``, or a truncated file.
     """
 
     format = "10x_h5"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, genome: str | None = None):
         self.path = path
         self._f = h5py.File(path, "r")
-        g = self._f["matrix"] if "matrix" in self._f else self._f[list(self._f.keys())[0]]
-        self._g = g
+        name = Path(path).name
         try:
-            if "features" in g:
+            if "matrix" in self._f:
+                g = self._f["matrix"]
                 ids = g["features/id"][:].astype(str)
                 names = g["features/name"][:].astype(str)
-                ftype = g["features/feature_type"][:].astype(str) if "feature_type" in g["features"] else None
+                feats = g["features"]
+                keep = (feats["feature_type"][:].astype(str) == "Gene Expression") if "feature_type" in feats \
+                    else np.ones(len(ids), bool)
+                if "genome" in feats:
+                    gen = feats["genome"][:].astype(str)
+                    have = sorted(set(gen[keep]))
+                    if len(have) > 1 and genome is None:
+                        raise IngestError(f"{name} holds {len(have)} genomes ({', '.join(have)}); choose one with "
+                                          "--genome NAME")
+                    if genome is not None:
+                        if genome not in have:
+                            raise IngestError(f"{name} has no genome {genome!r} (it has: {', '.join(have)})")
+                        keep &= gen == genome
             else:
-                ids, names, ftype = g["genes"][:].astype(str), g["gene_names"][:].astype(str), None
+                groups = _cr2_genomes(self._f)
+                if not groups:
+                    raise IngestError(f"{name}: no 'matrix' group and no Cell Ranger 2 genome group")
+                if genome is None and len(groups) > 1:
+                    raise IngestError(f"{name} holds {len(groups)} genomes ({', '.join(groups)}); choose one with "
+                                      "--genome NAME")
+                if genome is not None and genome not in groups:
+                    raise IngestError(f"{name} has no genome {genome!r} (it has: {', '.join(groups)})")
+                g = self._f[genome or groups[0]]
+                ids = g["genes"][:].astype(str)
+                names = g["gene_names"][:].astype(str) if "gene_names" in g else ids
+                keep = np.ones(len(ids), bool)
+            self._g = g
             self._barcodes = g["barcodes"][:].astype(str)
             self._indptr = g["indptr"][:]
             self._shape = tuple(int(x) for x in g["shape"][:])
+        except IngestError:
+            self._f.close()
+            raise
         except Exception as e:
-            raise IngestError(f"truncated or corrupt 10x HDF5 {Path(path).name}: {type(e).__name__}") from e
-        self._keep = np.ones(len(ids), bool) if ftype is None else (ftype == "Gene Expression")
-        self._var = pd.DataFrame({"gene_ids": ids[self._keep], "gene_symbols": names[self._keep]},
-                                 index=pd.Index(ids[self._keep]))
+            self._f.close()
+            raise IngestError(f"truncated or corrupt 10x HDF5 {name}: {type(e).__name__}") from e
+        if self._shape != (len(ids), len(self._barcodes)) or len(self._indptr) != len(self._barcodes) + 1:
+            self._f.close()
+            raise IngestError(f"{name}: shape {self._shape} does not match {len(ids)} features x "
+                              f"{len(self._barcodes)} barcodes")
+        self._keep = keep
+        self._var = pd.DataFrame({"gene_ids": ids[keep], "gene_symbols": names[keep]}, index=pd.Index(ids[keep]))
         self._obs = pd.DataFrame(index=pd.Index(self._barcodes))
         self.n_obs = len(self._barcodes)
+        self.genome = genome
 
     def obs(self):
         return self._obs
@@ -362,7 +457,7 @@ class SomaReader(Reader):
 
 
 def open_reader(source: str, fmt: str | None = None, layer: str | None = None,
-                value_filter: str | None = None, context=None) -> Reader:
+                value_filter: str | None = None, context=None, genome: str | None = None) -> Reader:
     """Open ``source`` with the reader for ``fmt`` (auto-detected when None).
 
     Raises
@@ -375,10 +470,12 @@ def open_reader(source: str, fmt: str | None = None, layer: str | None = None,
         raise IngestError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt in ("h5ad", "zarr"):
         return AnnDataReader(source, fmt, layer)
+    if genome is not None and fmt != "10x_h5":
+        raise IngestError(f"--genome applies to 10x HDF5 files, not {fmt}")
     if fmt == "mex":
         return MexReader(source)
     if fmt == "10x_h5":
-        return TenxH5Reader(source)
+        return TenxH5Reader(source, genome)
     return SomaReader(source, layer=layer, value_filter=value_filter, context=context)
 
 
