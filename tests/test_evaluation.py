@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from atlasmix.evaluation import metrics as M
-from tests.conftest import SHARED, needs_shared, run_cli
+from tests.conftest import SHARED, in_sql, needs_shared, run_cli
 
 PBMC3K = SHARED / "pbmc3k_hvg2000.h5ad"
 
@@ -133,26 +133,29 @@ def test_knn_and_few_shot_on_pbmc3k_pca_baseline():
     assert met["nmi"] > 0.5 and 0.5 < met["silhouette_label"] <= 1
 
 
-EVAL_TOML = """name = "test_eval"
+def eval_toml(dataset_id: str) -> str:
+    """30 % of one dataset's cells as the eval set ``pbmc3k_part`` (pbmc3k itself on the shared store)."""
+    return f"""name = "test_eval"
 seed = 3
 [eval_sets.pbmc3k_part]
-where = "dataset_id = 'pbmc3k'"
+where = "dataset_id = '{dataset_id}'"
 fraction = 0.3
 """
 
 
 @pytest.fixture(scope="module")
-def trained(shared_store, tmp_path_factory):
-    """A tiny LDVAE trained on kang_ifnb + pisces_pbmc1k, with pbmc3k cells held out as an eval set."""
+def trained(lake, tmp_path_factory):
+    """A tiny LDVAE trained on two datasets (kang_ifnb + pisces_pbmc1k on the shared store), with cells of
+    a third (pbmc3k) held out as an eval set; the simulated stand-in store when ../shared/data is absent."""
     from atlasmix.mixing import loads_spec, resolve, write_manifest
     from atlasmix.training.ldvae import train_ldvae
     from atlasmix.mixing.genes import mixture_genes
 
-    store = shared_store[0]
+    store, names = lake
     d = tmp_path_factory.mktemp("evaluation")
-    (d / "eval_sets.toml").write_text(EVAL_TOML)
+    (d / "eval_sets.toml").write_text(eval_toml(names[2]))
     spec = loads_spec('name = "pbmc_mix"\nseed = 1\nvalidation_fraction = 0.1\nexclude = ["eval_sets.toml"]\n'
-                      '[[components]]\nname = "pbmc"\nwhere = "dataset_id IN (\'kang_ifnb\', \'pisces_pbmc1k\')"\n'
+                      f'[[components]]\nname = "pbmc"\nwhere = "{in_sql(names[:2])}"\n'
                       'n_cells = 600\n', "mix.toml")
     write_manifest(resolve(spec, store, base_dir=d), d / "mix.parquet")
     cells = pd.read_parquet(d / "mix.parquet")["soma_joinid"].to_numpy()
@@ -160,14 +163,13 @@ def trained(shared_store, tmp_path_factory):
     genes = var.loc[mixture_genes(store, cells)[:120], "feature_id"].tolist()
     train_ldvae(store, d / "mix.parquet", d / "ldvae", max_epochs=1, n_hidden=16, n_layers=1, batch_size=128,
                 io_batch_size=512, checkpoint_every=0, progress=False, accelerator="cpu", genes=genes, prior_cells=1000)
-    return store, d
+    return store, d, names
 
 
-@needs_shared
 def test_ldvae_outputs_match_scvi(trained):
     from atlasmix.evaluation.models import load_model
 
-    _, d = trained
+    _, d, names = trained
     m = load_model(d / "ldvae")
     assert m.kind == "ldvae" and m.mixture == "pbmc_mix" and len(m.feature_ids) == 120
     ad = m.model.adata[:48].copy()
@@ -186,18 +188,19 @@ def test_ldvae_outputs_match_scvi(trained):
         ref = m.model.get_normalized_expression(ad, library_size=1e4, batch_size=16, return_numpy=True)
     np.testing.assert_allclose(expr, ref, rtol=1e-4, atol=1e-3)
     # a dataset without training cells (pbmc3k: in the loader's categories only as eval cells) is unseen
-    c2, s2 = m.batch_codes(pd.DataFrame({"dataset_id": ["pbmc3k", "kang_ifnb", "elsewhere"]}))
+    c2, s2 = m.batch_codes(pd.DataFrame({"dataset_id": [names[2], names[1], "elsewhere"]}))
     assert s2.tolist() == [False, True, False] and c2[0] == c2[2] == m.reference_code
 
 
-@needs_shared
 def test_overlap_is_refused(trained, tmp_path):
-    store, d = trained
+    store, d, names = trained
     bad = tmp_path / "bad_eval.toml"
-    bad.write_text('name = "bad"\n[eval_sets.kang_all]\nwhere = "dataset_id = \'kang_ifnb\'"\n')
+    bad.write_text(f'name = "bad"\n[eval_sets.kang_all]\nwhere = "dataset_id = \'{names[1]}\'"\n')
     r = run_cli("eval", "run", "--store", store.uri, "--eval-sets", bad, "--models", d / "ldvae", "--out", tmp_path / "r")
     assert r.returncode == 2 and "shares" in r.stderr and "kang_all" in r.stderr and "training" in r.stderr
     assert not (tmp_path / "r" / "results.parquet").exists()
+    if names[1] != "kang_ifnb":
+        return  # the external-file part needs the shared data's source files
     # the source file of a training dataset is refused as an external set too (in-process: faster)
     from atlasmix.errors import AtlasmixError
     from atlasmix.evaluation.evalsets import file_eval_set
@@ -210,9 +213,8 @@ def test_overlap_is_refused(trained, tmp_path):
     assert check_overlap(m, file_eval_set(PBMC3K, cell_type_column="classified"), store)["checked"]
 
 
-@needs_shared
 def test_cli_run_and_report(trained, tmp_path):
-    store, d = trained
+    store, d, names = trained
     out = tmp_path / "res"
     r = run_cli("eval", "run", "--store", store.uri, "--eval-sets", d / "eval_sets.toml", "--models", d / "ldvae",
                 "--out", out, "--few-shot-seeds", "1", "--few-shot-fractions", "0.5,1", "--batch-size", "256")
@@ -223,7 +225,8 @@ def test_cli_run_and_report(trained, tmp_path):
     assert set(res["model"]) == {"ldvae", "pca", "data"} and set(res["eval_set"]) == {"pbmc3k_part"}
     v = res.set_index(["model", "metric"])["value"]
     n = int(v[("data", "n_cells")])
-    assert 700 < n < 900  # 30 % of 2,638
+    n_set = int((store.obs(["dataset_id"]).to_pandas()["dataset_id"] == names[2]).sum())
+    assert abs(n - 0.3 * n_set) <= 0.05 * n_set  # 30 % of the set's dataset (pbmc3k: 2,638 cells)
     assert -1 < v[("ldvae", "recon_pearson_median")] < 1 and v[("ldvae", "recon_n_hvg")] >= 100
     assert v[("ldvae", "batch_unseen_fraction")] == 1.0
     assert v[("pca", "knn_macro_f1")] > 0.6 and v[("ldvae", "knn_macro_f1")] > 1 / 9
@@ -254,7 +257,7 @@ def gf_run(trained):
     from atlasmix.training.geneformer.dictionaries import build_dictionaries, load_dictionaries, write_dictionaries
     from atlasmix.training.geneformer.pretrain import train_geneformer
 
-    store, d = trained
+    store, d, _ = trained
     torch.set_num_threads(1)
     gf = SHARED.parent / "geneformer"
     var = store.var()
@@ -271,7 +274,6 @@ def gf_run(trained):
     return d / "gf"
 
 
-@needs_shared
 def test_geneformer_evaluation_and_report(trained, gf_run, tmp_path):
     import torch
 
@@ -282,7 +284,7 @@ def test_geneformer_evaluation_and_report(trained, gf_run, tmp_path):
     from atlasmix.training.geneformer.embed import embed_cells
 
     torch.set_num_threads(1)
-    store, d = trained
+    store, d, _ = trained
     m = load_model(gf_run)
     assert isinstance(m, GeneformerAdapter) and m.name == "gf" and m.mixture == "pbmc_mix" and m.max_len == 128
     m2 = load_model(gf_run / "model")  # OUT/model: run.json found in the parent
@@ -334,7 +336,7 @@ def test_geneformer_overlap_refusal_and_file_sets(trained, gf_run, tmp_path):
     from atlasmix.evaluation.run import check_overlap, evaluate, geneformer_outputs
 
     torch.set_num_threads(1)
-    store, d = trained
+    store, d, _ = trained
     bad = tmp_path / "bad_eval.toml"
     bad.write_text('name = "bad"\n[eval_sets.kang_all]\nwhere = "dataset_id = \'kang_ifnb\'"\n')
     with pytest.raises(AtlasmixError, match="shares .* training manifest of model gf"):

@@ -10,18 +10,17 @@ import pytest
 import torch
 
 from atlasmix.mixing import loads_spec, resolve, write_manifest
-from tests.conftest import run_cli
+from tests.conftest import in_sql, run_cli
 
-PBMC = "dataset_id IN ('pbmc3k', 'pisces_pbmc1k', 'kang_ifnb')"
 SMALL = ["--max-epochs", "2", "--n-hidden", "16", "--n-layers", "1", "--batch-size", "128", "--io-batch-size", "512",
          "--checkpoint-every", "1", "--no-progress", "--accelerator", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def mix(shared_store, tmp_path_factory):
-    store = shared_store[0]
+def mix(lake, tmp_path_factory):
+    store, names = lake
     spec = loads_spec(f'name = "ldvae"\nseed = 2\nvalidation_fraction = 0.2\n[[components]]\nname = "pbmc"\n'
-                      f'where = "{PBMC}"\nn_cells = 700\n', "ldvae.toml")
+                      f'where = "{in_sql(names[:3])}"\nn_cells = 700\n', "ldvae.toml")
     d = tmp_path_factory.mktemp("ldvae")
     path = d / "ldvae.parquet"
     write_manifest(resolve(spec, store), path)
@@ -34,7 +33,7 @@ def mix(shared_store, tmp_path_factory):
     return store, path, d / "genes.txt", genes
 
 
-def test_train_save_load_loadings_latents(mix, tmp_path):
+def test_train_save_load_loadings_latents(mix, lake, tmp_path):
     import scvi
 
     store, path, genes_file, genes = mix
@@ -50,7 +49,7 @@ def test_train_save_load_loadings_latents(mix, tmp_path):
     assert run["n_genes"] == 150 and run["epochs_run_this_call"] == 2
     assert run["n_cells"]["train"] + run["n_cells"]["validation"] == 700
     assert run["options"]["n_latent"] == 10 and run["options"]["gene_likelihood"] == "nb"
-    assert sorted(run["batch_categories"]) == ["kang_ifnb", "pbmc3k", "pisces_pbmc1k"]
+    assert sorted(run["batch_categories"]) == sorted(lake[1][:3])
 
     model = scvi.model.LinearSCVI.load(str(out / "model"))
     assert model.adata.n_obs <= 1000 and list(model.adata.var_names) == genes  # the template, not the mixture

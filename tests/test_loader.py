@@ -1,4 +1,4 @@
-"""The streaming loader: coverage, per-epoch order, DDP shards, resume and content, on the real-data store."""
+"""The streaming loader: coverage, per-epoch order, DDP shards, resume and content, on the shared-data store or its simulated stand-in."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import torch
 from atlasmix.errors import AtlasmixError
 from atlasmix.mixing import loads_spec, read_manifest, resolve, write_manifest
 from atlasmix.training.loader import MixtureLoader, epoch_order, shard_order, shuffle_entropy
+from tests.conftest import in_sql
 
-PBMC = "dataset_id IN ('pbmc3k', 'pisces_pbmc1k', 'pbmc10k_cite', 'kang_ifnb')"
 
 
 @pytest.fixture(scope="module")
-def mix(shared_store, tmp_path_factory):
-    store = shared_store[0]
+def mix(lake, tmp_path_factory):
+    store, names = lake
     spec = loads_spec(f'name = "loader"\nseed = 5\nvalidation_fraction = 0.1\n[[components]]\nname = "pbmc"\n'
-                      f'where = "{PBMC}"\nn_cells = 1500\n', "loader.toml")
+                      f'where = "{in_sql(names)}"\nn_cells = 1500\n', "loader.toml")
     path = tmp_path_factory.mktemp("mix") / "loader.parquet"
     write_manifest(resolve(spec, store), path)
     table, _ = read_manifest(path, store=store)
