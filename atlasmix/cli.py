@@ -54,7 +54,7 @@ def store_info(store: str, as_json: Annotated[bool, typer.Option("--json", help=
                     f"({info['n_genes_measured']:,} measured), "
                     f"{(info['size_bytes'] or 0) / 2**20:.1f} MiB")
     for c in ["dataset_id", "status", "cells", "genes measured", "mapped", "qc_pass", "format", "organism",
-              "copies of"]:
+              "x layout", "copies of"]:
         t.add_column(c)
     for d in info["datasets"]:
         gm = d["gene_mapping"]
@@ -62,8 +62,67 @@ def store_info(store: str, as_json: Annotated[bool, typer.Option("--json", help=
         t.add_row(d["dataset_id"], d["status"], f"{d['n_cells']:,}", f"{d['n_genes_measured']:,}",
                   f"{gm.get('n_mapped', 0)}/{gm.get('n_source_genes', 0)}",
                   "" if d["qc_pass_fraction"] is None else f"{d['qc_pass_fraction']:.0%}",
-                  d["source_format"], d["organism"], ", ".join(f"{k} ({n:,})" for k, n in dup.items()))
+                  d["source_format"], d["organism"],
+                  {True: "yes", False: "no (store optimize)", None: ""}[d.get("x_layout")], ", ".join(f"{k} ({n:,})" for k, n in dup.items()))
     Console().print(t)
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False, disable=not sys.stderr.isatty())
+
+
+@store_app.command("optimize")
+def store_optimize(store: str):
+    """Write the read-optimised x layout (zarr v3 CSR) of every dataset that lacks it; resumable."""
+    from atlasmix.store import Store
+    from atlasmix.store import xlayout
+
+    s = Store(store)
+    with _progress_bar() as prog, s.write_lock(on_wait=lambda: console.print("waiting for the store's write lock...")):
+        s.recover()
+        tasks: dict = {}
+
+        def progress(ds, done, total):
+            if ds not in tasks:
+                tasks[ds] = prog.add_task(f"x layout {ds}", total=total)
+            prog.update(tasks[ds], completed=done)
+
+        r = xlayout.optimize(s, progress=progress)
+    console.print(f"x layout: {len(r['written'])} datasets written, {len(r['kept'])} already there, "
+                  f"{len(r['removed'])} stale groups removed")
+
+
+@store_app.command("verify")
+def store_verify(store: str, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+    """Check the x layout against TileDB X, cell by cell (exit 1 when a dataset differs or lacks it)."""
+    from atlasmix.store import Store
+    from atlasmix.store import xlayout
+
+    s = Store(store)
+    with _progress_bar() as prog:
+        tasks: dict = {}
+
+        def progress(ds, done, total):
+            if ds not in tasks:
+                tasks[ds] = prog.add_task(f"verify {ds}", total=total)
+            prog.update(tasks[ds], completed=done)
+
+        r = xlayout.verify(s, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(r, indent=1))
+    else:
+        for d in r["datasets"]:
+            console.print(f"{d['dataset_id']}: {d['status']}" + (f" ({d['detail']})" if d["detail"] else ""))
+        if r.get("detail"):
+            console.print(r["detail"])
+    if not r["ok"]:
+        console.print("error: the x layout does not match TileDB X"
+                      + (" (run `atlasmix store optimize`)" if any(d["status"] == "missing" for d in r["datasets"])
+                         else ""))
+        raise typer.Exit(1)
 
 
 @store_app.command("export")
@@ -256,7 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("ATLASMIX_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
     try:
-        app(args=args, prog_name="atlasmix", standalone_mode=False)
+        rc = app(args=args, prog_name="atlasmix", standalone_mode=False)
+        if isinstance(rc, int) and rc:  # typer.Exit(n) comes back as a return value without standalone mode
+            sys.exit(rc)
     except SystemExit:
         raise
     except AtlasmixError as e:

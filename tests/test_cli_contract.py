@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -43,7 +42,7 @@ def _one_error_line(r: subprocess.CompletedProcess) -> str:
 def panels(tmp_path_factory):
     """A store of two simulated datasets (blood_a, malignant) measuring disjoint halves of 600 genes,
     and manifests: ``both`` (cells of both), ``blood`` (blood_a only)."""
-    from atlasmix.ingest import DatasetRequest, QCPolicy, ingest
+    from atlasmix.ingest import DatasetRequest, ingest
     from atlasmix.mixing import loads_spec, resolve, write_manifest
     from atlasmix.simulate import simulate_atlas
     from atlasmix.store import Store

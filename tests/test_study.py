@@ -304,7 +304,6 @@ def test_scaling_curves(sim_store, tmp_path):
 
 @pytest.mark.slow
 def test_geneformer_runs_are_scored_against_their_baseline(sim_store, tmp_path):
-    from atlasmix.study.report import render_study_report
     from atlasmix.study.runner import run_study
 
     spec = _study(tmp_path, ["base_model", "malignant_only"], "cells=2000", seeds=(0, 1),

@@ -348,15 +348,21 @@ def _catalog_row(p: Prepared, ds_jid: int, start: int, status: str) -> dict:
     }
 
 
-def _write_X(store: Store, p: Prepared, start: int, var_jid_of: dict[str, int], chunk_size: int,
+def _write_X(store: Store, p: Prepared, ds_jid: int, start: int, var_jid_of: dict[str, int], chunk_size: int,
              progress: Callable | None) -> pa.Table | None:
-    """Write a dataset's X chunks; return the last chunk unwritten (see :func:`ingest`)."""
+    """Write a dataset's X chunks (and its x layout); return the last TileDB chunk unwritten (see :func:`ingest`)."""
     targets = sorted(p.mapping.target_ids, key=var_jid_of.__getitem__)  # ascending global joinid
     local = {f: i for i, f in enumerate(targets)}
     M = p.mapping.matrix(local, len(targets))
     gcols = np.array([var_jid_of[f] for f in targets], dtype=np.int64)
     uri = f"{store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}"
     import tiledbsoma as soma
+
+    from atlasmix.store import xlayout
+
+    # the read-optimised copy of X (atlasmix.store.xlayout), written in the same pass: local stores only
+    layout = (xlayout.LayoutWriter(store.uri, ds_jid, len(p.rows), len(var_jid_of))
+              if xlayout.layout_root(store.uri) is not None else None)
 
     def transformed():
         pos = 0
@@ -368,8 +374,11 @@ def _write_X(store: Store, p: Prepared, start: int, var_jid_of: dict[str, int], 
             rows = np.repeat(np.arange(pos + start, pos + start + y.shape[0], dtype=np.int64), np.diff(y.indptr))
             # CSR with sorted indices is already TileDB's global order for X's full-width gene tile
             # (schema.X_CREATE_OPTIONS), so the writer skips its sort: ~8x faster writes.
-            tbl = pa.Table.from_arrays([pa.array(rows), pa.array(gcols[y.indices]), pa.array(y.data)],
+            cols = gcols[y.indices]
+            tbl = pa.Table.from_arrays([pa.array(rows), pa.array(cols), pa.array(y.data)],
                                        names=["soma_dim_0", "soma_dim_1", "soma_data"])
+            if layout is not None:
+                layout.append(y.indptr, cols, y.data)
             pos += y.shape[0]
             yield pos, tbl
 
@@ -382,6 +391,8 @@ def _write_X(store: Store, p: Prepared, start: int, var_jid_of: dict[str, int], 
             _checkpoint("x_chunk")
             if progress:
                 progress(p.req.dataset_id, "write", done, len(p.rows))
+    if layout is not None:
+        layout.close()
     return pending  # written by the caller, serially, so X is consolidated once no writer runs
 
 
@@ -563,7 +574,7 @@ def ingest(store_uri: str | Store, requests: list[DatasetRequest], chunk_size: i
                     df.write(t, platform_config=S.WRITE_LAST)
             store.write_catalog_rows([_catalog_row(p, j, s, S.STATUS_INGESTING) for p, j, s in plan])
             _checkpoint("after_catalog")
-            last = _run_parallel([lambda a=a: _write_X(store, a[0], a[2], var_jid_of, chunk_size, progress)
+            last = _run_parallel([lambda a=a: _write_X(store, a[0], a[1], a[2], var_jid_of, chunk_size, progress)
                                   for a in plan], parallel)
             last = [t for t in last if t is not None]
             with soma.SparseNDArray.open(f"{store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}", "w",

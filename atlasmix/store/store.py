@@ -339,12 +339,31 @@ class Store:
         ------
         (numpy.ndarray, scipy.sparse.csr_matrix)
             The chunk's joinids and its counts, shape (len(chunk), len(var_joinids)), float32.
+
+        Notes
+        -----
+        Read from the store's x layout (:mod:`atlasmix.store.xlayout`) when every dataset holding
+        ``joinids`` has one (local stores), else from TileDB X; the values are the same.
         """
+        from atlasmix.store import xlayout
+
         if var_joinids is None:
             var_joinids = self.var().index.to_numpy(dtype=np.int64)
         var_joinids = np.asarray(var_joinids, dtype=np.int64)
         col_of = np.full(int(var_joinids.max(initial=-1)) + 1, -1, dtype=np.int64)
         col_of[var_joinids] = np.arange(len(var_joinids))
+        layout = xlayout.reader_for(self, joinids) if len(joinids) else None
+        if layout is not None:
+            col32 = col_of.astype(np.int32)
+            try:
+                for s in range(0, len(joinids), chunk_size):
+                    ids = np.asarray(joinids[s:s + chunk_size], dtype=np.int64)
+                    m = layout.read(ids, col32, len(var_joinids))
+                    m.sort_indices()
+                    yield ids, m
+            finally:
+                layout.close()
+            return
         with self._open(f"ms/{S.MEASUREMENT}/X/{S.X_LAYER}") as X:
             for s in range(0, len(joinids), chunk_size):
                 ids = np.asarray(joinids[s:s + chunk_size], dtype=np.int64)
@@ -396,7 +415,10 @@ class Store:
             fh.close()
 
     def delete_dataset_cells(self, dataset_joinid: int, start: int, end: int) -> None:
-        """Delete obs, X, presence and side-table rows of one dataset (``[start, end)`` cell joinids)."""
+        """Delete obs, X, presence and side-table rows and the x layout of one dataset (``[start, end)`` cell joinids)."""
+        from atlasmix.store import xlayout
+
+        xlayout.delete_dataset(self.uri, dataset_joinid)
         if end > start:
             with self._open("obs", "d") as df:
                 df.delete_cells(coords=[slice(start, end - 1)])
@@ -476,8 +498,11 @@ class Store:
             ``datasets`` (list of dicts: ``dataset_id``, ``n_cells``, ``n_genes_measured``,
             ``status``, ``organism``, ``source_format``, ``qc_pass_fraction``, ``gene_mapping``,
             ``duplicate_cells`` (cells with the same counts as cells of datasets stored before, as
-            found at ingest; None for datasets ingested before atlasmix fingerprinted cells), ...).
+            found at ingest; None for datasets ingested before atlasmix fingerprinted cells),
+            ``x_layout`` (the dataset has its read-optimised copy, :mod:`atlasmix.store.xlayout`), ...).
         """
+        from atlasmix.store import xlayout
+
         cat = self.catalog(include_all=True)
         var = self.var()
         pres = self.presence()
@@ -500,6 +525,7 @@ class Store:
                 and row["dataset_id"] in qc else None,
                 "gene_mapping": json.loads(row["gene_mapping"]), "ingest_time": row["ingest_time"],
                 "duplicate_cells": json.loads(row["provenance"] or "{}").get("duplicate_cells"),
+                "x_layout": xlayout.dataset_ready(self.uri, int(jid)) if row["status"] == S.STATUS_COMPLETE else None,
             })
         complete = [d for d in datasets if d["status"] == S.STATUS_COMPLETE]
         return {

@@ -38,6 +38,8 @@ the same projection concurrently both end up reading a complete copy.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
@@ -208,6 +210,25 @@ def open_x(uri: str, context=None):
     return soma.open(str(uri), "r", context=context)
 
 
+@contextlib.contextmanager
+def _store_x(store, cells: np.ndarray):
+    """The store's x layout over ``cells`` (:mod:`atlasmix.store.xlayout`), else its TileDB X, open."""
+    from atlasmix.store import xlayout
+
+    ds = xlayout.datasets_for(store, cells)
+    if ds is not None:
+        reader = xlayout.LayoutReader(store.uri, ds)
+        try:
+            yield reader
+        finally:
+            reader.close()
+        return
+    import tiledbsoma as soma
+
+    with soma.open(f"{store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}", "r", context=store.context) as X:
+        yield X
+
+
 def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir: str | Path, *,
                    fmt: str = "tiledb", chunk_cells: int = 16384, progress: bool = False) -> tuple[str, dict]:
     """The projection of ``store``'s X onto ``cells`` x ``var_joinids``, built if it is not there yet.
@@ -244,7 +265,6 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
         ``cache_dir``, or a projection whose metadata disagrees with its name (left as is; delete
         it to rebuild).
     """
-    import tiledbsoma as soma
 
     from atlasmix.training.loader import gene_columns, read_csr
 
@@ -277,7 +297,7 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
     nnz = 0
     try:
         tmp.mkdir()
-        with soma.open(f"{store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}", "r", context=store.context) as X, \
+        with _store_x(store, cells) as X, \
                 _Writer(tmp / leaf, fmt, len(cells), len(var_joinids), store.context) as out:
             for s in range(0, len(cells), chunk_cells):
                 ids = cells[s:s + chunk_cells]
