@@ -3,25 +3,31 @@
 How an epoch is ordered
 -----------------------
 The cells of one manifest split (``cells``: unique soma_joinids, sorted) are cut into *locality
-blocks* of ``block_size`` consecutive cells (store order). Epoch ``e`` draws a fresh permutation of
-those blocks from ``numpy.random.default_rng([seed, e])`` -- no offline pre-shuffle, a new order
-every epoch, the same order for the same (seed, epoch). The permuted cell sequence is then
+blocks* of ``block_size`` consecutive cells (store order), with block boundaries at a random phase
+each epoch. Epoch ``e`` draws a fresh permutation of the full blocks from
+``numpy.random.default_rng([seed, e])`` (the two shorter edge blocks go last) -- no offline
+pre-shuffle, a new order every epoch, the same order for the same (seed, epoch). The permuted cell
+sequence is then
 
-1. made a multiple of ``world_size * num_workers`` (``uneven="drop"``: the last cells of the
-   permuted sequence are dropped, fewer than ``world_size * num_workers`` per epoch and different
-   cells every epoch; ``uneven="pad"``: the sequence is padded with its own first cells, so a few
-   cells are seen twice), and
-2. dealt out interleaved: shard ``k = rank * num_workers + worker`` takes positions ``k, k + K,
-   k + 2K, ...`` (``K = world_size * num_workers``). Every shard has the same number of cells, hence
-   the same number of minibatches: DDP ranks never wait on each other at the end of an epoch, and no
-   rank or worker ever owns a fixed contiguous slice of the store (tiledbsoma-ml 0.1.0's defect).
+1. dealt out in whole blocks: shard ``k = rank * num_workers + worker`` takes blocks ``k, k + K,
+   k + 2K, ...`` of the order (``K = world_size * num_workers``), so each shard's IO batch reads
+   runs of ``block_size`` consecutive cells whatever the number of shards (dealing single cells,
+   as before, left 8 shards with runs of ~1 cell: one data tile or chunk decoded per cell);
+2. made equal across shards (``uneven="drop"``: only ``K * (n // (block_size * K))`` whole blocks
+   are dealt, the rest -- fewer than ``K + 1`` blocks, mostly the edge blocks, which change every
+   epoch -- waits for another epoch; ``uneven="pad"``: every block is dealt and short shards repeat
+   their own first cells). Every shard has the same number of cells, hence the same number of
+   minibatches: DDP ranks never wait on each other at the end of an epoch, and no rank or worker
+   ever owns a fixed contiguous slice of the store (tiledbsoma-ml 0.1.0's defect). One shard serves
+   every cell every epoch.
 3. Each shard is cut into *IO batches* of ``io_batch_size`` cells (a multiple of ``batch_size``).
-   The joinids of one IO batch are sorted and read from ``ms/RNA/X/raw`` in one TileDB read with
-   point coordinates on the cell axis only -- store order, so the read touches each data tile at
-   most once; X's space tiles span the whole gene axis, so genes are selected afterwards (var joinid
-   -> column lookup; point ranges on the gene axis made reads several times slower). The result is
-   turned into CSR straight from TileDB's row-major output (no COO sort). The IO batch is then
-   shuffled in memory with ``default_rng([seed, e, k, io_index])`` and cut into minibatches.
+   The joinids of one IO batch are sorted and read in one go -- from the store's x layout
+   (:mod:`atlasmix.store.xlayout`: one byte range per run of consecutive cells, decoded in the read
+   threads with the GIL released, projected onto the gene axis in the same pass) or, where a
+   dataset has no layout (``s3://`` stores; stores made before it, until ``atlasmix store
+   optimize``), from ``ms/RNA/X/raw`` with point coordinates on the cell axis only (genes are
+   selected afterwards). ``x_source`` picks one explicitly. The IO batch is then shuffled in memory
+   with ``default_rng([seed, e, k, io_index])`` and cut into minibatches.
 
 With ``block_size=1`` every minibatch is a uniformly random subset of the corpus (i.i.d. quality);
 ``block_size > 1`` trades a little shuffle quality for read locality (a random cell costs a whole
@@ -78,13 +84,10 @@ still drawn in the training process. Memory: each worker holds one read's TileDB
 
 X cache
 -------
-TileDB decodes every nonzero of a row, so a gene axis of 2,000 HVGs costs as much per cell as the
-whole transcriptome (~40 ns of CPU per nonzero). ``x_cache=DIR`` reads from a projection of X onto
-the loader's cells x gene axis instead (:mod:`atlasmix.training.xcache`): built once by streaming
-the store, rows in store order (so blocks, permutations and minibatches are exactly those read from
-the store), columns in axis order (no mapping when reading). On 2 CPU cores, 1M cells x 2,000
-genes: 55k vs 11k cells/s; every gene (19,907) of 1M cells through the h5 format, dense CPU
-minibatches: 50-63k cells/s vs 8.8k from the store and 5.5k for tiledbsoma-ml.
+``x_cache=DIR`` (opt-in, older than the x layout) reads from a per-mixture projection of X onto
+the loader's cells x gene axis (:mod:`atlasmix.training.xcache`), built once by streaming the store.
+Since the store keeps its own read-optimised layout the default path needs no such copy; the cache
+only still pays for very small gene axes (see ``benchmarks/bench_loader.py``).
 
 Resume
 ------
@@ -115,9 +118,12 @@ from atlasmix._prefetch import prefetch
 from atlasmix.errors import AtlasmixError
 from atlasmix.mixing.genes import mixture_genes
 from atlasmix.store import schema as S
+from atlasmix.store import xlayout
+from atlasmix.store.xlayout import LayoutReader
 from atlasmix.training._dense import DenseBufferPool, gather_dense
 
 LIBRARY_SOURCES = ("counts", "total_counts")
+X_SOURCES = ("auto", "layout", "tiledb")
 _OPEN_LOCK = threading.Lock()  # X opens and closes of all loaders, one at a time
 
 
@@ -130,8 +136,7 @@ def epoch_order(n_cells: int, seed: int, epoch: int, block_size: int = 1, shuffl
     n_cells : int
         Cells in the split.
     seed, epoch : int
-        The order is ``default_rng([seed, epoch])``'s permutation of locality blocks, with the
-        cells inside each block also permuted.
+        The order is drawn from ``default_rng([seed, epoch])``.
     block_size : int
         Consecutive cells (store order) kept together; 1 = a uniform permutation of cells.
     shuffle : bool
@@ -140,6 +145,15 @@ def epoch_order(n_cells: int, seed: int, epoch: int, block_size: int = 1, shuffl
     Returns
     -------
     numpy.ndarray of int64, shape (n_cells,)
+
+    Notes
+    -----
+    With ``block_size = b > 1`` the block boundaries start at a random phase ``o`` in ``[0, b)``
+    each epoch (blocks ``[o + k b, o + (k + 1) b)``), the full blocks come first in a random order,
+    then the (at most two, shorter) edge blocks ``[0, o)`` and the tail. Cells inside each block are
+    permuted too. So every ``b`` consecutive positions of the order up to ``b * (n_cells // b)``
+    hold at most two runs of consecutive cells (one for every full block), which is what
+    :func:`shard_order` deals out, and which edge cells fall at the end changes every epoch.
     """
     pos = np.arange(n_cells, dtype=np.int64)
     if not shuffle or n_cells == 0:
@@ -147,35 +161,48 @@ def epoch_order(n_cells: int, seed: int, epoch: int, block_size: int = 1, shuffl
     rng = np.random.default_rng([int(seed), int(epoch)])
     if block_size <= 1:
         return rng.permutation(n_cells).astype(np.int64)
-    n_blocks = math.ceil(n_cells / block_size)
-    blocks = rng.permutation(n_blocks)
-    starts = blocks * block_size
-    lens = np.minimum(starts + block_size, n_cells) - starts
-    # concatenated aranges: start of each block repeated, plus the offset inside the block
+    o = int(rng.integers(block_size)) if n_cells > block_size else 0
+    n_full = (n_cells - o) // block_size
+    starts = o + rng.permutation(n_full).astype(np.int64) * block_size
+    lens = np.full(n_full, block_size, dtype=np.int64)
+    tail = o + n_full * block_size
+    edges = [(s, e - s) for s, e in ((0, o), (tail, n_cells)) if e > s]
+    if edges:
+        starts = np.concatenate([starts, [s for s, _ in edges]]).astype(np.int64)
+        lens = np.concatenate([lens, [n for _, n in edges]]).astype(np.int64)
     offs = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
     pos = np.repeat(starts, lens) + offs
-    # cells inside each block in a fresh random order too: otherwise, with block_size a multiple of
-    # the number of shards, shard k would always get the cells at offsets k, k + K, ... of every block
-    within = np.lexsort((rng.random(n_cells), np.repeat(np.arange(n_blocks), lens)))
+    within = np.lexsort((rng.random(n_cells), np.repeat(np.arange(len(starts)), lens)))
     return pos[within]
 
 
-def shard_order(order: np.ndarray, shard: int, n_shards: int, uneven: str = "drop") -> np.ndarray:
-    """The interleaved shard ``shard`` of ``n_shards`` of an epoch order, all shards equal-sized.
+def shard_order(order: np.ndarray, shard: int, n_shards: int, uneven: str = "drop", block_size: int = 1) -> np.ndarray:
+    """Shard ``shard`` of ``n_shards`` of an epoch order, dealt in whole blocks; all shards equal-sized.
 
     Parameters
     ----------
     order : numpy.ndarray of int64
-        An epoch order (:func:`epoch_order`).
+        An epoch order (:func:`epoch_order` with the same ``block_size``).
     shard, n_shards : int
         ``shard = rank * num_workers + worker``; ``n_shards = world_size * num_workers``.
     uneven : {"drop", "pad"}
-        ``drop``: the order's last ``len(order) % n_shards`` positions are left out this epoch;
-        ``pad``: the order is extended with its first ``(-len(order)) % n_shards`` positions.
+        How shards are made equal when the blocks do not divide evenly (``n_shards > 1``).
+        ``drop``: only the first ``n_shards * (len(order) // (block_size * n_shards))`` whole
+        blocks of the order are dealt; the rest of the epoch (fewer than ``n_shards + 1`` blocks:
+        mostly the edge blocks, whose cells change every epoch, see :func:`epoch_order`) is left
+        out. ``pad``: every block is dealt and each shard is extended with its own first cells to
+        the longest shard's length, so a few cells are seen twice.
+    block_size : int
+        The order's block size: consecutive chunks of ``block_size`` positions are dealt
+        round-robin (shard ``k`` takes chunks ``k, k + n_shards, ...``), so a shard's IO batch
+        reads runs of ``block_size`` consecutive cells whatever the number of shards (dealing
+        single cells gave runs of ~1 cell at 8 shards).
 
     Returns
     -------
-    numpy.ndarray of int64, shape (len(order) // n_shards,) for drop, ceil for pad.
+    numpy.ndarray of int64
+        Shape ``(block_size * (len(order) // (block_size * n_shards)),)`` for drop, ``len(order)``
+        for one shard.
 
     Raises
     ------
@@ -184,16 +211,38 @@ def shard_order(order: np.ndarray, shard: int, n_shards: int, uneven: str = "dro
     """
     if not 0 <= shard < n_shards:
         raise AtlasmixError(f"shard {shard} out of range for {n_shards} shards")
+    if uneven not in ("drop", "pad"):
+        raise AtlasmixError(f"uneven must be 'drop' or 'pad', got {uneven!r}")
+    if n_shards == 1:
+        return order
+    b = max(1, int(block_size))
     n = len(order)
     if uneven == "drop":
-        order = order[: n - n % n_shards]
-    elif uneven == "pad":
-        extra = (-n) % n_shards
-        if extra:
-            order = np.concatenate([order, np.resize(order, extra)])
-    else:
-        raise AtlasmixError(f"uneven must be 'drop' or 'pad', got {uneven!r}")
-    return order[shard::n_shards]
+        per = n // (b * n_shards)  # whole blocks per shard
+        chunks = order[: per * b * n_shards].reshape(per * n_shards, b) if per else np.zeros((0, b), order.dtype)
+        return chunks[shard::n_shards].reshape(-1)
+    n_chunks = -(-n // b)
+    mine = [order[c * b:(c + 1) * b] for c in range(shard, n_chunks, n_shards)]
+    seq = np.concatenate(mine) if mine else order[:0]
+    longest = shard_length(n, n_shards, "pad", b)
+    if len(seq) < longest:
+        seq = np.concatenate([seq, np.resize(seq if len(seq) else order, longest - len(seq))])
+    return seq
+
+
+def shard_length(n_cells: int, n_shards: int, uneven: str = "drop", block_size: int = 1) -> int:
+    """Cells per shard and epoch under :func:`shard_order` (the same for every shard)."""
+    if n_shards == 1:
+        return int(n_cells)
+    b = max(1, int(block_size))
+    if uneven == "drop":
+        return b * (n_cells // (b * n_shards))
+    n_chunks = -(-n_cells // b)
+    if n_chunks == 0:
+        return 0
+    last = n_cells - (n_chunks - 1) * b
+    count = -(-n_chunks // n_shards)  # shard 0 has the most chunks
+    return count * b - ((b - last) if (n_chunks - 1) % n_shards == 0 else 0)
 
 
 # ---------------------------------------------------------------------------------------------- entropy
@@ -254,8 +303,8 @@ def read_csr(X, ids_sorted: np.ndarray, col_of: np.ndarray | None, n_vars: int) 
 
     Parameters
     ----------
-    X : tiledbsoma.SparseNDArray or atlasmix.training.xcache.H5CSR
-        ``ms/RNA/X/raw`` or an x cache, open for reading (:func:`atlasmix.training.xcache.open_x`).
+    X : atlasmix.store.xlayout.LayoutReader, tiledbsoma.SparseNDArray or atlasmix.training.xcache.H5CSR
+        The store's x layout, ``ms/RNA/X/raw`` or an x cache, open for reading (:func:`open_source`).
     ids_sorted : numpy.ndarray of int64, shape (n,)
         Cell soma_joinids, ascending.
     col_of : numpy.ndarray of int32 (or int64) or None
@@ -277,6 +326,8 @@ def read_csr(X, ids_sorted: np.ndarray, col_of: np.ndarray | None, n_vars: int) 
     arrays; a single piece is not copied again. Measured on a 16,384-cell read of ~28M nonzeros
     (2 CPU cores): 0.62 s -> 0.39 s for mapping and filtering, against ~1.2-1.5 s in TileDB.
     """
+    if isinstance(X, LayoutReader):  # the store's x layout: rows projected onto the gene axis in one pass
+        return X.read(ids_sorted, col_of, n_vars)
     if hasattr(X, "read_rows"):  # an h5 x cache (atlasmix.training.xcache.H5CSR): rows already on the gene axis
         return X.read_rows(ids_sorted)
     n = len(ids_sorted)
@@ -324,14 +375,24 @@ def read_csr(X, ids_sorted: np.ndarray, col_of: np.ndarray | None, n_vars: int) 
 _W: dict[str, Any] = {}
 
 
-def _worker_init(x_uri: str, tiledb_config: dict, col_of: np.ndarray | None, n_vars: int) -> None:
-    """Read-process initializer: open X (the store's, or an x cache) once (spawned process; see "Read processes")."""
-    import tiledbsoma as soma
-
+def open_source(x_uri, context=None):
+    """Open an X source for :func:`read_csr`: ``("layout", store_uri, datasets)`` opens the store's x
+    layout (:class:`atlasmix.store.xlayout.LayoutReader`); a path or URI an x cache or TileDB X
+    (:func:`atlasmix.training.xcache.open_x`)."""
+    if isinstance(x_uri, tuple) and x_uri[0] == "layout":
+        return LayoutReader(x_uri[1], x_uri[2])
     from atlasmix.training.xcache import open_x
 
+    return open_x(x_uri, context)
+
+
+def _worker_init(x_uri, tiledb_config: dict, col_of: np.ndarray | None, n_vars: int) -> None:
+    """Read-process initializer: open X (the x layout, the store's TileDB X or an x cache) once
+    (spawned process; see "Read processes")."""
+    import tiledbsoma as soma
+
     ctx = soma.SOMATileDBContext(tiledb_config=tiledb_config)
-    _W.update(X=open_x(x_uri, ctx), col_of=col_of, n_vars=n_vars)
+    _W.update(X=open_source(x_uri, ctx), col_of=col_of, n_vars=n_vars)
 
 
 def _worker_read(ids_sorted: np.ndarray) -> tuple:
@@ -469,6 +530,11 @@ class MixtureLoader:
     x_cache_format : {"tiledb", "h5"}
         The x cache's format: compressed TileDB (default) or uncompressed CSR in HDF5 (~4.7x the
         disk space, read as plain slices: faster, also for whole-transcriptome axes).
+    x_source : {"auto", "layout", "tiledb"}
+        Where X is read from (without ``x_cache``): ``auto`` (default) the store's x layout when
+        every dataset of the split has one (:mod:`atlasmix.store.xlayout`), else TileDB X;
+        ``layout`` requires the layout; ``tiledb`` always reads ``ms/RNA/X/raw``. The minibatches
+        are the same either way.
 
     Yields
     ------
@@ -480,7 +546,7 @@ class MixtureLoader:
     Raises
     ------
     AtlasmixError
-        Empty split, bad options, manifest of another store.
+        Empty split, bad options, manifest of another store, ``x_source="layout"`` without a layout.
     """
 
     def __init__(self, store, manifest: Any, split: str = "train", *, genes: Sequence[str] | None = None,
@@ -491,13 +557,16 @@ class MixtureLoader:
                  world_size: int | None = None, worker: int = 0, num_workers: int = 1, uneven: str = "drop",
                  prefetch_io: int = 2, io_threads: int = 2, categories: dict[str, list[str]] | None = None,
                  read_buffer_bytes: int | None = None, gather_on_device: bool | None = None,
-                 read_processes: int = 0, x_cache: str | Path | None = None, x_cache_format: str = "tiledb"):
+                 read_processes: int = 0, x_cache: str | Path | None = None, x_cache_format: str = "tiledb",
+                 x_source: str = "auto"):
         if batch_size < 1 or io_batch_size < 1 or block_size < 1:
             raise AtlasmixError("batch_size, io_batch_size and block_size must be >= 1")
         if library not in LIBRARY_SOURCES:
             raise AtlasmixError(f"library must be one of {LIBRARY_SOURCES}, got {library!r}")
         if uneven not in ("drop", "pad"):
             raise AtlasmixError(f"uneven must be 'drop' or 'pad', got {uneven!r}")
+        if x_source not in X_SOURCES:
+            raise AtlasmixError(f"x_source must be one of {X_SOURCES}, got {x_source!r}")
         if rank is None or world_size is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = (torch.distributed.get_rank() if dist else 0) if rank is None else rank
@@ -525,6 +594,7 @@ class MixtureLoader:
         self.read_processes = max(0, int(read_processes))
         self.x_cache = x_cache
         self.x_cache_format = x_cache_format
+        self.x_source = x_source
         self._x_cache_uri: str | None = None
         self._pool = None
         self.epoch = 0
@@ -541,6 +611,12 @@ class MixtureLoader:
         if len(np.unique(self.var_joinids)) != len(self.var_joinids):
             raise AtlasmixError("the gene list names a gene twice")
         self._read_obs(all_ids, categories or {})
+        # the store's x layout (atlasmix.store.xlayout) when every dataset of the split has one
+        self._layout_datasets = (xlayout.datasets_for(store, self.cells)
+                                 if x_source != "tiledb" and x_cache is None else None)
+        if x_source == "layout" and self._layout_datasets is None:
+            raise AtlasmixError("x_source='layout' but a dataset of this split has no x layout "
+                                "(run `atlasmix store optimize`, or use an x_source of 'auto')")
 
     # -------------------------------------------------------------- setup
     def _cells(self, manifest: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -595,7 +671,10 @@ class MixtureLoader:
     def shard_size(self) -> int:
         """Cells this shard serves per epoch."""
         k = self.world_size * self.num_workers
-        return self.n_obs // k if self.uneven == "drop" else -(-self.n_obs // k)
+        if k == 1:
+            return self.n_obs
+        b = self.block_size if self.shuffle else 1
+        return shard_length(self.n_obs, k, self.uneven, b)
 
     def __len__(self) -> int:
         """Minibatches per epoch for this shard (the same on every shard)."""
@@ -608,7 +687,7 @@ class MixtureLoader:
         e = self.epoch if epoch is None else epoch
         order = epoch_order(self.n_obs, self.seed, e, self.block_size, self.shuffle)
         return shard_order(order, self.rank * self.num_workers + self.worker, self.world_size * self.num_workers,
-                           self.uneven)
+                           self.uneven, self.block_size if self.shuffle else 1)
 
     def with_shard(self, rank: int, world_size: int, worker: int = 0, num_workers: int = 1,
                    uneven: str | None = None) -> "MixtureLoader":
@@ -829,8 +908,6 @@ class MixtureLoader:
 
     def _batches(self, start_batch: int) -> Iterator[Any]:
         """This epoch's minibatches (before :meth:`_finish`) from ``start_batch`` on; run by :func:`prefetch`."""
-        from atlasmix.training.xcache import open_x
-
         shard = self.rank * self.num_workers + self.worker
         seq = self.shard_positions()
         nb = len(self)
@@ -838,7 +915,8 @@ class MixtureLoader:
             seq = seq[: nb * self.batch_size]
         if self.x_cache is not None and self._x_cache_uri is None:
             self.ensure_x_cache()
-        x_uri = self._x_cache_uri or f"{self.store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}"
+        x_uri = (("layout", self.store.uri, self._layout_datasets) if self._layout_datasets is not None
+                 else self._x_cache_uri or f"{self.store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}")
         col_of = None if self._x_cache_uri else self._col_of()
         first_io = (start_batch * self.batch_size) // self.io_batch_size
         skip = start_batch - first_io * (self.io_batch_size // self.batch_size)
@@ -856,7 +934,11 @@ class MixtureLoader:
         opened: list = []
         if self.read_processes == 0:
             with _OPEN_LOCK:
-                opened = [open_x(x_uri, ctx) for _ in range(self.io_threads)]
+                if isinstance(x_uri, tuple):  # the layout reader is thread-safe: one for all read threads
+                    opened = [open_source(x_uri)]
+                    opened = opened * self.io_threads
+                else:
+                    opened = [open_source(x_uri, ctx) for _ in range(self.io_threads)]
             for h in opened:
                 handles.put(h)
 
