@@ -447,3 +447,32 @@ def test_dense_cpu_batches_stay_intact_and_reused_buffers_carry_no_old_content(m
         X.add_(7.0)  # the consumer edits its batch in place, then drops it
         del b, X
     assert len(ptrs) <= 8 < len(L)
+
+
+def test_memory_follows_the_manifest(mix, monkeypatch):
+    """obs is read for the manifest's cells only (never the whole store), codes are int32 and the
+    epoch order is computed once per process and shared by shard copies."""
+    from atlasmix.store import Store
+
+    store, path, train = mix
+    table, _ = read_manifest(path, store=store)
+    manifest_ids = np.unique(table["soma_joinid"].to_numpy())
+    calls = []
+    orig = Store.obs
+
+    def spy(self, column_names=None, value_filter=None, joinids=None):
+        calls.append(None if joinids is None else len(joinids))
+        return orig(self, column_names, value_filter, joinids)
+
+    monkeypatch.setattr(Store, "obs", spy)
+    L = make(mix, obs_columns=("dataset_id", "cell_type"))
+    assert calls == [len(manifest_ids)]  # one read, of the manifest's rows
+    assert len(manifest_ids) < 0.8 * store.info()["n_cells"]
+    got = orig(store, ["dataset_id"], joinids=train[::7])
+    assert np.array_equal(got["soma_joinid"].to_numpy(), train[::7])
+    assert all(c.dtype == np.int32 for c in L.codes.values())
+    b = next(iter(L))
+    assert b["dataset_id"].dtype == torch.int64
+    other = L.with_shard(1, 2)
+    assert other.shard_positions() is not None and len(L._order_cache) == 1  # one order, shared
+    assert L._order_cache is other._order_cache

@@ -237,7 +237,8 @@ class Store:
         return m.tocsr()[:n_ds, :n_var]
 
     # ------------------------------------------------------------------ obs
-    def obs(self, column_names: Sequence[str] | None = None, value_filter: str | None = None) -> pa.Table:
+    def obs(self, column_names: Sequence[str] | None = None, value_filter: str | None = None,
+            joinids: np.ndarray | None = None) -> pa.Table:
         """obs rows of complete datasets only.
 
         Parameters
@@ -246,6 +247,9 @@ class Store:
             Columns to read (``soma_joinid`` is always included). Default: all.
         value_filter : str, optional
             A tiledbsoma value filter pushed down to the read (e.g. ``"cell_type == 'B cell'"``).
+        joinids : numpy.ndarray of int64, optional
+            Read only these cells (point coordinates; those not in a complete dataset are left out),
+            so memory follows the cells asked for, not the store.
 
         Returns
         -------
@@ -255,10 +259,16 @@ class Store:
         cols = None if column_names is None else ["soma_joinid"] + [c for c in column_names if c != "soma_joinid"]
         ranges = self.complete_ranges()
         parts = []
+        ids = None if joinids is None else np.unique(np.asarray(joinids, dtype=np.int64))
         with self._open("obs") as df:
-            for start, end in ranges:  # one ranged read per dataset: a crash's rows are never returned
-                parts.append(df.read(coords=[slice(int(start), int(end) - 1)], column_names=cols,
-                                     value_filter=value_filter).concat())
+            for start, end in ranges:  # one read per dataset: a crash's rows are never returned
+                if ids is None:
+                    coords = slice(int(start), int(end) - 1)
+                else:
+                    coords = ids[np.searchsorted(ids, start):np.searchsorted(ids, end)]
+                    if not len(coords):
+                        continue
+                parts.append(df.read(coords=[coords], column_names=cols, value_filter=value_filter).concat())
             empty_schema = df.schema if cols is None else pa.schema([df.schema.field(c) for c in cols])
         if not parts:
             return _empty_table(empty_schema)

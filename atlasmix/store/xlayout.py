@@ -60,6 +60,7 @@ import scipy.sparse as sp
 from atlasmix.errors import StoreError
 
 LAYOUT_DIR = "x_layout"
+_ROOT_LOCK = threading.Lock()
 #: Nonzeros per inner (compressed) chunk: 64 KB of int32 / float32 (see "Codecs" above).
 INNER_CHUNK = 16384
 #: Inner chunks per shard file (16 MB of nonzeros uncompressed; ~7 MB on disk).
@@ -150,7 +151,12 @@ class LayoutWriter:
         self.path = root / f"d{int(dataset_joinid)}"
         if self.path.exists():
             shutil.rmtree(self.path)
-        zarr.open_group(str(root), mode="a", zarr_format=3)
+        with _ROOT_LOCK:  # parallel ingests of a plan write their datasets from several threads
+            if not (root / "zarr.json").exists():
+                try:
+                    zarr.open_group(str(root), mode="a", zarr_format=3)
+                except zarr.errors.ContainsGroupError:  # made by another process meanwhile
+                    pass
         self.n_cells, self.n_var = int(n_cells), int(n_var)
         g = zarr.open_group(str(self.path), mode="w", zarr_format=3)
         g.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
