@@ -437,7 +437,8 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     checkpoint_every : int
         Lightning checkpoint every this many epochs (and ``last.ckpt``); 0 disables.
     resume : bool
-        Continue from ``out/checkpoints/last.ckpt``.
+        Continue from ``out/checkpoints/last.ckpt`` (or the newest ``epochNNNN.ckpt`` when a kill came
+        between the two writes).
     prior_cells : int
         Cells sampled to estimate the library-size priors.
     n_template : int
@@ -465,7 +466,12 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     ckdir = out / "checkpoints"
     last = ckdir / "last.ckpt"
     if resume and not last.is_file():
-        raise AtlasmixError(f"nothing to resume: {last} does not exist")
+        # killed between Lightning's write of epochNNNN.ckpt and its copy to last.ckpt: the newest
+        # epoch checkpoint is complete (each is written atomically) and is the same state
+        epochs = sorted(ckdir.glob("epoch[0-9][0-9][0-9][0-9].ckpt")) if ckdir.is_dir() else []
+        if not epochs:
+            raise AtlasmixError(f"nothing to resume: {last} does not exist")
+        last = epochs[-1]
     if not resume and out.exists() and any(out.iterdir()):
         raise AtlasmixError(f"{out} is not empty (pass --resume to continue a run there)")
     out.mkdir(parents=True, exist_ok=True)
