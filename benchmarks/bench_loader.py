@@ -159,6 +159,34 @@ every gene, io batch 16,384, 60,000 cells timed, two alternating runs each: atla
 cache (1,000,000 cells x 2,000 genes, 62 fragments, 200,000 cells timed) 49,300 / 59,200 off vs
 55,400 / 63,400 on (-7 to -11 %). The h5 x cache does not read through TileDB, and tiledbsoma-ml
 shares the store's context (so it pays the same). ``ATLASMIX_TILEDB_CONFIG`` turns it back on.
+
+The store's x layout (issue 19; ``atlasmix.store.xlayout``, zarr v3 CSR written by the ingest),
+2026-12-05, the same 2-core machine, 200,000 simulated cells (342M nonzeros), batch 1024, io batch
+16,384, 100,000 cells timed, dense float32 on the CPU, two rounds (methods alternating in each);
+``atlasmix`` reads the layout (the default), ``x_source=tiledb`` TileDB X, both with no preparation::
+
+    every gene (19,907)              round 1   round 2   peak RSS MiB   entropy ratio
+    atlasmix (x layout, block 64)     81,945    46,093     1,451          0.992
+    atlasmix:block_size=128           89,060    81,995     1,441-1,448    0.993
+    atlasmix:x_source=tiledb          15,551    17,666     3,213-3,417    0.992
+    tiledbsoma_ml                      5,425     5,785     2,867-2,901    0.992
+    atlasmix:x_cache=h5               63,828    43,644     1,444-1,454    0.992   (2.7 GB copy, 20 s build)
+
+    2,000 random genes               round 1   round 2   peak RSS MiB
+    atlasmix (x layout)               54,418    59,564     1,059-1,075
+    atlasmix:x_source=tiledb          12,346    12,991     3,297-3,363
+    tiledbsoma_ml                      5,658     5,397     1,690-1,754
+    atlasmix:x_cache=h5              713,362   269,688       683-886   (34M nonzeros, 5 s build)
+
+Earlier runs in the same session: atlasmix 65,719-79,031 and 66,857 (layout with 65,536-nonzero
+chunks, then 16,384), x_cache=h5 123,687 then 25,057: this shared machine's throughput varies ~2x
+between identical runs, so compare within a round. Straight from the lake the default path is
+3-5x TileDB X and 8-15x tiledbsoma-ml, at or above the uncompressed per-mixture h5 copy for the
+whole transcriptome, with 0.6 GB of layout (vs 0.61 GB TileDB X) instead of 2.7 GB per mixture.
+It decodes every nonzero of a row, so a small gene axis costs as much as the whole
+transcriptome: for 2,000 genes the per-mixture x cache stays 5-13x faster and remains an option.
+The goal of >= 90,000 cells/s was reached only with 128-cell blocks in round 1. annbatch, scDataset
+and BioNeMo SCDL were not in these runs.
 """
 
 from __future__ import annotations
@@ -321,10 +349,55 @@ def run_one(method: str, uri: str, args) -> dict:
         dl = AnnDataLoader(mgr, batch_size=args.batch_size, shuffle=True)
         r = _measure(iter(dl), args.warmup, args.max_cells, lambda b: b["batch"].numpy().ravel().astype(np.int64),
                      lambda b: b["X"].to(dev))
+    elif method == "annbatch":
+        r = _annbatch(store, uri, genes, args)
+        extra.update({k: r.pop(k) for k in ("prep_s", "collection_bytes", "prep_peak_rss_mib", "h5ad_export_s")})
+        r.pop("method")
+        ent = shuffle_entropy([np.asarray(c) for c in r.pop("codes")], n_categories=len(dsnames))
+        return {"method": method, **{k: r[k] for k in ("cells", "seconds", "cells_per_s")}, **extra,
+                "peak_rss_mib": r["peak_rss_mib"], "entropy": ent}
     else:
         raise SystemExit(f"unknown method {method}")
     ent = shuffle_entropy(r.pop("codes"), n_categories=len(dsnames))
     return {"method": method, **r, **extra, "peak_rss_mib": _rss_mib(), "entropy": ent}
+
+
+def _annbatch(store, uri: str, genes: np.ndarray, args) -> dict:
+    """annbatch 0.3 in its own Python >= 3.12 venv (``--annbatch-python``) via ``peer_annbatch.py``.
+
+    Its input is an h5ad of every cell of the store (``atlasmix store export``, cached in the
+    workdir, export time reported); its pre-shuffled collection per gene list is its preparation,
+    timed (and its peak RSS reported) in a first call, then read in a second process."""
+    from atlasmix.store.query import export_h5ad
+
+    wd = Path(uri).parent
+    h5ad = wd / "all_cells.h5ad"
+    export_s = None
+    if not h5ad.exists():
+        t0 = time.perf_counter()
+        export_h5ad(store, "TRUE", h5ad, genes="all")
+        export_s = time.perf_counter() - t0
+    var = store.var()
+    tag = f"g{len(genes)}"
+    cmd = [args.annbatch_python, str(Path(__file__).with_name("peer_annbatch.py")), "--h5ad", str(h5ad),
+           "--collection", str(wd / f"annbatch_{tag}.zarr"), "--max-cells", str(args.max_cells),
+           "--batch-size", str(args.batch_size), "--warmup", str(args.warmup)]
+    if len(genes) < len(var):
+        gfile = wd / f"annbatch_{tag}.txt"
+        gfile.write_text("\n".join(var.loc[genes, "feature_id"].astype(str)) + "\n")
+        cmd += ["--genes", str(gfile)]
+    first = None
+    for _ in range(2):  # the first call may build the collection (its RSS is the preparation's)
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(f"annbatch failed: {p.stderr[-2000:]}")
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        if not r["prep_built_now"]:
+            break
+        first = r
+    r["prep_peak_rss_mib"] = first["prep_peak_rss_mib"] if first else None
+    r["h5ad_export_s"] = export_s
+    return r
 
 
 def main() -> None:
@@ -343,6 +416,8 @@ def main() -> None:
                     help="comma-separated; atlasmix options as atlasmix:io_threads=8:block_size=512")
     ap.add_argument("--n-genes", type=int, default=0, help="gene axis: a seeded random subset of this many "
                     "genes (0: every gene)")
+    ap.add_argument("--annbatch-python", default="/tmp/ab312/bin/python",
+                    help="python of a venv with annbatch[zarrs] 0.3 (Python >= 3.12) for method annbatch")
     ap.add_argument("--x-cache-dir", default=None, help="folder of atlasmix:x_cache=1 (default: WORKDIR/xcache)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--uri", help=argparse.SUPPRESS)
@@ -377,6 +452,10 @@ def main() -> None:
         print(f"{r['method']:<36}{r['cells_per_s']:>12,.0f}{rel:>9.2f}{r['peak_rss_mib']:>14,.0f}"
               f"{e['entropy_bits']:>9.3f}{e['iid_entropy_bits']:>7.3f}{e['ratio']:>7.3f}")
     for r in results:
+        if r["method"] == "annbatch":
+            print(f"annbatch: pre-shuffled collection {r['collection_bytes'] / 1e9:.2f} GB, prepared in "
+                  f"{r['prep_s']:.0f} s (peak RSS {r['prep_peak_rss_mib'] or float('nan'):,.0f} MiB) from an h5ad "
+                  f"export of the store")
         if "x_cache" in r:
             xc = r["x_cache"]
             print(f"{r['method']}: x cache {xc['n_obs']:,} cells x {xc['n_vars']:,} genes, {xc['nnz']:,} nonzeros, "
