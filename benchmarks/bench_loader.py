@@ -453,9 +453,10 @@ def main() -> None:
               f"{e['entropy_bits']:>9.3f}{e['iid_entropy_bits']:>7.3f}{e['ratio']:>7.3f}")
     for r in results:
         if r["method"] == "annbatch":
+            rss = (f"peak RSS {r['prep_peak_rss_mib']:,.0f} MiB" if r["prep_peak_rss_mib"]
+                   else "built by an earlier run")
             print(f"annbatch: pre-shuffled collection {r['collection_bytes'] / 1e9:.2f} GB, prepared in "
-                  f"{r['prep_s']:.0f} s (peak RSS {r['prep_peak_rss_mib'] or float('nan'):,.0f} MiB) from an h5ad "
-                  f"export of the store")
+                  f"{r['prep_s']:.0f} s ({rss}) from an h5ad export of the store")
         if "x_cache" in r:
             xc = r["x_cache"]
             print(f"{r['method']}: x cache {xc['n_obs']:,} cells x {xc['n_vars']:,} genes, {xc['nnz']:,} nonzeros, "

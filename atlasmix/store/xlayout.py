@@ -41,8 +41,10 @@ uint64 pairs at the end of each shard file) with ``os.pread`` and numcodecs' blo
 the GIL, straight into the output arrays (~4-6x faster). It only does so for the codec chain written
 here; any other chain (a layout rewritten by another tool) is read through zarr.
 
-Object stores: the layout is written for local stores only. ``s3://`` stores keep TileDB X alone,
-and every reader falls back to it (see :func:`dataset_ready`).
+Object stores: on ``s3://`` stores the layout is ``s3://bucket/prefix/x_layout``, written with zarr
+over obstore (``zarr.storage.ObjectStore``) and read by byte ranges of the shard objects
+(``obstore.get_range``); the configuration is TileDB's (``ATLASMIX_TILEDB_CONFIG``'s ``vfs.s3.*``
+keys and the ``AWS_*`` variables). Other URI schemes have no layout: readers use TileDB X.
 """
 
 from __future__ import annotations
@@ -74,37 +76,140 @@ def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
-def layout_root(store_uri: str) -> Path | None:
-    """``STORE/x_layout`` for a local store, None for an object store (no layout there)."""
-    if not is_local(store_uri):
-        return None
-    return Path(store_uri.removeprefix("file://")) / LAYOUT_DIR
+class _LocalRoot:
+    """``STORE/x_layout`` on a local file system."""
+
+    local = True
+
+    def __init__(self, store_uri: str):
+        self.base = Path(store_uri.removeprefix("file://")) / LAYOUT_DIR
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        try:
+            return (self.base / rel).read_bytes()
+        except OSError:
+            return None
+
+    def delete(self, rel: str) -> None:
+        if (self.base / rel).exists():
+            shutil.rmtree(self.base / rel)
+
+    def zarr_store(self, rel: str = ""):
+        return str(self.base / rel) if rel else str(self.base)
+
+    def children(self) -> list[str]:
+        return [p.name for p in self.base.iterdir() if p.is_dir()] if self.base.exists() else []
+
+    def nbytes(self, rel: str) -> int:
+        return sum(f.stat().st_size for f in (self.base / rel).rglob("*") if f.is_file())
 
 
-def dataset_path(store_uri: str, dataset_joinid: int) -> Path | None:
-    root = layout_root(store_uri)
-    return None if root is None else root / f"d{int(dataset_joinid)}"
+class _ObjectRoot:
+    """``s3://bucket/prefix/x_layout`` through obstore (credentials from the ``AWS_*`` variables, the
+    endpoint, scheme, region and addressing from ``ATLASMIX_TILEDB_CONFIG``'s ``vfs.s3.*`` keys, so
+    one configuration serves TileDB and the layout)."""
+
+    local = False
+
+    def __init__(self, store_uri: str):
+        bucket, _, prefix = store_uri.removeprefix("s3://").partition("/")
+        self.bucket = bucket
+        self.prefix = "/".join(x for x in (prefix.strip("/"), LAYOUT_DIR) if x)
+        try:
+            cfg = json.loads(os.environ.get("ATLASMIX_TILEDB_CONFIG") or "{}")
+        except ValueError:
+            cfg = {}
+        self.kw: dict = {}
+        scheme = cfg.get("vfs.s3.scheme", "https")
+        if cfg.get("vfs.s3.endpoint_override"):
+            self.kw["endpoint"] = f"{scheme}://{cfg['vfs.s3.endpoint_override']}"
+        region = cfg.get("vfs.s3.region") or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+        if region:
+            self.kw["region"] = region
+        if str(cfg.get("vfs.s3.use_virtual_addressing", "true")).lower() == "false":
+            self.kw["virtual_hosted_style_request"] = False
+        self.client_options = {"allow_http": True} if scheme == "http" else None
+        self.store = self._obstore(self.prefix)
+
+    def _obstore(self, prefix: str):
+        from obstore.store import S3Store
+
+        return S3Store(self.bucket, prefix=prefix, client_options=self.client_options, **self.kw)
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        import obstore
+
+        try:
+            return bytes(obstore.get(self.store, rel).bytes())
+        except FileNotFoundError:
+            return None
+
+    def read_range(self, rel: str, start: int, length: int) -> bytes:
+        import obstore
+
+        return bytes(obstore.get_range(self.store, rel, start=start, length=length))
+
+    def size(self, rel: str) -> int | None:
+        import obstore
+
+        try:
+            return int(obstore.head(self.store, rel)["size"])
+        except FileNotFoundError:
+            return None
+
+    def delete(self, rel: str) -> None:
+        import obstore
+
+        paths = [m["path"] for batch in obstore.list(self.store, prefix=rel.rstrip("/") + "/") for m in batch]
+        if paths:
+            obstore.delete(self.store, paths)
+
+    def zarr_store(self, rel: str = ""):
+        from zarr.storage import ObjectStore
+
+        return ObjectStore(self._obstore("/".join(x for x in (self.prefix, rel) if x)))
+
+    def children(self) -> list[str]:
+        import obstore
+
+        res = obstore.list_with_delimiter(self.store)
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in res["common_prefixes"]]
+
+    def nbytes(self, rel: str) -> int:
+        import obstore
+
+        return sum(int(m["size"]) for batch in obstore.list(self.store, prefix=rel.rstrip("/") + "/") for m in batch)
 
 
-def _attrs(path: Path) -> dict | None:
+def layout_root(store_uri: str) -> _LocalRoot | _ObjectRoot | None:
+    """The layout's root (``STORE/x_layout``): local folders, ``s3://`` objects; None for other schemes."""
+    if is_local(store_uri):
+        return _LocalRoot(store_uri)
+    if store_uri.startswith("s3://"):
+        return _ObjectRoot(store_uri)
+    return None
+
+
+def _attrs(root, rel: str) -> dict | None:
+    raw = root.read_bytes(f"{rel}/zarr.json")
     try:
-        return json.loads((path / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
+        return json.loads(raw).get("attributes", {}) if raw is not None else None
+    except ValueError:
         return None
 
 
 def dataset_ready(store_uri: str, dataset_joinid: int) -> bool:
     """True when dataset ``dataset_joinid`` has a complete layout group."""
-    p = dataset_path(store_uri, dataset_joinid)
-    a = _attrs(p) if p is not None else None
+    root = layout_root(store_uri)
+    a = _attrs(root, f"d{int(dataset_joinid)}") if root is not None else None
     return bool(a and a.get(COMPLETE_ATTR))
 
 
 def delete_dataset(store_uri: str, dataset_joinid: int) -> None:
     """Remove one dataset's layout group (no error when absent)."""
-    p = dataset_path(store_uri, dataset_joinid)
-    if p is not None and p.exists():
-        shutil.rmtree(p)
+    root = layout_root(store_uri)
+    if root is not None:
+        root.delete(f"d{int(dataset_joinid)}")
 
 
 def _compressor(shuffle: str):
@@ -119,7 +224,7 @@ class LayoutWriter:
     Parameters
     ----------
     store_uri : str
-        A local store (for object stores use :func:`layout_root` first: None means no layout).
+        A local or ``s3://`` store.
     dataset_joinid : int
         The dataset's catalog ``soma_joinid`` (a fresh one per ingest: never reused).
     n_cells : int
@@ -137,7 +242,8 @@ class LayoutWriter:
     Raises
     ------
     StoreError
-        Rows or columns out of range, or more rows than ``n_cells`` (in :meth:`append`/:meth:`close`).
+        A URI scheme with no layout; rows or columns out of range, or more rows than ``n_cells``
+        (in :meth:`append`/:meth:`close`).
     """
 
     def __init__(self, store_uri: str, dataset_joinid: int, n_cells: int, n_var: int):
@@ -147,18 +253,17 @@ class LayoutWriter:
 
         root = layout_root(store_uri)
         if root is None:
-            raise StoreError("the x layout is written for local stores only")
-        self.path = root / f"d{int(dataset_joinid)}"
-        if self.path.exists():
-            shutil.rmtree(self.path)
+            raise StoreError(f"no x layout for {store_uri} (local and s3:// stores only)")
+        self.root, self.rel = root, f"d{int(dataset_joinid)}"
+        root.delete(self.rel)
         with _ROOT_LOCK:  # parallel ingests of a plan write their datasets from several threads
-            if not (root / "zarr.json").exists():
+            if root.read_bytes("zarr.json") is None:
                 try:
-                    zarr.open_group(str(root), mode="a", zarr_format=3)
+                    zarr.open_group(root.zarr_store(), mode="a", zarr_format=3)
                 except zarr.errors.ContainsGroupError:  # made by another process meanwhile
                     pass
         self.n_cells, self.n_var = int(n_cells), int(n_var)
-        g = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        g = zarr.open_group(root.zarr_store(self.rel), mode="w", zarr_format=3)
         g.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
                         "shape": [self.n_cells, self.n_var], "atlasmix_layout_version": LAYOUT_VERSION})
         shard = INNER_CHUNK * SHARD_CHUNKS
@@ -230,8 +335,8 @@ class LayoutWriter:
                                       chunks=(min(INDPTR_CHUNK, len(indptr)),),
                                       compressors=[_compressor("shuffle")], fill_value=0)
         ip[:] = indptr
-        nbytes = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
-        g = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+        nbytes = self.root.nbytes(self.rel)
+        g = zarr.open_group(self.root.zarr_store(self.rel), mode="r+", zarr_format=3)
         g.attrs.update({COMPLETE_ATTR: True, "nnz": int(indptr[-1])})
         return {"n_cells": self.n_cells, "nnz": int(indptr[-1]), "bytes": int(nbytes)}
 
@@ -240,9 +345,12 @@ class LayoutWriter:
 class _ShardedArray:
     """One 1-D zarr v3 array of the layout, read by the sharding specification (see module doc)."""
 
-    def __init__(self, path: Path):
-        meta = json.loads((path / "zarr.json").read_text())
-        self.path = path
+    def __init__(self, root, rel: str):
+        raw = root.read_bytes(f"{rel}/zarr.json")
+        if raw is None:
+            raise StoreError(f"x layout: {rel} is missing")
+        meta = json.loads(raw)
+        self.root, self.rel = root, rel
         self.dtype = np.dtype(meta["data_type"])
         self.size = int(meta["shape"][0])
         self.fill = meta.get("fill_value", 0)
@@ -276,14 +384,19 @@ class _ShardedArray:
             return self._fds[k], ix
         with self._lock:
             if k not in self._index:
-                f = self.path / "c" / str(k)
-                try:
-                    fd = os.open(f, os.O_RDONLY)
-                except FileNotFoundError:
-                    return None
-                size = os.fstat(fd).st_size
                 nb = self.per_shard * 16
-                raw = os.pread(fd, nb, size - nb - 4)
+                if self.root.local:
+                    try:
+                        fd = os.open(self.root.base / self.rel / "c" / str(k), os.O_RDONLY)
+                    except FileNotFoundError:
+                        return None
+                    raw = os.pread(fd, nb, os.fstat(fd).st_size - nb - 4)
+                else:
+                    size = self.root.size(f"{self.rel}/c/{k}")
+                    if size is None:
+                        return None
+                    fd = size  # objects: no descriptor; ranges are read by key
+                    raw = self.root.read_range(f"{self.rel}/c/{k}", size - nb - 4, nb)
                 self._fds[k] = fd
                 self._index[k] = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
         return self._fds[k], self._index[k]
@@ -302,7 +415,10 @@ class _ShardedArray:
         if off == np.iinfo(np.uint64).max:  # an empty inner chunk: all fill value
             out[:] = self.fill
             return
-        raw = os.pread(fd, int(nb), int(off))
+        if self.root.local:
+            raw = os.pread(fd, int(nb), int(off))
+        else:
+            raw = self.root.read_range(f"{self.rel}/c/{k}", int(off), int(nb))
         blosc.decompress(raw, out)
         if self.delta:
             np.cumsum(out, out=out)
@@ -315,7 +431,7 @@ class _ShardedArray:
             if self._zarr is None:
                 import zarr
 
-                self._zarr = zarr.open_array(str(self.path), mode="r")
+                self._zarr = zarr.open_array(self.root.zarr_store(self.rel), mode="r")
             out[:] = self._zarr[a:b]
             return
         inner = self.inner
@@ -340,17 +456,18 @@ class _ShardedArray:
         return out
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
+        if self.root.local:
+            for fd in self._fds.values():
+                os.close(fd)
         self._fds.clear()
         self._index.clear()
 
 
 class _Dataset:
-    def __init__(self, path: Path, start: int, n_cells: int):
-        self.path, self.start, self.n_cells = path, int(start), int(n_cells)
-        self.indices = _ShardedArray(path / "indices")
-        self.data = _ShardedArray(path / "data")
+    def __init__(self, root, rel: str, start: int, n_cells: int):
+        self.root, self.rel, self.start, self.n_cells = root, rel, int(start), int(n_cells)
+        self.indices = _ShardedArray(root, f"{rel}/indices")
+        self.data = _ShardedArray(root, f"{rel}/data")
         self._indptr: np.ndarray | None = None
         self._lock = threading.Lock()
 
@@ -360,7 +477,7 @@ class _Dataset:
                 if self._indptr is None:
                     import zarr
 
-                    self._indptr = np.asarray(zarr.open_array(str(self.path / "indptr"), mode="r")[:],
+                    self._indptr = np.asarray(zarr.open_array(self.root.zarr_store(f"{self.rel}/indptr"), mode="r")[:],
                                               dtype=np.int64)
         return self._indptr
 
@@ -396,10 +513,11 @@ class LayoutReader:
         self._starts = np.array([s for s, _, _ in ds], dtype=np.int64)
         self._ends = np.array([s + n for s, n, _ in ds], dtype=np.int64)
         self._ds: list[_Dataset] = []
+        root = layout_root(store_uri)
         for s, n, j in ds:
             if not dataset_ready(store_uri, j):
                 raise StoreError(f"dataset joinid {j} has no complete x layout (run `atlasmix store optimize`)")
-            self._ds.append(_Dataset(dataset_path(store_uri, j), s, n))
+            self._ds.append(_Dataset(root, f"d{j}", s, n))
 
     def read(self, ids_sorted: np.ndarray, col_of: np.ndarray | None, n_vars: int) -> sp.csr_matrix:
         """Cells ``ids_sorted`` (ascending soma_joinids) x the gene axis, float32 CSR, int32 indices.
@@ -535,19 +653,18 @@ def optimize(store, progress: Callable[[str, int, int], None] | None = None) -> 
     Raises
     ------
     StoreError
-        An object-store URI (no layout there).
+        A URI scheme with no layout (neither local nor ``s3://``).
     """
     root = layout_root(store.uri)
     if root is None:
-        raise StoreError("the x layout is kept for local stores only; an s3:// store is read from TileDB X")
+        raise StoreError(f"no x layout for {store.uri}: local and s3:// stores only")
     cat = store.catalog()
     out: dict = {"written": [], "kept": [], "removed": []}
     live = {f"d{int(j)}" for j in cat.index}
-    if root.exists():
-        for p in root.iterdir():
-            if p.is_dir() and p.name.startswith("d") and p.name not in live:
-                shutil.rmtree(p)
-                out["removed"].append(p.name)
+    for name in root.children():
+        if name.startswith("d") and name[1:].isdigit() and name not in live:
+            root.delete(name)
+            out["removed"].append(name)
     for j, r in cat.iterrows():
         if dataset_ready(store.uri, int(j)):
             out["kept"].append(r.dataset_id)
@@ -579,7 +696,7 @@ def verify(store, chunk_size: int = 16384, progress: Callable[[str, int, int], N
 
     res: dict = {"ok": True, "datasets": []}
     if layout_root(store.uri) is None:
-        return {"ok": True, "datasets": [], "detail": "object store: no x layout, TileDB X only"}
+        return {"ok": True, "datasets": [], "detail": "this URI scheme has no x layout: TileDB X only"}
     n_var = max(len(store.var()), 1)
     with soma.SparseNDArray.open(f"{store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}", context=store.context) as X:
         for j, r in store.catalog().iterrows():
