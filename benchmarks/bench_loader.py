@@ -185,8 +185,28 @@ between identical runs, so compare within a round. Straight from the lake the de
 whole transcriptome, with 0.6 GB of layout (vs 0.61 GB TileDB X) instead of 2.7 GB per mixture.
 It decodes every nonzero of a row, so a small gene axis costs as much as the whole
 transcriptome: for 2,000 genes the per-mixture x cache stays 5-13x faster and remains an option.
-The goal of >= 90,000 cells/s was reached only with 128-cell blocks in round 1. annbatch, scDataset
-and BioNeMo SCDL were not in these runs.
+The goal of >= 90,000 cells/s was reached only with 128-cell blocks in round 1.
+
+With annbatch 0.3.1 (``--methods annbatch``: its own Python 3.12 venv, zarrs codec pipeline; input
+an h5ad export of the store, 2.76 GB, ~1 min; its pre-shuffled collection timed as preparation;
+CSR batches densified with scipy ``toarray``, its fastest CPU path), same machine and settings, one
+run each, methods alternating::
+
+    every gene                      cells/s (two runs)   peak RSS MiB   entropy ratio   preparation
+    atlasmix (x layout)             70,053 / 86,641      1,443-1,454    0.992           none
+    atlasmix:block_size=128         60,740               1,383          0.993           none
+    annbatch                        51,064 / 37,616        790          1.000           41 s, 9.2 GiB RSS, 0.87 GB
+    tiledbsoma_ml                    6,468               2,817          0.992           none
+
+    2,000 random genes              cells/s (two runs)   peak RSS MiB                   preparation
+    atlasmix (x layout)             73,912 / 66,786      1,082-1,087                    none
+    atlasmix:x_cache=h5            257,147                 669                          5 s, 0.28 GB
+    annbatch                       412,044 / 365,159       267                          9 s, 1.3 GiB RSS, 0.09 GB
+    tiledbsoma_ml                    4,261               1,704
+
+Every gene: 1.4-2.3x annbatch with no per-mixture preparation (the issue-19 goal was 3.5x). On a
+2,000-gene axis a gene-subset copy wins by 3.5-6x (annbatch's collection more than atlasmix's h5
+x cache), because the layout decodes whole rows. scDataset and BioNeMo SCDL were not run.
 """
 
 from __future__ import annotations
