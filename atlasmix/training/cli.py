@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
                                                           "training cells among genes measured in at least a fraction F "
                                                           "of its datasets, default 0.5) or a file with one gene "
                                                           "(feature_id or symbol) per line.")] = None,
-        io_batch_size: Annotated[int, typer.Option(help="Cells per store read (memory ~ (prefetch+1) x this).")] = 65536,
+        io_batch_size: Annotated[int, typer.Option(help="Cells per store read (memory ~ (prefetch+1) x this).")] = 16384,
         block_size: Annotated[int, typer.Option(help="Consecutive store cells kept together when shuffling.")] = 64,
         prefetch: Annotated[int, typer.Option(help="IO batches read ahead.")] = 2,
         io_threads: Annotated[int, typer.Option(help="Threads reading the store.")] = 2,

@@ -391,9 +391,9 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                 gene_likelihood: str = DEFAULTS["gene_likelihood"], dispersion: str = DEFAULTS["dispersion"],
                 lr: float = DEFAULTS["lr"], early_stopping: bool = DEFAULTS["early_stopping"],
                 budget: Budget | str | None = None, batch_key: str | None = "dataset_id", genes: list[str] | None = None,
-                io_batch_size: int = 65536, block_size: int = 64, prefetch_io: int = 2, io_threads: int = 2,
+                io_batch_size: int = 16384, block_size: int = 64, prefetch_io: int = 2, io_threads: int = 2,
                 read_processes: int = 0, x_cache: str | Path | None = None, x_cache_format: str = "tiledb",
-                validation: bool = True, checkpoint_every: int = 10, resume: bool = False, prior_cells: int = 50_000,
+                x_source: str = "auto", validation: bool = True, checkpoint_every: int = 10, resume: bool = False, prior_cells: int = 50_000,
                 n_template: int = 1000, progress: bool = True, callbacks: list | None = None) -> dict[str, Any]:
     """Train LinearSCVI on a mixture manifest's train split, streamed from the store.
 
@@ -422,7 +422,9 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     genes : list of str, optional
         Explicit gene axis (feature_id or unique symbol); default genes measured in every dataset.
     io_batch_size, block_size, prefetch_io, io_threads, read_processes
-        Loader settings (:class:`atlasmix.training.loader.MixtureLoader`); ``read_processes`` > 0
+        Loader settings (:class:`atlasmix.training.loader.MixtureLoader`); ``io_batch_size`` was
+        65,536 before the x layout (2.2 GB of TileDB buffers per whole-transcriptome read in
+        flight; from the layout 16,384 cells per read keep the same speed); ``read_processes`` > 0
         reads the store in that many spawned processes (on one H100 machine this was not faster
         than threads: 12.6k vs 14.2k cells/s end to end; see ``benchmarks/bench_ldvae.py``).
     x_cache : str or pathlib.Path, optional
@@ -432,6 +434,9 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
         nonzeros instead of whole transcriptomes. Same minibatches, same model.
     x_cache_format : {"tiledb", "h5"}
         Compressed TileDB projection, or uncompressed CSR in HDF5 (faster, ~4.7x the disk space).
+    x_source : {"auto", "layout", "tiledb"}
+        Where the loaders read X without an x cache: the store's x layout when every dataset has
+        one (``auto``, :mod:`atlasmix.store.xlayout`), or always TileDB X. Same minibatches.
     validation : bool
         Compute validation losses each epoch on the manifest's validation split (if it has one).
     checkpoint_every : int
@@ -486,7 +491,7 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     obs_cols = [batch_key] if batch_key else []
     common = dict(batch_size=batch_size, io_batch_size=io_batch_size, block_size=block_size, obs_columns=obs_cols,
                   prefetch_io=prefetch_io, io_threads=io_threads, genes=genes,
-                  x_cache=x_cache, x_cache_format=x_cache_format)
+                  x_cache=x_cache, x_cache_format=x_cache_format, x_source=x_source)
     on_train_axis = {k: v for k, v in common.items() if k != "genes"}  # loaders given train's var_joinids
     train_opts = {"read_processes": read_processes}
     train = MixtureLoader(store, manifest, "train", seed=seed, **common, **train_opts)
