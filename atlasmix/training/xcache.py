@@ -266,7 +266,7 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
         it to rebuild).
     """
 
-    from atlasmix.training.loader import gene_columns, read_csr
+    from atlasmix.training.read import gene_columns, read_csr
 
     cells = np.asarray(cells, dtype=np.int64)
     var_joinids = np.asarray(var_joinids, dtype=np.int64)
