@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -79,3 +82,31 @@ def lake(request, tmp_path_factory):
 def in_sql(names) -> str:
     """``dataset_id IN ('a', 'b')`` for a list of dataset ids."""
     return "dataset_id IN (" + ", ".join(f"'{n}'" for n in names) + ")"
+
+
+@pytest.fixture
+def s3_env(monkeypatch):
+    """A local moto S3 server configured as a user would (AWS_* + ATLASMIX_TILEDB_CONFIG).
+
+    Yields ``(env, bucket)``. moto keeps its buckets in process-global state shared by every server
+    started in one pytest worker, so each test gets a bucket of its own.
+    """
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "ATLASMIX_TILEDB_CONFIG": json.dumps({"vfs.s3.endpoint_override": f"127.0.0.1:{port}",
+                                                 "vfs.s3.scheme": "http", "vfs.s3.region": "us-east-1",
+                                                 "vfs.s3.use_virtual_addressing": "false"})}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    bucket = f"lake-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1").create_bucket(Bucket=bucket)
+    try:
+        yield env, bucket
+    finally:
+        server.stop()

@@ -211,32 +211,10 @@ def test_shards_are_dealt_whole_blocks(n, block, k):
     assert np.array_equal(shard_order(o, 0, 1, "drop", block), o)
 
 
-@pytest.fixture
-def s3_env(monkeypatch):
-    """A local moto S3 server with bucket ``lake``, configured as a user would (AWS_* + ATLASMIX_TILEDB_CONFIG)."""
-    import socket
-
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "ATLASMIX_TILEDB_CONFIG": json.dumps({"vfs.s3.endpoint_override": f"127.0.0.1:{port}",
-                                                 "vfs.s3.scheme": "http", "vfs.s3.region": "us-east-1",
-                                                 "vfs.s3.use_virtual_addressing": "false"})}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1").create_bucket(Bucket="lake")
-    yield env
-    server.stop()
-
-
 def test_s3_store_gets_the_layout_and_the_loader_reads_it(s3_env, sim):
     pytest.importorskip("obstore")
-    uri = "s3://lake/atlas"
+    s3_env, bucket = s3_env
+    uri = f"s3://{bucket}/atlas"
     assert run_cli("store", "init", uri, env=s3_env).returncode == 0
     r = run_cli("ingest", uri, "--plan", sim, "--chunk-size", "300", env=s3_env)
     assert r.returncode == 0, r.stderr
