@@ -257,15 +257,32 @@ def test_device_gather_path_equals_host_path(mix, sparse):
 
 
 def _shm_blocks() -> set[str]:
+    """This process's read-process blocks still in /dev/shm (other pytest workers' are not counted)."""
+    import os
     from pathlib import Path
 
+    from atlasmix.training.read import shm_prefix
+
     d = Path("/dev/shm")
-    return {p.name for p in d.glob("psm_*")} if d.is_dir() else set()
+    return {p.name for p in d.glob(f"{shm_prefix(os.getpid())}*")} if d.is_dir() else set()
 
 
 @pytest.mark.parametrize("gather_on_device", [False, True])
-def test_read_processes_serve_the_same_batches_and_free_shared_memory(mix, gather_on_device):
-    before = _shm_blocks()
+def test_read_processes_serve_the_same_batches_and_free_shared_memory(mix, gather_on_device, monkeypatch):
+    import os
+
+    from atlasmix.training import loader, read
+    from atlasmix.training.read import shm_prefix
+
+    assert _shm_blocks() == set()
+    seen, attach = [], read._attach
+
+    def watch(result):  # records the block names the read processes hand over
+        seen.extend(name for name, _, _ in result[0])
+        return attach(result)
+
+    monkeypatch.setattr(read, "_attach", watch)
+    monkeypatch.setattr(loader, "_attach", watch)
     host = make(mix, gather_on_device=False)
     procs = make(mix, read_processes=1, gather_on_device=gather_on_device)
     try:
@@ -279,7 +296,8 @@ def test_read_processes_serve_the_same_batches_and_free_shared_memory(mix, gathe
     finally:
         procs.close()
     assert procs._pool is None
-    assert _shm_blocks() <= before  # every shared-memory block was unlinked
+    assert seen and all(n.startswith(shm_prefix(os.getpid())) for n in seen)
+    assert _shm_blocks() == set()  # every shared-memory block was unlinked
 
 
 @pytest.mark.parametrize("fmt", ["tiledb", "h5"])

@@ -7,6 +7,7 @@ CSR back through shared memory (:func:`_worker_init`, :func:`_worker_read`, :fun
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -130,14 +131,25 @@ def _worker_init(x_uri, tiledb_config: dict, col_of: np.ndarray | None, n_vars: 
     _W.update(X=open_source(x_uri, ctx), col_of=col_of, n_vars=n_vars)
 
 
+def shm_prefix(training_pid: int) -> str:
+    """Name prefix of the shared-memory blocks the read processes of training process
+    ``training_pid`` create (on Linux, files ``/dev/shm/<prefix>...``)."""
+    return f"atlasmix_{training_pid}_"
+
+
 def _worker_read(ids_sorted: np.ndarray) -> tuple:
-    """Read one IO batch in a read process; returns shared-memory block names, dtypes and lengths."""
+    """Read one IO batch in a read process; returns shared-memory block names, dtypes and lengths.
+
+    Blocks are named ``atlasmix_<training pid>_<read pid>_<random>`` (see :func:`shm_prefix`), so
+    what a killed run leaves in ``/dev/shm`` says whose it was."""
+    import secrets
     from multiprocessing import resource_tracker, shared_memory
 
     m = read_csr(_W["X"], ids_sorted, _W["col_of"], _W["n_vars"])
     out = []
     for a in (m.indptr, m.indices, m.data):
-        shm = shared_memory.SharedMemory(create=True, size=max(1, a.nbytes))
+        shm = shared_memory.SharedMemory(name=f"{shm_prefix(os.getppid())}{os.getpid()}_{secrets.token_hex(8)}",
+                                         create=True, size=max(1, a.nbytes))
         np.ndarray(a.shape, a.dtype, buffer=shm.buf)[:] = a
         out.append((shm.name, a.dtype.str, len(a)))
         shm.close()
