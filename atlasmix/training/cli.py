@@ -27,7 +27,7 @@ def check_devices(devices: int, model: str) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``train`` sub-commands (``ldvae``) to ``app``."""
+    """Add the ``train`` sub-commands (``ldvae``) and ``x-cache`` (``list``, ``clean``) to ``app``."""
     train = typer.Typer(help="Train models on a mixture, streamed from the store.", no_args_is_help=True)
     app.add_typer(train, name="train")
 
@@ -72,6 +72,10 @@ def register(app: typer.Typer) -> None:
                                                              "nonzeros (e.g. 2,000 HVGs: 6-17 % of a transcriptome's).")] = None,
         x_cache_format: Annotated[str, typer.Option(help="x cache format: tiledb (compressed) or h5 (uncompressed "
                                                          "CSR, faster to read, ~4.7x the disk space).")] = "tiledb",
+        x_cache_max_gb: Annotated[Optional[float], typer.Option(help="Size cap of the x cache folder in GB (default "
+                                                                     "64 GiB or ATLASMIX_X_CACHE_MAX_GB): least "
+                                                                     "recently used projections not in use are "
+                                                                     "deleted to fit it.")] = None,
         validation: Annotated[bool, typer.Option(help="Validation losses each epoch.")] = True,
         checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N epochs (0: never).")] = 10,
         resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from checkpoints/last.ckpt.")] = False,
@@ -93,8 +97,69 @@ def register(app: typer.Typer) -> None:
                           early_stopping=early_stopping, budget=budget, batch_key=None if batch_key.lower() == "none" else batch_key,
                           genes=gl, io_batch_size=io_batch_size, block_size=block_size, prefetch_io=prefetch,
                           io_threads=io_threads, read_processes=read_processes, x_cache=x_cache,
-                          x_cache_format=x_cache_format, validation=validation, checkpoint_every=checkpoint_every,
+                          x_cache_format=x_cache_format,
+                          x_cache_max_bytes=None if x_cache_max_gb is None else int(x_cache_max_gb * 1e9),
+                          validation=validation, checkpoint_every=checkpoint_every,
                           resume=resume, progress=progress)
         typer.echo(json.dumps({k: run[k] for k in ("n_cells", "n_genes", "budget", "training", "wall_s",
                                                    "train_cells_per_s")}))
         typer.echo(f"model: {Path(out) / 'model'}  loadings: {Path(out) / 'loadings.parquet'}", err=True)
+
+    xc = typer.Typer(help="Inspect and clean an x cache folder (train ldvae --x-cache).", no_args_is_help=True)
+    app.add_typer(xc, name="x-cache")
+
+    @xc.command("list")
+    def x_cache_list(cache_dir: Path, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+        """Projections in CACHE_DIR, most recently used first, with their size and whether a run holds them."""
+        import time
+
+        from rich.console import Console
+        from rich.table import Table
+
+        from atlasmix.training.xcache import cap_bytes, list_x_cache
+
+        rows = list_x_cache(cache_dir)
+        if as_json:
+            typer.echo(json.dumps({"cache_dir": str(cache_dir), "cap_bytes": cap_bytes(), "entries": rows}, indent=1))
+            return
+        total = sum(r["bytes"] for r in rows)
+        t = Table(title=f"{cache_dir}: {len(rows)} entries, {total / 1e9:.2f} GB (cap {cap_bytes() / 1e9:.3g} GB)")
+        for c in ("name", "kind", "format", "cells", "genes", "GB", "last used", "in use", "store"):
+            t.add_column(c)
+        for r in rows:
+            ago = time.time() - r["last_used"]
+            t.add_row(r["name"], r["kind"], r.get("format") or "", f"{r['n_obs']:,}" if r.get("n_obs") else "",
+                      f"{r['n_vars']:,}" if r.get("n_vars") else "", f"{r['bytes'] / 1e9:.3f}",
+                      f"{ago / 3600:.1f} h ago" if ago >= 3600 else f"{ago / 60:.0f} min ago",
+                      "yes" if r["in_use"] else "", r.get("store_uri") or "")
+        Console().print(t)
+
+    @xc.command("clean")
+    def x_cache_clean(
+        cache_dir: Path,
+        store: Annotated[Optional[str], typer.Option(help="Delete this store's projections of an older state "
+                                                          "(they are never read again).")] = None,
+        max_gb: Annotated[Optional[float], typer.Option(help="Then delete least recently used projections until "
+                                                             "the folder holds at most this many GB.")] = None,
+        everything: Annotated[bool, typer.Option("--all", help="Delete every projection not in use.")] = False,
+    ):
+        """Delete what CACHE_DIR will not read again: unfinished builds of dead processes, stale projections
+        (--store), the least recently used beyond --max-gb, or all (--all). Projections a running process
+        holds are never deleted."""
+        from atlasmix.errors import AtlasmixError
+        from atlasmix.training.xcache import clean_x_cache
+
+        if not cache_dir.is_dir():
+            raise AtlasmixError(f"{cache_dir} is not a folder")
+        if max_gb is not None and max_gb < 0:
+            raise AtlasmixError(f"--max-gb must be >= 0, got {max_gb}")
+        st = None
+        if store is not None:
+            from atlasmix.store import Store
+
+            st = Store(store)
+        r = clean_x_cache(cache_dir, max_bytes=None if max_gb is None else int(max_gb * 1e9), stale_for=st,
+                          everything=everything)
+        typer.echo(json.dumps(r))
+        typer.echo(f"removed {len(r['removed'])} entries ({r['freed_bytes'] / 1e9:.3f} GB); "
+                   f"{len(r['kept_in_use'])} kept in use; {r['bytes'] / 1e9:.3f} GB left", err=True)

@@ -203,6 +203,10 @@ class MixtureLoader:
     x_cache_format : {"tiledb", "h5"}
         The x cache's format: compressed TileDB (default) or uncompressed CSR in HDF5 (~4.7x the
         disk space, read as plain slices: faster, also for whole-transcriptome axes).
+    x_cache_max_bytes : int, optional
+        Size cap of the ``x_cache`` folder (default :func:`atlasmix.training.xcache.cap_bytes`:
+        64 GiB or ``ATLASMIX_X_CACHE_MAX_GB``); least recently used projections not in use are
+        deleted to fit it, and a projection larger than it is refused.
     x_source : {"auto", "layout", "tiledb"}
         Where X is read from (without ``x_cache``): ``auto`` (default) the store's x layout when
         every dataset of the split has one (:mod:`atlasmix.store.xlayout`), else TileDB X;
@@ -231,7 +235,7 @@ class MixtureLoader:
                  prefetch_io: int = 2, io_threads: int = 2, categories: dict[str, list[str]] | None = None,
                  read_buffer_bytes: int | None = None, gather_on_device: bool | None = None,
                  read_processes: int = 0, x_cache: str | Path | None = None, x_cache_format: str = "tiledb",
-                 x_source: str = "auto"):
+                 x_source: str = "auto", x_cache_max_bytes: int | None = None):
         if batch_size < 1 or io_batch_size < 1 or block_size < 1:
             raise AtlasmixError("batch_size, io_batch_size and block_size must be >= 1")
         if library not in LIBRARY_SOURCES:
@@ -267,6 +271,7 @@ class MixtureLoader:
         self.read_processes = max(0, int(read_processes))
         self.x_cache = x_cache
         self.x_cache_format = x_cache_format
+        self.x_cache_max_bytes = x_cache_max_bytes
         self.x_source = x_source
         self._x_cache_uri: str | None = None
         self._pool = None
@@ -441,7 +446,7 @@ class MixtureLoader:
         if self.x_cache is None:
             raise AtlasmixError("this loader has no x_cache folder")
         uri, meta = ensure_x_cache(self.store, self.cells, self.var_joinids, self.x_cache, fmt=self.x_cache_format,
-                                   progress=progress)
+                                   progress=progress, max_bytes=self.x_cache_max_bytes)
         self._x_cache_uri = uri
         return meta
 

@@ -32,8 +32,19 @@ genes, 28k (h5) vs 8k (store), 6.7k (tiledbsoma-ml) and 51k (scvi-tools on an in
 
 The projection is a cache, not a second store: it can be deleted at any time. It is built into a
 temporary folder (``<name>.tmp-<pid>-<ns>``) and renamed into place when complete, so a crash
-leaves at most that temporary folder, which is never read (delete it), and two processes building
-the same projection concurrently both end up reading a complete copy.
+leaves at most that temporary folder, which is never read, and two processes building the same
+projection concurrently both end up reading a complete copy.
+
+Size cap and clean-up. A cache folder holds at most ``max_bytes`` of projections
+(:data:`X_CACHE_MAX_BYTES`, ``ATLASMIX_X_CACHE_MAX_GB``, ``train ldvae --x-cache-max-gb``): a build
+that would pass the cap on its own stops and is refused, and after every build or use the least
+recently used other projections are deleted until the folder fits. A process that uses a projection
+holds a shared ``flock`` on its metadata file until it exits, and deletion takes the exclusive lock
+without waiting, so a projection another run is reading is never deleted (the folder can then stay
+over the cap until that run ends). :func:`clean_x_cache` (``atlasmix x-cache clean``) also deletes
+projections of an older state of a store (never read again: the name hashes the state) and the
+temporary folders of builds whose process is gone; :func:`list_x_cache` (``atlasmix x-cache list``)
+shows what a folder holds.
 """
 
 from __future__ import annotations
@@ -59,6 +70,227 @@ META = "atlasmix_x_cache.json"
 
 #: cache formats: compressed TileDB-SOMA array, or uncompressed CSR in HDF5.
 FORMATS = ("tiledb", "h5")
+
+#: default size cap of one cache folder, bytes (``ATLASMIX_X_CACHE_MAX_GB`` overrides it): 64 GiB,
+#: e.g. 2 h5 projections of 1M whole-transcriptome cells (13.7 GB each) and many of 2,000 genes.
+X_CACHE_MAX_BYTES = 64 << 30
+
+#: shared locks this process holds on projections it uses: path of the metadata file -> fd.
+_LEASES: dict[str, int] = {}
+
+
+def cap_bytes(max_bytes: int | None = None) -> int:
+    """The size cap of a cache folder in bytes: ``max_bytes``, else ``ATLASMIX_X_CACHE_MAX_GB`` (GB of
+    10^9 bytes), else :data:`X_CACHE_MAX_BYTES`.
+
+    Raises
+    ------
+    AtlasmixError
+        A negative cap, or an environment value that is not a number.
+    """
+    if max_bytes is None:
+        env = os.environ.get("ATLASMIX_X_CACHE_MAX_GB")
+        if env is None:
+            return X_CACHE_MAX_BYTES
+        try:
+            max_bytes = int(float(env) * 1e9)
+        except ValueError:
+            raise AtlasmixError(f"ATLASMIX_X_CACHE_MAX_GB must be a number of GB, got {env!r}") from None
+    if max_bytes < 0:
+        raise AtlasmixError(f"x cache size cap must be >= 0 bytes, got {max_bytes}")
+    return int(max_bytes)
+
+
+def _lease(final: Path) -> bool:
+    """Hold a shared lock on projection ``final`` for the rest of this process; False when it was
+    deleted while we waited for the lock (then it must be built again)."""
+    import fcntl
+
+    key = str(final / META)
+    if key in _LEASES:
+        os.utime(key)
+        return True
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a clean-up holds it to delete the projection
+    if not os.path.exists(key):
+        os.close(fd)
+        return False
+    _LEASES[key] = fd
+    os.utime(key)  # last use, for least-recently-used eviction
+    return True
+
+
+def release_leases() -> None:
+    """Drop every shared lock this process holds on projections (they become deletable)."""
+    for fd in _LEASES.values():
+        os.close(fd)
+    _LEASES.clear()
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _delete_unless_in_use(final: Path) -> bool:
+    """Delete projection ``final`` if no process holds it (exclusive lock, not waiting)."""
+    import fcntl
+
+    key = final / META
+    if str(key) in _LEASES:
+        return False
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except FileNotFoundError:
+        shutil.rmtree(final, ignore_errors=True)
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    try:  # the metadata file goes first: a reader that got its lock after us finds it gone and rebuilds
+        doomed = final.with_name(f"{final.name}.del-{os.getpid()}-{time.time_ns()}")
+        os.rename(final, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def list_x_cache(cache_dir: str | Path) -> list[dict]:
+    """What a cache folder holds, most recently used first.
+
+    Returns
+    -------
+    list of dict
+        One per entry: ``name``, ``kind`` (``projection``, ``unfinished`` for the temporary folder of
+        a build, ``unknown`` for a folder without readable metadata), ``bytes``, ``last_used``
+        (seconds since the epoch: the metadata file's mtime), ``in_use`` (another process holds it),
+        and for projections ``format``, ``store_uri``, ``state_hash``, ``n_obs``, ``n_vars``, ``nnz``.
+    """
+    import fcntl
+
+    root = Path(cache_dir)
+    out = []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if not p.is_dir() or not p.name.startswith("x-"):
+            continue
+        row = {"name": p.name, "bytes": _size(p), "last_used": p.stat().st_mtime, "in_use": False}
+        if ".tmp-" in p.name or ".del-" in p.name:
+            row["kind"] = "unfinished"
+            row["in_use"] = _pid_alive(int(p.name.split("-")[-2])) if p.name.split("-")[-2].isdigit() else False
+        elif (p / META).exists():
+            try:
+                meta = json.loads((p / META).read_text())
+            except (OSError, ValueError):
+                meta = None
+            if meta is None:
+                row["kind"] = "unknown"
+            else:
+                row.update(kind="projection", last_used=(p / META).stat().st_mtime,
+                           **{k: meta.get(k) for k in ("format", "store_uri", "state_hash", "n_obs", "n_vars", "nnz")})
+                if str(p / META) in _LEASES:
+                    row["in_use"] = True
+                else:
+                    fd = os.open(p / META, os.O_RDONLY)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        row["in_use"] = True
+                    finally:
+                        os.close(fd)
+        else:
+            row["kind"] = "unknown"
+        out.append(row)
+    return sorted(out, key=lambda r: -r["last_used"])
+
+
+def clean_x_cache(cache_dir: str | Path, *, max_bytes: int | None = None, stale_for=None,
+                  everything: bool = False, keep: Path | None = None) -> dict:
+    """Delete from a cache folder what will not be read again, then the least recently used
+    projections until the folder fits ``max_bytes``.
+
+    Parameters
+    ----------
+    cache_dir : str or pathlib.Path
+    max_bytes : int, optional
+        Cap in bytes (None: no cap applied by this call; see :func:`cap_bytes` for the default one
+        :func:`ensure_x_cache` applies).
+    stale_for : atlasmix.store.Store, optional
+        Delete this store's projections of an older state (``state_hash`` differs from the
+        store's: they can never be read again).
+    everything : bool
+        Delete every projection not in use.
+    keep : pathlib.Path, optional
+        A projection never deleted by this call (the one just built or found).
+
+    Returns
+    -------
+    dict
+        ``removed`` (names), ``freed_bytes``, ``kept_in_use`` (names a running process holds) and
+        ``bytes`` (what the folder holds afterwards).
+
+    Notes
+    -----
+    Temporary folders of builds whose process is gone (``<name>.tmp-<pid>-<ns>``) are always deleted;
+    those of live processes never. Projections in use by any process are never deleted.
+    """
+    rows = list_x_cache(cache_dir)
+    root = Path(cache_dir)
+    removed, freed, held = [], 0, []
+    state = stale_for.identity()["state_hash"] if stale_for is not None else None
+
+    def drop(r):
+        nonlocal freed
+        p = root / r["name"]
+        if keep is not None and p == Path(keep):
+            return False
+        if r["kind"] == "unfinished":
+            if r["in_use"]:
+                return False
+            shutil.rmtree(p, ignore_errors=True)
+            ok = True
+        else:
+            ok = _delete_unless_in_use(p)
+        if ok:
+            removed.append(r["name"])
+            freed += r["bytes"]
+        elif r["kind"] == "projection":
+            held.append(r["name"])
+        return ok
+
+    left = []
+    for r in rows:
+        if r["kind"] == "unfinished" and not r["in_use"]:
+            drop(r)
+        elif r["kind"] == "projection" and (everything or (state is not None and r["store_uri"] == stale_for.uri
+                                                           and r["state_hash"] != state)):
+            if not drop(r):
+                left.append(r)
+        else:
+            left.append(r)
+    if max_bytes is not None:
+        total = sum(r["bytes"] for r in left)
+        for r in sorted((r for r in left if r["kind"] == "projection"), key=lambda r: r["last_used"]):
+            if total <= max_bytes:
+                break
+            if drop(r):
+                total -= r["bytes"]
+    return {"removed": removed, "freed_bytes": int(freed), "kept_in_use": sorted(set(held)),
+            "bytes": int(sum(r["bytes"] for r in list_x_cache(cache_dir)))}
 
 
 def x_cache_key(state_hash: str, cells: np.ndarray, var_joinids: np.ndarray, fmt: str = "tiledb") -> str:
@@ -230,7 +462,8 @@ def _store_x(store, cells: np.ndarray):
 
 
 def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir: str | Path, *,
-                   fmt: str = "tiledb", chunk_cells: int = 16384, progress: bool = False) -> tuple[str, dict]:
+                   fmt: str = "tiledb", chunk_cells: int = 16384, progress: bool = False,
+                   max_bytes: int | None = None) -> tuple[str, dict]:
     """The projection of ``store``'s X onto ``cells`` x ``var_joinids``, built if it is not there yet.
 
     Parameters
@@ -249,6 +482,11 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
         Cells per read while building (memory: ~ chunk_cells x nonzeros per cell x 20 bytes).
     progress : bool
         Print one line per chunk while building.
+    max_bytes : int, optional
+        Size cap of ``cache_dir`` in bytes (default :func:`cap_bytes`): a build that passes it on its
+        own is stopped and refused; afterwards the least recently used other projections not in use
+        are deleted until the folder fits (module doc). This process then holds a shared lock on the
+        projection until it exits (:func:`release_leases` drops it).
 
     Returns
     -------
@@ -262,8 +500,8 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
     ------
     AtlasmixError
         Unknown format, no cells or genes, ``cells`` not ascending and unique, an object-store
-        ``cache_dir``, or a projection whose metadata disagrees with its name (left as is; delete
-        it to rebuild).
+        ``cache_dir``, a projection whose metadata disagrees with its name (left as is; delete
+        it to rebuild), or a projection larger than the size cap.
     """
 
     from atlasmix.training.read import gene_columns, read_csr
@@ -278,16 +516,18 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
         raise AtlasmixError("x cache: cells must be ascending and unique")
     if "://" in str(cache_dir):
         raise AtlasmixError(f"x cache: {cache_dir} is not a local folder")
+    cap = cap_bytes(max_bytes)
     state = store.identity()["state_hash"]
     root = Path(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / x_cache_key(state, cells, var_joinids, fmt)
     leaf = "X.h5" if fmt == "h5" else "X"
-    if (final / META).exists():
+    if (final / META).exists() and _lease(final):
         meta = json.loads((final / META).read_text())
         expected = {"format": fmt, "state_hash": state, "n_obs": len(cells), "n_vars": len(var_joinids)}
         if {k: meta.get(k, "tiledb" if k == "format" else None) for k in expected} != expected:
             raise AtlasmixError(f"x cache {final} does not hold what its name says; delete it to rebuild")
+        clean_x_cache(root, max_bytes=cap, keep=final)
         return str(final / leaf), {**meta, "built": False}
 
     t0 = time.perf_counter()
@@ -305,6 +545,11 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
                 m.sort_indices()  # row-major order: TileDB needs no sort, h5 rows are sorted CSR
                 out.append(s, m)
                 nnz += int(m.nnz)
+                if out.bytes() > cap:
+                    raise AtlasmixError(f"x cache: the projection of {len(cells):,} cells x {len(var_joinids):,} "
+                                        f"genes passed the cap of {cap / 1e9:.3g} GB after {s + len(ids):,} cells; "
+                                        "raise it (--x-cache-max-gb, ATLASMIX_X_CACHE_MAX_GB) or train from "
+                                        "the store without an x cache")
                 if progress:
                     print(f"x cache: {min(s + chunk_cells, len(cells)):,}/{len(cells):,} cells, {nnz:,} nonzeros",
                           flush=True)
@@ -318,11 +563,17 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
             if not (final / META).exists():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-            meta = json.loads((final / META).read_text())
-            return str(final / leaf), {**meta, "built": False}
+            if _lease(final):
+                meta = json.loads((final / META).read_text())
+                clean_x_cache(root, max_bytes=cap, keep=final)
+                return str(final / leaf), {**meta, "built": False}
+            return ensure_x_cache(store, cells, var_joinids, cache_dir, fmt=fmt, chunk_cells=chunk_cells,
+                                  progress=progress, max_bytes=max_bytes)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _lease(final)
+    clean_x_cache(root, max_bytes=cap, keep=final)
     return str(final / leaf), {**meta, "built": True}
 
 
@@ -344,10 +595,17 @@ class _Writer:
             self.indptr = [np.zeros(1, dtype=np.int64)]
             self.nnz = 0
         else:
+            self.path = path
             import tiledbsoma as soma
 
             self.arr = soma.SparseNDArray.create(str(path), type=pa.float32(), shape=(n_obs, n_vars),
                                                  platform_config=S.X_CREATE_OPTIONS, context=context)
+
+    def bytes(self) -> int:
+        """Bytes written so far (h5: the nonzeros and row pointers; tiledb: the array folder)."""
+        if self.fmt == "h5":
+            return self.nnz * 8 + (self.n_obs + 1) * 8
+        return _size(self.path)
 
     def append(self, row0: int, m) -> None:
         if self.fmt == "h5":
