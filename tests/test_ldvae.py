@@ -39,9 +39,11 @@ def test_train_save_load_loadings_latents(mix, lake, tmp_path):
     store, path, genes_file, genes = mix
     out = tmp_path / "run"
     r = run_cli("train", "ldvae", "--store", store.uri, "--mixture", path, "--out", out, "--genes", genes_file, *SMALL,
-                "--x-cache", tmp_path / "xc", "--x-cache-format", "h5")  # reads an uncompressed projection
+                "--x-cache", tmp_path / "xc", "--x-cache-format", "h5",  # reads an uncompressed projection
+                "--io-batch-mb", "0.5")  # reads bounded in bytes: fewer cells than --io-batch-size 512
     assert r.returncode == 0, r.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
+    assert run["options"]["io_batch_bytes"] == 500_000 and run["options"]["io_batch_size"] in (128, 256, 384)
     assert run["x_cache"]["train"]["format"] == "h5" and run["x_cache"]["train"]["n_vars"] == 150
     assert len(list((tmp_path / "xc").glob("x-*-h5/X.h5"))) == 2  # train and validation cells
     side = json.loads(path.with_suffix(".json").read_text())

@@ -494,3 +494,32 @@ def test_memory_follows_the_manifest(mix, monkeypatch):
     other = L.with_shard(1, 2)
     assert other.shard_positions() is not None and len(L._order_cache) == 1  # one order, shared
     assert L._order_cache is other._order_cache
+
+
+def test_reads_bounded_in_bytes(mix, monkeypatch):
+    """io_batch_bytes sizes each read from the split's mean whole-row size: reads stay near the
+    budget, and the batches are those of the equivalent io_batch_size."""
+    store, _, train = mix
+    every = np.sort(store.var().index.to_numpy())  # the whole gene axis: a read's CSR is whole rows
+    per_cell = 8.0 * float(np.mean(store.obs(["n_genes_by_counts"], joinids=train)["n_genes_by_counts"].to_numpy()))
+    budget = int(per_cell * 300)
+    L = make(mix, io_batch_bytes=budget, io_batch_size=100_000, var_joinids=every)
+    assert L.io_batch_size == int(budget // per_cell) // 64 * 64 == 256
+    assert make(mix, io_batch_bytes=budget, io_batch_size=128).io_batch_size == 128  # io_batch_size stays a cap
+    sizes, read = [], MixtureLoader._read
+
+    def watch(self, X, ids, col_of):
+        m = read(self, X, ids, col_of)
+        sizes.append((len(ids), 8 * m.nnz))
+        return m
+
+    monkeypatch.setattr(MixtureLoader, "_read", watch)
+    got = list(L)
+    full = [b for n, b in sizes if n == L.io_batch_size]
+    assert len(full) >= 3 and max(full) <= 1.5 * budget and abs(np.mean(full) / (256 * per_cell) - 1) < 0.15
+    same = make(mix, io_batch_size=256, var_joinids=every)
+    for a, b in zip(got, same, strict=True):
+        assert torch.equal(a["soma_joinid"], b["soma_joinid"]) and torch.equal(a["X"], b["X"])
+    assert make(mix, io_batch_bytes=1).io_batch_size == 64  # never below one minibatch
+    with pytest.raises(AtlasmixError, match="io_batch_bytes"):
+        make(mix, io_batch_bytes=0)

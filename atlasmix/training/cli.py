@@ -61,6 +61,10 @@ def register(app: typer.Typer) -> None:
                                                           "of its datasets, default 0.5) or a file with one gene "
                                                           "(feature_id or symbol) per line.")] = None,
         io_batch_size: Annotated[int, typer.Option(help="Cells per store read (memory ~ (prefetch+1) x this).")] = 16384,
+        io_batch_mb: Annotated[Optional[float], typer.Option(help="Bound each store read in MB (10^6 bytes) of "
+                                                                  "decoded rows instead: cells per read follow the "
+                                                                  "mixture's mean nonzeros per cell, at most "
+                                                                  "--io-batch-size.")] = None,
         block_size: Annotated[int, typer.Option(help="Consecutive store cells kept together when shuffling.")] = 64,
         prefetch: Annotated[int, typer.Option(help="IO batches read ahead.")] = 2,
         io_threads: Annotated[int, typer.Option(help="Threads reading the store.")] = 2,
@@ -99,6 +103,7 @@ def register(app: typer.Typer) -> None:
                           io_threads=io_threads, read_processes=read_processes, x_cache=x_cache,
                           x_cache_format=x_cache_format,
                           x_cache_max_bytes=None if x_cache_max_gb is None else int(x_cache_max_gb * 1e9),
+                          io_batch_bytes=None if io_batch_mb is None else int(io_batch_mb * 1e6),
                           validation=validation, checkpoint_every=checkpoint_every,
                           resume=resume, progress=progress)
         typer.echo(json.dumps({k: run[k] for k in ("n_cells", "n_genes", "budget", "training", "wall_s",

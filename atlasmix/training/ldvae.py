@@ -393,7 +393,7 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                 budget: Budget | str | None = None, batch_key: str | None = "dataset_id", genes: list[str] | None = None,
                 io_batch_size: int = 16384, block_size: int = 64, prefetch_io: int = 2, io_threads: int = 2,
                 read_processes: int = 0, x_cache: str | Path | None = None, x_cache_format: str = "tiledb",
-                x_cache_max_bytes: int | None = None,
+                x_cache_max_bytes: int | None = None, io_batch_bytes: int | None = None,
                 x_source: str = "auto", validation: bool = True, checkpoint_every: int = 10, resume: bool = False, prior_cells: int = 50_000,
                 n_template: int = 1000, progress: bool = True, callbacks: list | None = None) -> dict[str, Any]:
     """Train LinearSCVI on a mixture manifest's train split, streamed from the store.
@@ -435,6 +435,8 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
         nonzeros instead of whole transcriptomes. Same minibatches, same model.
     x_cache_format : {"tiledb", "h5"}
         Compressed TileDB projection, or uncompressed CSR in HDF5 (faster, ~4.7x the disk space).
+    io_batch_bytes : int, optional
+        Bound each store read in bytes rather than cells (``MixtureLoader(io_batch_bytes=...)``).
     x_cache_max_bytes : int, optional
         Size cap of the ``x_cache`` folder in bytes (default 64 GiB or ``ATLASMIX_X_CACHE_MAX_GB``;
         :func:`atlasmix.training.xcache.cap_bytes`).
@@ -496,7 +498,7 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     common = dict(batch_size=batch_size, io_batch_size=io_batch_size, block_size=block_size, obs_columns=obs_cols,
                   prefetch_io=prefetch_io, io_threads=io_threads, genes=genes,
                   x_cache=x_cache, x_cache_format=x_cache_format, x_source=x_source,
-                  x_cache_max_bytes=x_cache_max_bytes)
+                  x_cache_max_bytes=x_cache_max_bytes, io_batch_bytes=io_batch_bytes)
     on_train_axis = {k: v for k, v in common.items() if k != "genes"}  # loaders given train's var_joinids
     train_opts = {"read_processes": read_processes}
     train = MixtureLoader(store, manifest, "train", seed=seed, **common, **train_opts)
@@ -593,7 +595,7 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                     "n_layers": n_layers, "n_hidden": n_hidden, "dropout_rate": dropout_rate,
                     "gene_likelihood": gene_likelihood, "dispersion": dispersion, "lr": lr,
                     "early_stopping": early_stopping, "batch_key": batch_key, "accelerator": accelerator,
-                    "io_batch_size": train.io_batch_size, "block_size": block_size, "checkpoint_every": checkpoint_every,
+                    "io_batch_size": train.io_batch_size, "io_batch_bytes": io_batch_bytes, "block_size": block_size, "checkpoint_every": checkpoint_every,
                     "read_processes": read_processes, "x_cache": str(x_cache) if x_cache is not None else None},
         "budget": {**budget.model_dump(mode="json"), "label": budget.label, "max_steps": max_steps,
                    "val_every_steps": val_every, "kl_warmup": kl_desc, "batches_per_epoch": bpe,

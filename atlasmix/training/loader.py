@@ -150,7 +150,15 @@ class MixtureLoader:
     batch_size : int
         Cells per minibatch.
     io_batch_size : int
-        Cells per TileDB read; rounded up to a multiple of ``batch_size``.
+        Cells per store read; rounded up to a multiple of ``batch_size``.
+    io_batch_bytes : int, optional
+        Bound the reads in bytes instead: cells per read become ``io_batch_bytes / (8 x mean
+        nonzeros per cell of the split)`` (obs ``n_genes_by_counts``; 8 bytes per nonzero: the
+        float32 value and int32 column of the whole-row CSR a read decodes), rounded down to a
+        multiple of ``batch_size``, at least ``batch_size`` and at most ``io_batch_size``. A read
+        holds ~``io_batch_size / block_size`` random blocks, so its size stays close to the mean;
+        memory in flight is then ~``(prefetch_io + 1) x io_batch_bytes`` whatever the sequencing
+        depth of the mixture.
     block_size : int
         Locality block (consecutive store cells kept together in the permutation), see module doc.
     shuffle : bool
@@ -235,9 +243,12 @@ class MixtureLoader:
                  prefetch_io: int = 2, io_threads: int = 2, categories: dict[str, list[str]] | None = None,
                  read_buffer_bytes: int | None = None, gather_on_device: bool | None = None,
                  read_processes: int = 0, x_cache: str | Path | None = None, x_cache_format: str = "tiledb",
-                 x_source: str = "auto", x_cache_max_bytes: int | None = None):
+                 x_source: str = "auto", x_cache_max_bytes: int | None = None,
+                 io_batch_bytes: int | None = None):
         if batch_size < 1 or io_batch_size < 1 or block_size < 1:
             raise AtlasmixError("batch_size, io_batch_size and block_size must be >= 1")
+        if io_batch_bytes is not None and io_batch_bytes < 1:
+            raise AtlasmixError(f"io_batch_bytes must be >= 1, got {io_batch_bytes}")
         if library not in LIBRARY_SOURCES:
             raise AtlasmixError(f"library must be one of {LIBRARY_SOURCES}, got {library!r}")
         if uneven not in ("drop", "pad"):
@@ -289,6 +300,7 @@ class MixtureLoader:
         self._n_var_store = int(var_index.max()) + 1 if len(var_index) else 0
         if len(np.unique(self.var_joinids)) != len(self.var_joinids):
             raise AtlasmixError("the gene list names a gene twice")
+        self.io_batch_bytes = io_batch_bytes
         self._read_obs(all_ids, categories or {})
         # the store's x layout (atlasmix.store.xlayout) when every dataset of the split has one
         self._layout_datasets = (xlayout.datasets_for(store, self.cells)
@@ -314,6 +326,8 @@ class MixtureLoader:
 
     def _read_obs(self, all_ids: np.ndarray, categories: dict[str, list[str]]) -> None:
         cols = list(self.obs_columns) + (["total_counts"] if self.library == "total_counts" else [])
+        if self.io_batch_bytes is not None:
+            cols.append("n_genes_by_counts")
         obs = self.store.obs(cols, joinids=all_ids)  # the manifest's rows only: memory follows the manifest
         jid = obs["soma_joinid"].to_numpy()
         pos_all = np.searchsorted(jid, all_ids)
@@ -335,6 +349,10 @@ class MixtureLoader:
             self.codes[c] = np.asarray([lut[u] for u in uniq], dtype=np.int32)[inv.ravel()]  # 4 B per cell
         self.total_counts = (obs["total_counts"].to_numpy()[pos].astype(np.float32)
                              if self.library == "total_counts" else None)
+        if self.io_batch_bytes is not None:  # bound reads in bytes: cells per read from the mean row size
+            nnz = float(np.mean(obs["n_genes_by_counts"].to_numpy()[pos]))
+            fit = int(self.io_batch_bytes // max(8.0 * nnz, 1.0)) // self.batch_size * self.batch_size
+            self.io_batch_size = min(self.io_batch_size, max(self.batch_size, fit))
 
     # -------------------------------------------------------------- sizes / order
     @property
