@@ -213,6 +213,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -369,6 +370,12 @@ def run_one(method: str, uri: str, args) -> dict:
         dl = AnnDataLoader(mgr, batch_size=args.batch_size, shuffle=True)
         r = _measure(iter(dl), args.warmup, args.max_cells, lambda b: b["batch"].numpy().ravel().astype(np.int64),
                      lambda b: b["X"].to(dev))
+    elif method == "scdataset":
+        r = _scdataset(store, uri, genes, dsnames, args, dev)
+        extra.update({k: r.pop(k) for k in ("h5ad_export_s", "setup_s")})
+    elif method == "bionemo_scdl":
+        r = _bionemo(store, uri, genes, dsnames, args, dev)
+        extra.update({k: r.pop(k) for k in ("h5ad_export_s", "prep_s", "collection_bytes", "setup_s")})
     elif method == "annbatch":
         r = _annbatch(store, uri, genes, args)
         extra.update({k: r.pop(k) for k in ("prep_s", "collection_bytes", "prep_peak_rss_mib", "h5ad_export_s")})
@@ -382,26 +389,129 @@ def run_one(method: str, uri: str, args) -> dict:
     return {"method": method, **r, **extra, "peak_rss_mib": _rss_mib(), "entropy": ent}
 
 
+def _export(store, uri: str) -> tuple[Path, float | None]:
+    """An h5ad of every cell and gene of the store (``atlasmix store export``), cached in the workdir;
+    the peers that read files of their own start from it. Returns its path and the export time
+    (None when it was there already)."""
+    from atlasmix.store.query import export_h5ad
+
+    h5ad = Path(uri).parent / "all_cells.h5ad"
+    if h5ad.exists():
+        return h5ad, None
+    t0 = time.perf_counter()
+    export_h5ad(store, "TRUE", h5ad, genes="all")
+    return h5ad, time.perf_counter() - t0
+
+
+def _scdataset(store, uri: str, genes: np.ndarray, dsnames: list, args, dev) -> dict:
+    """scDataset 0.3.0 as its README shows for a backed AnnData: ``BlockShuffling`` (its default
+    block of 8 cells), ``fetch_factor`` 16, ``adata_to_mindex`` (materialise and densify each fetch),
+    a torch ``DataLoader`` with 2 worker processes. No preparation beyond the h5ad; a gene subset is
+    taken from each fetch's rows once in memory (a backed AnnData cannot be viewed twice)."""
+    from functools import partial
+
+    import anndata as ad
+    import torch
+    from scdataset import BlockShuffling, scDataset
+    from scdataset.transforms import adata_to_mindex
+
+    h5ad, export_s = _export(store, uri)
+    t0 = time.perf_counter()
+    adata = ad.read_h5ad(h5ad, backed="r")
+    var_pos = pd_index_positions(adata.var_names, store.var().loc[genes, "feature_id"].astype(str))
+    subset = None if len(var_pos) == adata.n_vars else var_pos
+    lut = {d: i for i, d in enumerate(dsnames)}
+
+    def fetch(c, idx):  # a backed AnnData cannot be viewed twice: rows first, then the gene columns
+        rows = c[idx].to_memory()
+        return rows if subset is None else rows[:, subset]
+
+    ds = scDataset(adata, BlockShuffling(), batch_size=args.batch_size, fetch_factor=16, seed=0, fetch_callback=fetch,
+                   fetch_transform=partial(adata_to_mindex, columns=["dataset_id"]),
+                   batch_transform=lambda b: (torch.from_numpy(np.ascontiguousarray(b["X"], dtype=np.float32)),
+                                              np.asarray([lut[d] for d in b["dataset_id"]])))
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, prefetch_factor=2, persistent_workers=False)
+    setup_s = time.perf_counter() - t0
+    r = _measure(iter(dl), args.warmup, args.max_cells, lambda b: b[1], lambda b: b[0].to(dev))
+    return {**r, "h5ad_export_s": export_s, "setup_s": setup_s}
+
+
+def pd_index_positions(index, names) -> np.ndarray:
+    """Positions of ``names`` in a pandas ``index`` (all must be there)."""
+    pos = index.get_indexer(list(names))
+    if (pos < 0).any():
+        raise SystemExit("a benchmark gene is missing from the h5ad export")
+    return pos
+
+
+def _bionemo(store, uri: str, genes: np.ndarray, dsnames: list, args, dev) -> dict:
+    """BioNeMo SCDL 0.1.3: ``SingleCellMemMapDataset`` converts the h5ad once into its memory-mapped
+    CSR (paginated, 100,000 rows per block; timed as preparation, cached), then a torch ``DataLoader`` with a shuffled sampler and its
+    ``collate_sparse_matrix_batch`` (its documented use), densified on the device. Rows come back
+    whole: a gene subset is taken from the dense batch."""
+    import anndata as ad
+    import torch
+    from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
+    from bionemo.scdl.util.torch_dataloader_utils import collate_sparse_matrix_batch
+
+    h5ad, export_s = _export(store, uri)
+    path = Path(uri).parent / "bionemo_scdl"
+    prep_s = None
+    if not (path / ".done").exists():
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+        t0 = time.perf_counter()
+        # its paginated conversion, 100,000 rows at a time: the default block of 1M rows held a whole
+        # 1M-cell h5ad in memory and was killed at 24 GiB
+        SingleCellMemMapDataset(str(path), h5ad_path=str(h5ad), use_X_not_raw=True, paginated_load_cutoff=1000,
+                                load_block_row_size=100_000)
+        prep_s = time.perf_counter() - t0
+        (path / ".done").write_text(str(prep_s))
+    t0 = time.perf_counter()
+    ds = SingleCellMemMapDataset(str(path))
+    a = ad.read_h5ad(h5ad, backed="r")
+    lut = {d: i for i, d in enumerate(dsnames)}
+    codes = np.asarray([lut[d] for d in a.obs["dataset_id"].astype(str)])
+    var_pos = torch.from_numpy(pd_index_positions(a.var_names, store.var().loc[genes, "feature_id"].astype(str)))
+    n_all = a.n_vars
+    a.file.close()
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    dl = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, sampler=order,
+                                     collate_fn=collate_sparse_matrix_batch, num_workers=0)
+    setup_s = time.perf_counter() - t0
+    seen = [0]  # batches densified so far (every batch, warm-up included; codes only after it)
+
+    def dense(b):
+        seen[0] += 1
+        d = b.to(dev).to_dense().float()
+        if d.shape[1] < n_all:  # the collate sizes columns to the largest index in the batch
+            d = torch.nn.functional.pad(d, (0, n_all - d.shape[1]))
+        return d if len(var_pos) == n_all else d[:, var_pos.to(dev)]
+
+    def code(_):
+        s = (seen[0] - 1) * args.batch_size
+        return codes[order[s:s + args.batch_size]]
+
+    r = _measure(iter(dl), args.warmup, args.max_cells, code, dense)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return {**r, "h5ad_export_s": export_s, "prep_s": prep_s, "collection_bytes": size, "setup_s": setup_s}
+
+
 def _annbatch(store, uri: str, genes: np.ndarray, args) -> dict:
     """annbatch 0.3 in its own Python >= 3.12 venv (``--annbatch-python``) via ``peer_annbatch.py``.
 
     Its input is an h5ad of every cell of the store (``atlasmix store export``, cached in the
     workdir, export time reported); its pre-shuffled collection per gene list is its preparation,
     timed (and its peak RSS reported) in a first call, then read in a second process."""
-    from atlasmix.store.query import export_h5ad
-
     wd = Path(uri).parent
-    h5ad = wd / "all_cells.h5ad"
-    export_s = None
-    if not h5ad.exists():
-        t0 = time.perf_counter()
-        export_h5ad(store, "TRUE", h5ad, genes="all")
-        export_s = time.perf_counter() - t0
+    h5ad, export_s = _export(store, uri)
     var = store.var()
     tag = f"g{len(genes)}"
     cmd = [args.annbatch_python, str(Path(__file__).with_name("peer_annbatch.py")), "--h5ad", str(h5ad),
            "--collection", str(wd / f"annbatch_{tag}.zarr"), "--max-cells", str(args.max_cells),
-           "--batch-size", str(args.batch_size), "--warmup", str(args.warmup)]
+           "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
+           "--dataset-size", args.annbatch_dataset_size]
     if len(genes) < len(var):
         gfile = wd / f"annbatch_{tag}.txt"
         gfile.write_text("\n".join(var.loc[genes, "feature_id"].astype(str)) + "\n")
@@ -418,6 +528,47 @@ def _annbatch(store, uri: str, genes: np.ndarray, args) -> dict:
     r["prep_peak_rss_mib"] = first["prep_peak_rss_mib"] if first else None
     r["h5ad_export_s"] = export_s
     return r
+
+
+def evict_page_cache(root: Path) -> int:
+    """Drop every file under ``root`` from the page cache (``posix_fadvise(POSIX_FADV_DONTNEED)``; clean
+    pages only, hence the fsync first). Returns the bytes of the files visited."""
+    total = 0
+    for f in root.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # dirty pages are not dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                total += os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+    return total
+
+
+def method_files(method: str, args) -> list[Path]:
+    """The files a method reads while timed (for ``--cache warm``)."""
+    wd, name = args.workdir, method.split(":")[0]
+    tag = f"g{args.n_genes}" if args.n_genes else "g19907"
+    if name == "atlasmix":
+        if "x_cache" in method:
+            return [Path(args.x_cache_dir)]
+        return [wd / "store" / "x_layout"] if "x_source=tiledb" not in method else [wd / "store" / "ms"]
+    return {"tiledbsoma_ml": [wd / "store" / "ms"], "scvi_memory": [wd / "store" / "ms"],
+            "annbatch": [wd / f"annbatch_{tag}.zarr"], "scdataset": [wd / "all_cells.h5ad"],
+            "bionemo_scdl": [wd / "bionemo_scdl"]}.get(name, [])
+
+
+def warm_page_cache(paths: list[Path]) -> int:
+    """Read every file under ``paths`` once (into the page cache); returns the bytes read."""
+    total = 0
+    for root in paths:
+        for f in ([root] if root.is_file() else sorted(root.rglob("*"))):
+            if f.is_file():
+                with open(f, "rb", buffering=0) as fh:
+                    while chunk := fh.read(1 << 24):
+                        total += len(chunk)
+    return total
 
 
 def main() -> None:
@@ -438,7 +589,13 @@ def main() -> None:
                     "genes (0: every gene)")
     ap.add_argument("--annbatch-python", default="/tmp/ab312/bin/python",
                     help="python of a venv with annbatch[zarrs] 0.3 (Python >= 3.12) for method annbatch")
+    ap.add_argument("--annbatch-dataset-size", default="20GB",
+                    help="annbatch add_adatas dataset_size (its default; 4GB keeps a 1M-cell preparation in RAM)")
     ap.add_argument("--x-cache-dir", default=None, help="folder of atlasmix:x_cache=1 (default: WORKDIR/xcache)")
+    ap.add_argument("--cache", choices=("as-is", "warm", "cold"), default="as-is",
+                    help="page cache before each method: as-is (whatever earlier methods left), cold (the "
+                    "workdir's files evicted with posix_fadvise DONTNEED: every read comes from the disk, as "
+                    "for a corpus larger than RAM) or warm (evicted, then the method's own files read once)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--uri", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -453,8 +610,12 @@ def main() -> None:
     results = []
     for m in args.methods.split(","):
         cmd = [sys.executable, __file__, "--one", m, "--uri", uri] + [
-            a for k, v in vars(args).items() if k not in ("one", "uri", "workdir", "methods", "n_cells")
+            a for k, v in vars(args).items() if k not in ("one", "uri", "workdir", "methods", "n_cells", "cache")
             for a in (f"--{k.replace('_', '-')}", str(v))]
+        if args.cache != "as-is":
+            evict_page_cache(args.workdir)
+        if args.cache == "warm":
+            print(f"{m}: read {warm_page_cache(method_files(m, args)) / 1e9:.1f} GB into the page cache", file=sys.stderr)
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode:
             print(f"{m} failed:\n{p.stderr[-2000:]}", file=sys.stderr)
@@ -477,6 +638,11 @@ def main() -> None:
                    else "built by an earlier run")
             print(f"annbatch: pre-shuffled collection {r['collection_bytes'] / 1e9:.2f} GB, prepared in "
                   f"{r['prep_s']:.0f} s ({rss}) from an h5ad export of the store")
+        if r["method"] == "bionemo_scdl":
+            prep = f"converted in {r['prep_s']:.0f} s" if r["prep_s"] else "converted by an earlier run"
+            print(f"bionemo_scdl: memory-mapped copy {r['collection_bytes'] / 1e9:.2f} GB, {prep}, from the h5ad export")
+        if r.get("h5ad_export_s"):
+            print(f"{r['method']}: h5ad export of the store took {r['h5ad_export_s']:.0f} s (shared by the peers)")
         if "x_cache" in r:
             xc = r["x_cache"]
             print(f"{r['method']}: x cache {xc['n_obs']:,} cells x {xc['n_vars']:,} genes, {xc['nnz']:,} nonzeros, "

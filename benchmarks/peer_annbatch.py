@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--max-cells", type=int, default=100_000)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--dataset-size", default="20GB", help="add_adatas dataset_size (annbatch's default 20GB; "
+                    "each output dataset is assembled in memory, so a smaller one bounds the preparation's RSS)")
     a = ap.parse_args()
 
     import anndata as ad
@@ -56,7 +58,8 @@ def main() -> None:
 
         t0 = time.perf_counter()
         DatasetCollection(str(a.collection)).add_adatas([str(a.h5ad)], load_adata=load, var_subset=genes,
-                                                       shuffle=True, rng=np.random.default_rng(0))
+                                                       shuffle=True, rng=np.random.default_rng(0),
+                                                       dataset_size=a.dataset_size)
         prep_s, built = time.perf_counter() - t0, True
         (a.collection / ".built").write_text(json.dumps({"prep_s": prep_s}))
     else:
