@@ -134,22 +134,32 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
-def _delete_unless_in_use(final: Path) -> bool:
-    """Delete projection ``final`` if no process holds it (exclusive lock, not waiting)."""
+def _lock_unused(final: Path) -> int | None:
+    """The exclusive lock on projection ``final``'s metadata file, taken without waiting: its fd, or
+    None when a process (this one included) holds the projection. Raises FileNotFoundError when the
+    metadata file is gone."""
     import fcntl
 
     key = final / META
     if str(key) in _LEASES:
-        return False
-    try:
-        fd = os.open(key, os.O_RDONLY)
-    except FileNotFoundError:
-        shutil.rmtree(final, ignore_errors=True)
-        return True
+        return None
+    fd = os.open(key, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
+        return None
+    return fd
+
+
+def _delete_unless_in_use(final: Path) -> bool:
+    """Delete projection ``final`` if no process holds it (exclusive lock, not waiting)."""
+    try:
+        fd = _lock_unused(final)
+    except FileNotFoundError:
+        shutil.rmtree(final, ignore_errors=True)
+        return True
+    if fd is None:
         return False
     try:  # the metadata file goes first: a reader that got its lock after us finds it gone and rebuilds
         doomed = final.with_name(f"{final.name}.del-{os.getpid()}-{time.time_ns()}")
@@ -181,17 +191,15 @@ def list_x_cache(cache_dir: str | Path) -> list[dict]:
         (seconds since the epoch: the metadata file's mtime), ``in_use`` (another process holds it),
         and for projections ``format``, ``store_uri``, ``state_hash``, ``n_obs``, ``n_vars``, ``nnz``.
     """
-    import fcntl
-
     root = Path(cache_dir)
     out = []
     for p in sorted(root.iterdir()) if root.is_dir() else []:
         if not p.is_dir() or not p.name.startswith("x-"):
             continue
         row = {"name": p.name, "bytes": _size(p), "last_used": p.stat().st_mtime, "in_use": False}
-        if ".tmp-" in p.name or ".del-" in p.name:
-            row["kind"] = "unfinished"
-            row["in_use"] = _pid_alive(int(p.name.split("-")[-2])) if p.name.split("-")[-2].isdigit() else False
+        if ".tmp-" in p.name or ".del-" in p.name:  # <name>.tmp-<pid>-<ns>: in use while <pid> lives
+            pid = p.name.split("-")[-2]
+            row.update(kind="unfinished", in_use=pid.isdigit() and _pid_alive(int(pid)))
         elif (p / META).exists():
             try:
                 meta = json.loads((p / META).read_text())
@@ -202,16 +210,10 @@ def list_x_cache(cache_dir: str | Path) -> list[dict]:
             else:
                 row.update(kind="projection", last_used=(p / META).stat().st_mtime,
                            **{k: meta.get(k) for k in ("format", "store_uri", "state_hash", "n_obs", "n_vars", "nnz")})
-                if str(p / META) in _LEASES:
-                    row["in_use"] = True
-                else:
-                    fd = os.open(p / META, os.O_RDONLY)
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        row["in_use"] = True
-                    finally:
-                        os.close(fd)
+                fd = _lock_unused(p)
+                row["in_use"] = fd is None
+                if fd is not None:
+                    os.close(fd)
         else:
             row["kind"] = "unknown"
         out.append(row)
@@ -258,9 +260,7 @@ def clean_x_cache(cache_dir: str | Path, *, max_bytes: int | None = None, stale_
         p = root / r["name"]
         if keep is not None and p == Path(keep):
             return False
-        if r["kind"] == "unfinished":
-            if r["in_use"]:
-                return False
+        if r["kind"] == "unfinished":  # only those of dead processes reach here
             shutil.rmtree(p, ignore_errors=True)
             ok = True
         else:
@@ -290,7 +290,7 @@ def clean_x_cache(cache_dir: str | Path, *, max_bytes: int | None = None, stale_
             if drop(r):
                 total -= r["bytes"]
     return {"removed": removed, "freed_bytes": int(freed), "kept_in_use": sorted(set(held)),
-            "bytes": int(sum(r["bytes"] for r in list_x_cache(cache_dir)))}
+            "bytes": int(sum(r["bytes"] for r in rows) - freed)}
 
 
 def x_cache_key(state_hash: str, cells: np.ndarray, var_joinids: np.ndarray, fmt: str = "tiledb") -> str:
