@@ -67,16 +67,29 @@ def lake(request, tmp_path_factory):
     PBMC-like (the fourth is pbmc10k_cite or the simulated malignant cells)."""
     if (SHARED / "pbmc3k_hvg2000.h5ad").exists() and not os.environ.get("ATLASMIX_CORE_SIMULATED"):
         return request.getfixturevalue("shared_store")[0], SHARED_BLOOD
+    store, _ = simulated_store(tmp_path_factory.mktemp("simlake"), 4000, sources=",".join(SIM_BLOOD), seed=11,
+                               n_genes=800)
+    return store, SIM_BLOOD
+
+
+def ingest_plan(store, plan: str | Path, chunk_size: int = 1000) -> list[dict]:
+    """Ingest a simulator's ``plan.toml`` into ``store`` as ``atlasmix ingest --plan`` would (default QC)."""
     from atlasmix.cli import _plan_requests
     from atlasmix.ingest import QCPolicy, ingest
+
+    return ingest(store, _plan_requests(Path(plan), {"qc": QCPolicy()}), chunk_size=chunk_size)
+
+
+def simulated_store(d: Path, n_cells: int, **simulate_kw):
+    """``(store, info)``: ``n_cells`` simulated into ``d/sim`` (:func:`atlasmix.simulate.simulate_atlas`
+    keyword arguments) and ingested into a new store ``d/store``."""
     from atlasmix.simulate import simulate_atlas
     from atlasmix.store import Store
 
-    d = tmp_path_factory.mktemp("simlake")
-    info = simulate_atlas(d / "sim", 4000, sources=",".join(SIM_BLOOD), seed=11, n_genes=800)
+    info = simulate_atlas(d / "sim", n_cells, **simulate_kw)
     store = Store.create(str(d / "store"))
-    ingest(store, _plan_requests(Path(info["plan"]), {"qc": QCPolicy()}), chunk_size=1000)
-    return store, SIM_BLOOD
+    ingest_plan(store, info["plan"])
+    return store, info
 
 
 def in_sql(names) -> str:

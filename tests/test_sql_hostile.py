@@ -5,17 +5,12 @@ other nondeterminism, huge joins, huge strings and endless recursion."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
-from atlasmix.cli import _plan_requests
 from atlasmix.errors import AtlasmixError
-from atlasmix.ingest import QCPolicy, ingest
 from atlasmix.mixing import loads_spec, resolve, write_manifest
-from atlasmix.simulate import simulate_atlas
-from atlasmix.store import Store
-from tests.conftest import run_cli
+from tests.conftest import run_cli, simulated_store
 
 FILE = "refused"            # statement / file access / extension / setting
 NONDET = "between runs"     # result changes between runs
@@ -81,9 +76,7 @@ CORPUS = [
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory):
     d = tmp_path_factory.mktemp("hostile")
-    info = simulate_atlas(d / "sim", 3000, sources="blood_a,malignant", seed=2, n_genes=500)
-    store = Store.create(str(d / "store"))
-    ingest(store, _plan_requests(Path(info["plan"]), {"qc": QCPolicy()}), chunk_size=1000)
+    store, _ = simulated_store(d, 3000, sources="blood_a,malignant", seed=2, n_genes=500)
     return store, d
 
 

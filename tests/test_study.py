@@ -14,6 +14,7 @@ from atlasmix.errors import AtlasmixError
 from atlasmix.study import stats
 from atlasmix.study.checks import run_checks
 from atlasmix.training.budget import Budget, convergence
+from tests.conftest import simulated_store
 
 DEMO = Path(__file__).resolve().parents[1] / "atlasmix" / "study" / "demo"
 
@@ -119,16 +120,7 @@ def test_checks_pass_and_fail_on_known_scores():
 # ---------------------------------------------------------------------------------------------- real runs
 @pytest.fixture(scope="module")
 def sim_store(tmp_path_factory):
-    from atlasmix.cli import _plan_requests
-    from atlasmix.ingest import QCPolicy, ingest
-    from atlasmix.simulate import simulate_atlas
-    from atlasmix.store import Store
-
-    d = tmp_path_factory.mktemp("sim")
-    info = simulate_atlas(d / "corpus", 5000, seed=3, n_genes=1000)
-    store = Store.create(str(d / "store"))
-    ingest(store, _plan_requests(Path(info["plan"]), {"qc": QCPolicy()}), chunk_size=1000)
-    return store
+    return simulated_store(tmp_path_factory.mktemp("sim"), 5000, seed=3, n_genes=1000)[0]
 
 
 def _study(tmp_path: Path, mixtures: list[str], budget: str, seeds=(0, 1), extra: str = "") -> Path:

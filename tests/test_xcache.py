@@ -14,22 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atlasmix.cli import _plan_requests
 from atlasmix.errors import AtlasmixError
-from atlasmix.ingest import QCPolicy, ingest
 from atlasmix.simulate import simulate_atlas
 from atlasmix.store import Store
 from atlasmix.training import xcache
 from atlasmix.training.xcache import META, clean_x_cache, ensure_x_cache, list_x_cache, release_leases
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, ingest_plan, run_cli, simulated_store
 
 
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory):
     d = tmp_path_factory.mktemp("xc")
-    info = simulate_atlas(d / "sim", 1500, sources="blood_a,malignant", seed=3, n_genes=500)
-    store = Store.create(str(d / "store"))
-    ingest(store, _plan_requests(Path(info["plan"]), {"qc": QCPolicy()}), chunk_size=1000)
+    store, _ = simulated_store(d, 1500, sources="blood_a,malignant", seed=3, n_genes=500)
     cells = np.sort(store.obs([])["soma_joinid"].to_numpy())
     return store, cells, d
 
@@ -128,7 +124,7 @@ def test_stale_and_unfinished_entries_are_cleaned_and_listed(lake, tmp_path):
     root = tmp_path / "cache"
     old, _ = _build(copy, cells, np.arange(0, 80), root)
     info = simulate_atlas(d / "sim2", 300, sources="blood_b", seed=9, n_genes=500)
-    ingest(copy, _plan_requests(Path(info["plan"]), {"qc": QCPolicy()}), chunk_size=1000)
+    ingest_plan(copy, info["plan"])
     live = root / f"x-{'1' * 24}-h5.tmp-{os.getpid()}-2"  # a build of a live process
     live.mkdir()
     new, _ = _build(copy, np.sort(copy.obs([])["soma_joinid"].to_numpy()), np.arange(0, 80), root)
