@@ -45,6 +45,9 @@ def test_train_save_load_loadings_latents(mix, lake, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["options"]["io_batch_bytes"] == 500_000 and run["options"]["io_batch_size"] in (128, 256, 384)
     assert run["x_cache"]["train"]["format"] == "h5" and run["x_cache"]["train"]["n_vars"] == 150
+    # --in-memory auto (default): both small splits held, read once (through the x cache) before epoch 1
+    assert run["options"]["in_memory"] == "auto" and run["in_memory"]["train"]["held"]
+    assert run["in_memory"]["validation"]["held"] and 0 < run["in_memory"]["train"]["bytes"] < 50e6
     assert len(list((tmp_path / "xc").glob("x-*-h5/X.h5"))) == 2  # train and validation cells
     side = json.loads(path.with_suffix(".json").read_text())
     assert run["manifest"]["sha256"] == side["manifest"]["sha256"] and run["store"] == store.identity()
@@ -102,8 +105,11 @@ def test_resume_matches_uninterrupted_run(mix, tmp_path):
     full = train_ldvae(store, path, tmp_path / "full", max_epochs=3, **kw)
     # the interrupted run reads X through an x cache projection (same minibatches, so same weights)
     cut = train_ldvae(store, path, tmp_path / "cut", max_epochs=2, x_cache=tmp_path / "xc", **kw)  # "killed" after epoch 2
-    resumed = train_ldvae(store, path, tmp_path / "cut", max_epochs=3, resume=True, x_cache=tmp_path / "xc", **kw)
+    # ... and is resumed streaming every epoch (in_memory=False), where the others held their splits in memory
+    resumed = train_ldvae(store, path, tmp_path / "cut", max_epochs=3, resume=True, x_cache=tmp_path / "xc",
+                          in_memory=False, **kw)
     assert full["epochs_run_this_call"] == 3 and resumed["resumed"]
+    assert full["in_memory"]["train"]["held"] and cut["in_memory"]["train"]["held"] and resumed["in_memory"] == {}
     assert cut["x_cache"]["train"]["built"] and not resumed["x_cache"]["train"]["built"]
     assert cut["x_cache"]["train"]["n_vars"] == len(genes) and "validation" in cut["x_cache"]
     a = torch.load(tmp_path / "full" / "model" / "model.pt", weights_only=False)["model_state_dict"]

@@ -523,3 +523,51 @@ def test_reads_bounded_in_bytes(mix, monkeypatch):
     assert make(mix, io_batch_bytes=1).io_batch_size == 64  # never below one minibatch
     with pytest.raises(AtlasmixError, match="io_batch_bytes"):
         make(mix, io_batch_bytes=0)
+
+
+def test_in_memory_split_serves_the_streamed_batches_and_reads_once(mix, monkeypatch):
+    """in_memory reads the split once in store order; every epoch's batches equal the streamed
+    loader's, and no store read happens after the first epoch. 'auto' streams when the split is
+    over its cap or the loader is one of several shards."""
+    calls = []
+    read = MixtureLoader._read
+
+    def watch(self, X, ids, col_of):
+        calls.append((type(X).__name__, len(ids), bool(np.all(np.diff(ids) > 0))))
+        return read(self, X, ids, col_of)
+
+    monkeypatch.setattr(MixtureLoader, "_read", watch)
+    streamed = make(mix)
+    held = make(mix, in_memory=True)
+    for epoch in range(2):
+        calls.clear()
+        got = list(held)
+        from_store = [c for c in calls if c[0] != "InMemoryX"]
+        if epoch == 0:  # the one pass over the split, ascending joinids, IO-batch-sized reads
+            assert sum(n for _, n, _ in from_store) == held.n_obs and all(s for *_, s in from_store)
+        else:
+            assert from_store == []
+        for a, b in zip(got, list(streamed), strict=True):
+            assert torch.equal(a["soma_joinid"], b["soma_joinid"]) and torch.equal(a["X"], b["X"])
+            assert torch.equal(a["library_size"], b["library_size"]) and torch.equal(a["dataset_id"], b["dataset_id"])
+    assert held._memory is not None and held._memory.nbytes > 0
+    auto = make(mix, in_memory="auto")
+    assert auto.ensure_in_memory() and auto._memory.nbytes <= 2 * held._memory.nbytes
+    # the sample's estimate is over a cap of 100 bytes: streams
+    assert not make(mix, in_memory="auto", in_memory_max_bytes=100).ensure_in_memory()
+    # a cap between the sample and the whole: the read gives up part-way and the loader streams
+    small = make(mix, in_memory="auto", in_memory_max_bytes=held._memory.nbytes // 2)
+    monkeypatch.setenv("ATLASMIX_IN_MEMORY_MAX_GB", "0")  # the default cap comes from the environment
+    assert not make(mix, in_memory="auto").ensure_in_memory()
+    from atlasmix.training import memory
+
+    assert memory.load_split(lambda k: held._memory.read_rows(k), held.cells, held.n_vars, 256, 2,
+                             max_bytes=held._memory.nbytes // 2) is None
+    assert ids_of(list(small)).size == small.n_obs
+    assert not make(mix, in_memory="auto", rank=0, world_size=2).ensure_in_memory()
+    assert make(mix, in_memory=True, rank=0, world_size=2).ensure_in_memory()
+    assert not make(mix).ensure_in_memory()
+    with pytest.raises(AtlasmixError, match="in_memory"):
+        make(mix, in_memory="yes")
+    with pytest.raises(AtlasmixError, match="not in the in-memory split"):
+        held._memory.read_rows(np.array([-1]))

@@ -80,6 +80,12 @@ def register(app: typer.Typer) -> None:
                                                                      "64 GiB or ATLASMIX_X_CACHE_MAX_GB): least "
                                                                      "recently used projections not in use are "
                                                                      "deleted to fit it.")] = None,
+        in_memory: Annotated[str, typer.Option(help="Hold the training and validation cells on the gene axis in "
+                                                     "memory, read once before the first epoch: auto (when a split "
+                                                     "fits --in-memory-max-gb), yes or no (stream every epoch).")] = "auto",
+        in_memory_max_gb: Annotated[Optional[float], typer.Option(help="Cap of --in-memory auto per split in GB "
+                                                                       "(default 2 GiB or ATLASMIX_IN_MEMORY_MAX_GB)."
+                                                                       )] = None,
         validation: Annotated[bool, typer.Option(help="Validation losses each epoch.")] = True,
         checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N epochs (0: never).")] = 10,
         resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from checkpoints/last.ckpt.")] = False,
@@ -91,7 +97,12 @@ def register(app: typer.Typer) -> None:
 
         from atlasmix.mixing.genes import GeneAxis, resolve_gene_axis
 
+        from atlasmix.errors import AtlasmixError
+
         check_devices(devices, "LDVAE")
+        held = {"auto": "auto", "yes": True, "no": False}.get(in_memory.lower())
+        if held is None:
+            raise AtlasmixError(f"--in-memory must be auto, yes or no, got {in_memory!r}")
         store_ = Store(store)
         axis = GeneAxis.parse(genes)
         gl = resolve_gene_axis(store_, [mixture], axis, seed=seed)
@@ -104,6 +115,8 @@ def register(app: typer.Typer) -> None:
                           x_cache_format=x_cache_format,
                           x_cache_max_bytes=None if x_cache_max_gb is None else int(x_cache_max_gb * 1e9),
                           io_batch_bytes=None if io_batch_mb is None else int(io_batch_mb * 1e6),
+                          in_memory=held,
+                          in_memory_max_bytes=None if in_memory_max_gb is None else int(in_memory_max_gb * 1e9),
                           validation=validation, checkpoint_every=checkpoint_every,
                           resume=resume, progress=progress)
         typer.echo(json.dumps({k: run[k] for k in ("n_cells", "n_genes", "budget", "training", "wall_s",

@@ -394,7 +394,8 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                 io_batch_size: int = 16384, block_size: int = 64, prefetch_io: int = 2, io_threads: int = 2,
                 read_processes: int = 0, x_cache: str | Path | None = None, x_cache_format: str = "tiledb",
                 x_cache_max_bytes: int | None = None, io_batch_bytes: int | None = None,
-                x_source: str = "auto", validation: bool = True, checkpoint_every: int = 10, resume: bool = False, prior_cells: int = 50_000,
+                x_source: str = "auto", in_memory: bool | str = "auto", in_memory_max_bytes: int | None = None,
+                validation: bool = True, checkpoint_every: int = 10, resume: bool = False, prior_cells: int = 50_000,
                 n_template: int = 1000, progress: bool = True, callbacks: list | None = None) -> dict[str, Any]:
     """Train LinearSCVI on a mixture manifest's train split, streamed from the store.
 
@@ -443,6 +444,14 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     x_source : {"auto", "layout", "tiledb"}
         Where the loaders read X without an x cache: the store's x layout when every dataset has
         one (``auto``, :mod:`atlasmix.store.xlayout`), or always TileDB X. Same minibatches.
+    in_memory : {"auto", True, False}
+        Hold the train (and validation) split on the gene axis in memory, read once in store order
+        before the first epoch, as scvi-tools trains from an in-memory AnnData
+        (``MixtureLoader(in_memory=...)``, :mod:`atlasmix.training.memory`); ``"auto"`` (default)
+        does so when a split fits ``in_memory_max_bytes`` (default 2 GiB per split or
+        ``ATLASMIX_IN_MEMORY_MAX_GB``), otherwise streams. Same minibatches, same model.
+    in_memory_max_bytes : int, optional
+        The cap of ``in_memory="auto"`` per split, bytes.
     validation : bool
         Compute validation losses each epoch on the manifest's validation split (if it has one).
     checkpoint_every : int
@@ -500,12 +509,13 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                   x_cache=x_cache, x_cache_format=x_cache_format, x_source=x_source,
                   x_cache_max_bytes=x_cache_max_bytes, io_batch_bytes=io_batch_bytes)
     on_train_axis = {k: v for k, v in common.items() if k != "genes"}  # loaders given train's var_joinids
-    train_opts = {"read_processes": read_processes}
+    held = dict(in_memory=in_memory, in_memory_max_bytes=in_memory_max_bytes)  # not the one-read prior sampler
+    train_opts = {"read_processes": read_processes, **held}
     train = MixtureLoader(store, manifest, "train", seed=seed, **common, **train_opts)
     val = None
     if validation and side.get("counts", {}).get("validation", 0):
         val = MixtureLoader(store, manifest, "validation", shuffle=False, var_joinids=train.var_joinids,
-                            categories=train.categories, **on_train_axis)
+                            categories=train.categories, **on_train_axis, **held)
     x_cache_meta = {}
     if x_cache is not None:  # built now rather than inside the first epoch
         for name, L in (("train", train), ("validation", val)):
@@ -515,6 +525,17 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                 if progress:
                     print(f"x cache ({name}): {m['n_obs']:,} cells x {m['n_vars']:,} genes, {m['nnz']:,} nonzeros, "
                           + (f"built in {m['build_s']:.1f} s" if m["built"] else "found"), flush=True)
+
+    in_memory_meta = {}
+    for name, L in (("train", train), ("validation", val)):  # read now rather than inside the first epoch
+        if L is not None and in_memory is not False:
+            t0 = time.perf_counter()
+            ok = L.ensure_in_memory()
+            in_memory_meta[name] = {"held": ok, "bytes": L._memory.nbytes if ok else 0,
+                                    "read_s": round(time.perf_counter() - t0, 3)}
+            if progress and ok:
+                print(f"in memory ({name}): {L.n_obs:,} cells x {L.n_vars:,} genes, {L._memory.nbytes / 1e6:,.0f} MB, "
+                      f"read in {in_memory_meta[name]['read_s']:.1f} s", flush=True)
 
     # library-size priors and the template AnnData (module doc)
     # only prior_cells cells are needed: one IO batch of about that size, one read at a time (with the
@@ -596,7 +617,8 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                     "gene_likelihood": gene_likelihood, "dispersion": dispersion, "lr": lr,
                     "early_stopping": early_stopping, "batch_key": batch_key, "accelerator": accelerator,
                     "io_batch_size": train.io_batch_size, "io_batch_bytes": io_batch_bytes, "block_size": block_size, "checkpoint_every": checkpoint_every,
-                    "read_processes": read_processes, "x_cache": str(x_cache) if x_cache is not None else None},
+                    "read_processes": read_processes, "x_cache": str(x_cache) if x_cache is not None else None,
+                    "in_memory": in_memory, "in_memory_max_bytes": in_memory_max_bytes},
         "budget": {**budget.model_dump(mode="json"), "label": budget.label, "max_steps": max_steps,
                    "val_every_steps": val_every, "kl_warmup": kl_desc, "batches_per_epoch": bpe,
                    "drop_last": bool(train.drop_last)},
@@ -605,6 +627,7 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                          (None if not np.isfinite(last_row.get("validation_loss", np.nan)) else last_row["validation_loss"]),
                      "stopped_early": bool(tracker.stopped_early), "convergence": conv},
         "x_cache": x_cache_meta,
+        "in_memory": in_memory_meta,
         "manifest": {"path": str(Path(manifest).resolve()), "sha256": side["manifest"]["sha256"],
                      "name": side.get("name"), "spec_hash": side.get("spec_hash")},
         "store": store.identity(),

@@ -120,6 +120,7 @@ from atlasmix.store import schema as S
 from atlasmix.store import xlayout
 from atlasmix.training._dense import DenseBufferPool, gather_dense
 # the data flow, one file each: order -> read -> (assemble: _dense and the methods below) -> dataset
+from atlasmix.training.memory import InMemoryX, cap_bytes, load_split
 from atlasmix.training.order import epoch_order, shard_length, shard_order, shuffle_entropy
 from atlasmix.training.read import (_OPEN_LOCK, _attach, _cancel_pending, _close_handles, _free_result,
                                     _release, _worker_init, _worker_read, gene_columns, open_source, read_csr)
@@ -220,6 +221,17 @@ class MixtureLoader:
         every dataset of the split has one (:mod:`atlasmix.store.xlayout`), else TileDB X;
         ``layout`` requires the layout; ``tiledb`` always reads ``ms/RNA/X/raw``. The minibatches
         are the same either way.
+    in_memory : {False, "auto", True}
+        Hold the split's cells on the gene axis in memory (:mod:`atlasmix.training.memory`): read
+        once in store order at the first iteration, then every IO batch is a gather from RAM, as
+        scvi-tools trains from an in-memory AnnData. The minibatches are the same as streamed.
+        ``"auto"``: only for a loader that is one shard (no DDP ranks or workers) and whose split
+        fits ``in_memory_max_bytes`` (estimated from a sample read, enforced while reading: over
+        it, the loader streams); ``True``: always (every shard holds the whole split); ``False``
+        (default): stream. :func:`atlasmix.training.ldvae.train_ldvae` uses ``"auto"``.
+    in_memory_max_bytes : int, optional
+        Cap for ``in_memory="auto"`` (default :func:`atlasmix.training.memory.cap_bytes`: 2 GiB or
+        ``ATLASMIX_IN_MEMORY_MAX_GB``); 8 bytes per nonzero on the gene axis + 16 per cell.
 
     Yields
     ------
@@ -244,7 +256,8 @@ class MixtureLoader:
                  read_buffer_bytes: int | None = None, gather_on_device: bool | None = None,
                  read_processes: int = 0, x_cache: str | Path | None = None, x_cache_format: str = "tiledb",
                  x_source: str = "auto", x_cache_max_bytes: int | None = None,
-                 io_batch_bytes: int | None = None):
+                 io_batch_bytes: int | None = None, in_memory: bool | str = False,
+                 in_memory_max_bytes: int | None = None):
         if batch_size < 1 or io_batch_size < 1 or block_size < 1:
             raise AtlasmixError("batch_size, io_batch_size and block_size must be >= 1")
         if io_batch_bytes is not None and io_batch_bytes < 1:
@@ -253,6 +266,8 @@ class MixtureLoader:
             raise AtlasmixError(f"library must be one of {LIBRARY_SOURCES}, got {library!r}")
         if uneven not in ("drop", "pad"):
             raise AtlasmixError(f"uneven must be 'drop' or 'pad', got {uneven!r}")
+        if in_memory not in (False, True, "auto"):
+            raise AtlasmixError(f"in_memory must be False, True or 'auto', got {in_memory!r}")
         if x_source not in X_SOURCES:
             raise AtlasmixError(f"x_source must be one of {X_SOURCES}, got {x_source!r}")
         if rank is None or world_size is None:
@@ -285,6 +300,10 @@ class MixtureLoader:
         self.x_cache_max_bytes = x_cache_max_bytes
         self.x_source = x_source
         self._x_cache_uri: str | None = None
+        self.in_memory = in_memory
+        self.in_memory_max_bytes = in_memory_max_bytes
+        self._memory: InMemoryX | None = None
+        self._memory_tried = False
         self._pool = None
         self._order_cache: dict = {}
         self.epoch = 0
@@ -611,6 +630,70 @@ class MixtureLoader:
         b["library_size"] = b["library_size"].to(self.device, non_blocking=nb)
         return b
 
+    def _source(self) -> tuple[Any, np.ndarray | None, Any]:
+        """Where X is read from: ``(x_uri, col_of, context)`` for :func:`open_source` / :meth:`_read`
+        (the x cache is built first when the loader has one)."""
+        if self.x_cache is not None and self._x_cache_uri is None:
+            self.ensure_x_cache()
+        x_uri = (("layout", self.store.uri, self._layout_datasets) if self._layout_datasets is not None
+                 else self._x_cache_uri or f"{self.store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}")
+        col_of = None if self._x_cache_uri else self._col_of()
+        ctx = self.store.context
+        if self.read_buffer_bytes:  # TileDB result buffers per read (bigger results come in pieces)
+            cfg = dict(ctx.tiledb_config)
+            cfg["soma.init_buffer_bytes"] = str(int(self.read_buffer_bytes))
+            ctx = ctx.replace(tiledb_config=cfg)
+        return x_uri, col_of, ctx
+
+    def _open(self, x_uri: Any, ctx: Any) -> list:
+        """One X handle per read thread (the thread-safe layout reader: one shared by all)."""
+        with _OPEN_LOCK:
+            if isinstance(x_uri, tuple):
+                return [open_source(x_uri)] * self.io_threads
+            return [open_source(x_uri, ctx) for _ in range(self.io_threads)]
+
+    def ensure_in_memory(self) -> bool:
+        """Read the split into memory now if ``in_memory`` asks for it (see there); iteration does
+        this on first use. Returns whether the split is held in memory.
+
+        With ``in_memory="auto"``, a sample of up to 512 cells is read first and the split's size on
+        the gene axis extrapolated from it; the read stops (and the loader streams) once the rows
+        read pass the cap.
+        """
+        if self._memory is not None or self.in_memory is False or self._memory_tried:
+            return self._memory is not None
+        self._memory_tried = True
+        auto = self.in_memory == "auto"
+        if auto and self.world_size * self.num_workers > 1:
+            return False  # each shard would hold the whole split
+        cap = (self.in_memory_max_bytes if self.in_memory_max_bytes is not None else cap_bytes()) if auto else None
+        x_uri, col_of, ctx = self._source()
+        keys = np.arange(self.n_obs, dtype=np.int64) if self._x_cache_uri else self.cells
+        opened = self._open(x_uri, ctx)
+        handles: queue.SimpleQueue = queue.SimpleQueue()
+        for h in opened:
+            handles.put(h)
+
+        def read(k: np.ndarray) -> sp.csr_matrix:
+            X = handles.get()
+            try:
+                return self._read(X, k, col_of)
+            finally:
+                handles.put(X)
+
+        try:
+            if cap is not None:
+                rng = np.random.default_rng(self.seed)
+                sample = np.sort(rng.choice(len(keys), min(len(keys), 512), replace=False))
+                m = read(keys[sample])
+                est = (8.0 * m.nnz / max(len(sample), 1) + 16.0) * len(keys)
+                if est > cap:
+                    return False
+            self._memory = load_split(read, keys, self.n_vars, self.io_batch_size, self.io_threads, cap)
+        finally:
+            _close_handles(opened)
+        return self._memory is not None
+
     def _batches(self, start_batch: int) -> Iterator[Any]:
         """This epoch's minibatches (before :meth:`_finish`) from ``start_batch`` on; run by :func:`prefetch`."""
         shard = self.rank * self.num_workers + self.worker
@@ -618,34 +701,24 @@ class MixtureLoader:
         nb = len(self)
         if self.drop_last:
             seq = seq[: nb * self.batch_size]
-        if self.x_cache is not None and self._x_cache_uri is None:
-            self.ensure_x_cache()
-        x_uri = (("layout", self.store.uri, self._layout_datasets) if self._layout_datasets is not None
-                 else self._x_cache_uri or f"{self.store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}")
-        col_of = None if self._x_cache_uri else self._col_of()
+        x_uri, col_of, ctx = self._source()
         first_io = (start_batch * self.batch_size) // self.io_batch_size
         skip = start_batch - first_io * (self.io_batch_size // self.batch_size)
         io_starts = list(range(first_io * self.io_batch_size, len(seq), self.io_batch_size))
-        ctx = self.store.context
-        if self.read_buffer_bytes:  # TileDB result buffers per read (bigger results come in pieces)
-            cfg = dict(ctx.tiledb_config)
-            cfg["soma.init_buffer_bytes"] = str(int(self.read_buffer_bytes))
-            ctx = ctx.replace(tiledb_config=cfg)
+        self.ensure_in_memory()
+        read_processes = 0 if self._memory is not None else self.read_processes
 
         # X handles for the read threads: opened here, before any read starts, and closed below after
         # the last read ended, so no open or close ever overlaps a read of this loader (concurrent
         # opens and reads in threads have crashed tiledbsoma: TileDB-SOMA PRs #2800, #2801)
         handles: queue.SimpleQueue = queue.SimpleQueue()
         opened: list = []
-        if self.read_processes == 0:
-            with _OPEN_LOCK:
-                if isinstance(x_uri, tuple):  # the layout reader is thread-safe: one for all read threads
-                    opened = [open_source(x_uri)]
-                    opened = opened * self.io_threads
-                else:
-                    opened = [open_source(x_uri, ctx) for _ in range(self.io_threads)]
-            for h in opened:
-                handles.put(h)
+        if self._memory is not None:  # the split held in memory: every read is a gather from RAM
+            opened = [self._memory] * self.io_threads
+        elif read_processes == 0:
+            opened = self._open(x_uri, ctx)
+        for h in opened:
+            handles.put(h)
 
         def job(i: int, s: int):
             X = handles.get()  # never waits: the pool runs at most io_threads jobs at once
@@ -668,7 +741,7 @@ class MixtureLoader:
                     self.fut.add_done_callback(_free_result)
 
         def submit(i: int, s: int):  # (pool: the read threads, entered below)
-            if self.read_processes == 0:
+            if read_processes == 0:
                 return pool.submit(job, i, s)
             pos, _, perm = self._io_batch(None, seq[s:s + self.io_batch_size], shard, i, col_of)
             rows = pos.astype(np.int64) if self._x_cache_uri else self.cells[pos]
@@ -757,6 +830,7 @@ class MixtureLoader:
         d["store"] = self.store.uri
         d.pop("_copy_stream", None)  # a CUDA stream does not pickle; made again on first use
         d["_pool"] = None  # read processes belong to the process that started them
+        d["_memory"], d["_memory_tried"] = None, False  # a worker process reads its own
         return d
 
     def __setstate__(self, d):

@@ -1,0 +1,159 @@
+"""A loader's split held in memory: the CSR of its cells on its gene axis, read once, served every epoch.
+
+scvi-tools trains on an in-memory AnnData: it reads the cells once (building the AnnData), then every
+epoch is a gather from RAM. Streamed from the store, every epoch decodes the rows again, and the
+store's x layout decodes *whole rows*: on a 2,000-gene axis that is ~10x the nonzeros the model uses,
+and for a mixture drawn sparsely from a large store each compressed chunk yields only a few of its
+rows. When the split's cells on the gene axis are small, :class:`InMemoryX` reads them once in store
+order (whole chunks, no random access) and serves the loader's IO batches from memory; the epoch
+order, the in-memory shuffle and hence every minibatch are exactly those of the streamed loader.
+
+Memory is 8 bytes per nonzero on the gene axis (float32 value, int32 column) plus 8 bytes per cell:
+it follows the split and its gene axis, never the store, and :func:`load_split` gives up (and the
+loader streams) as soon as it would pass a byte cap.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import scipy.sparse as sp
+from numba import njit
+
+from atlasmix.errors import AtlasmixError
+
+IN_MEMORY_MAX_BYTES = 2 * 1024**3
+"""Default cap of one loader's in-memory split (bytes): 2 GiB, or ``ATLASMIX_IN_MEMORY_MAX_GB``."""
+
+
+def cap_bytes() -> int:
+    """The in-memory cap in bytes: ``ATLASMIX_IN_MEMORY_MAX_GB`` (GB, 1e9 bytes) if set, else
+    :data:`IN_MEMORY_MAX_BYTES`.
+
+    Raises
+    ------
+    AtlasmixError
+        The variable is not a non-negative number.
+    """
+    v = os.environ.get("ATLASMIX_IN_MEMORY_MAX_GB")
+    if v is None or v == "":
+        return IN_MEMORY_MAX_BYTES
+    try:
+        gb = float(v)
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0:
+        raise AtlasmixError(f"ATLASMIX_IN_MEMORY_MAX_GB must be a number of GB >= 0, got {v!r}")
+    return int(gb * 1e9)
+
+
+@njit(nogil=True, cache=True)
+def _gather_kernel(indptr, indices, data, rows, out_indptr, out_indices, out_data):  # pragma: no cover
+    k = 0
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        for j in range(indptr[r], indptr[r + 1]):
+            out_indices[k] = indices[j]
+            out_data[k] = data[j]
+            k += 1
+        out_indptr[i + 1] = k
+
+
+class InMemoryX:
+    """Rows of a CSR matrix keyed by ascending row keys, read like an X source (``read_rows``).
+
+    Parameters
+    ----------
+    keys : numpy.ndarray of int64, shape (n,)
+        Row keys, strictly ascending (store ``soma_joinid`` s, or x cache row positions).
+    m : scipy.sparse.csr_matrix, float32, int32 indices, shape (n, n_vars)
+        Row ``i`` is the row of ``keys[i]``, already on the loader's gene axis.
+    """
+
+    def __init__(self, keys: np.ndarray, m: sp.csr_matrix):
+        self.keys = np.asarray(keys, dtype=np.int64)
+        if m.shape[0] != len(self.keys):
+            raise AtlasmixError(f"{m.shape[0]} rows for {len(self.keys)} keys")
+        self.indptr = m.indptr.astype(np.int64, copy=False)
+        self.indices = m.indices.astype(np.int32, copy=False)
+        self.data = m.data.astype(np.float32, copy=False)
+        self.n_vars = int(m.shape[1])
+
+    def close(self) -> None:
+        """Nothing to close (read threads treat this like an open X handle)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (values, columns, row pointers, keys)."""
+        return int(self.indptr.nbytes + self.indices.nbytes + self.data.nbytes + self.keys.nbytes)
+
+    def read_rows(self, ids_sorted: np.ndarray) -> sp.csr_matrix:
+        """Rows of keys ``ids_sorted`` as a new CSR (float32, int32 indices, shape (n, n_vars)).
+
+        Raises
+        ------
+        AtlasmixError
+            A key is not held.
+        """
+        ids = np.asarray(ids_sorted, dtype=np.int64)
+        rows = np.searchsorted(self.keys, ids)
+        if len(ids) and (rows[-1] >= len(self.keys) or not np.array_equal(self.keys[np.minimum(rows, len(self.keys) - 1)], ids)):
+            raise AtlasmixError("a requested cell is not in the in-memory split")
+        total = int((self.indptr[rows + 1] - self.indptr[rows]).sum())
+        indptr = np.zeros(len(ids) + 1, dtype=np.int64)
+        indices = np.empty(total, dtype=np.int32)
+        data = np.empty(total, dtype=np.float32)
+        _gather_kernel(self.indptr, self.indices, self.data, rows, indptr, indices, data)
+        return sp.csr_matrix((data, indices, indptr), shape=(len(ids), self.n_vars))
+
+
+def load_split(read: Callable[[np.ndarray], sp.csr_matrix], keys: np.ndarray, n_vars: int, chunk: int,
+               threads: int = 2, max_bytes: int | None = None) -> InMemoryX | None:
+    """Read rows ``keys`` (ascending) in store order, ``chunk`` rows per read, into an :class:`InMemoryX`.
+
+    Parameters
+    ----------
+    read : callable
+        ``read(keys_sorted) -> csr`` (float32, shape (len, n_vars)); called from ``threads`` threads.
+    keys : numpy.ndarray of int64, shape (n,)
+        Ascending row keys.
+    n_vars : int
+    chunk : int
+        Rows per read (the loader's IO batch).
+    threads : int
+        Reads in flight.
+    max_bytes : int, optional
+        Give up (return None, the pieces read so far are freed) once the rows read pass this many
+        bytes (8 per nonzero + 16 per row); None: no cap.
+
+    Returns
+    -------
+    InMemoryX or None
+    """
+    keys = np.asarray(keys, dtype=np.int64)
+    starts = list(range(0, len(keys), max(1, int(chunk))))
+    pieces: list[sp.csr_matrix] = []
+    held = 0
+    with ThreadPoolExecutor(max(1, int(threads))) as pool:
+        futs = {}
+        nxt = 0
+        for k in range(len(starts)):
+            while nxt < len(starts) and nxt <= k + threads:  # a few reads ahead, in order
+                s = starts[nxt]
+                futs[nxt] = pool.submit(read, keys[s:s + chunk])
+                nxt += 1
+            m = futs.pop(k).result()
+            held += 8 * int(m.nnz) + 16 * m.shape[0]
+            if max_bytes is not None and held > max_bytes:
+                for f in futs.values():
+                    f.cancel()
+                return None
+            pieces.append(m)
+    if not pieces:
+        return InMemoryX(keys, sp.csr_matrix((0, n_vars), dtype=np.float32))
+    m = sp.vstack(pieces, format="csr") if len(pieces) > 1 else pieces[0]
+    del pieces
+    return InMemoryX(keys, m)
