@@ -509,6 +509,7 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                   x_cache=x_cache, x_cache_format=x_cache_format, x_source=x_source,
                   x_cache_max_bytes=x_cache_max_bytes, io_batch_bytes=io_batch_bytes)
     on_train_axis = {k: v for k, v in common.items() if k != "genes"}  # loaders given train's var_joinids
+    in_memory = "auto" if isinstance(in_memory, str) else bool(in_memory)
     held = dict(in_memory=in_memory, in_memory_max_bytes=in_memory_max_bytes)  # not the one-read prior sampler
     train_opts = {"read_processes": read_processes, **held}
     train = MixtureLoader(store, manifest, "train", seed=seed, **common, **train_opts)

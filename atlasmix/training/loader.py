@@ -300,7 +300,7 @@ class MixtureLoader:
         self.x_cache_max_bytes = x_cache_max_bytes
         self.x_source = x_source
         self._x_cache_uri: str | None = None
-        self.in_memory = in_memory
+        self.in_memory = "auto" if isinstance(in_memory, str) else bool(in_memory)
         self.in_memory_max_bytes = in_memory_max_bytes
         self._memory: InMemoryX | None = None
         self._memory_tried = False
