@@ -571,3 +571,20 @@ def test_in_memory_split_serves_the_streamed_batches_and_reads_once(mix, monkeyp
         make(mix, in_memory="yes")
     with pytest.raises(AtlasmixError, match="not in the in-memory split"):
         held._memory.read_rows(np.array([-1]))
+
+
+def test_unique_ids_equals_numpy_unique():
+    """The loader's sorted-unique of joinids is np.unique's result (sorted, unsorted, repeated, empty)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from atlasmix._ids import unique_ids
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.integers(-2**40, 2**40), max_size=60), st.booleans())
+    def check(xs, presort):
+        a = np.sort(np.asarray(xs, dtype=np.int64)) if presort else np.asarray(xs, dtype=np.int64)
+        got = unique_ids(a)
+        assert got.dtype == np.int64 and np.array_equal(got, np.unique(a))
+
+    check()

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from atlasmix._ids import unique_ids
 from atlasmix.errors import AtlasmixError
 from atlasmix.mixing.resolver import MANIFEST_SCHEMA, Resolution
 
@@ -219,7 +220,7 @@ def read_manifest_cells(manifest: str | Path, identity: dict | None = None) -> t
         raise AtlasmixError(f"cannot exclude {m.name}: it was resolved on another store ({rec.get('store_id')})")
     ids = pq.read_table(m, columns=["soma_joinid"])["soma_joinid"].to_numpy()
     same = identity is None or rec.get("state_hash") == identity.get("state_hash")
-    return np.unique(ids), {"name": side.get("name"), "sha256": sha, "same_state": bool(same)}
+    return unique_ids(ids), {"name": side.get("name"), "sha256": sha, "same_state": bool(same)}
 
 
 # ---------------------------------------------------------------------------------------------- show / diff
@@ -261,7 +262,7 @@ def diff_manifests(a: str | Path, b: str | Path) -> dict[str, Any]:
     def cells(t: pa.Table, train: bool) -> np.ndarray:
         is_eval = pc.equal(t["split"].cast(pa.string()), "eval").to_numpy(zero_copy_only=False)
         ids = t["soma_joinid"].to_numpy()
-        return np.unique(ids[~is_eval if train else is_eval])
+        return unique_ids(ids[~is_eval if train else is_eval])
 
     out: dict[str, Any] = {"a": {"name": sa["name"], "spec_hash": sa["spec_hash"], "file": str(a)},
                            "b": {"name": sb["name"], "spec_hash": sb["spec_hash"], "file": str(b)}}

@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from atlasmix._ids import unique_ids
 from atlasmix.errors import StoreError
 
 LAYOUT_DIR = "x_layout"
@@ -609,11 +610,11 @@ def datasets_for(store, joinids: np.ndarray | None = None) -> list[tuple[int, in
         return None
     ds = _complete(store)
     if joinids is not None and len(ds):
-        ids = np.unique(np.asarray(joinids, dtype=np.int64))
+        ids = unique_ids(joinids)
         starts = np.array([s for _, s, _ in ds])
         order = np.argsort(starts)
         pos = np.searchsorted(starts[order], ids, side="right") - 1
-        used = set(order[np.unique(pos[pos >= 0])].tolist())
+        used = set(order[unique_ids(pos[pos >= 0])].tolist())
         ds = [d for i, d in enumerate(ds) if i in used]
     if not all(dataset_ready(store.uri, j) for j, _, _ in ds):
         return None

@@ -113,6 +113,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 import torch
 
+from atlasmix._ids import unique_ids
 from atlasmix._prefetch import prefetch
 from atlasmix.errors import AtlasmixError
 from atlasmix.mixing.genes import mixture_genes
@@ -339,8 +340,8 @@ class MixtureLoader:
         if isinstance(manifest, pa.Table):
             ids = manifest["soma_joinid"].to_numpy()
             is_split = pc.equal(manifest["split"].cast(pa.string()), split).to_numpy(zero_copy_only=False)
-            return np.unique(ids), np.unique(ids[is_split])
-        ids = np.unique(np.asarray(manifest, dtype=np.int64))
+            return unique_ids(ids), unique_ids(ids[is_split])
+        ids = unique_ids(manifest)
         return ids, ids
 
     def _read_obs(self, all_ids: np.ndarray, categories: dict[str, list[str]]) -> None:
@@ -356,16 +357,23 @@ class MixtureLoader:
         self.categories: dict[str, list[str]] = {}
         self.codes: dict[str, np.ndarray] = {}
         for c in self.obs_columns:
-            vals = obs[c].to_numpy(zero_copy_only=False)
-            cats = list(categories.get(c) or sorted(set(vals[pos_all].tolist())))
+            # arrow's dictionary encoding: one O(n) pass, not a sort of n strings (10M cells: seconds)
+            enc = pc.dictionary_encode(obs[c], null_encoding="encode").combine_chunks()
+            values = enc.dictionary.to_pylist()
+            idx = enc.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+            seen = np.bincount(idx[pos_all], minlength=len(values)) > 0
+            cats = list(categories.get(c) or sorted(values[i] for i in np.flatnonzero(seen)))
             lut = {v: i for i, v in enumerate(cats)}
-            sub = vals[pos]
-            uniq, inv = np.unique(sub, return_inverse=True)
-            missing = [u for u in uniq if u not in lut]
+            sub = idx[pos]
+            here = np.flatnonzero(np.bincount(sub, minlength=len(values)) > 0)
+            missing = [values[i] for i in here if values[i] not in lut]
             if missing:
                 raise AtlasmixError(f"obs {c} value {missing[0]!r} is not among the given categories")
+            code_of = np.full(len(values), -1, dtype=np.int32)
+            for i in here:
+                code_of[i] = lut[values[i]]
             self.categories[c] = cats
-            self.codes[c] = np.asarray([lut[u] for u in uniq], dtype=np.int32)[inv.ravel()]  # 4 B per cell
+            self.codes[c] = code_of[sub]  # 4 B per cell
         self.total_counts = (obs["total_counts"].to_numpy()[pos].astype(np.float32)
                              if self.library == "total_counts" else None)
         if self.io_batch_bytes is not None:  # bound reads in bytes: cells per read from the mean row size
