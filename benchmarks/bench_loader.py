@@ -207,6 +207,30 @@ run each, methods alternating::
 Every gene: 1.4-2.3x annbatch with no per-mixture preparation (the issue-19 goal was 3.5x). On a
 2,000-gene axis a gene-subset copy wins by 3.5-6x (annbatch's collection more than atlasmix's h5
 x cache), because the layout decodes whole rows. scDataset and BioNeMo SCDL were not run.
+
+1,000,000 simulated cells (2026-12-05, same machine, io batch 16,384, 100,352 cells timed, one run
+per cell; ``--cache as-is|warm|cold``), every gene, cells/s::
+
+    method                     as-is    warm    cold   peak RSS MiB  preparation
+    atlasmix (x layout)       45,214  62,463  39,928   1,505-1,548   none
+    annbatch 0.3.1            55,401  54,971  42,567       885       105 s, 20.9 GiB RSS, 4.36 GB
+    bionemo_scdl 0.1.3        10,819  25,094   8,099   9,120-11,735  104 s conversion, 10.3 GB
+    scdataset 0.3.0 (2 wkr)    3,083  12,211   2,190       782       (13.8 GB h5ad export, 86 s)
+    tiledbsoma_ml 0.1.0        7,209   5,633   4,072   3,117-3,134   none
+
+Larger than RAM (2026-12-05, same store): a balloon process held 19.5 GiB of anonymous memory (the
+machine has no swap), leaving 3.5 GiB for the loader and the page cache, less than the layout
+(2.8 GB), TileDB X (2.9 GB) or annbatch's collection (4.36 GB); ``--cache cold``; 900,000 cells
+timed (0.9 epoch) for atlasmix and annbatch in one run, 200,000 for tiledbsoma_ml and atlasmix in
+a second::
+
+    method              cells/s (run 1 / run 2)   peak RSS MiB   entropy ratio
+    atlasmix (layout)   39,990 / 43,129           1,465          0.995
+    annbatch 0.3.1      24,859                      904          1.000
+    tiledbsoma_ml        6,464                    3,017          0.995
+
+With the page cache unable to hold the corpus, the layout keeps its cold-start speed (1.6x annbatch,
+6.7x tiledbsoma-ml); annbatch, whose collection is 1.6x the layout's bytes, loses more.
 """
 
 from __future__ import annotations
