@@ -1,1 +1,34 @@
-"""atlasmix.training — see the open issues for what this stage will hold."""
+"""training: models trained on a mixture manifest, streamed from the store (no AnnData of the mixture).
+
+Data flow, one module each:
+
+- :mod:`atlasmix.training.order` -- the epoch order (seeded block shuffle) and its shards for DDP
+  ranks and DataLoader workers;
+- :mod:`atlasmix.training.read` -- one IO batch of cells x the gene axis as CSR, from the store's x
+  layout, TileDB X or an x cache, in threads or spawned read processes;
+- :mod:`atlasmix.training.memory` -- a split held in memory (read once, served every epoch);
+- :mod:`atlasmix.training.xcache` -- per-mixture gene-subset projections of X (opt-in, capped);
+- :mod:`atlasmix.training._dense` -- the fused gather + densify of CPU minibatches;
+- :mod:`atlasmix.training.loader` -- :class:`MixtureLoader`, the minibatch iterator the models use;
+- :mod:`atlasmix.training.budget` -- how long to train (:class:`Budget`) and convergence;
+- :mod:`atlasmix.training.ldvae` -- scvi-tools LinearSCVI (LDVAE): :func:`train_ldvae`;
+- :mod:`atlasmix.training.geneformer` -- Geneformer rank value encoding, medians, MLM pretraining.
+
+Exports (imported on first use, so ``import atlasmix.training`` does not import torch):
+:class:`MixtureLoader`, :class:`MixtureIterableDataset`, :class:`Budget`, :func:`train_ldvae`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {"MixtureLoader": "atlasmix.training.loader", "MixtureIterableDataset": "atlasmix.training.loader",
+            "Budget": "atlasmix.training.budget", "train_ldvae": "atlasmix.training.ldvae"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'atlasmix.training' has no attribute {name!r}")
