@@ -23,6 +23,12 @@ def test_reconstruction_accuracy_hand_checkable():
                        [0.0, 0.0, 0.0, 0.0]])     # empty cell: undefined
     orig = np.log1p(np.array([1000.0, 3000.0, 0.0, 6000.0]))
     np.testing.assert_allclose(M.log1p_cp10k(counts)[0], orig)
+    # a gene subset normalised by the whole cell's library (library=): 1 / 20 counts -> CP10k 500
+    np.testing.assert_allclose(M.log1p_cp10k(counts[:, :1], library=np.array([20.0, 0.0]))[:, 0], [np.log1p(500.0), 0])
+    from scipy.sparse import csr_matrix
+
+    np.testing.assert_allclose(M.log1p_cp10k(csr_matrix(counts), library=np.array([20.0, 0.0])).toarray()[0],
+                               np.log1p(counts[0] * 500.0))
     # the model reproduces CP10k exactly -> r = 1; rows of `normalized` are expression at library 10,000
     perfect = np.array([[1000.0, 3000.0, 0.0, 6000.0], [2500.0] * 4])
     r, r2 = M.reconstruction_accuracy(counts, perfect)

@@ -156,7 +156,7 @@ def choose_genes(store, manifests: list[Path], n_genes: int = 2000, max_cells: i
     ``min_dataset_fraction`` of the datasets that contribute training cells -- small gene panels
     (e.g. a 200-gene dataset) would otherwise empty the intersection. Among them, scanpy's
     ``seurat``-flavour HVG selection on log1p(CP10k) (streamed moments,
-    :class:`atlasmix.evaluation.metrics.HVGStats`) over a seeded sample of at most ``max_cells``
+    :class:`atlasmix.preprocess.HVGStats`) over a seeded sample of at most ``max_cells``
     training cells (union over ``manifests``). Memory: ``max_cells`` x candidate genes per read chunk.
 
     Returns
@@ -169,7 +169,7 @@ def choose_genes(store, manifests: list[Path], n_genes: int = 2000, max_cells: i
     AtlasmixError
         No training cell, or no candidate gene.
     """
-    from atlasmix.evaluation.metrics import HVGStats
+    from atlasmix.preprocess import HVGStats
     from atlasmix.mixing.manifest import read_manifest
 
     cells = []

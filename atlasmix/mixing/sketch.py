@@ -27,16 +27,14 @@ from collections.abc import Callable
 import numpy as np
 import scipy.sparse as sp
 
+from atlasmix.preprocess import log1p_cp10k
+
 #: Keep the HVG chunks of pass 2 in memory (and skip pass 3) while they hold fewer nonzeros.
 CACHE_NNZ = 20_000_000
 
 
 def _log_cp10k(m: sp.csr_matrix, lib: np.ndarray) -> sp.csr_matrix:
-    scale = np.divide(1e4, lib, out=np.zeros_like(lib, dtype=np.float64), where=lib > 0)
-    out = sp.csr_matrix(m, dtype=np.float64, copy=True)
-    out.data *= np.repeat(scale, np.diff(out.indptr))
-    np.log1p(out.data, out=out.data)
-    return out
+    return log1p_cp10k(m, library=lib)
 
 
 def streamed_pca(iter_x: Callable, joinids: np.ndarray, var_joinids: np.ndarray, n_pcs: int = 20,

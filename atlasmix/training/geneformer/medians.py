@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from atlasmix.errors import AtlasmixError
+from atlasmix.preprocess import TARGET_SUM
 
-TARGET_SUM = 10_000.0
 
 
 def species_genes(store, species: str = "human") -> np.ndarray:

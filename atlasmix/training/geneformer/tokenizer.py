@@ -38,9 +38,9 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from atlasmix.errors import AtlasmixError
+from atlasmix.preprocess import TARGET_SUM
 from atlasmix.training.geneformer.dictionaries import CLS, EOS, Dictionaries
 
-TARGET_SUM = 10_000.0
 #: model input sizes: V1 (Geneformer gc30M models) and V2 (gc104M models).
 MODES = {"v1": {"max_len": 2048, "special_tokens": False}, "v2": {"max_len": 4096, "special_tokens": True}}
 
