@@ -10,7 +10,7 @@ import pytest
 
 
 @pytest.mark.parametrize("pkg", ["atlasmix.store", "atlasmix.ingest", "atlasmix.mixing", "atlasmix.training",
-                                 "atlasmix.evaluation"])
+                                 "atlasmix.evaluation", "atlasmix.study"])
 def test_stage_packages_document_and_export(pkg):
     mod = importlib.import_module(pkg)
     assert mod.__doc__ and "open issues" not in mod.__doc__ and len(mod.__doc__) > 60
