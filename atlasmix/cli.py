@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tomllib
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -139,36 +138,6 @@ def store_export(store: str, out: Annotated[Path, typer.Argument(help="Output .h
     console.print(f"wrote {r['n_cells']:,} cells x {r['n_genes']:,} genes to {r['path']}")
 
 
-def _plan_requests(plan: Path, common: dict) -> list:
-    from atlasmix.ingest import DatasetRequest
-
-    if not plan.exists():
-        raise AtlasmixError(f"plan not found: {plan}")
-    try:
-        doc = tomllib.loads(plan.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise AtlasmixError(f"bad plan {plan}: {e}") from e
-    items = doc.get("dataset")
-    if not isinstance(items, list) or not items:
-        raise AtlasmixError(f"plan {plan} has no [[dataset]] entries")
-    reqs = []
-    for i, d in enumerate(items):
-        d = dict(common) | dict(d)
-        src = d.get("source", "")
-        if src and "://" not in src and not Path(src).is_absolute():
-            d["source"] = str((plan.parent / src).resolve())
-        for k in ("obs_table", "gene_table"):
-            if d.get(k) and not Path(d[k]).is_absolute():
-                d[k] = str((plan.parent / d[k]).resolve())
-        try:
-            reqs.append(DatasetRequest(**d))
-        except Exception as e:  # pydantic ValidationError: point at the entry and key
-            first = e.errors()[0] if hasattr(e, "errors") else {"loc": (), "msg": str(e)}
-            loc = ".".join(map(str, first["loc"]))
-            raise AtlasmixError(f"plan {plan.name}: dataset[{i}].{loc}: {first['msg']}") from e
-    return reqs
-
-
 @app.command("ingest")
 def ingest_cmd(
     store: Annotated[str, typer.Argument(help="Store path or URI.")],
@@ -203,7 +172,7 @@ def ingest_cmd(
     """Append datasets to a store: validated, QC-flagged, crash-safe."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from atlasmix.ingest import DatasetRequest, QCPolicy, ingest
+    from atlasmix.ingest import DatasetRequest, QCPolicy, ingest, read_plan
 
     qc = QCPolicy(max_pct_counts_mt=qc_max_pct_mt, min_total_counts=qc_min_counts, min_genes=qc_min_genes)
     common = dict(organism=organism, tissue=tissue, assume_counts=assume_counts, on_duplicate_genes=on_duplicate_genes,
@@ -211,7 +180,7 @@ def ingest_cmd(
     if plan is not None:
         if source or dataset_id:
             raise AtlasmixError("give either SOURCE --dataset-id or --plan, not both")
-        reqs = _plan_requests(plan, {k: v for k, v in common.items() if v is not None and k != "qc"} | {"qc": qc})
+        reqs = read_plan(plan, {k: v for k, v in common.items() if v is not None and k != "qc"} | {"qc": qc})
     else:
         if not source or not dataset_id:
             raise AtlasmixError("need SOURCE and --dataset-id (or --plan plan.toml)")

@@ -235,7 +235,7 @@ def run_demo(workdir: str | Path = "demo", data_dir: str | Path | None = None, *
     """
     import torch
 
-    from atlasmix.cli import _plan_requests
+    from atlasmix.ingest import read_plan
     from atlasmix.ingest import QCPolicy, ingest
     from atlasmix.store import Store
     from atlasmix.study.runner import run_study
@@ -261,7 +261,7 @@ def run_demo(workdir: str | Path = "demo", data_dir: str | Path | None = None, *
 
     with L.stage("store + ingest"):
         store = Store.create(str(workdir / "store"))
-        reports = ingest(store, _plan_requests(plan, {"qc": QCPolicy()}))
+        reports = ingest(store, read_plan(plan, {"qc": QCPolicy()}))
         for r in reports:
             log(f"   {r['dataset_id']:<24} {r['n_cells']:>8,} cells")
 

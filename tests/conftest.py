@@ -43,13 +43,13 @@ def shared_store(tmp_path_factory):
     """A store holding every count dataset of ../shared/data, ingested through the plan file."""
     if not (SHARED / "pbmc3k_hvg2000.h5ad").exists():
         pytest.skip("../shared/data is absent")
-    from atlasmix.cli import _plan_requests
+    from atlasmix.ingest import read_plan
     from atlasmix.ingest import QCPolicy, ingest
     from atlasmix.store import Store
 
     uri = tmp_path_factory.mktemp("lake") / "store"
     store = Store.create(str(uri))
-    reqs = _plan_requests(PLAN, {"qc": QCPolicy()})
+    reqs = read_plan(PLAN, {"qc": QCPolicy()})
     reports = ingest(store, reqs, chunk_size=1000)
     return store, reqs, {r["dataset_id"]: r for r in reports}
 
@@ -74,10 +74,10 @@ def lake(request, tmp_path_factory):
 
 def ingest_plan(store, plan: str | Path, chunk_size: int = 1000) -> list[dict]:
     """Ingest a simulator's ``plan.toml`` into ``store`` as ``atlasmix ingest --plan`` would (default QC)."""
-    from atlasmix.cli import _plan_requests
+    from atlasmix.ingest import read_plan
     from atlasmix.ingest import QCPolicy, ingest
 
-    return ingest(store, _plan_requests(Path(plan), {"qc": QCPolicy()}), chunk_size=chunk_size)
+    return ingest(store, read_plan(Path(plan), {"qc": QCPolicy()}), chunk_size=chunk_size)
 
 
 def simulated_store(d: Path, n_cells: int, **simulate_kw):

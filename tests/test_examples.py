@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from atlasmix.cli import _plan_requests
+from atlasmix.ingest import read_plan
 from atlasmix.ingest import QCPolicy, ingest
 from atlasmix.mixing import resolve
 from atlasmix.simulate import simulate_atlas
@@ -36,7 +36,7 @@ def _check_design(results: dict, base_name: str = "base_model") -> None:
 def test_demo_mixtures_on_a_simulated_corpus(tmp_path):
     info = simulate_atlas(tmp_path / "sim", 6000, seed=1, n_genes=800)
     store = Store.create(str(tmp_path / "store"))
-    ingest(store, _plan_requests(Path(info["plan"]), {"qc": QCPolicy()}), chunk_size=1000)
+    ingest(store, read_plan(Path(info["plan"]), {"qc": QCPolicy()}), chunk_size=1000)
     results = {}
     for f in sorted(DEMO_MIXTURES.glob("*.toml")):
         if f.name in {"eval_sets.toml", "base_sketch_fixed_budget.toml"}:  # the sketch one needs >= 100k cells
