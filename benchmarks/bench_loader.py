@@ -254,8 +254,7 @@ def build_store(workdir: Path, n_cells: int, seed: int = 0) -> str:
         return str(uri)
     import shutil
 
-    from atlasmix.cli import _plan_requests
-    from atlasmix.ingest import QCPolicy, ingest
+    from atlasmix.ingest import QCPolicy, ingest, read_plan
     from atlasmix.simulate import simulate_atlas
     from atlasmix.store import Store
 
@@ -264,7 +263,7 @@ def build_store(workdir: Path, n_cells: int, seed: int = 0) -> str:
     info = simulate_atlas(workdir / "sim", n_cells=n_cells, seed=seed)
     t1 = time.perf_counter()
     store = Store.create(str(uri))
-    ingest(store, _plan_requests(Path(info["plan"]), {"qc": QCPolicy()}))
+    ingest(store, read_plan(Path(info["plan"]), {"qc": QCPolicy()}))
     t2 = time.perf_counter()
     shutil.rmtree(workdir / "sim", ignore_errors=True)
     (uri / ".built").write_text(json.dumps({"n_cells": n_cells, "simulate_s": t1 - t0, "ingest_s": t2 - t1}))

@@ -8,7 +8,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from atlasmix.cli import _plan_requests
+from atlasmix.ingest import read_plan
 from atlasmix.ingest import QCPolicy, ingest
 from atlasmix.simulate import simulate_atlas
 from atlasmix.store import Store
@@ -17,7 +17,7 @@ from atlasmix.store import Store
 def test_simulated_plan_ingests_with_metadata_and_counts_intact(tmp_path):
     info = simulate_atlas(tmp_path / "sim", 3000, seed=3, n_genes=1500)
     store = Store.create(str(tmp_path / "store"))
-    reps = ingest(store, _plan_requests(Path(info["plan"]), {"qc": QCPolicy()}), chunk_size=500)
+    reps = ingest(store, read_plan(Path(info["plan"]), {"qc": QCPolicy()}), chunk_size=500)
     assert {r["dataset_id"]: r["n_cells"] for r in reps} == {s["dataset_id"]: s["n_cells"] for s in info["sources"]}
     assert all(r["gene_mapping"]["mapped_fraction"] == 1.0 for r in reps)  # real Ensembl ids
     obs = store.obs().to_pandas()
