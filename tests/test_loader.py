@@ -550,9 +550,9 @@ def test_in_memory_split_serves_the_streamed_batches_and_reads_once(mix, monkeyp
         for a, b in zip(got, list(streamed), strict=True):
             assert torch.equal(a["soma_joinid"], b["soma_joinid"]) and torch.equal(a["X"], b["X"])
             assert torch.equal(a["library_size"], b["library_size"]) and torch.equal(a["dataset_id"], b["dataset_id"])
-    assert held._memory is not None and held._memory.nbytes > 0
+    assert held._memory is not None and held.in_memory_bytes == held._memory.nbytes > 0
     auto = make(mix, in_memory="auto")
-    assert auto.ensure_in_memory() and auto._memory.nbytes <= 2 * held._memory.nbytes
+    assert auto.ensure_in_memory() and auto.in_memory_bytes <= 2 * held.in_memory_bytes
     # the sample's estimate is over a cap of 100 bytes: streams
     assert not make(mix, in_memory="auto", in_memory_max_bytes=100).ensure_in_memory()
     # a cap between the sample and the whole: the read gives up part-way and the loader streams

@@ -509,7 +509,6 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                   x_cache=x_cache, x_cache_format=x_cache_format, x_source=x_source,
                   x_cache_max_bytes=x_cache_max_bytes, io_batch_bytes=io_batch_bytes)
     on_train_axis = {k: v for k, v in common.items() if k != "genes"}  # loaders given train's var_joinids
-    in_memory = "auto" if isinstance(in_memory, str) else bool(in_memory)
     held = dict(in_memory=in_memory, in_memory_max_bytes=in_memory_max_bytes)  # not the one-read prior sampler
     train_opts = {"read_processes": read_processes, **held}
     train = MixtureLoader(store, manifest, "train", seed=seed, **common, **train_opts)
@@ -529,13 +528,12 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
 
     in_memory_meta = {}
     for name, L in (("train", train), ("validation", val)):  # read now rather than inside the first epoch
-        if L is not None and in_memory is not False:
+        if L is not None and L.in_memory is not False:
             t0 = time.perf_counter()
             ok = L.ensure_in_memory()
-            in_memory_meta[name] = {"held": ok, "bytes": L._memory.nbytes if ok else 0,
-                                    "read_s": round(time.perf_counter() - t0, 3)}
+            in_memory_meta[name] = {"held": ok, "bytes": L.in_memory_bytes, "read_s": round(time.perf_counter() - t0, 3)}
             if progress and ok:
-                print(f"in memory ({name}): {L.n_obs:,} cells x {L.n_vars:,} genes, {L._memory.nbytes / 1e6:,.0f} MB, "
+                print(f"in memory ({name}): {L.n_obs:,} cells x {L.n_vars:,} genes, {L.in_memory_bytes / 1e6:,.0f} MB, "
                       f"read in {in_memory_meta[name]['read_s']:.1f} s", flush=True)
 
     # library-size priors and the template AnnData (module doc)
@@ -619,7 +617,7 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                     "early_stopping": early_stopping, "batch_key": batch_key, "accelerator": accelerator,
                     "io_batch_size": train.io_batch_size, "io_batch_bytes": io_batch_bytes, "block_size": block_size, "checkpoint_every": checkpoint_every,
                     "read_processes": read_processes, "x_cache": str(x_cache) if x_cache is not None else None,
-                    "in_memory": in_memory, "in_memory_max_bytes": in_memory_max_bytes},
+                    "in_memory": train.in_memory, "in_memory_max_bytes": in_memory_max_bytes},
         "budget": {**budget.model_dump(mode="json"), "label": budget.label, "max_steps": max_steps,
                    "val_every_steps": val_every, "kl_warmup": kl_desc, "batches_per_epoch": bpe,
                    "drop_last": bool(train.drop_last)},

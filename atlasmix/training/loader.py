@@ -499,6 +499,16 @@ class MixtureLoader:
         """One TileDB read of cells ``ids_sorted`` x the gene axis, as CSR (see :func:`read_csr`)."""
         return read_csr(X, ids_sorted, col_of, self.n_vars)
 
+    def _row_keys(self, positions: np.ndarray) -> np.ndarray:
+        """Rows of X for cells at ``positions``: their soma_joinids, or the positions themselves in an
+        x cache projection (whose rows are this loader's cells in order). int64."""
+        return positions.astype(np.int64) if self._x_cache_uri else self.cells[positions]
+
+    @property
+    def in_memory_bytes(self) -> int:
+        """Bytes of the split held in memory (0 when it streams); see ``in_memory``."""
+        return self._memory.nbytes if self._memory is not None else 0
+
     def _col_of(self) -> np.ndarray | None:
         """var joinid -> column of the gene axis (-1: not on it), covering every var joinid of the
         store; None when the gene axis is the whole store var in joinid order (no mapping needed)."""
@@ -513,7 +523,7 @@ class MixtureLoader:
         Returns (positions, csr, perm): the sorted rows' positions and counts; minibatch ``j`` is
         sorted rows ``perm[j * batch_size:(j + 1) * batch_size]`` (gathered per minibatch, so the IO
         batch is never copied whole)."""
-        ids = positions.astype(np.int64) if self._x_cache_uri else self.cells[positions]  # x cache rows: positions
+        ids = self._row_keys(positions)
         order = np.argsort(ids, kind="stable")
         m = self._read(X, ids[order], col_of) if X is not None else None
         if self.shuffle:
@@ -676,7 +686,7 @@ class MixtureLoader:
             return False  # each shard would hold the whole split
         cap = (self.in_memory_max_bytes if self.in_memory_max_bytes is not None else cap_bytes()) if auto else None
         x_uri, col_of, ctx = self._source()
-        keys = np.arange(self.n_obs, dtype=np.int64) if self._x_cache_uri else self.cells
+        keys = self._row_keys(np.arange(self.n_obs))
         opened = self._open(x_uri, ctx)
         handles: queue.SimpleQueue = queue.SimpleQueue()
         for h in opened:
@@ -752,7 +762,7 @@ class MixtureLoader:
             if read_processes == 0:
                 return pool.submit(job, i, s)
             pos, _, perm = self._io_batch(None, seq[s:s + self.io_batch_size], shard, i, col_of)
-            rows = pos.astype(np.int64) if self._x_cache_uri else self.cells[pos]
+            rows = self._row_keys(pos)
             return _Proc(self._read_pool(ctx, col_of, x_uri).submit(_worker_read, rows), pos, perm)
 
         on_dev = self._gathers_on_device()
