@@ -132,11 +132,14 @@ def test_every_model_command_takes_accelerator_and_not_device(cmd):
         assert "--devices" in r.stdout
 
 
-def test_devices_other_than_one_is_one_line(panels, tmp_path):
+def test_bad_devices_or_strategy_is_one_line(panels, tmp_path):
     store, paths = panels
     r = run_cli("train", "ldvae", "--store", store.uri, "--mixture", paths["blood"], "--out", tmp_path / "o",
-                "--devices", "2", *LDVAE_SMALL)
-    assert "--devices 2" in _one_error_line(r)
+                "--devices", "0", *LDVAE_SMALL)
+    assert "--devices must be >= 1" in _one_error_line(r)
+    r = run_cli("train", "ldvae", "--store", store.uri, "--mixture", paths["blood"], "--out", tmp_path / "o",
+                "--devices", "2", "--strategy", "ddp_spawn", *LDVAE_SMALL)
+    assert "--strategy must be" in _one_error_line(r)
     r = run_cli("train", "geneformer", "--store", store.uri, "--mixture", paths["blood"], "--out", tmp_path / "g",
                 "--devices", "2", "--accelerator", "cpu")
     assert "torchrun" in _one_error_line(r)

@@ -151,3 +151,92 @@ def test_datamodule_shards_per_ddp_rank_and_restarts_validation(mix):
         del it
         assert sum(len(b["X"]) for b in vl) == dm.val_loader.shard_size  # ... does not shorten the next
     assert per_rank[0] == per_rank[1]  # equal batch counts on both ranks
+
+
+# a training script as a user writes one: Lightning's DDP launcher re-runs it for rank 1
+DDP_SCRIPT = '''
+import sys
+from pathlib import Path
+
+import numpy as np
+from lightning.pytorch import Callback
+
+from atlasmix.store import Store
+from atlasmix.training.ldvae import train_ldvae
+
+
+class RecordShard(Callback):
+    """Saves the positions (into the split's cells) and soma_joinids this rank serves in each epoch."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        L = trainer.datamodule.train_loader
+        e, r = trainer.current_epoch, trainer.global_rank
+        pos = L.shard_positions(e)
+        np.save(self.out / f"positions_rank{r}_epoch{e}.npy", pos)
+        np.save(self.out / f"served_rank{r}_epoch{e}.npy", L.cells[pos])
+
+
+if __name__ == "__main__":
+    store, manifest, genes, out, epochs, resume = sys.argv[1:7]
+    rec = Path(out + "_served")
+    rec.mkdir(exist_ok=True)
+    run = train_ldvae(Store(store), manifest, out, accelerator="cpu", devices=2, max_epochs=int(epochs),
+                      resume=resume == "resume", genes=Path(genes).read_text().split(), n_hidden=16, n_layers=1,
+                      batch_size=64, io_batch_size=256, checkpoint_every=1, progress=False, seed=3,
+                      prior_cells=2000, callbacks=[RecordShard(rec)])
+    print("RANK", run.get("global_rank", 0), "DONE", flush=True)
+'''
+
+
+def test_ddp_two_processes_train_disjoint_shards_and_resume_to_the_same_weights(mix, tmp_path):
+    """Two real DDP processes (gloo on the CPU): each rank serves its own shard of whole blocks,
+    rank 0 writes a model that scvi-tools loads, and a run stopped after epoch 1 and resumed on two
+    ranks ends with the weights of an uninterrupted run."""
+    import subprocess
+    import sys
+
+    import scvi
+
+    store, path, genes_file, _ = mix
+    script = tmp_path / "train_ddp.py"
+    script.write_text(DDP_SCRIPT)
+
+    def run(out, epochs, resume=""):
+        r = subprocess.run([sys.executable, str(script), store.uri, str(path), str(genes_file), str(tmp_path / out),
+                            str(epochs), resume], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "RANK 0 DONE" in r.stdout  # rank 0 returns only after rank 1 ended (exit status 0)
+        return json.loads((tmp_path / out / "run.json").read_text())
+
+    full = run("full", 2)
+    assert full["options"]["devices"] == 2 and full["options"]["strategy"] == "ddp_find_unused_parameters_true"
+    per_rank = full["budget"]["cells_per_rank_per_epoch"]
+    train_ids = pd.read_parquet(path).query("split == 'train'")["soma_joinid"].to_numpy()
+    for e in range(2):
+        a, b = (np.load(tmp_path / "full_served" / f"served_rank{r}_epoch{e}.npy") for r in range(2))
+        assert len(a) == len(b) == per_rank  # equal shards, hence equal batch counts
+        assert not np.intersect1d(a, b).size  # disjoint
+        union = np.union1d(a, b)
+        assert np.isin(union, train_ids).all()
+        assert len(train_ids) - len(union) < 2 * 64  # at most one block per rank waits for another epoch
+        pos = np.sort(np.load(tmp_path / "full_served" / f"positions_rank0_epoch{e}.npy"))
+        starts = np.flatnonzero(np.diff(pos, prepend=-2) != 1)  # runs of consecutive manifest cells
+        assert np.diff(np.append(starts, len(pos))).min() >= 64  # whole 64-cell blocks, not single cells
+    assert full["training"]["cells_seen"] == 2 * 2 * per_rank  # every rank's cells counted
+    assert full["budget"]["batches_per_epoch"] == -(-per_rank // 64)
+    assert not any((tmp_path / "full").glob("*rank*"))  # one set of outputs (rank 0's)
+    scvi.model.LinearSCVI.load(str(tmp_path / "full" / "model"))
+
+    run("cut", 1)  # stopped after epoch 1 (a checkpoint holds both ranks' positions) ...
+    resumed = run("cut", 2, "resume")  # ... and resumed on two ranks
+    assert resumed["resumed"] and resumed["training"]["cells_seen"] == full["training"]["cells_seen"]
+    a = torch.load(tmp_path / "full" / "model" / "model.pt", weights_only=False)["model_state_dict"]
+    b = torch.load(tmp_path / "cut" / "model" / "model.pt", weights_only=False)["model_state_dict"]
+    for k in a:
+        if torch.is_tensor(a[k]):
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    ca, cb = (pd.read_csv(tmp_path / d / "training_curve.csv") for d in ("full", "cut"))
+    pd.testing.assert_frame_equal(ca, cb)

@@ -12,7 +12,7 @@ from atlasmix.training.defaults import DEFAULTS
 
 
 def check_devices(devices: int, model: str) -> None:
-    """Refuse ``--devices`` other than 1 with one line (multi-device training is not built yet).
+    """Refuse ``--devices`` other than 1 with one line (Geneformer runs one device per process, under torchrun).
 
     Raises
     ------
@@ -39,7 +39,12 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", help="Output directory (model/, loadings.parquet, "
                                                         "training_curve.csv/png, run.json, checkpoints/).")],
         accelerator: Annotated[str, typer.Option(help="Lightning accelerator: auto (CUDA when present), cpu, gpu.")] = "auto",
-        devices: Annotated[int, typer.Option(help="Devices (Lightning's term); one per run today.")] = 1,
+        devices: Annotated[int, typer.Option(help="Devices per node (Lightning's term); > 1 trains with DDP, one "
+                                                  "process per device, each reading its shard of the mixture.")] = 1,
+        strategy: Annotated[str, typer.Option(help="auto (ddp_find_unused_parameters_true on several "
+                                                   "devices), ddp or ddp_find_unused_parameters_true.")] = "auto",
+        num_nodes: Annotated[int, typer.Option(help="Nodes (start this command on each under torchrun; see the "
+                                                    "README's multi-node recipe).")] = 1,
         batch_size: Annotated[int, typer.Option(help="Cells per minibatch.")] = DEFAULTS["batch_size"],
         max_epochs: Annotated[int, typer.Option(help="Epochs.")] = DEFAULTS["max_epochs"],
         seed: Annotated[int, typer.Option(help="Seed of weights, dropout and the data order.")] = 0,
@@ -99,14 +104,14 @@ def register(app: typer.Typer) -> None:
 
         from atlasmix.errors import AtlasmixError
 
-        check_devices(devices, "LDVAE")
         held = {"auto": "auto", "yes": True, "no": False}.get(in_memory.lower())
         if held is None:
             raise AtlasmixError(f"--in-memory must be auto, yes or no, got {in_memory!r}")
         store_ = Store(store)
         axis = GeneAxis.parse(genes)
         gl = resolve_gene_axis(store_, [mixture], axis, seed=seed)
-        run = train_ldvae(store_, mixture, out, accelerator=accelerator, batch_size=batch_size,
+        run = train_ldvae(store_, mixture, out, accelerator=accelerator, devices=devices, strategy=strategy,
+                          num_nodes=num_nodes, batch_size=batch_size,
                           max_epochs=max_epochs, seed=seed, n_latent=n_latent, n_layers=n_layers, n_hidden=n_hidden,
                           dropout_rate=dropout_rate, gene_likelihood=gene_likelihood, dispersion=dispersion, lr=lr,
                           early_stopping=early_stopping, budget=budget, batch_key=None if batch_key.lower() == "none" else batch_key,
@@ -119,6 +124,8 @@ def register(app: typer.Typer) -> None:
                           in_memory_max_bytes=None if in_memory_max_gb is None else int(in_memory_max_gb * 1e9),
                           validation=validation, checkpoint_every=checkpoint_every,
                           resume=resume, progress=progress)
+        if run.get("global_rank", 0):  # a DDP rank other than 0: rank 0 reports
+            return
         typer.echo(json.dumps({k: run[k] for k in ("n_cells", "n_genes", "budget", "training", "wall_s",
                                                    "train_cells_per_s")}))
         typer.echo(f"model: {Path(out) / 'model'}  loadings: {Path(out) / 'loadings.parquet'}", err=True)

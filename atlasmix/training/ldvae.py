@@ -165,16 +165,110 @@ class StoreDataModule(LightningDataModule):
         return _ScviBatches(self.val_loader, self.batch_key, restart=True)
 
     def state_dict(self) -> dict[str, Any]:
+        """The training loader's position and the torch RNG states of every rank.
+
+        Lightning calls this on every rank when it saves a checkpoint and writes rank 0's copy, so
+        each rank's state is gathered here (``torch.distributed.all_gather_object``) into
+        ``{"ranks": [state of rank 0, state of rank 1, ...]}``; :meth:`load_state_dict` gives each
+        rank its own back.
+        """
         st = {"loader": self.train_loader.state_dict(), "torch_rng": torch.get_rng_state()}
         if torch.cuda.is_available():
             st["cuda_rng"] = torch.cuda.get_rng_state_all()
-        return st
+        return {"ranks": _all_gather_object(st)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.train_loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        """Restore this rank's :meth:`state_dict` entry.
+
+        Raises
+        ------
+        AtlasmixError
+            The checkpoint was saved by a run with another number of ranks.
+        """
+        ranks = state["ranks"] if "ranks" in state else [state]  # checkpoints written before per-rank states
+        rank, world = self.train_loader.rank, self.train_loader.world_size
+        if len(ranks) != world:
+            raise AtlasmixError(f"the checkpoint was saved by a run on {len(ranks)} device(s); this run has {world} "
+                                "(resume with the same --devices)")
+        st = ranks[rank]
+        self.train_loader.load_state_dict(st["loader"])
+        torch.set_rng_state(st["torch_rng"])
+        if "cuda_rng" in st and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
+
+
+def _distributed() -> bool:
+    """torch.distributed is initialised with more than one rank (a DDP run)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_gather_object(obj: Any) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` outside a DDP run)."""
+    if not _distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` outside a DDP run)."""
+    if not _distributed():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _launched_rank() -> int:
+    """Global rank of this process as its launcher set it before training starts: 0 for the process
+    the user started; Lightning's DDP launcher (``LOCAL_RANK``, ``NODE_RANK``) and torchrun
+    (``RANK``) start the others with their rank in the environment."""
+    import os
+
+    if os.environ.get("RANK"):
+        return int(os.environ["RANK"])
+    return int(os.environ.get("LOCAL_RANK") or 0) + int(os.environ.get("NODE_RANK") or 0)
+
+
+def ddp_strategy(devices: int, strategy: str) -> str:
+    """Lightning strategy for ``devices`` devices per node (``"auto"`` on one device).
+
+    Parameters
+    ----------
+    devices : int
+        Devices per node (Lightning's ``devices``), >= 1.
+    strategy : str
+        ``auto`` (``ddp_find_unused_parameters_true`` on several devices), ``ddp`` or
+        ``ddp_find_unused_parameters_true``. LinearSCVI holds parameters that an ``nb`` or
+        ``poisson`` likelihood never uses (the decoder's dropout head), which plain ``ddp`` refuses
+        at the first step; scvi-tools' multi-GPU guide uses the same strategy.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    AtlasmixError
+        ``devices`` < 1, or a strategy other than these. ``ddp_spawn`` / ``ddp_fork`` are refused:
+        they train in child processes and would have to pickle the store's loaders in and the model
+        out; with ``ddp`` every rank re-runs the command (Lightning's subprocess launcher, or
+        ``torchrun``), opens the store itself and reads only its shard.
+    """
+    if devices < 1:
+        raise AtlasmixError(f"--devices must be >= 1, got {devices}")
+    if strategy == "auto":
+        return "ddp_find_unused_parameters_true" if devices > 1 else "auto"
+    if strategy in ("ddp", "ddp_find_unused_parameters_true"):
+        return strategy
+    raise AtlasmixError(f"--strategy must be auto, ddp or ddp_find_unused_parameters_true, got {strategy!r}")
 
 
 def _checkpoint_callback(dirpath: Path, every: int):
@@ -225,8 +319,16 @@ class BudgetCallback(Callback):
     ----------
     rows : list of dict
         One per validation point: ``step, cells_seen, epoch, train_loss, validation_loss``.
+    cells : int
+        Training cells seen by all ranks up to the last validation point.
     stopped_early : bool
         The early-stopping rule ended the run before ``max_steps``.
+
+    Notes
+    -----
+    Under DDP, each validation point sums the cells and training losses of all ranks
+    (``all_reduce``); rank 0 computes the validation loss on the whole validation split and
+    broadcasts it, so that every rank takes the same early-stopping decision.
     """
 
     def __init__(self, budget: Budget, max_steps: int, val_every: int, n_train: int, validation=None):
@@ -234,7 +336,8 @@ class BudgetCallback(Callback):
         self.budget, self.max_steps, self.val_every, self.n_train = budget, max_steps, val_every, n_train
         self.validation = validation
         self.rows: list[dict] = []
-        self.cells = 0
+        self.cells = 0  # every rank's cells, summed at each validation point
+        self._cells_new = 0  # this rank's cells since the last point
         self._loss_sum, self._loss_n = 0.0, 0
         self.best, self.bad, self.stopped_early = float("inf"), 0, False
 
@@ -254,14 +357,29 @@ class BudgetCallback(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         n = int(batch["X"].shape[0])
-        self.cells += n
+        self._cells_new += n
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self._loss_sum += float(loss) * n
         self._loss_n += n
         step = int(trainer.global_step)
         if step % self.val_every and step < self.max_steps:
             return
-        val = self.validation_loss(pl_module) if self.validation is not None else float("nan")
+        if _distributed():  # cells and training loss of every rank (each rank trains on its own shard)
+            import torch.distributed as dist
+
+            t = torch.tensor([self._cells_new, self._loss_sum, self._loss_n], dtype=torch.float64,
+                             device=pl_module.device)
+            dist.all_reduce(t)
+            self._cells_new, self._loss_sum, self._loss_n = int(t[0]), float(t[1]), int(t[2])
+            # rank 0 validates the whole split and tells the others, so every rank takes the same
+            # early-stopping decision (its weights are every rank's: DDP keeps them equal)
+            val = self.validation_loss(pl_module) if self.validation is not None and trainer.global_rank == 0 \
+                else float("nan")
+            val = float(_broadcast_object(val))
+        else:
+            val = self.validation_loss(pl_module) if self.validation is not None else float("nan")
+        self.cells += self._cells_new
+        self._cells_new = 0
         self.rows.append({"step": step, "cells_seen": self.cells, "epoch": round(self.cells / self.n_train, 4),
                           "train_loss": self._loss_sum / max(self._loss_n, 1), "validation_loss": val})
         self._loss_sum, self._loss_n = 0.0, 0
@@ -275,13 +393,23 @@ class BudgetCallback(Callback):
                     trainer.should_stop = True
 
     def state_dict(self) -> dict[str, Any]:
+        # the counts since the last point are this rank's own: gathered from every rank (Lightning
+        # writes rank 0's checkpoint), each rank gets its own back on resume
+        local = _all_gather_object({"loss": (self._loss_sum, self._loss_n), "cells_new": self._cells_new})
         return {"rows": self.rows, "cells": self.cells, "best": self.best, "bad": self.bad,
-                "stopped_early": self.stopped_early, "loss": (self._loss_sum, self._loss_n)}
+                "stopped_early": self.stopped_early, "ranks": local}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows, self.cells = list(state["rows"]), int(state["cells"])
+        if "ranks" in state:
+            import torch.distributed as dist
+
+            own = state["ranks"][dist.get_rank() if _distributed() else 0]
+        else:  # checkpoints written before per-rank states
+            own = {"loss": state["loss"], "cells_new": 0}
+        self._loss_sum, self._loss_n = own["loss"]
+        self._cells_new = int(own["cells_new"])
         self.best, self.bad, self.stopped_early = state["best"], state["bad"], state["stopped_early"]
-        self._loss_sum, self._loss_n = state["loss"]
 
 
 def library_priors(loader: MixtureLoader, batch_key: str | None, max_cells: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -384,7 +512,8 @@ def _plot_curve(df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: str = "auto",
+def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: str = "auto", devices: int = 1,
+                strategy: str = "auto", num_nodes: int = 1,
                 batch_size: int = DEFAULTS["batch_size"], max_epochs: int = DEFAULTS["max_epochs"], seed: int = 0,
                 n_latent: int = DEFAULTS["n_latent"], n_layers: int = DEFAULTS["n_layers"],
                 n_hidden: int = DEFAULTS["n_hidden"], dropout_rate: float = DEFAULTS["dropout_rate"],
@@ -408,6 +537,15 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
         Output directory (see module doc). Must be empty unless ``resume``.
     accelerator : str
         Lightning accelerator: ``auto`` (CUDA when present), ``cpu``, ``gpu``.
+    devices, strategy, num_nodes : int, str, int
+        Data-parallel training (Lightning DDP, :func:`ddp_strategy`) on ``devices`` devices per node
+        and ``num_nodes`` nodes. Every rank runs this function (Lightning's launcher re-runs the
+        command for ranks 1.. of a node; under ``torchrun`` each rank is started by it), reads only
+        its shard of the training split (:meth:`MixtureLoader.with_shard`: whole blocks, equal batch
+        counts, up to one block per rank dropped per epoch and served in another), and rank 0 writes
+        the outputs. ``batch_size`` is per rank (the global minibatch is ``batch_size x ranks``) and
+        the budget counts every rank's cells. Checkpoints hold every rank's loader position and RNG
+        state; resume with the same number of ranks.
     batch_size, max_epochs, seed, n_latent, n_layers, n_hidden, dropout_rate, gene_likelihood,
     dispersion, lr, early_stopping
         LinearSCVI / training settings; defaults are scFM-datamix's (:data:`DEFAULTS`).
@@ -492,7 +630,13 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
         if not epochs:
             raise AtlasmixError(f"nothing to resume: {last} does not exist")
         last = epochs[-1]
-    if not resume and out.exists() and any(out.iterdir()):
+    strat = ddp_strategy(devices, strategy)
+    if num_nodes < 1:
+        raise AtlasmixError(f"--num-nodes must be >= 1, got {num_nodes}")
+    world = devices * num_nodes
+    rank0 = _launched_rank() == 0  # ranks 1.. are started by a launcher while rank 0 already trains
+    progress = progress and rank0
+    if not resume and rank0 and out.exists() and any(out.iterdir()):
         raise AtlasmixError(f"{out} is not empty (pass --resume to continue a run there)")
     out.mkdir(parents=True, exist_ok=True)
     if gene_likelihood not in ("nb", "zinb", "poisson"):
@@ -514,8 +658,10 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     train = MixtureLoader(store, manifest, "train", seed=seed, **common, **train_opts)
     val = None
     if validation and side.get("counts", {}).get("validation", 0):
+        # under DDP only rank 0 validates (BudgetCallback): the other ranks never read this split
         val = MixtureLoader(store, manifest, "validation", shuffle=False, var_joinids=train.var_joinids,
-                            categories=train.categories, **on_train_axis, **held)
+                            categories=train.categories, **on_train_axis,
+                            **(held if rank0 or world == 1 else {**held, "in_memory": False}))
     x_cache_meta = {}
     if x_cache is not None:  # built now rather than inside the first epoch
         for name, L in (("train", train), ("validation", val)):
@@ -564,12 +710,16 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                         kl_warmup_fraction=None)
     elif isinstance(budget, str):
         budget = Budget.parse(budget)
-    if train.n_obs > batch_size and 0 < train.shard_size % batch_size < 3:
-        train.drop_last = True
-    bpe = len(train)
+    # under DDP the budget counts in each rank's steps: one step consumes batch_size cells on every rank
+    shard = train.with_shard(0, world) if world > 1 else train
+    if train.n_obs > batch_size and 0 < shard.shard_size % batch_size < 3:
+        train.drop_last = shard.drop_last = True
+    bpe = len(shard)
     if bpe == 0:
-        raise AtlasmixError(f"the training split has {train.n_obs} cells: no minibatch of {batch_size}")
-    max_steps = budget.max_steps(train.n_obs, batch_size, bpe)
+        raise AtlasmixError(f"the training split has {train.n_obs} cells: no minibatch of {batch_size}"
+                            + (f" on each of {world} ranks ({shard.shard_size} cells per rank)" if world > 1 else ""))
+    epoch_cells = shard.shard_size * world  # cells served per epoch, all ranks (DDP drops whole blocks)
+    max_steps = budget.max_steps(epoch_cells, batch_size * world, bpe)
     val_every = budget.val_every(max_steps)
     kl_steps = budget.kl_warmup_steps(max_steps)
     plan_kwargs = {"lr": lr}
@@ -578,7 +728,7 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     kl_desc = (f"{kl_steps} steps" if kl_steps else "none") if "n_steps_kl_warmup" in plan_kwargs \
         else "scvi-tools default (400 epochs)"
     val_view = _ScviBatches(val, batch_key, restart=True) if val is not None else None
-    tracker = BudgetCallback(budget, max_steps, val_every, train.n_obs, val_view)
+    tracker = BudgetCallback(budget, max_steps, val_every, epoch_cells, val_view)
     dm = StoreDataModule(train, None, batch_key)
     dm.extra_loaders = [val] if val is not None else []
     ckpt = [_checkpoint_callback(ckdir, checkpoint_every)] if checkpoint_every > 0 else []
@@ -586,14 +736,17 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     t0 = time.perf_counter()
     # max_steps ends the run; max_epochs is only an upper bound (a resumed run whose checkpoint ended an
     # epoch at max_steps restarts one epoch later, so an exact epoch limit would stop it at once)
+    ddp = {"strategy": strat, "num_nodes": num_nodes} if world > 1 else {}
     model.train(max_epochs=max_steps, max_steps=max_steps, datamodule=dm, accelerator=accelerator,
-                devices=1, early_stopping=False, plan_kwargs=plan_kwargs, callbacks=callbacks,
+                devices=devices, early_stopping=False, plan_kwargs=plan_kwargs, callbacks=callbacks,
                 enable_checkpointing=bool(ckpt), enable_progress_bar=progress,
-                ckpt_path=str(last) if resume else None)
+                ckpt_path=str(last) if resume else None, **ddp)
     wall = time.perf_counter() - t0
     steps = int(model.trainer.global_step) if getattr(model, "trainer", None) is not None else None
 
     train.close()  # read processes, if any
+    if world > 1 and model.trainer.global_rank != 0:  # rank 0 writes the outputs
+        return {"global_rank": int(model.trainer.global_rank), "world_size": world}
     model.save(str(out / "model"), save_anndata=True, overwrite=True)
     load = model.get_loadings()
     load.insert(0, "feature_name", adata.var["feature_name"].to_numpy())
@@ -617,11 +770,13 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                     "early_stopping": early_stopping, "batch_key": batch_key, "accelerator": accelerator,
                     "io_batch_size": train.io_batch_size, "io_batch_bytes": io_batch_bytes, "block_size": block_size, "checkpoint_every": checkpoint_every,
                     "read_processes": read_processes, "x_cache": str(x_cache) if x_cache is not None else None,
-                    "in_memory": train.in_memory, "in_memory_max_bytes": in_memory_max_bytes},
+                    "in_memory": train.in_memory, "in_memory_max_bytes": in_memory_max_bytes,
+                    "devices": devices, "num_nodes": num_nodes, "strategy": strat},
         "budget": {**budget.model_dump(mode="json"), "label": budget.label, "max_steps": max_steps,
                    "val_every_steps": val_every, "kl_warmup": kl_desc, "batches_per_epoch": bpe,
-                   "drop_last": bool(train.drop_last)},
-        "training": {"steps": steps, "cells_seen": int(tracker.cells), "epochs": round(tracker.cells / train.n_obs, 4),
+                   "drop_last": bool(train.drop_last), "ranks": world, "cells_per_rank_per_epoch": shard.shard_size,
+                   "cells_per_epoch": epoch_cells},
+        "training": {"steps": steps, "cells_seen": int(tracker.cells), "epochs": round(tracker.cells / epoch_cells, 4),
                      "final_train_loss": last_row.get("train_loss"), "final_validation_loss":
                          (None if not np.isfinite(last_row.get("validation_loss", np.nan)) else last_row["validation_loss"]),
                      "stopped_early": bool(tracker.stopped_early), "convergence": conv},
@@ -641,7 +796,24 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
         "train_cells_per_s": round(tracker.cells / wall, 1) if wall > 0 else None,
     }
     (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
+    _wait_for_ranks(model.trainer)
     return run
+
+
+def _wait_for_ranks(trainer) -> None:
+    """Wait for the rank processes Lightning's DDP launcher started from this one (ranks 1.. of this
+    node) to end, so that the command returns when the whole run has.
+
+    Raises
+    ------
+    AtlasmixError
+        A rank ended with a non-zero exit status.
+    """
+    launcher = getattr(trainer.strategy, "launcher", None)
+    for i, proc in enumerate(getattr(launcher, "procs", None) or [], start=1):
+        rc = proc.wait()
+        if rc != 0:
+            raise AtlasmixError(f"local rank {i} ended with exit status {rc}")
 
 
 def latent_representation(model, loader: MixtureLoader, batch_key: str | None = "dataset_id") -> pd.DataFrame:
