@@ -292,3 +292,57 @@ def test_geneformer_killed_mid_epoch_resumes_to_the_uninterrupted_weights(panels
     b = BertForMaskedLM.from_pretrained(out / "model").state_dict()
     for k in a:
         assert np.array_equal(a[k].numpy(), b[k].numpy()), k
+
+
+@pytest.mark.slow
+def test_geneformer_torchrun_two_ranks_killed_resumes_to_the_uninterrupted_weights(panels, tmp_path):
+    """``torchrun --nproc_per_node 2`` (gloo, CPU): the gene medians the ranks compute together equal
+    the single-process medians, and a 2-rank run killed after a checkpoint (both processes) and
+    resumed on 2 ranks ends with the weights of an uninterrupted 2-rank run."""
+    from transformers import BertForMaskedLM
+
+    from atlasmix.training.geneformer.dictionaries import load_dictionaries
+    from atlasmix.training.geneformer.medians import gene_medians, species_genes
+
+    store, paths = panels
+    args = ["train", "geneformer", "--store", store.uri, "--mixture", paths["blood"], "--max-steps", "12",
+            "--checkpoint-every", "4", "--log-every", "2", "--seed", "5", *GF_TINY]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+
+    def torchrun(out, *extra) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", "-m", "atlasmix.cli", *map(str, args), "--out", str(out),
+                                 *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)  # its own process group: killed as a whole below
+
+    p = torchrun(tmp_path / "full")
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    run = json.loads((tmp_path / "full" / "run.json").read_text())
+    assert run["options"]["world_size"] == 2 and run["steps"] == 12
+    assert run["medians"]["ranks"] == 2 and run["medians"]["passes"] == 2
+
+    # medians: computed once by both ranks (each a contiguous half of the cells) = one process's
+    d = load_dictionaries(tmp_path / "full" / "dictionaries")
+    med = gene_medians(store, paths["blood"], "train", species_genes(store, "human"))
+    med = med[med["n_nonzero"] > 0]
+    assert len(med) > 100 and d.median == dict(zip(med["feature_id"], med["median"]))
+
+    out = tmp_path / "killed"
+    p = torchrun(out)
+    t0 = time.time()
+    while not (out / "checkpoints" / "last.pt").is_file():
+        assert p.poll() is None, f"run ended before it could be killed: {p.communicate()[1][-2000:]}"
+        assert time.time() - t0 < 300
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)  # torchrun and both ranks
+    p.wait()
+    assert not (out / "model" / "config.json").exists()
+    p = torchrun(out, "--resume")
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    a = BertForMaskedLM.from_pretrained(tmp_path / "full" / "model").state_dict()
+    b = BertForMaskedLM.from_pretrained(out / "model").state_dict()
+    for k in a:
+        assert np.array_equal(a[k].numpy(), b[k].numpy()), k
+    assert json.loads((out / "run.json").read_text())["resumed"] is True

@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from atlasmix.training.geneformer.dictionaries import (build_dictionaries, load_dictionaries, load_name_id_dict,
                                                        write_dictionaries)
@@ -291,10 +293,14 @@ def test_medians_exact_against_direct_computation(mix, tmp_path):
         if len(v):
             direct[j] = np.median(v / tc[r] * 1e4)
     assert np.isfinite(direct).sum() > 100
-    for bpo in (1, 8):  # coarse bins put many values into the median bins; the result is the same
-        med = gene_medians(store, path, "train", vj, chunk_size=128, bins_per_octave=bpo)
+    for bpo, max_values in ((1, None), (8, None), (8, 100)):
+        # coarse bins put many values into the median bins, a small bound on the kept values costs
+        # refinement passes; the result is the same
+        kw = {} if max_values is None else {"max_values": max_values}
+        med = gene_medians(store, path, "train", vj, chunk_size=128, bins_per_octave=bpo, **kw)
         np.testing.assert_array_equal(med["median"].to_numpy(), direct)
         assert (med["n_nonzero"].to_numpy() == np.diff(X.indptr)).all()
+        assert (med.attrs["passes"] > 2) == (max_values is not None)
 
     # CLI: dictionaries in Geneformer's format
     r = run_cli("geneformer", "medians", "--store", store.uri, "--mixture", path, "--out", tmp_path / "d",
@@ -444,3 +450,23 @@ def test_resume_matches_uninterrupted_run(mix, tmp_path):
     assert list(cb["step"]) == [3, 6, 7, 9, 12]
     np.testing.assert_allclose(ca.set_index("step").loc[[3, 6, 12], "loss"], cb.set_index("step").loc[[3, 6, 12], "loss"],
                                rtol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.one_of(
+    st.floats(1e-12, 1e12, allow_nan=False),  # any magnitude, into and beyond the histogram's end bins
+    st.sampled_from([0.5, 1.0, 1.0 + 2**-50, 3.0, 7.5]))),  # ties and neighbours one ulp apart
+    max_size=300), st.integers(0, 40), st.sampled_from([1, 8]), st.integers(2, 64), st.integers(1, 50))
+def test_exact_nonzero_medians_equal_numpy_median(pairs, max_values, bpo, sub_bins, chunk):
+    """Whatever the number of refinement passes the memory bound forces, the streamed medians are
+    numpy's medians exactly."""
+    from atlasmix.training.geneformer.medians import exact_nonzero_medians
+
+    c = np.array([g for g, _ in pairs], dtype=np.int64)
+    v = np.array([x for _, x in pairs], dtype=np.float64)
+    chunks = [(c[i:i + chunk], v[i:i + chunk]) for i in range(0, len(c), chunk)]
+    med, n, passes = exact_nonzero_medians(lambda: iter(chunks), 6, bins_per_octave=bpo, max_values=max_values,
+                                           sub_bins=sub_bins)
+    want = np.array([np.median(v[c == g]) if (c == g).any() else np.nan for g in range(6)])
+    np.testing.assert_array_equal(med, want)
+    assert (n == np.bincount(c, minlength=6)).all() and passes >= 2

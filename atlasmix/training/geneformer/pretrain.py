@@ -265,8 +265,13 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
     Notes
     -----
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised here (NCCL on CUDA,
-    gloo on CPU), each rank trains on its interleaved shard of every epoch (equal batch counts) with
-    DistributedDataParallel, and rank 0 writes the outputs. Checked with 2 gloo ranks on CPU.
+    gloo on CPU), the gene medians are computed once by all ranks together (each streams a
+    contiguous part of the cells; :func:`atlasmix.training.geneformer.medians.gene_medians`), each
+    rank trains on its shard of whole blocks of every epoch (equal batch counts) with
+    DistributedDataParallel, every checkpoint holds each rank's stream position and RNG states (a
+    resume needs the same number of ranks), and rank 0 writes the outputs. Tested with
+    ``torchrun --nproc_per_node 2`` (gloo, CPU): stopped and resumed, the weights equal an
+    uninterrupted run's.
     """
     from transformers import BertForMaskedLM, get_linear_schedule_with_warmup
 
@@ -296,6 +301,7 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if dist else 0
+    world = torch.distributed.get_world_size() if dist else 1
     if dist and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     dev = _device(device)
@@ -305,6 +311,7 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
 
     # dictionaries: given, or exact medians of the train split
     ddir = out / "dictionaries"
+    medians_meta: dict[str, Any] = {}
     if resume and (ddir / "token_dictionary.pkl").is_file():
         dicts = load_dictionaries(ddir)
     elif dictionaries is not None:
@@ -320,6 +327,7 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
             if len(genes) == 0:
                 raise AtlasmixError("no human gene on the --genes axis")
         med = gene_medians(store, manifest, "train", genes)
+        medians_meta = {"passes": int(med.attrs["passes"]), "ranks": world, "genes": int((med["n_nonzero"] > 0).sum())}
         med = med[med["n_nonzero"] > 0]
         dicts = build_dictionaries(dict(zip(med["feature_id"], med["median"])), special_tokens=special)
         if rank == 0:
@@ -351,11 +359,17 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
-        stream.load_state_dict(st["stream"])
+        # each rank its own stream position and RNG states (one entry per rank, see save_checkpoint)
+        mine = st["ranks"] if "ranks" in st else [{k: st[k] for k in ("stream", "torch_rng", "cuda_rng") if k in st}]
+        if len(mine) != world:
+            raise AtlasmixError(f"the checkpoint was saved by {len(mine)} rank(s); this run has {world} "
+                                "(resume with the same torchrun --nproc_per_node / --nnodes)")
+        mine = mine[rank]
+        stream.load_state_dict(mine["stream"])
         step, epoch = int(st["step"]), int(st["epoch"])
-        torch.set_rng_state(st["torch_rng"])
-        if "cuda_rng" in st and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        torch.set_rng_state(mine["torch_rng"])
+        if "cuda_rng" in mine and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["cuda_rng"])
         if (out / "training_curve.csv").is_file():
             old = pd.read_csv(out / "training_curve.csv")
             rows = old[old["step"] <= step].to_dict("records")
@@ -366,13 +380,20 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
     special_ids = dicts.special_ids
 
     def save_checkpoint() -> None:
+        # every rank reaches this at the same step (equal batch counts): its stream position and RNG
+        # states are gathered so that rank 0's checkpoint resumes every rank
+        own = {"stream": stream.state_dict(), "torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            own["cuda_rng"] = torch.cuda.get_rng_state_all()
+        ranks = [own]
+        if dist:
+            ranks = [None] * world
+            torch.distributed.all_gather_object(ranks, own)
         if rank != 0:
             return
         ck.parent.mkdir(parents=True, exist_ok=True)
         st = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-              "stream": stream.state_dict(), "step": step, "epoch": epoch, "torch_rng": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            st["cuda_rng"] = torch.cuda.get_rng_state_all()
+              "ranks": ranks, "step": step, "epoch": epoch}
         tmp = ck.with_suffix(".tmp")
         torch.save(st, tmp)
         tmp.replace(ck)
@@ -401,7 +422,9 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
             acc_wait += dt
             ids = b["input_ids"].to(dev, non_blocking=True)
             att = b["attention_mask"].to(dev, non_blocking=True)
-            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + step)
+            # masking draws: a function of (seed, step, rank), so ranks mask independently and a
+            # resumed run masks as the uninterrupted one
+            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + step + (rank << 40))
             mids, labels = mask_tokens(ids, att, dicts.mask_id, special_ids, cfg.vocab_size, mlm_probability, g)
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = net(mids, att, labels)
@@ -473,6 +496,7 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
             "store": store.identity(),
             "n_cells": {"train": loader.n_obs},
             "vocabulary": {"n_tokens": dicts.vocab_size(), "n_genes_in_store": int(len(axis["var_joinids"]))},
+            "medians": medians_meta,  # computed this call: passes over X and ranks that shared them
             "resumed": bool(resume),
             "steps": step,
             "steps_per_epoch": per_epoch,
