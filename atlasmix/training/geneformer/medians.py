@@ -185,19 +185,17 @@ def exact_nonzero_medians(passes, n_genes: int, *, bins_per_octave: int = 8, lo_
             if progress:
                 progress(k, i)
 
-    hist = np.zeros(G * nb, dtype=np.int64)
+    counts = np.zeros(G * nb, dtype=np.int64)
     vmax = np.zeros(G)
 
     def first(c, v):
-        hist[:] += np.bincount(c * nb + _bins(v, lo, bpo, nb), minlength=G * nb)
+        counts[:] += np.bincount(c * nb + _bins(v, lo, bpo, nb), minlength=G * nb)
         np.maximum.at(vmax, c, v)
 
     scan(1, first)
-    hist = col.sum(hist).reshape(G, nb)
+    cum = np.cumsum(col.sum(counts).reshape(G, nb), axis=1)
     vmax = col.max(vmax)
-    cum = np.cumsum(hist, axis=1)
     n = cum[:, -1].copy()
-    del hist
     has = n > 0
     genes = np.arange(G)
     # the two targets of each gene (ranks (n-1)//2 and n//2), as rows 0 and 1 of (2, G) arrays
