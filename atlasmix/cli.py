@@ -168,6 +168,11 @@ def ingest_cmd(
     plan: Annotated[Optional[Path], typer.Option(help="TOML plan with [[dataset]] entries")] = None,
     chunk_size: Annotated[int, typer.Option(help="Cells per chunk")] = 8192,
     parallel: Annotated[bool, typer.Option(help="Parallel prepare/write of plan datasets (dask threads)")] = True,
+    scheduler: Annotated[Optional[str], typer.Option(help="dask.distributed scheduler address (tcp://host:8786): "
+                                                          "validate and write the datasets in its workers; sources "
+                                                          "and store must be reachable from them")] = None,
+    workers: Annotated[int, typer.Option(help="Start a local dask.distributed cluster of this many worker "
+                                              "processes for the ingest (0: none)")] = 0,
 ):
     """Append datasets to a store: validated, QC-flagged, crash-safe."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -201,8 +206,11 @@ def ingest_cmd(
                 tasks[key] = prog.add_task(f"{phase:9s} {ds}", total=total)
             prog.update(tasks[key], completed=done)
 
-        reports = ingest(store, reqs, chunk_size=chunk_size, parallel=parallel,
-                         progress=progress, on_wait=lambda: console.print("waiting for the store's write lock..."))
+        from atlasmix.cluster import dask_client
+
+        with dask_client(scheduler, workers) as client:
+            reports = ingest(store, reqs, chunk_size=chunk_size, parallel=parallel, progress=progress,
+                             on_wait=lambda: console.print("waiting for the store's write lock..."), client=client)
     for r in reports:
         gm = r["gene_mapping"]
         console.print(f"ingested {r['dataset_id']}: {r['n_cells']:,} cells, genes mapped {gm['n_mapped']}/"

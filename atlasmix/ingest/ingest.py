@@ -112,6 +112,7 @@ class Prepared:
     table_genes: pd.DataFrame
     report: dict = field(default_factory=dict)
     fingerprints: np.ndarray | None = None  # int64 per cell (atlasmix.store.fingerprint)
+    source_format: str = ""  # the reader's format (the reader itself does not travel to dask workers)
 
 
 def _select_rows(src_obs: pd.DataFrame, obs_filter: str | None) -> np.ndarray:
@@ -205,6 +206,13 @@ def _build_obs(req: DatasetRequest, src_obs: pd.DataFrame, organism_label: str) 
     return obs, extra
 
 
+def _open_source(req: DatasetRequest, context=None) -> Reader:
+    fmt = req.format or detect_format(req.source)
+    # SOMA sources get the filter pushed down as a tiledbsoma value_filter; files filter with duckdb
+    return open_reader(req.source, fmt, req.layer, value_filter=req.obs_filter if fmt == "soma" else None,
+                       context=context, genome=req.genome)
+
+
 def prepare(req: DatasetRequest, chunk_size: int = 8192, context=None) -> Prepared:
     """Validate one dataset and compute its obs/QC without writing anything.
 
@@ -220,10 +228,7 @@ def prepare(req: DatasetRequest, chunk_size: int = 8192, context=None) -> Prepar
     org = normalize_organism(req.organism)
     organism_label = ORGANISMS.get(org, req.organism)
     table = gene_table(org, req.gene_table)
-    fmt = req.format or detect_format(req.source)
-    # SOMA sources get the filter pushed down as a tiledbsoma value_filter; files filter with duckdb
-    reader = open_reader(req.source, fmt, req.layer, value_filter=req.obs_filter if fmt == "soma" else None,
-                         context=context, genome=req.genome)
+    reader = _open_source(req, context)
     try:
         src_obs = reader.obs()
         if req.obs_table:
@@ -315,7 +320,7 @@ def prepare(req: DatasetRequest, chunk_size: int = 8192, context=None) -> Prepar
         report = {"dataset_id": req.dataset_id, "n_cells": n, "gene_mapping": mapping.report,
                   "qc_pass_fraction": float(obs["qc_pass"].mean())}
         return Prepared(req, reader, rows, obs, extra, mapping, organism_label, sha, prov, table.genes, report,
-                        fingerprints=fps)
+                        fingerprints=fps, source_format=reader.format)
     except BaseException:
         reader.close()
         raise
@@ -339,7 +344,7 @@ def _catalog_row(p: Prepared, ds_jid: int, start: int, status: str) -> dict:
         "citation": req.citation or str(p.provenance.get("study", "")),
         "provenance": provenance_json(p.provenance | {"request": req.model_dump(exclude={"qc"})}),
         "source_path": str(Path(req.source).resolve()) if "://" not in req.source else req.source,
-        "source_format": p.reader.format, "source_sha256": p.sha256, "organism": p.organism_label,
+        "source_format": p.source_format, "source_sha256": p.sha256, "organism": p.organism_label,
         "n_cells": len(p.rows), "n_genes_measured": len(p.mapping.target_ids),
         "obs_joinid_start": start, "obs_joinid_end": start + len(p.rows),
         "ingest_time": pd.Timestamp.now(tz="UTC").isoformat(), "atlasmix_version": __version__,
@@ -472,8 +477,60 @@ def _run_parallel(fns: list[Callable], parallel: bool) -> list:
     return list(dask.compute(*[dask.delayed(f)() for f in fns], scheduler="threads"))
 
 
+# ---------------------------------------------------------------------- dask.distributed workers
+def _prepare_task(req: DatasetRequest, chunk_size: int, store_uri: str) -> Prepared:
+    """Worker side of a distributed ingest: :func:`prepare` in the worker process; the reader is
+    closed and dropped (the writer reopens the source), the rest travels back to the client."""
+    store = Store(store_uri)
+    p = prepare(req, chunk_size, context=store.context)
+    p.reader.close()
+    p.reader = None
+    return p
+
+
+def _write_X_task(store_uri: str, p: Prepared, ds_jid: int, start: int, var_jid_of: dict[str, int],
+                  chunk_size: int) -> pa.Table | None:
+    """Worker side of a distributed ingest: one dataset's X (TileDB fragments of its own joinid
+    range, and its x layout group), read again from its source. Idempotent, so dask may rerun it
+    on another worker after a worker died: X does not allow duplicate coordinates (a second write
+    of a cell supersedes the first) and the layout group is rewritten from scratch."""
+    store = Store(store_uri)
+    p.reader = _open_source(p.req, store.context)
+    try:
+        return _write_X(store, p, ds_jid, start, var_jid_of, chunk_size, None)
+    finally:
+        p.reader.close()
+        p.reader = None
+
+
+def _on_workers(client, fn, args: list[tuple], progress: Callable | None = None, phase: str = "",
+                names: list[str] | None = None) -> list:
+    """Run ``fn(*a)`` for every ``a`` on the dask.distributed workers of ``client``; results in order.
+    The first failure cancels the rest and is raised (a worker's IngestError travels back as such)."""
+    from distributed import KilledWorker, as_completed
+
+    futs = [client.submit(fn, *a, pure=False) for a in args]
+    index = {f.key: i for i, f in enumerate(futs)}
+    try:
+        for f in as_completed(futs):
+            if f.status == "error":
+                try:
+                    f.result()  # raises the worker's exception
+                except KilledWorker:
+                    what = names[index[f.key]] if names else f.key
+                    raise IngestError(f"dask workers died running {fn.__name__.strip('_')} of {what!r} (dask's "
+                                      "allowed-failures retries spent); nothing was committed: rerun the ingest") from None
+            if progress and names:
+                progress(names[index[f.key]], phase, 1, 1)
+        return client.gather(futs)
+    except BaseException:
+        client.cancel(futs)
+        raise
+
+
 def ingest(store_uri: str | Store, requests: list[DatasetRequest], chunk_size: int = 8192,
-           parallel: bool = True, progress: Callable | None = None, on_wait: Callable | None = None) -> list[dict]:
+           parallel: bool = True, progress: Callable | None = None, on_wait: Callable | None = None,
+           client=None) -> list[dict]:
     """Ingest one or more datasets into a store; all of them become visible together.
 
     Parameters
@@ -488,6 +545,13 @@ def ingest(store_uri: str | Store, requests: list[DatasetRequest], chunk_size: i
         Prepare and write several datasets concurrently (dask threads; TileDB releases the GIL).
     progress : callable, optional
         ``progress(dataset_id, phase, done, total)``.
+    client : distributed.Client, optional
+        Run validation, QC, gene mapping, fingerprints and X writes in the worker processes of a
+        dask.distributed cluster (one task per dataset and phase; the sources and the store must be
+        reachable from the workers at the same paths or URIs). The catalog, var, presence and obs
+        writes and the commit stay in this process, under the store's write lock, so crash safety
+        is that of a serial ingest; a write task lost with its worker is rerun by dask (see
+        :func:`_write_X_task`).
 
     Returns
     -------
@@ -520,7 +584,11 @@ def ingest(store_uri: str | Store, requests: list[DatasetRequest], chunk_size: i
 
     prepared: list[Prepared] = []
     try:
-        prepared = _run_parallel([lambda r=r: prep(r) for r in requests], parallel)
+        if client is not None:
+            prepared = _on_workers(client, _prepare_task, [(r, chunk_size, store.uri) for r in requests], progress,
+                                   "validated", [r.dataset_id for r in requests])
+        else:
+            prepared = _run_parallel([lambda r=r: prep(r) for r in requests], parallel)
         # copies of stored cells: checked before the lock (a refusal leaves every file as it was), and
         # again under it if another ingest completed datasets in between
         cat = store.catalog()
@@ -574,8 +642,18 @@ def ingest(store_uri: str | Store, requests: list[DatasetRequest], chunk_size: i
                     df.write(t, platform_config=S.WRITE_LAST)
             store.write_catalog_rows([_catalog_row(p, j, s, S.STATUS_INGESTING) for p, j, s in plan])
             _checkpoint("after_catalog")
-            last = _run_parallel([lambda a=a: _write_X(store, a[0], a[1], a[2], var_jid_of, chunk_size, progress)
-                                  for a in plan], parallel)
+            if client is not None:
+                import dataclasses
+
+                # the writers need the request, rows and gene mapping, not the obs or fingerprints
+                slim = [dataclasses.replace(p, obs=None, extra=None, fingerprints=None, table_genes=None)
+                        for p, _, _ in plan]
+                last = _on_workers(client, _write_X_task,
+                                   [(store.uri, q, j, s, var_jid_of, chunk_size) for q, (_, j, s) in zip(slim, plan)],
+                                   progress, "written", [p.req.dataset_id for p, _, _ in plan])
+            else:
+                last = _run_parallel([lambda a=a: _write_X(store, a[0], a[1], a[2], var_jid_of, chunk_size,
+                                                           progress) for a in plan], parallel)
             last = [t for t in last if t is not None]
             with soma.SparseNDArray.open(f"{store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}", "w",
                                          context=store.context) as X:
@@ -593,4 +671,5 @@ def ingest(store_uri: str | Store, requests: list[DatasetRequest], chunk_size: i
         return [p.report | {"obs_joinid_range": [s, s + len(p.rows)]} for p, j, s in plan]
     finally:
         for p in prepared:
-            p.reader.close()
+            if p.reader is not None:
+                p.reader.close()
