@@ -14,9 +14,23 @@ from atlasmix.errors import AtlasmixError
 
 
 @contextlib.contextmanager
-def dask_client(scheduler: str | None, workers: int, threads_per_worker: int = 1) -> Iterator:
-    """A dask.distributed ``Client`` for ``--scheduler ADDRESS`` or ``--workers N`` (a ``LocalCluster`` of
-    N single-threaded worker processes, closed on exit); None when neither is given.
+def dask_client(scheduler: str | None, workers: int, threads_per_worker: int = 1, devices: int = 0) -> Iterator:
+    """A dask.distributed ``Client`` for ``--scheduler ADDRESS`` or ``--workers N`` (a local cluster of N
+    worker processes, closed on exit); None when neither is given.
+
+    Parameters
+    ----------
+    scheduler : str or None
+        Address of a running scheduler (``tcp://host:8786``).
+    workers : int
+        Local worker processes to start (0: none).
+    threads_per_worker : int
+        Threads of each local worker (dask's ``nthreads``; tasks size their torch threads by it).
+    devices : int
+        GPUs to deal to the local workers, one each in turn: worker ``i`` starts with
+        ``CUDA_VISIBLE_DEVICES=i % devices`` (as ``dask-cuda`` does), so every task of a worker
+        trains on its own device. 0: leave the variable alone. A ``--scheduler`` cluster's
+        workers are configured where they are started.
 
     Raises
     ------
@@ -41,8 +55,17 @@ def dask_client(scheduler: str | None, workers: int, threads_per_worker: int = 1
         with client:
             yield client
         return
-    with LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    if devices > 0:
+        from distributed import Nanny, Scheduler, SpecCluster
+
+        spec = {i: {"cls": Nanny, "options": {"nthreads": threads_per_worker,
+                                              "env": {"CUDA_VISIBLE_DEVICES": str(i % devices)}}}
+                for i in range(workers)}
+        cluster = SpecCluster(workers=spec, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
+                               dashboard_address=None)
+    with cluster, Client(cluster) as client:
         yield client
 
 

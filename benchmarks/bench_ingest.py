@@ -58,6 +58,103 @@ def _inner(method: str, h5ad: str, out: str) -> None:
     print(json.dumps({"seconds": secs, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 
+def _inner_workers(workers: int, plan: str, out: str) -> None:
+    """One plan ingest: in-process threads (``workers`` = 0) or a LocalCluster of ``workers`` worker
+    processes (one thread each); prints seconds, per-task durations and peak RSS per process."""
+    import resource
+
+    from atlasmix.ingest import QCPolicy, ingest, read_plan
+    from atlasmix.store import Store
+
+    store = Store.create(out)
+    reqs = read_plan(Path(plan), {"qc": QCPolicy()})
+    res: dict = {}
+    if workers == 0:
+        t0 = time.perf_counter()
+        ingest(store, reqs)
+        res["seconds"] = time.perf_counter() - t0
+        res["worker_peak_rss_gib"] = []
+    else:
+        from distributed import Client, LocalCluster, get_task_stream
+
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as c, \
+                Client(c) as client:
+            with get_task_stream(client) as ts:
+                t0 = time.perf_counter()
+                ingest(store, reqs, client=client)
+                res["seconds"] = time.perf_counter() - t0
+            tasks = []
+            for t in ts.data:
+                start = min(x["start"] for x in t["startstops"] if x["action"] == "compute")
+                stop = max(x["stop"] for x in t["startstops"] if x["action"] == "compute")
+                key = t["key"][0] if isinstance(t["key"], tuple) else str(t["key"])
+                tasks.append({"name": key.split("-")[0].strip("_"), "start": start, "stop": stop})
+            res["tasks"] = tasks
+            rss = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+            res["worker_peak_rss_gib"] = sorted(rss.values())
+    res["client_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(res))
+
+
+def _makespan(durations: list[float], n: int) -> float:
+    """Longest-processing-time-first schedule of ``durations`` on ``n`` workers: its finish time."""
+    load = [0.0] * n
+    for d in sorted(durations, reverse=True):
+        load[load.index(min(load))] += d
+    return max(load) if durations else 0.0
+
+
+def bench_workers(a) -> None:
+    """The same plan with in-process threads, 1 and 2 (``--workers``) dask worker processes."""
+    from atlasmix.simulate import simulate_atlas
+
+    work = Path(a.workdir)
+    sim = work / f"plan_{a.plan_cells}"
+    if not (sim / "plan.toml").exists():
+        simulate_atlas(sim, a.plan_cells, sources=a.plan_sources, seed=0)
+    rows = []
+    for w in [0] + [int(x) for x in a.workers.split(",")]:
+        out = work / "store_w"
+        shutil.rmtree(out, ignore_errors=True)
+        r = subprocess.run([sys.executable, __file__, "--inner-workers", str(w), str(sim / "plan.toml"), str(out)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(r.stderr[-3000:])
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        shutil.rmtree(out, ignore_errors=True)
+        res["workers"] = w
+        rows.append(res)
+    print(f"\nplan: {a.plan_cells:,} cells in {len(a.plan_sources.split(','))} datasets ({a.plan_sources})")
+    hdr = (f"{'mode':26s} {'seconds':>8s} {'cells/s':>9s} {'peak RSS GiB: ingest process':>29s} "
+           f"{'per worker':>16s}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        mode = "threads, in process" if r["workers"] == 0 else f"{r['workers']} dask worker process(es)"
+        wr = ", ".join(f"{x:.2f}" for x in r["worker_peak_rss_gib"]) or "-"
+        print(f"{mode:26s} {r['seconds']:8.1f} {a.plan_cells / r['seconds']:9,.0f} {r['client_peak_rss_gib']:29.2f} "
+              f"{wr:>16s}")
+    # projection: the ingest process's own (serial) time plus each phase's tasks spread over N workers
+    one = next((r for r in rows if r["workers"] == 1), None)
+    if one is not None:
+        by = {}
+        for t in one["tasks"]:
+            by.setdefault(t["name"], []).append(t)
+        phases = {k: [t["stop"] - t["start"] for t in v] for k, v in by.items()}
+        span = {k: max(t["stop"] for t in v) - min(t["start"] for t in v) for k, v in by.items()}
+        serial = one["seconds"] - sum(span.values())
+        print(f"\nper-stage times with 1 worker: ingest process (locks, var/obs/catalog commit) {serial:.1f} s; "
+              + "; ".join(f"{k}: {len(v)} tasks, {sum(v):.1f} s" for k, v in phases.items()))
+        print("projection (measured task times, longest first onto N workers, + the serial part):")
+        for n in (1, 2, 4, 8, 16):
+            tn = serial + sum(_makespan(v, n) for v in phases.values())
+            capped = n >= max(len(v) for v in phases.values())
+            print(f"  {n:3d} workers: {tn:7.1f} s  {a.plan_cells / tn:9,.0f} cells/s"
+                  + ("   (no faster beyond: one task per dataset and phase)" if capped else ""))
+    if a.out:
+        Path(a.out).write_text(json.dumps(rows, indent=1))
+
+
 def _measure(method: str, h5ad: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     r = subprocess.run([sys.executable, __file__, "--inner", method, str(h5ad), str(out)],
@@ -76,10 +173,24 @@ def main() -> None:
     ap.add_argument("--library-median", type=float, default=2500.0,
                     help="median UMIs per cell of the simulated source (sets nonzeros per cell)")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--workers", default=None,
+                    help="instead: ingest one simulated plan with in-process threads and with these numbers of "
+                         "dask worker processes (e.g. 1,2)")
+    ap.add_argument("--plan-cells", type=int, default=200_000, help="cells of the --workers plan")
+    ap.add_argument("--plan-sources", default="blood_a,blood_b,malignant,bone_marrow",
+                    help="datasets of the --workers plan (simulator presets)")
+    ap.add_argument("--out", default=None, help="JSON results (--workers)")
     ap.add_argument("--inner", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--inner-workers", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.inner:
         _inner(*a.inner)
+        return
+    if a.inner_workers:
+        _inner_workers(int(a.inner_workers[0]), a.inner_workers[1], a.inner_workers[2])
+        return
+    if a.workers:
+        bench_workers(a)
         return
     import h5py
 

@@ -112,3 +112,19 @@ def test_scheduler_and_workers_are_exclusive_and_a_dead_address_is_one_line(plan
     r = run_cli("ingest", uri, "--plan", path, "--scheduler", "tcp://127.0.0.1:1")
     assert r.returncode == 2 and "no dask scheduler answers" in r.stderr
     assert r.stderr.count("\n") <= 2
+
+
+def test_workers_ingest_into_an_s3_store(plan, s3_env):
+    """Worker processes write X and its x layout to object storage (a local moto S3 server); the
+    store equals the local serial one."""
+    env, bucket = s3_env
+    path, serial = plan
+    uri = f"s3://{bucket}/lake"
+    assert run_cli("store", "init", uri, env=env).returncode == 0
+    r = run_cli("ingest", uri, "--plan", path, "--chunk-size", "300", "--workers", "2", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s3 = Store(uri)
+    _assert_same_store(serial, s3)
+    from atlasmix.store import xlayout
+
+    assert xlayout.verify(s3)["ok"]

@@ -234,9 +234,19 @@ def test_study_grid_seeds_resume_and_reproducibility(sim_store, tmp_path):
     assert sum(s == "cached" for s in status.values()) == len(status) - 2
     pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet").drop(columns="value"),
                                   res.drop(columns="value"))
-    # ... and from scratch the same machine gives the same table (train_wall_s is a measurement)
+    # ... and from scratch, its grid cells sent to 2 dask.distributed worker processes, the same
+    # machine gives the same table (train_wall_s is a measurement). Each task runs torch with its
+    # worker's thread count; torch's CPU kernels sum in an order that depends on it (with 1 thread
+    # instead of 2 the values move in the 4th decimal), so the workers get the serial run's 2 threads
+    import os
+
+    from atlasmix.cluster import dask_client
+
     fresh = tmp_path / "fresh"
-    run_study(spec, sim_store, fresh, log=lambda s: None, report=False)
+    with dask_client(None, 2, threads_per_worker=max(1, os.cpu_count() or 1)) as client:
+        d = run_study(spec, sim_store, fresh, log=lambda s: None, report=False, client=client)
+        assert d["dask_workers"] == 2
+        assert "run_grid_cell" in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
     a = pd.read_parquet(out / "results.parquet")
     b = pd.read_parquet(fresh / "results.parquet")
     keep = a["metric"] != "train_wall_s"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -23,6 +23,12 @@ def register(app: typer.Typer) -> None:
         jobs: Annotated[int, typer.Option(help="Grid cells trained at once (processes).")] = 1,
         accelerator: Annotated[str, typer.Option(help="cpu or gpu.")] = "cpu",
         strict: Annotated[bool, typer.Option(help="Exit 1 when a sanity check fails.")] = False,
+        scheduler: Annotated[Optional[str], typer.Option(help="dask.distributed scheduler address: grid cells run "
+                                                              "as tasks on its workers (store and --out reachable "
+                                                              "from them).")] = None,
+        workers: Annotated[int, typer.Option(help="Start a local dask.distributed cluster of this many worker "
+                                                  "processes for the grid cells (cores split between them; with "
+                                                  "--accelerator gpu, one GPU each).")] = 0,
     ):
         """Resolve, train (budgeted, seeded), evaluate and summarise every grid cell; skip finished ones."""
         from rich.console import Console
@@ -34,8 +40,19 @@ def register(app: typer.Typer) -> None:
         if accelerator not in ("cpu", "gpu"):
             raise AtlasmixError("--accelerator must be cpu or gpu")
         con = Console(stderr=True)
-        doc = run_study(spec, Store(store), out, jobs=jobs, accelerator=accelerator,
-                        log=lambda s: con.print(s, soft_wrap=True, markup=False), progress=sys.stderr.isatty())
+        import os
+
+        from atlasmix.cluster import dask_client
+
+        devices = 0
+        if accelerator == "gpu" and workers:
+            import torch
+
+            devices = torch.cuda.device_count()
+        with dask_client(scheduler, workers, threads_per_worker=max(1, (os.cpu_count() or 1) // max(workers, 1)),
+                         devices=devices) as client:
+            doc = run_study(spec, Store(store), out, jobs=jobs, accelerator=accelerator, client=client,
+                            log=lambda s: con.print(s, soft_wrap=True, markup=False), progress=sys.stderr.isatty())
         con.print(f"study {doc['name']}: {doc['n_runs']} runs, {doc['stages_s']['total']:.0f} s; "
                   f"report {doc.get('report')}", markup=False)
         if doc["all_checks_passed"] is False:

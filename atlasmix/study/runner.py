@@ -18,7 +18,11 @@ A grid cell's id is the sha256 of what determines its model -- the manifest's sh
 axis, the LDVAE options, the budget and the seed -- plus, for its scores, the eval cache's key. A
 cell whose ``done.json`` carries the same ids is never recomputed; a cell interrupted mid-way is
 started again from scratch. With ``jobs > 1`` grid cells train in that many spawned processes
-(torch threads split between them); the results do not depend on ``jobs``.
+(torch threads split between them); with a dask.distributed client (``study run --scheduler`` /
+``--workers``) they are tasks on its workers, each running torch with its worker's thread count.
+The results are the same as a serial run's when each task has the same number of torch threads:
+torch's CPU kernels sum in an order that depends on it (1 thread instead of 2 moved the scores in
+the 4th decimal in the tests).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -183,8 +188,14 @@ def _train_or_explain(fn, name: str, *args, **kwargs):
         raise
 
 
+#: One grid cell at a time per process: a dask worker with several threads would otherwise train
+#: several cells at once, and they share torch's global RNG and thread pool (seeds would interleave).
+_ONE_CELL_AT_A_TIME = threading.Lock()
+
+
 def run_grid_cell(task: dict) -> dict:
-    """Train one LDVAE and score it on every cached eval set (runs in a worker process or inline).
+    """Train one LDVAE and score it on every cached eval set (runs in a worker process or inline;
+    one at a time per process, see :data:`_ONE_CELL_AT_A_TIME`).
 
     Parameters
     ----------
@@ -198,6 +209,11 @@ def run_grid_cell(task: dict) -> dict:
     dict
         ``run_key``, ``status`` (``trained`` / ``scored`` / ``cached``), ``wall_s``.
     """
+    with _ONE_CELL_AT_A_TIME:
+        return _run_grid_cell(task)
+
+
+def _run_grid_cell(task: dict) -> dict:
     import torch
 
     from atlasmix.evaluation import metrics as M
@@ -376,14 +392,28 @@ def _grid(spec: StudySpec, manifests: dict, genes: list[str], eval_entries: list
     return tasks
 
 
-def _execute(tasks: list[dict], jobs: int, log: Callable[[str], None], progress: bool) -> list[dict]:
+def _execute(tasks: list[dict], jobs: int, log: Callable[[str], None], progress: bool, client=None) -> list[dict]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     results = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=False, disable=not progress) as prog:
         bar = prog.add_task("grid cells", total=len(tasks))
-        if jobs <= 1:
+        if client is not None:  # dask.distributed workers: one grid cell per task, written to the shared out/
+            from distributed import as_completed as dask_completed
+
+            futs = client.map(run_grid_cell, tasks, pure=False)
+            names = {f.key: Path(t["run_dir"]).name for f, t in zip(futs, tasks)}
+            try:
+                for f in dask_completed(futs):
+                    r = f.result()  # a failed cell raises here, as in a serial run
+                    results.append(r)
+                    prog.advance(bar)
+                    log(f"   {names[f.key]}: {r['status']} ({r['wall_s']:.1f} s)")
+            except BaseException:
+                client.cancel(futs)
+                raise
+        elif jobs <= 1:
             for t in tasks:
                 r = run_grid_cell(t)
                 results.append(r)
@@ -573,7 +603,7 @@ def _check_disjoint(store, eval_sets, manifests: dict) -> None:
 
 def run_study(spec_path: str | Path | StudySpec, store, out: str | Path, *, root: str | Path | None = None,
               jobs: int = 1, accelerator: str = "cpu", log: Callable[[str], None] = print, progress: bool = False,
-              report: bool = True) -> dict[str, Any]:
+              report: bool = True, client=None) -> dict[str, Any]:
     """Run a study (module doc) and return its ``study.json`` contents.
 
     Parameters
@@ -596,6 +626,11 @@ def run_study(spec_path: str | Path | StudySpec, store, out: str | Path, *, root
         Show a progress bar over the grid.
     report : bool
         Render ``report.html``.
+    client : distributed.Client, optional
+        Send the grid cells (train + evaluate) to the workers of a dask.distributed cluster
+        instead of ``jobs`` local processes; each task uses its worker's thread count for torch.
+        ``out`` and the store must be reachable from the workers at the same paths; the tables are
+        built here from the run folders, as in a serial run.
 
     Returns
     -------
@@ -638,6 +673,8 @@ def run_study(spec_path: str | Path | StudySpec, store, out: str | Path, *, root
     cores = os.cpu_count() or 1
     jobs = max(1, int(jobs))
     threads = max(1, cores // jobs)
+    if client is not None:
+        threads = max(1, min(client.nthreads().values(), default=1))
 
     t = time.perf_counter()
     manifests: dict[tuple, Path] = {}
@@ -689,7 +726,7 @@ def run_study(spec_path: str | Path | StudySpec, store, out: str | Path, *, root
 
     t = time.perf_counter()
     tasks = _grid(spec, manifests, genes, entries, out, store, threads, accelerator, eval_spec, root)
-    results = _execute(tasks, jobs, log, progress)
+    results = _execute(tasks, jobs, log, progress, client)
     times["train_and_score"] = round(time.perf_counter() - t, 1)
 
     t = time.perf_counter()
@@ -727,7 +764,8 @@ def run_study(spec_path: str | Path | StudySpec, store, out: str | Path, *, root
                    & (summary["model_kind"] == "ldvae")]
     doc = {"name": spec.name, "spec": spec.model_dump(mode="json"),
            "spec_path": None if isinstance(spec_path, StudySpec) else str(Path(spec_path).resolve()),
-           "store": store.identity(), "jobs": jobs, "n_runs": len(tasks),
+           "store": store.identity(), "jobs": jobs,
+           "dask_workers": len(client.nthreads()) if client is not None else 0, "n_runs": len(tasks),
            "grid": [{"run_dir": Path(t["run_dir"]).name, **t["labels"], "train_key": t["train_key"], **r}
                     for t, r in zip(tasks, sorted(results, key=lambda r: [x["train_key"] for x in tasks].index(r["run_key"])))],
            "stages_s": times, "checks": checks, "all_checks_passed": all_ok,

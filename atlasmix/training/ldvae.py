@@ -228,12 +228,13 @@ def _broadcast_object(obj: Any) -> Any:
 
 def _launched_rank() -> int:
     """Global rank of this process as its launcher set it before training starts: 0 for the process
-    the user started; Lightning's DDP launcher (``LOCAL_RANK``, ``NODE_RANK``) and torchrun
-    (``RANK``) start the others with their rank in the environment."""
+    the user started; Lightning's DDP launcher (``LOCAL_RANK``, ``NODE_RANK``), torchrun (``RANK``)
+    and Slurm's ``srun`` (``SLURM_PROCID``) start the others with their rank in the environment."""
     import os
 
-    if os.environ.get("RANK"):
-        return int(os.environ["RANK"])
+    for k in ("RANK", "SLURM_PROCID"):  # torchrun; srun (Lightning's SLURM environment)
+        if os.environ.get(k):
+            return int(os.environ[k])
     return int(os.environ.get("LOCAL_RANK") or 0) + int(os.environ.get("NODE_RANK") or 0)
 
 
