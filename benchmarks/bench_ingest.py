@@ -27,6 +27,25 @@ cells, :mod:`atlasmix.store.fingerprint`), runs alternating with the code before
 
 i.e. within the machine's run-to-run noise once the product is skipped (sources whose genes map
 one-to-one; sources with duplicated genes still take it).
+
+``--workers 1,2`` (issue 20): one simulated plan (200,000 cells in 4 datasets) ingested with the
+threaded scheduler in process and with 1 and 2 dask.distributed worker processes (``ingest(...,
+client=...)``), measured 2026-12-06 on the 2-core machine (second of two runs; the first, disturbed
+by a test run, gave 65.5 / 72.1 / 58.2 s)::
+
+    mode                        seconds   cells/s  peak RSS GiB: ingest process       per worker
+    threads, in process            52.7     3,795                          4.21                -
+    1 dask worker process(es)      69.1     2,893                          1.55             2.64
+    2 dask worker process(es)      54.3     3,684                          1.54       2.31, 2.56
+
+    per-stage times with 1 worker: ingest process 9.1 s; prepare_task: 4 tasks, 9.5 s;
+    write_X_task: 4 tasks, 50.6 s
+    projection:  2 workers 43.1 s (4,638 cells/s); 4+ workers 31.1 s (6,426 cells/s, one task per
+    dataset and phase: the largest dataset's write bounds it)
+
+On 2 cores, 2 worker processes are no faster than the threads of one process (both already use
+both cores; a worker also reads its source a second time to write it), but the ingest process
+itself drops from 4.2 to 1.5 GiB. The projection is for workers with cores of their own.
 """
 
 from __future__ import annotations

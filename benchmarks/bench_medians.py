@@ -17,9 +17,25 @@ subprocess over every gene of the store and reports wall seconds, passes over X 
   ``numpy.median`` of each gene's nonzero CP10k values) -- only where X fits (``--in-memory-max``
   cells, default 200,000); its medians are the reference every other method must equal exactly.
 
-Measured 2026-12-06, 2 CPU cores, one run each, a 1,000,000-cell simulated store (19,907 genes,
-~1,800 nonzeros per cell): see the table at the end of this docstring once run (the note of issue 20
-has the numbers).
+Measured 2026-12-06, 2 CPU cores, one run each, the 1,000,000-cell simulated store of
+``bench_loader.py`` (19,907 genes, ~1,800 nonzeros per cell), every gene::
+
+         cells  method                         s  passes  peak RSS MiB  equal to first row
+       100,000  numpy in memory             16.6       1         3,111  True
+       100,000  atlasmix (bound 16M)        35.4       3         2,889  True
+       100,000  atlasmix (bound 1M)         33.5       3         2,911  True
+       100,000  two-pass, unbounded         26.4       2         2,926  True
+     1,000,000  atlasmix (bound 16M)       344.4       3         3,219  True
+     1,000,000  atlasmix (bound 1M)        437.5       4         3,219  True
+     1,000,000  two-pass, unbounded        242.1       2         6,888  True
+
+The unbounded two-pass method keeps every value of the median bins: in scRNA-seq most nonzeros are
+counts of 1, so a gene's median bin holds a large share of its values, and its memory grew 2.4x
+from 100k to 1M cells (it would not fit at ~10M here); with the bound, memory stays at the chunk
+processing's ~3 GiB (``chunk_size`` 8,192 whole-transcriptome cells) and each extra pass costs one
+read of X. (numpy in memory at 1M cells would need ~22 GB for X and was not run.) After computing
+each value's cell total with ``np.repeat`` and taking the maximum only in the last bin, the same
+100k row took 24.9 s (numpy 13.2 s in that run).
 """
 
 from __future__ import annotations

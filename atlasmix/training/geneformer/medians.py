@@ -131,11 +131,11 @@ def _batches(store, cells, split: str, var_joinids: np.ndarray, chunk_size: int)
         cols = X.col_indices().numpy()
         data = X.values().numpy().astype(np.float64)
         nc = b["library_size"].numpy().ravel().astype(np.float64)
-        row = np.repeat(np.arange(len(nc)), np.diff(indptr))
+        nc_of = np.repeat(nc, np.diff(indptr))  # each value's cell total (= nc[row], without the row index)
         keep = data > 0
         if not keep.all():
-            cols, data, row = cols[keep], data[keep], row[keep]
-        v = data / nc[row] * TARGET_SUM  # CP10k, as Geneformer: counts / n_counts * 10,000
+            cols, data, nc_of = cols[keep], data[keep], nc_of[keep]
+        v = data / nc_of * TARGET_SUM  # CP10k, as Geneformer: counts / n_counts * 10,000
         if len(v) and not np.all(np.isfinite(v)):
             raise AtlasmixError("a cell with counts has total_counts <= 0 in obs")
         yield cols.astype(np.int64), v
@@ -189,8 +189,11 @@ def exact_nonzero_medians(passes, n_genes: int, *, bins_per_octave: int = 8, lo_
     vmax = np.zeros(G)
 
     def first(c, v):
-        counts[:] += np.bincount(c * nb + _bins(v, lo, bpo, nb), minlength=G * nb)
-        np.maximum.at(vmax, c, v)
+        b = _bins(v, lo, bpo, nb)
+        counts[:] += np.bincount(c * nb + b, minlength=G * nb)
+        top = b == nb - 1  # the open last bin needs each gene's largest value (rare: CP10k >= 2^13.9)
+        if top.any():
+            np.maximum.at(vmax, c[top], v[top])
 
     scan(1, first)
     cum = np.cumsum(col.sum(counts).reshape(G, nb), axis=1)
