@@ -76,7 +76,7 @@ def test_vectorised_matches_reference_with_ties_truncation_and_v2():
 def test_multithreaded_chunks_equal_single_thread(monkeypatch):
     """The threads share many small chunks of cells (dynamic scheduling, the caller included):
     every row is written exactly once and equals the single-threaded encoding."""
-    from atlasmix.training.geneformer import tokenizer as tk
+    from atlasmix.training import _cells
 
     rng = np.random.default_rng(3)
     G = 400
@@ -85,7 +85,7 @@ def test_multithreaded_chunks_equal_single_thread(monkeypatch):
     tokens = rng.permutation(G) + 2
     nc = np.asarray(X.sum(axis=1)).ravel() + 50.0
     want, want_lens = rank_value_encode(X.indptr, X.indices, X.data, nc, medians, tokens, 60, threads=1)
-    monkeypatch.setattr(tk, "_CHUNK_NNZ", 97)  # ~24k nonzeros: 16 chunks per thread, 1-20 cells each
+    monkeypatch.setattr(_cells, "CHUNK_NNZ", 97)  # ~24k nonzeros: 16 chunks per thread, 1-20 cells each
     for threads in (2, 3):
         out, lens = rank_value_encode(X.indptr, X.indices, X.data, nc, medians, tokens, 60, threads=threads)
         assert np.array_equal(out, want) and np.array_equal(lens, want_lens), threads

@@ -38,6 +38,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from atlasmix.errors import AtlasmixError
+from atlasmix.training._cells import run_in_chunks
 from atlasmix.preprocess import TARGET_SUM
 from atlasmix.training.geneformer.dictionaries import CLS, EOS, Dictionaries
 
@@ -74,19 +75,6 @@ _BUCKETS_PER_NONZERO = 4
 #: most keys of a cell for the bucket sort (its table is uint16: -2 to -5% time per nonzero vs int32,
 #: the table of a 2,000-gene cell fits L1 next to the keys); larger cells use a comparison sort
 _MAX_BUCKET_N = 65_535
-#: least nonzeros per chunk of the multi-threaded encoder (~0.2 ms of work vs ~10 us to hand it out)
-_CHUNK_NNZ = 16_384
-_POOL: dict[int, Any] = {}
-
-
-def _pool(threads: int):
-    """A process-wide pool of ``threads`` helper threads per size (the encoding kernel runs without the
-    GIL; the calling thread works alongside its helpers)."""
-    if threads not in _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="atlasmix-rve")
-    return _POOL[threads]
 
 
 @intrinsic
@@ -298,27 +286,8 @@ def rank_value_encode(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
     lengths = np.empty(B, dtype=np.int64)
     args = (indptr, indices, data, inv_medians, token_ids, pos_bits, n_genes_max,
             int(cls_id) if special else -1, int(eos_id) if special else -1, int(pad_id))
-    if threads > 1 and B >= 2 * threads:
-        # dynamic scheduling: contiguous chunks of about equal nonzeros (up to 16 per thread, at least
-        # _CHUNK_NNZ nonzeros each), each thread (the caller included) taking the next chunk from one
-        # shared iterator until none is left, writing in place. A vCPU slowed by the host takes fewer
-        # chunks instead of setting the pace (a fixed share per thread: 48-52k cells/s median on
-        # 2 shared vCPUs, pisces PBMCs; dynamic: 59-67k)
-        n_chunks = int(min(B, max(threads, min(16 * threads, (indptr[-1] - indptr[0]) // _CHUNK_NNZ))))
-        cuts = np.searchsorted(indptr, np.linspace(indptr[0], indptr[-1], n_chunks + 1)[1:-1])
-        cuts = np.concatenate([[0], np.clip(cuts, 0, B), [B]])
-        chunks = iter(list(zip(cuts[:-1].tolist(), cuts[1:].tolist())))  # next() is atomic under the GIL
-
-        def work() -> None:
-            for a, b in chunks:
-                _encode_cells(out, lengths, a, b, *args)
-
-        helpers = [_pool(threads - 1).submit(work) for _ in range(threads - 1)]
-        work()
-        for f in helpers:
-            f.result()
-    else:
-        _encode_cells(out, lengths, 0, B, *args)
+    # in threads: dynamic chunks of about equal nonzeros (atlasmix.training._cells)
+    run_in_chunks(lambda a, b: _encode_cells(out, lengths, a, b, *args), indptr, threads)
     if np.any(n_counts[lengths > 2 * off] <= 0):
         raise AtlasmixError("a cell with nonzero counts has n_counts <= 0")
     L = int(lengths.max(initial=2 * off))
