@@ -175,6 +175,107 @@ def time_tokenizer(name: str, X, nc, med, tok, batch_size: int, repeats: int, ma
     return res
 
 
+def pisces_counts(shared: Path, n_cells: int):
+    """The pisces PBMCs' raw counts (all 58,828 columns, symbols stripped, first occurrence of a
+    repeated symbol), tiled to ``n_cells``: CSR float32 and the column symbols."""
+    import anndata as ad
+
+    a = ad.read_h5ad(shared / "data" / "pisces_pbmc1k.h5ad")
+    sym = np.array([s.strip() for s in a.var_names])
+    _, first = np.unique(sym, return_index=True)
+    cols = np.sort(first)
+    X = sp.csr_matrix(a.X)[:, cols].astype(np.float32).tocsr()
+    X.sort_indices()
+    reps = -(-n_cells // X.shape[0])
+    return sp.vstack([X] * reps).tocsr()[:n_cells], sym[cols]
+
+
+def time_encodings(X, symbols, batch_size: int, repeats: int) -> dict:
+    """scGPT value binning, scBERT tokens, scFoundation input and RDA on the same CSR batches.
+
+    The model axes are stand-ins of the published sizes (their files are not on this machine):
+    scBERT's 16,906 and scFoundation's 19,264 genes are the data's most often detected genes (as
+    the published axes, mostly protein-coding genes, hold most of a cell's counts), in random model
+    positions (seed 0); scGPT's vocabulary is every column
+    (scGPT's has ~60k symbols, so every expressed gene of these PBMCs has a token), ``max_len`` 1,200.
+    Each batch is the loader's CSR over the axis (columns of the axis only). Correctness is checked
+    on the first batch before timing: scBERT tokens and scFoundation's dense input equal the
+    references, scGPT's bin edges equal ``np.quantile``.
+    """
+    from atlasmix.training.rda import downsample
+    from atlasmix.training.scbert.encoding import scbert_tokens, scbert_tokens_reference
+    from atlasmix.training.scfoundation.encoding import scfoundation_input, scfoundation_input_reference
+    from atlasmix.training.scgpt.encoding import bin_and_tokenize, bin_and_tokenize_reference
+
+    rng = np.random.default_rng(0)
+    G = X.shape[1]
+    out: dict = {}
+
+    detected = np.bincount(X.indices, minlength=G)
+
+    def axis(n):  # columns of a model axis of n genes, ascending (the loader's order), and their positions
+        cols = np.sort(np.argsort(-detected, kind="stable")[:n])
+        return cols, rng.permutation(n).astype(np.int64)
+
+    cases = {}
+    sb_cols, sb_pos = axis(16_906)
+    cases["scbert"] = (sb_cols, (lambda m, t: scbert_tokens(m.indptr, m.indices, m.data, sb_pos, 16_906, threads=t)),
+                       lambda m: scbert_tokens_reference(m, sb_pos, 16_906))
+    sf_cols, sf_pos = axis(19_264)
+    for lay in ("padded", "packed"):
+        cases[f"scfoundation_{lay}"] = (
+            sf_cols, (lambda m, t, lay=lay: scfoundation_input(m.indptr, m.indices, m.data, sf_pos, 19_264,
+                                                               threads=t, layout=lay)),
+            lambda m: scfoundation_input_reference(m, sf_pos, 19_264))
+    tok = np.arange(G, dtype=np.int64) + 3
+    cases["scgpt"] = (np.arange(G), (lambda m, t: bin_and_tokenize(m.indptr, m.indices, m.data, tok,
+                                                                   np.arange(m.shape[0]), cls_id=1, pad_id=0,
+                                                                   threads=t)),
+                      lambda m: bin_and_tokenize_reference(m, tok, cls_id=1, pad_id=0))
+    for name, (cols, fn, ref) in cases.items():
+        Xa = X[:, cols].tocsr()
+        batches = [Xa[s:s + batch_size] for s in range(0, Xa.shape[0], batch_size)]
+        m = batches[0]
+        if name == "scbert":
+            assert np.array_equal(fn(m, 2).astype(np.int64), ref(m)), name
+        elif name.startswith("scfoundation"):
+            got = scfoundation_input(m.indptr, m.indices, m.data, sf_pos, 19_264, dense=True, threads=2)["dense"]
+            assert np.array_equal(got, np.array(ref(m)["dense"], dtype=np.float32)), name
+        else:
+            got = bin_and_tokenize(m.indptr, m.indices, m.data, tok, np.arange(m.shape[0]), cls_id=1, pad_id=0,
+                                   return_edges=True)["edges"]
+            want = ref(m)["edges"]
+            assert all(np.array_equal(got[i], want[i]) for i in range(m.shape[0]) if m[i].nnz), name
+        methods = (("compiled_1thread", lambda b: fn(b, 1)), ("compiled_2threads", lambda b: fn(b, 2)),
+                   ("reference_per_cell", ref))
+        best = {label: float("inf") for label, _ in methods}
+        for _ in range(repeats):
+            for label, f in methods:
+                t = time.perf_counter()
+                for b in batches:
+                    f(b)
+                best[label] = min(best[label], time.perf_counter() - t)
+        r = {"cells": int(Xa.shape[0]), "nnz_per_cell": round(Xa.nnz / Xa.shape[0], 1), "axis_genes": len(cols)}
+        for label, _ in methods:
+            r[f"{label}_cells_per_s"] = round(Xa.shape[0] / best[label], 1)
+        r["speedup_1thread"] = round(r["compiled_1thread_cells_per_s"] / r["reference_per_cell_cells_per_s"], 2)
+        r["speedup_2threads"] = round(r["compiled_2threads_cells_per_s"] / r["reference_per_cell_cells_per_s"], 2)
+        out[name] = r
+        print(json.dumps({name: r}), flush=True)
+    batches = [X[s:s + batch_size] for s in range(0, X.shape[0], batch_size)]
+    best_rda = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for k, b in enumerate(batches):
+            downsample(b.indptr, b.indices, b.data, np.arange(b.shape[0]) + k * batch_size, seed=1)
+        best_rda = min(best_rda, time.perf_counter() - t)
+    out["rda"] = {"cells": int(X.shape[0]), "cells_per_s": round(X.shape[0] / best_rda, 1),
+                  "note": "p=0.5, Beta(2, 2), min_total 1,000; whole transcriptome"}
+    print(json.dumps({"rda": out["rda"]}), flush=True)
+    out["slaf_published_m1max_cells_per_s"] = {"scgpt": 5350, "geneformer": 6999}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
@@ -192,11 +293,19 @@ def main() -> None:
     ap.add_argument("--pretrain-batch-size", type=int, default=12)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--preset", default="v1")
+    ap.add_argument("--encodings", action="store_true",
+                    help="also time scGPT, scBERT and scFoundation encodings and RDA on the pisces PBMCs")
+    ap.add_argument("--only-encodings", action="store_true", help="time only those")
     args = ap.parse_args()
 
     results: dict = {"tokenizer": {}}
     dict_dir = args.dictionaries or args.shared / "geneformer"
-    if (args.shared / "data" / "pisces_pbmc1k.h5ad").exists():
+    if args.encodings or args.only_encodings:
+        Xc, sym = pisces_counts(args.shared, args.n_cells)
+        results["encodings"] = time_encodings(Xc, sym, args.batch_size, args.repeats)
+    if args.only_encodings:
+        args.sim_nnz = ""
+    if (args.shared / "data" / "pisces_pbmc1k.h5ad").exists() and not args.only_encodings:
         d = load_dictionaries(args.shared / "geneformer")
         X, nc, med, tok = pisces_batches(args.shared, d, args.n_cells)
         results["tokenizer"]["pisces_pbmc_v1"] = time_tokenizer("pisces", X, nc, med, tok, args.batch_size,

@@ -1,4 +1,5 @@
-"""Run a compiled per-cell kernel over a CSR batch in several threads (the kernels release the GIL).
+"""Shared parts of the compiled cell encodings: a per-cell kernel run over a CSR batch in threads
+(the kernels release the GIL) and a row's library size.
 
 Used by the cell encodings (Geneformer's rank value encoding, scGPT's value binning): the batch is
 cut into contiguous chunks of about equal nonzeros (up to 16 per thread, at least ``chunk_nnz``
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 #: Smallest chunk, in nonzeros (~0.2 ms of encoding work vs ~10 us to hand a chunk out).
 CHUNK_NNZ = 16_384
@@ -52,3 +54,20 @@ def run_in_chunks(work: Callable[[int, int], None], indptr: np.ndarray, threads:
     loop()
     for f in helpers:
         f.result()
+
+
+@njit(cache=True, nogil=True)
+def row_total(data, a, b):
+    """Sum of ``data[a:b]`` in float64 with four accumulators (whole counts: exact in any order)."""
+    t0 = t1 = t2 = t3 = 0.0
+    k = a
+    while k + 4 <= b:
+        t0 += float(data[k])
+        t1 += float(data[k + 1])
+        t2 += float(data[k + 2])
+        t3 += float(data[k + 3])
+        k += 4
+    while k < b:
+        t0 += float(data[k])
+        k += 1
+    return (t0 + t1) + (t2 + t3)

@@ -119,63 +119,119 @@ def _uniform(seed: np.uint64, cell: np.uint64, k: np.uint64) -> float:
     return float(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
 
+#: Counts up to this whole number are ordered by a histogram instead of a sort (module doc).
+HIST_MAX = 4096
+
+
+@njit(cache=True, nogil=True)
+def _lerp_edges(lo, hi, g):
+    """numpy's ``_lerp`` (``np.quantile``, method "linear"), operation for operation."""
+    d = hi - lo
+    return hi - d * (1.0 - g) if g >= 0.5 else lo + d * g
+
+
 @njit(cache=True, nogil=True)
 def _bin_cells(r0, r1, indptr, indices, data, token_of_col, q, max_genes, seed, cell_keys, cls_id, pad_id,
                pad_value, out_genes, out_values, lengths, edges_out, want_edges):
     n_edges = len(q)
     edges = np.empty(n_edges)
+    width = 0
+    for i in range(r0, r1):
+        width = max(width, indptr[i + 1] - indptr[i])
+    vals = np.empty(width)
+    toks = np.empty(width, dtype=np.int64)
+    hist = np.zeros(HIST_MAX + 1, dtype=np.int64)
+    lut_left = np.zeros(HIST_MAX + 1, dtype=np.int64)
+    lut_right = np.zeros(HIST_MAX + 1, dtype=np.int64)
     for i in range(r0, r1):
         a, b = indptr[i], indptr[i + 1]
         n = 0
+        small = True  # every value a whole number in 1 .. HIST_MAX: histogram instead of sort
+        vmax = 0
         for k in range(a, b):
-            if data[k] > 0 and token_of_col[indices[k]] >= 0:
-                n += 1
-        vals = np.empty(n)
-        toks = np.empty(n, dtype=np.int64)
-        n = 0
-        for k in range(a, b):
-            if data[k] > 0 and token_of_col[indices[k]] >= 0:
-                vals[n] = data[k]
+            x = data[k]
+            if x > 0 and token_of_col[indices[k]] >= 0:
+                vals[n] = x
                 toks[n] = token_of_col[indices[k]]
                 n += 1
+                if small:
+                    if x <= HIST_MAX and x == np.floor(x):
+                        v = int(x)
+                        hist[v] += 1
+                        vmax = max(vmax, v)
+                    else:
+                        small = False
         out_genes[i, 0] = cls_id
         out_values[i, 0] = 0.0
         if n > 0:
-            s = np.sort(vals)
-            # np.quantile(s, q), method "linear": virtual index (n - 1) q, numpy's _lerp
-            for e in range(n_edges):
-                v = (n - 1) * q[e]
-                if v >= n - 1:
-                    edges[e] = s[n - 1]
-                elif v < 0:
-                    edges[e] = s[0]
-                else:
-                    p = np.floor(v)
-                    g = v - p
-                    lo = s[int(p)]
-                    hi = s[int(p) + 1]
-                    d = hi - lo
-                    edges[e] = hi - d * (1.0 - g) if g >= 0.5 else lo + d * g
+            # np.quantile(sorted values, q), method "linear": virtual index (n - 1) q, numpy's _lerp;
+            # the sorted values are read from the histogram (runs of equal values) or a sort
+            if small:
+                cur, before = 1, 0  # value run `cur` holds sorted positions before .. before + hist[cur] - 1
+                while hist[cur] == 0:
+                    cur += 1
+                for e in range(n_edges):
+                    vi = (n - 1) * q[e]
+                    if vi >= n - 1:
+                        edges[e] = float(vmax)
+                        continue
+                    p = int(np.floor(vi))
+                    while before + hist[cur] <= p:
+                        before += hist[cur]
+                        cur += 1
+                        while hist[cur] == 0:
+                            cur += 1
+                    lo = float(cur)
+                    if p + 1 < before + hist[cur]:
+                        hi = lo
+                    else:
+                        nxt = cur + 1
+                        while hist[nxt] == 0:
+                            nxt += 1
+                        hi = float(nxt)
+                    edges[e] = _lerp_edges(lo, hi, vi - np.floor(vi))
+                # each distinct value's bins once: np.digitize(x, edges) and np.digitize(x, edges, right=True)
+                for v in range(1, vmax + 1):
+                    if hist[v] > 0:
+                        lut_left[v] = np.searchsorted(edges, float(v), side="right")
+                        lut_right[v] = np.searchsorted(edges, float(v), side="left")
+                        hist[v] = 0
+            else:
+                for v in range(1, vmax + 1):
+                    hist[v] = 0
+                srt = np.sort(vals[:n])
+                for e in range(n_edges):
+                    vi = (n - 1) * q[e]
+                    if vi >= n - 1:
+                        edges[e] = srt[n - 1]
+                    else:
+                        p = int(np.floor(vi))
+                        edges[e] = _lerp_edges(srt[p], srt[p + 1], vi - np.floor(vi))
             if want_edges:
                 edges_out[i, :] = edges
         key = np.uint64(cell_keys[i])
-        # genes kept: all, or a uniform subset of max_genes (partial Fisher-Yates), in gene-axis order
+        # genes kept: all, or a uniform subset of max_genes in gene-axis order (selection sampling,
+        # Knuth's Algorithm S: gene j is kept with probability still-needed / still-left)
         m = n if n <= max_genes else max_genes
-        keep = np.arange(n)
-        if n > max_genes:
-            for j in range(max_genes):
-                u = _uniform(seed, key, np.uint64(2 * n + j))
-                t = j + int(u * (n - j))
-                keep[j], keep[t] = keep[t], keep[j]
-            keep = np.sort(keep[:max_genes])
-        for jj in range(m):
-            j = keep[jj]
-            x = vals[j]
-            left = np.searchsorted(edges, x, side="right")  # np.digitize(x, edges)
-            right = np.searchsorted(edges, x, side="left")  # np.digitize(x, edges, right=True)
-            u = _uniform(seed, key, np.uint64(j))
-            out_genes[i, jj + 1] = toks[j]
-            out_values[i, jj + 1] = np.ceil(u * (right - left) + left)
+        need = m
+        col = 1
+        for j in range(n):
+            if need == 0:
+                break
+            if n <= max_genes or _uniform(seed, key, np.uint64(n + j)) * (n - j) < need:
+                need -= 1
+                x = vals[j]
+                if small:
+                    left, right = lut_left[int(x)], lut_right[int(x)]
+                else:
+                    left = np.searchsorted(edges, x, side="right")  # np.digitize(x, edges)
+                    right = np.searchsorted(edges, x, side="left")  # np.digitize(x, edges, right=True)
+                out_genes[i, col] = toks[j]
+                if right == left:
+                    out_values[i, col] = left
+                else:  # a value equal to several edges: uniformly between its bins (scGPT's _digitize)
+                    out_values[i, col] = np.ceil(_uniform(seed, key, np.uint64(j)) * (right - left) + left)
+                col += 1
         for jj in range(m + 1, out_genes.shape[1]):
             out_genes[i, jj] = pad_id
             out_values[i, jj] = pad_value
