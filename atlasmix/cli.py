@@ -257,7 +257,8 @@ def _register_optional() -> None:
     import importlib
 
     for mod in ("atlasmix.simulate.cli", "atlasmix.mixing.cli", "atlasmix.training.cli",
-                "atlasmix.training.geneformer.cli", "atlasmix.evaluation.cli", "atlasmix.study.cli"):
+                "atlasmix.training.geneformer.cli", "atlasmix.training.fm_cli", "atlasmix.evaluation.cli",
+                "atlasmix.study.cli"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

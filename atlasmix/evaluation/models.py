@@ -287,7 +287,7 @@ class GeneformerAdapter(_TrainedOnManifest):
     kind = "geneformer"
 
     def __init__(self, path: str | Path, device: str = "cpu"):
-        from atlasmix.training.geneformer.pretrain import _device
+        from atlasmix.training.pretrain_loop import device_of
         from atlasmix.training.geneformer.pretrain import load_model as load_gf
         from atlasmix.training.geneformer.pretrain import model_dir
 
@@ -300,7 +300,7 @@ class GeneformerAdapter(_TrainedOnManifest):
         run_json = self.path / "run.json"
         self.run = json.loads(run_json.read_text()) if run_json.is_file() and self.path != mdir else {}
         self.model, self.dicts, self.meta = load_gf(mdir)
-        self.device = _device(device)
+        self.device = device_of(device)
         self.model.to(self.device)
         self.name = self.path.name
         self.mixture = self.run.get("manifest", {}).get("name") or self.name

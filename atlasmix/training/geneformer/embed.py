@@ -15,6 +15,7 @@ import torch
 
 from atlasmix.errors import AtlasmixError
 from atlasmix.training.geneformer.tokenizer import GeneformerStream, vocabulary_axis
+from atlasmix.training.stream import embedding_table
 
 
 def embed_cells(model_path: str | Path, store, joinids: np.ndarray, *, batch_size: int = 64,
@@ -47,14 +48,15 @@ def embed_cells(model_path: str | Path, store, joinids: np.ndarray, *, batch_siz
     AtlasmixError
         No cells, or no vocabulary gene in the store.
     """
-    from atlasmix.training.geneformer.pretrain import _device, load_model
+    from atlasmix.training.geneformer.pretrain import load_model
+    from atlasmix.training.pretrain_loop import device_of
     from atlasmix.training.loader import MixtureLoader
 
     joinids = np.unique(np.asarray(joinids, dtype=np.int64))
     if len(joinids) == 0:
         raise AtlasmixError("no cells to embed")
     model, dicts, meta = load_model(model_path)
-    dev = _device(device)
+    dev = device_of(device)
     model.to(dev)
     axis = vocabulary_axis(store, dicts)
     loader = MixtureLoader(store, joinids, var_joinids=axis["var_joinids"], batch_size=batch_size,
@@ -75,18 +77,4 @@ def embed_cells(model_path: str | Path, store, joinids: np.ndarray, *, batch_siz
             embs.append(e.float().cpu().numpy())
             ids.append(b["soma_joinid"].numpy())
             ntok.append(keep.sum((1, 2)).cpu().numpy().astype(np.int64))
-    E = np.concatenate(embs) if embs else np.zeros((0, H), np.float32)
-    got = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    full = np.full((len(joinids), H), np.nan, dtype=np.float32)
-    nt = np.zeros(len(joinids), dtype=np.int64)
-    pos = np.searchsorted(joinids, got)
-    full[pos] = E
-    nt[pos] = np.concatenate(ntok) if ntok else []
-    df = pd.DataFrame(full, columns=[f"emb_{i}" for i in range(H)], index=pd.Index(joinids, name="soma_joinid"))
-    df.insert(0, "n_tokens", nt)
-    cols = [c for c in obs_columns]
-    if cols:
-        obs = store.obs(cols).to_pandas().set_index("soma_joinid").loc[joinids]
-        for i, c in enumerate(cols):
-            df.insert(i, c, obs[c].astype(str).to_numpy())
-    return df
+    return embedding_table(store, joinids, ids, embs, ntok, H, obs_columns)

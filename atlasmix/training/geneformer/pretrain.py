@@ -28,18 +28,17 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from atlasmix.errors import AtlasmixError
 from atlasmix.training.geneformer.dictionaries import (Dictionaries, build_dictionaries, load_dictionaries,
                                                        write_dictionaries)
 from atlasmix.training.geneformer.tokenizer import GeneformerStream, mode_settings, vocabulary_axis
+from atlasmix.training.pretrain_loop import check_out, run_pretraining, setup_distributed
 
 #: BertConfig fields per size. ``v1`` = Geneformer V1 (gc30M 6L), ``v1-12l`` = its 12-layer model,
 #: ``v2-104m`` = Geneformer V2 104M; ``tiny`` for tests.
@@ -150,33 +149,6 @@ class MaskedLMLoss(torch.nn.Module):
         return torch.nn.functional.cross_entropy(logits.float(), labels[sel])
 
 
-def _plot(df: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].plot(df["step"], df["loss"], label="train MLM loss")
-    ax[0].set_xlabel("optimizer step")
-    ax[0].set_ylabel("cross-entropy (nats per masked token)")
-    ax[0].legend()
-    ax[1].plot(df["step"], df["lr"])
-    ax[1].set_xlabel("optimizer step")
-    ax[1].set_ylabel("learning rate")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AtlasmixError(f"--accelerator {device} requested but CUDA is not available")
-    return torch.device(device)
-
-
 def model_dir(path: str | Path) -> Path:
     """The ``save_pretrained`` directory of a run (``OUT/model``) or ``path`` itself.
 
@@ -279,11 +251,7 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
     from atlasmix.training.loader import MixtureLoader
 
     out = Path(out)
-    ck = out / "checkpoints" / "last.pt"
-    if resume and not ck.is_file():
-        raise AtlasmixError(f"nothing to resume: {ck} does not exist")
-    if not resume and out.exists() and any(out.iterdir()):
-        raise AtlasmixError(f"{out} is not empty (pass --resume to continue a run there)")
+    check_out(out, resume)
     if batch_size < 1 or group_batches < 1 or epochs < 1:
         raise AtlasmixError("batch size, group batches and epochs must be >= 1")
     if max_steps is not None and max_steps < 1:
@@ -293,20 +261,8 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
     L, special = mode_settings(mode, max_len)
     out.mkdir(parents=True, exist_ok=True)
     side = read_sidecar(manifest)
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        # started by torchrun: one process per GPU (NCCL) or per CPU worker (gloo)
-        cuda = device != "cpu" and torch.cuda.is_available()
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if dist else 0
-    world = torch.distributed.get_world_size() if dist else 1
-    if dist and device in ("auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    dev = _device(device)
-    if dev.type == "cuda" and dev.index is not None:
-        torch.cuda.set_device(dev)
+    # under torchrun: one process per GPU (NCCL) or per CPU worker (gloo)
+    dist, rank, world, dev = setup_distributed(device)
     torch.manual_seed(seed)
 
     # dictionaries: given, or exact medians of the train split
@@ -353,118 +309,29 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     sched = get_linear_schedule_with_warmup(opt, warm, total)
-    step, epoch, rows = 0, 0, []
-    if resume:
-        st = torch.load(ck, map_location="cpu", weights_only=False)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        # each rank its own stream position and RNG states (one entry per rank, see save_checkpoint)
-        mine = st["ranks"] if "ranks" in st else [{k: st[k] for k in ("stream", "torch_rng", "cuda_rng") if k in st}]
-        if len(mine) != world:
-            raise AtlasmixError(f"the checkpoint was saved by {len(mine)} rank(s); this run has {world} "
-                                "(resume with the same torchrun --nproc_per_node / --nnodes)")
-        mine = mine[rank]
-        stream.load_state_dict(mine["stream"])
-        step, epoch = int(st["step"]), int(st["epoch"])
-        torch.set_rng_state(mine["torch_rng"])
-        if "cuda_rng" in mine and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(mine["cuda_rng"])
-        if (out / "training_curve.csv").is_file():
-            old = pd.read_csv(out / "training_curve.csv")
-            rows = old[old["step"] <= step].to_dict("records")
     net = MaskedLMLoss(model)
     if dist:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
     use_bf16 = bool(bf16 and dev.type == "cuda")
     special_ids = dicts.special_ids
 
-    def save_checkpoint() -> None:
-        # every rank reaches this at the same step (equal batch counts): its stream position and RNG
-        # states are gathered so that rank 0's checkpoint resumes every rank
-        own = {"stream": stream.state_dict(), "torch_rng": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            own["cuda_rng"] = torch.cuda.get_rng_state_all()
-        ranks = [own]
-        if dist:
-            ranks = [None] * world
-            torch.distributed.all_gather_object(ranks, own)
-        if rank != 0:
-            return
-        ck.parent.mkdir(parents=True, exist_ok=True)
-        st = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-              "ranks": ranks, "step": step, "epoch": epoch}
-        tmp = ck.with_suffix(".tmp")
-        torch.save(st, tmp)
-        tmp.replace(ck)
-        pd.DataFrame(rows).to_csv(out / "training_curve.csv", index=False)
+    def step_loss(b: dict, step: int) -> tuple[torch.Tensor, int, int]:
+        ids = b["input_ids"].to(dev, non_blocking=True)
+        att = b["attention_mask"].to(dev, non_blocking=True)
+        # masking draws: a function of (seed, step, rank), so ranks mask independently and a
+        # resumed run masks as the uninterrupted one
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + step + (rank << 40))
+        mids, labels = mask_tokens(ids, att, dicts.mask_id, special_ids, cfg.vocab_size, mlm_probability, g)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = net(mids, att, labels)
+        return loss, int(ids.shape[0]), int(b["lengths"].sum())
 
-    net.train()
-    t0 = time.perf_counter()
-    cells = tokens = 0
-    wait = 0.0
-    acc_loss, acc_n, acc_cells, acc_wait, t_log = 0.0, 0, 0, 0.0, time.perf_counter()
-    done = bool((max_steps and step >= max_steps) or (stop_after and step >= stop_after))
-    while not done and (bool(max_steps) or epoch < epochs):
-        if stream.sub_done == 0 and loader.batches_done == 0:
-            loader.set_epoch(epoch)
-        elif loader.epoch != epoch:  # resumed at an epoch boundary
-            epoch = loader.epoch
-        it = iter(stream)
-        while True:
-            tw = time.perf_counter()
-            try:
-                b = next(it)
-            except StopIteration:
-                break
-            dt = time.perf_counter() - tw
-            wait += dt
-            acc_wait += dt
-            ids = b["input_ids"].to(dev, non_blocking=True)
-            att = b["attention_mask"].to(dev, non_blocking=True)
-            # masking draws: a function of (seed, step, rank), so ranks mask independently and a
-            # resumed run masks as the uninterrupted one
-            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + step + (rank << 40))
-            mids, labels = mask_tokens(ids, att, dicts.mask_id, special_ids, cfg.vocab_size, mlm_probability, g)
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = net(mids, att, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            opt.step()
-            sched.step()
-            step += 1
-            n = int(ids.shape[0])
-            cells += n
-            tokens += int(b["lengths"].sum())
-            acc_loss += float(loss.detach()) * n
-            acc_n += n
-            acc_cells += n
-            if step % log_every == 0 or (max_steps and step >= max_steps) or (stop_after and step >= stop_after):
-                now = time.perf_counter()
-                rows.append({"step": step, "epoch": epoch, "loss": acc_loss / max(acc_n, 1),
-                             "lr": sched.get_last_lr()[0], "cells_per_s": acc_cells / max(now - t_log, 1e-9),
-                             "data_wait_fraction": acc_wait / max(now - t_log, 1e-9), "wall_s": now - t0})
-                if progress and rank == 0:
-                    r = rows[-1]
-                    print(f"step {step} epoch {epoch} loss {r['loss']:.4f} lr {r['lr']:.2e} "
-                          f"{r['cells_per_s']:.0f} cells/s wait {r['data_wait_fraction']:.0%}", flush=True)
-                acc_loss, acc_n, acc_cells, acc_wait, t_log = 0.0, 0, 0, 0.0, now
-            if checkpoint_every and step % checkpoint_every == 0:
-                save_checkpoint()
-            if (max_steps and step >= max_steps) or (stop_after and step >= stop_after):
-                done = True
-                break
-        if not done:
-            epoch += 1
-    if acc_n:
-        now = time.perf_counter()
-        rows.append({"step": step, "epoch": epoch, "loss": acc_loss / acc_n, "lr": sched.get_last_lr()[0],
-                     "cells_per_s": acc_cells / max(now - t_log, 1e-9),
-                     "data_wait_fraction": acc_wait / max(now - t_log, 1e-9), "wall_s": now - t0})
-    wall = time.perf_counter() - t0
-    save_checkpoint()
+    res = run_pretraining(model=model, net=net, opt=opt, sched=sched, stream=stream, out=out, step_loss=step_loss,
+                          epochs=epochs, max_steps=max_steps, stop_after=stop_after, log_every=log_every,
+                          checkpoint_every=checkpoint_every, max_grad_norm=max_grad_norm, resume=resume, dist=dist,
+                          rank=rank, world=world, progress=progress,
+                          loss_label="MLM cross-entropy (nats per masked token)")
+    step, rows, cells, tokens, wait, wall = (res[k] for k in ("step", "rows", "cells", "tokens", "wait_s", "wall_s"))
     run: dict[str, Any] = {}
     if rank == 0:
         mdir = out / "model"
@@ -473,10 +340,6 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
         meta = {"mode": mode, "max_len": L, "special_tokens": special, "preset": preset,
                 "manifest_sha256": side["manifest"]["sha256"], "store": store.identity()}
         (mdir / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        curve = pd.DataFrame(rows)
-        curve.to_csv(out / "training_curve.csv", index=False)
-        if len(curve):
-            _plot(curve, out / "training_curve.png")
         import transformers
 
         run = {

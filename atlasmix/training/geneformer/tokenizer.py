@@ -29,7 +29,7 @@ corpus is written.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ from atlasmix.errors import AtlasmixError
 from atlasmix.training._cells import run_in_chunks
 from atlasmix.preprocess import TARGET_SUM
 from atlasmix.training.geneformer.dictionaries import CLS, EOS, Dictionaries
+from atlasmix.training.stream import EncodedStream
 
 #: model input sizes: V1 (Geneformer gc30M models) and V2 (gc104M models).
 MODES = {"v1": {"max_len": 2048, "special_tokens": False}, "v2": {"max_len": 4096, "special_tokens": True}}
@@ -406,7 +407,7 @@ def vocabulary_axis(store, dicts: Dictionaries, species: str | None = None) -> d
             "feature_ids": var["feature_id"].to_numpy()[ok], "n_vocab": len(dicts.genes())}
 
 
-class GeneformerStream:
+class GeneformerStream(EncodedStream):
     """Tokenized minibatches of a mixture, rank value encoded on the fly from a :class:`MixtureLoader`.
 
     Parameters
@@ -455,6 +456,8 @@ class GeneformerStream:
     so 11/1,000 cells are identical in full, and all 1,000 rank the common genes identically.
     """
 
+    thread_name = "atlasmix-geneformer"
+
     def __init__(self, loader, axis: dict[str, np.ndarray], dicts: Dictionaries, mode: str = "v1",
                  max_len: int | None = None, batch_size: int | None = None, group_by_length: bool = True,
                  drop_empty: bool = True, threads: int = 1, prefetch: int = 2):
@@ -462,22 +465,15 @@ class GeneformerStream:
             raise AtlasmixError("GeneformerStream needs a loader with sparse=True and library='total_counts'")
         if not np.array_equal(loader.var_joinids, axis["var_joinids"]):
             raise AtlasmixError("the loader's gene axis is not the vocabulary axis")
-        self.loader, self.axis, self.dicts, self.mode = loader, axis, dicts, mode
+        super().__init__(loader, batch_size, group_by_length, drop_empty, prefetch)
+        self.axis, self.dicts, self.mode = axis, dicts, mode
         self.max_len, special = mode_settings(mode, max_len)
         if special and not dicts.has_v2_specials:
             raise AtlasmixError("V2 mode needs <cls> and <eos> in the token dictionary")
         self.cls_id = dicts.token[CLS] if special else None
         self.eos_id = dicts.token[EOS] if special else None
-        self.batch_size = int(batch_size or loader.batch_size)
-        self.group_by_length = bool(group_by_length)
-        self.drop_empty = bool(drop_empty)
-        self.sub_done = 0  # training batches handed out from the current megabatch
-        self.threads, self.prefetch = max(1, int(threads)), max(1, int(prefetch))
-
-    def __len__(self) -> int:
-        """Training batches per epoch (upper bound when empty cells are dropped)."""
-        per = -(-self.loader.batch_size // self.batch_size)
-        return len(self.loader) * per
+        self.n_special = 2 if special else 0
+        self.threads = max(1, int(threads))
 
     def tokenize(self, b: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """Rank value encode one loader minibatch; returns (tokens (B, L), lengths (B,))."""
@@ -487,68 +483,14 @@ class GeneformerStream:
                                  self.max_len, cls_id=self.cls_id, eos_id=self.eos_id, pad_id=self.dicts.pad_id,
                                  threads=self.threads)
 
-    def _split(self, b: dict[str, Any], tokens: np.ndarray, lengths: np.ndarray, mega_index: int) -> list[dict]:
-        n = len(lengths)
-        genes = lengths - (2 if self.cls_id is not None else 0)
-        keep = np.flatnonzero(genes > 0) if self.drop_empty else np.arange(n)
-        if self.group_by_length:
-            keep = keep[np.argsort(-lengths[keep], kind="stable")]
-        groups = [keep[i:i + self.batch_size] for i in range(0, len(keep), self.batch_size)]
-        if self.group_by_length and self.loader.shuffle and len(groups) > 1:
-            rng = np.random.default_rng([self.loader.seed, self.loader.epoch, 7919, mega_index])
-            groups = [groups[i] for i in rng.permutation(len(groups))]
-        extra = [k for k in b if k not in ("X", "library_size", "soma_joinid")]
-        out = []
-        for g in groups:
-            L = int(lengths[g].max())
-            ids = torch.from_numpy(np.ascontiguousarray(tokens[g, :L]))
-            lens = torch.from_numpy(lengths[g])
-            d = {"input_ids": ids, "attention_mask": (torch.arange(L)[None, :] < lens[:, None]).long(),
-                 "lengths": lens, "soma_joinid": b["soma_joinid"][torch.from_numpy(g)]}
-            for k in extra:
-                d[k] = b[k][torch.from_numpy(g)]
-            out.append(d)
-        return out
+    def encode(self, b: dict[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        tokens, lengths = self.tokenize(b)
+        return {"input_ids": tokens}, lengths
 
-    def _produce(self) -> Iterator[tuple[int, int, list[dict]]]:
-        """(epoch, megabatch index, training batches) per loader minibatch; runs in a background thread."""
-        for b in self.loader:
-            epoch, mega_index = self.loader.epoch, self.loader.batches_done - 1
-            tokens, lengths = self.tokenize(b)
-            yield epoch, mega_index, self._split(b, tokens, lengths, mega_index)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        from atlasmix._prefetch import prefetch
-
-        L = self.loader
-        if L.batches_done >= len(L):  # the loader would start the next epoch
-            L.set_epoch(L.epoch + 1)
-        self._epoch, self._mega = L.epoch, L.batches_done
-        skip = self.sub_done
-        # tokenization runs ahead in a thread (the encoding kernel releases the GIL): the training loop
-        # only waits when the loader + tokenizer are slower than the model
-        for epoch, mega_index, subs in prefetch(self._produce(), depth=self.prefetch, name="atlasmix-geneformer"):
-            self._epoch, self._mega = epoch, mega_index
-            for j in range(skip, len(subs)):
-                self.sub_done = j + 1
-                yield subs[j]
-            skip = 0
-            self.sub_done = 0
-            self._mega = mega_index + 1
-        self._epoch, self._mega = L.epoch, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        """The consumer's position (the loader itself may have read ahead): loader state with
-        ``epoch`` / ``batches_done`` of the megabatch being consumed, and ``sub_done``."""
-        st = self.loader.state_dict()
-        if hasattr(self, "_epoch"):
-            st["epoch"], st["batches_done"] = self._epoch, self._mega
-        return {"loader": st, "sub_done": self.sub_done}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state["loader"])
-        self.sub_done = int(state.get("sub_done", 0))
-        self._epoch, self._mega = self.loader.epoch, self.loader.batches_done
+    def finish(self, d: dict[str, Any]) -> dict[str, Any]:
+        L = d["input_ids"].shape[1]
+        d["attention_mask"] = (torch.arange(L)[None, :] < d["lengths"][:, None]).long()
+        return d
 
 
 def tokenize_anndata(adata, dicts: Dictionaries, name_id: dict[str, str] | None = None, mode: str = "v1",

@@ -1,0 +1,253 @@
+"""The optimisation loop of the masked pretraining of foundation models streamed from the store.
+
+Geneformer (:mod:`atlasmix.training.geneformer.pretrain`) and scGPT
+(:mod:`atlasmix.training.scgpt.pretrain`) differ in their model, encoding and masking; what they
+share is here: starting under ``torchrun`` (:func:`setup_distributed`), the loop over an
+:class:`~atlasmix.training.stream.EncodedStream` with gradient clipping, a learning-rate schedule,
+the training curve (loss, learning rate, cells/s, the fraction of wall time spent waiting for data),
+and checkpoints that resume every DDP rank mid-epoch (:func:`run_pretraining`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from atlasmix.errors import AtlasmixError
+
+
+def device_of(device: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; otherwise ``torch.device(device)``.
+
+    Raises
+    ------
+    AtlasmixError
+        CUDA asked for but not available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AtlasmixError(f"--accelerator {device} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def check_out(out: Path, resume: bool) -> Path:
+    """The checkpoint path of a run folder ``out``.
+
+    Raises
+    ------
+    AtlasmixError
+        ``resume`` without a checkpoint, or a non-empty ``out`` without ``resume``.
+    """
+    ck = out / "checkpoints" / "last.pt"
+    if resume and not ck.is_file():
+        raise AtlasmixError(f"nothing to resume: {ck} does not exist")
+    if not resume and out.exists() and any(out.iterdir()):
+        raise AtlasmixError(f"{out} is not empty (pass --resume to continue a run there)")
+    return ck
+
+
+def setup_distributed(device: str) -> tuple[bool, int, int, torch.device]:
+    """``(distributed, rank, world_size, device)``; under ``torchrun`` (``WORLD_SIZE`` > 1) the process
+    group is initialised here (NCCL on CUDA, gloo on CPU) and each rank takes its ``LOCAL_RANK`` GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        cuda = device != "cpu" and torch.cuda.is_available()
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if dist else 0
+    world = torch.distributed.get_world_size() if dist else 1
+    if dist and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    dev = device_of(device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+    return dist, rank, world, dev
+
+
+def plot_curve(df: pd.DataFrame, path: Path, loss_label: str = "train loss") -> None:
+    """Training loss and learning rate per logged step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(df["step"], df["loss"], label=loss_label)
+    ax[0].set_xlabel("optimizer step")
+    ax[0].set_ylabel(loss_label)
+    ax[0].legend()
+    ax[1].plot(df["step"], df["lr"])
+    ax[1].set_xlabel("optimizer step")
+    ax[1].set_ylabel("learning rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_pretraining(*, model: torch.nn.Module, net: torch.nn.Module, opt, sched, stream, out: Path,
+                    step_loss: Callable[[dict, int], tuple[torch.Tensor, int, int]], epochs: int,
+                    max_steps: int | None, stop_after: int | None, log_every: int, checkpoint_every: int,
+                    max_grad_norm: float, resume: bool, dist: bool, rank: int, world: int,
+                    progress: bool = False, loss_label: str = "train loss") -> dict[str, Any]:
+    """Train ``net`` over ``stream`` until ``epochs`` or ``max_steps`` (module doc).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The module whose ``state_dict`` is checkpointed (inside ``net``).
+    net : torch.nn.Module
+        What ``step_loss`` calls (DDP-wrapped when distributed).
+    opt, sched
+        Optimizer and learning-rate scheduler (stepped once per batch).
+    stream : atlasmix.training.stream.EncodedStream
+    out : pathlib.Path
+        Run folder: ``checkpoints/last.pt`` and ``training_curve.csv`` are written there.
+    step_loss : callable
+        ``(batch, step) -> (loss, cells, tokens)``: masking and forward pass of one batch (its draws
+        should be a function of the seed, ``step`` and rank, so that a resumed run equals an
+        uninterrupted one).
+    epochs, max_steps, stop_after
+        How long (``stop_after``: stop as if interrupted after that step).
+    log_every, checkpoint_every : int
+        Optimizer steps between curve rows / checkpoints (0: checkpoint only at the end).
+    max_grad_norm : float
+        Gradient clipping (0: none).
+    resume : bool
+        Continue from ``out/checkpoints/last.pt``: weights, optimizer, schedule, every rank's
+        stream position and RNG states.
+    dist, rank, world
+        :func:`setup_distributed`.
+    progress : bool
+        Print a line per logged step (rank 0).
+    loss_label : str
+        The loss axis of ``training_curve.png``.
+
+    Returns
+    -------
+    dict
+        ``step``, ``epoch``, ``rows`` (the curve), ``cells`` and ``tokens`` (this rank, this call),
+        ``wait_s`` and ``wall_s``.
+
+    Raises
+    ------
+    AtlasmixError
+        A checkpoint saved by another number of ranks.
+    """
+    loader = stream.loader
+    ck = out / "checkpoints" / "last.pt"
+    step, epoch, rows = 0, 0, []
+    if resume:
+        st = torch.load(ck, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        # each rank its own stream position and RNG states (one entry per rank, see save_checkpoint)
+        mine = st["ranks"] if "ranks" in st else [{k: st[k] for k in ("stream", "torch_rng", "cuda_rng") if k in st}]
+        if len(mine) != world:
+            raise AtlasmixError(f"the checkpoint was saved by {len(mine)} rank(s); this run has {world} "
+                                "(resume with the same torchrun --nproc_per_node / --nnodes)")
+        mine = mine[rank]
+        stream.load_state_dict(mine["stream"])
+        step, epoch = int(st["step"]), int(st["epoch"])
+        torch.set_rng_state(mine["torch_rng"])
+        if "cuda_rng" in mine and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["cuda_rng"])
+        if (out / "training_curve.csv").is_file():
+            old = pd.read_csv(out / "training_curve.csv")
+            rows = old[old["step"] <= step].to_dict("records")
+
+    def save_checkpoint() -> None:
+        # every rank reaches this at the same step (equal batch counts): its stream position and RNG
+        # states are gathered so that rank 0's checkpoint resumes every rank
+        own = {"stream": stream.state_dict(), "torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            own["cuda_rng"] = torch.cuda.get_rng_state_all()
+        ranks = [own]
+        if dist:
+            ranks = [None] * world
+            torch.distributed.all_gather_object(ranks, own)
+        if rank != 0:
+            return
+        ck.parent.mkdir(parents=True, exist_ok=True)
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "ranks": ranks, "step": step, "epoch": epoch}
+        tmp = ck.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(ck)
+        pd.DataFrame(rows).to_csv(out / "training_curve.csv", index=False)
+
+    def stopping() -> bool:
+        return bool((max_steps and step >= max_steps) or (stop_after and step >= stop_after))
+
+    net.train()
+    t0 = time.perf_counter()
+    cells = tokens = 0
+    wait = 0.0
+    acc_loss, acc_n, acc_cells, acc_wait, t_log = 0.0, 0, 0, 0.0, time.perf_counter()
+
+    def log_row(now: float) -> dict:
+        return {"step": step, "epoch": epoch, "loss": acc_loss / max(acc_n, 1), "lr": sched.get_last_lr()[0],
+                "cells_per_s": acc_cells / max(now - t_log, 1e-9),
+                "data_wait_fraction": acc_wait / max(now - t_log, 1e-9), "wall_s": now - t0}
+
+    done = stopping()
+    while not done and (bool(max_steps) or epoch < epochs):
+        if stream.sub_done == 0 and loader.batches_done == 0:
+            loader.set_epoch(epoch)
+        elif loader.epoch != epoch:  # resumed at an epoch boundary
+            epoch = loader.epoch
+        it = iter(stream)
+        while True:
+            tw = time.perf_counter()
+            try:
+                b = next(it)
+            except StopIteration:
+                break
+            dt = time.perf_counter() - tw
+            wait += dt
+            acc_wait += dt
+            loss, n, n_tok = step_loss(b, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            opt.step()
+            sched.step()
+            step += 1
+            cells += n
+            tokens += n_tok
+            acc_loss += float(loss.detach()) * n
+            acc_n += n
+            acc_cells += n
+            if step % log_every == 0 or stopping():
+                now = time.perf_counter()
+                rows.append(log_row(now))
+                if progress and rank == 0:
+                    r = rows[-1]
+                    print(f"step {step} epoch {epoch} loss {r['loss']:.4f} lr {r['lr']:.2e} "
+                          f"{r['cells_per_s']:.0f} cells/s wait {r['data_wait_fraction']:.0%}", flush=True)
+                acc_loss, acc_n, acc_cells, acc_wait, t_log = 0.0, 0, 0, 0.0, now
+            if checkpoint_every and step % checkpoint_every == 0:
+                save_checkpoint()
+            if stopping():
+                done = True
+                break
+        if not done:
+            epoch += 1
+    if acc_n:
+        rows.append(log_row(time.perf_counter()))
+    wall = time.perf_counter() - t0
+    save_checkpoint()
+    if rank == 0:
+        curve = pd.DataFrame(rows)
+        curve.to_csv(out / "training_curve.csv", index=False)
+        if len(curve):
+            plot_curve(curve, out / "training_curve.png", loss_label)
+    return {"step": step, "epoch": epoch, "rows": rows, "cells": cells, "tokens": tokens, "wait_s": wait,
+            "wall_s": wall}

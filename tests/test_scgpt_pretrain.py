@@ -1,0 +1,118 @@
+"""scGPT pretraining from the store (tiny model, CPU): the masked-value loss falls, the model saves and
+reloads, a stopped run resumes to the uninterrupted run's weights, cells embed (<cls>) from the CLI
+and directly; scGPT's masking rule."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import in_sql, run_cli
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+KW = dict(preset="tiny", max_len=64, batch_size=16, group_batches=4, warmup_steps=2, lr=3e-2, log_every=5,
+          checkpoint_every=5, device="cpu", io_batch_size=512)
+
+
+@pytest.fixture(scope="module")
+def mix(lake, tmp_path_factory):
+    """(store, manifest) of 300 cells of the first three datasets (shared data or simulated)."""
+    from atlasmix.mixing import loads_spec, resolve, write_manifest
+
+    store, names = lake
+    spec = loads_spec(f'name = "sg"\nseed = 5\nvalidation_fraction = 0.1\n[[components]]\nname = "c"\n'
+                      f'where = "{in_sql(names[:3])}"\nn_cells = 300\n', "sg.toml")
+    path = tmp_path_factory.mktemp("sg") / "sg.parquet"
+    write_manifest(resolve(spec, store), path)
+    return store, path
+
+
+def test_mask_values_follows_scgpt():
+    from atlasmix.training.scgpt.pretrain import mask_values
+
+    v = torch.full((5, 40), -2.0)
+    lens = [40, 1, 10, 23, 3]
+    for i, n in enumerate(lens):
+        v[i, :n] = torch.arange(n, dtype=torch.float32) % 7
+    masked, mask = mask_values(v, 0.4, torch.Generator().manual_seed(0))
+    assert mask.sum(1).tolist() == [int(0.4 * n) for n in lens]  # int(n * mask_ratio) per cell
+    assert (masked[mask] == -1).all() and (masked[~mask] == v[~mask]).all() and not mask[v == -2].any()
+    again, _ = mask_values(v, 0.4, torch.Generator().manual_seed(0))
+    assert torch.equal(again, masked)
+
+
+def test_pretrain_save_reload_embed_and_the_cli(mix, tmp_path):
+    from atlasmix.training.scgpt.model import load_scgpt
+    from atlasmix.training.scgpt.pretrain import embed_cells, train_scgpt
+
+    store, path = mix
+    out = tmp_path / "run"
+    r = run_cli("train", "scgpt", "--store", store.uri, "--mixture", path, "--out", out, "--preset", "tiny",
+                "--max-len", "64", "--batch-size", "16", "--group-batches", "4", "--warmup-steps", "2", "--lr", "3e-2",
+                "--log-every", "5", "--checkpoint-every", "10", "--accelerator", "cpu", "--io-batch-size", "512",
+                "--max-steps", "20", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    side = json.loads(path.with_suffix(".json").read_text())
+    assert run["manifest"]["sha256"] == side["manifest"]["sha256"] and run["steps"] == 20
+    assert run["config"]["n_layers"] == 2 and run["config"]["d_model"] == 32 and run["options"]["mask_ratio"] == 0.4
+    curve = pd.read_csv(out / "training_curve.csv")
+    assert len(curve) == 4 and curve["loss"].iloc[-1] < 0.5 * curve["loss"].iloc[0]  # masked-value MSE falls
+    model, cfg = load_scgpt(out)
+    assert cfg["n_bins"] == 51 and cfg["max_len"] == 64 and cfg["manifest_sha256"] == side["manifest"]["sha256"]
+    # in process: 5 more steps from the checkpoint; a second fresh run into the same folder is refused
+    from atlasmix.errors import AtlasmixError
+
+    run2 = train_scgpt(store, path, out, max_steps=25, resume=True, **KW)
+    assert run2["steps"] == 25 and run2["resumed"]
+    assert list(pd.read_csv(out / "training_curve.csv")["step"]) == [5, 10, 15, 20, 25]
+    with pytest.raises(AtlasmixError, match="not empty"):
+        train_scgpt(store, path, out, max_steps=5, **KW)
+
+    # embeddings: CLI == direct == the reloaded model's <cls> output on the encoded cells
+    names = sorted(set(store.catalog()["dataset_id"]))
+    r = run_cli("scgpt", "embed", "--model", out, "--store", store.uri, "--where", f"dataset_id = '{names[0]}'",
+                "--out", tmp_path / "emb.parquet", "--accelerator", "cpu", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    emb = pd.read_parquet(tmp_path / "emb.parquet")
+    E = emb.filter(like="emb_").to_numpy()
+    assert E.shape[1] == 32 and np.isfinite(E[emb["n_tokens"] > 0]).all() and (emb["n_tokens"] > 0).mean() > 0.9
+    ids = emb["soma_joinid"].to_numpy()[:4]
+    one = embed_cells(out, store, ids, device="cpu")
+    np.testing.assert_allclose(one.filter(like="emb_").to_numpy(), E[:4], rtol=1e-4, atol=1e-5)
+    from atlasmix.training.loader import MixtureLoader
+    from atlasmix.training.scgpt.encoding import ScGPTEncoder, load_vocab, vocabulary_axis
+    from atlasmix.training.scgpt.pretrain import ScGPTStream
+
+    model, cfg = load_scgpt(out)
+    vocab = load_vocab(out / "model" / "vocab.json")
+    axis = vocabulary_axis(store, vocab)
+    L = MixtureLoader(store, ids, var_joinids=axis["var_joinids"], batch_size=4, shuffle=False, obs_columns=(),
+                      sparse=True)
+    b = next(iter(ScGPTStream(L, ScGPTEncoder(axis, vocab, max_len=64), group_by_length=False)))
+    with torch.no_grad():
+        h = model.encode(b["genes"], b["values"])
+    np.testing.assert_allclose(h[:, 0].numpy(), one.filter(like="emb_").to_numpy(), rtol=1e-4, atol=1e-5)
+    r = run_cli("scgpt", "embed", "--model", tmp_path, "--store", store.uri, "--where", "dataset_id = 'x'",
+                "--out", tmp_path / "e2.parquet", env=ONE_THREAD)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_stopped_and_resumed_equals_uninterrupted(mix, tmp_path):
+    from atlasmix.training.scgpt.model import load_scgpt
+    from atlasmix.training.scgpt.pretrain import train_scgpt
+
+    store, path = mix
+    kw = {**KW, "checkpoint_every": 0}
+    train_scgpt(store, path, tmp_path / "a", max_steps=12, **kw)
+    train_scgpt(store, path, tmp_path / "b", max_steps=12, stop_after=7, **kw)  # stopped mid-epoch
+    part = load_scgpt(tmp_path / "b")[0].state_dict()
+    run = train_scgpt(store, path, tmp_path / "b", max_steps=12, resume=True, **kw)
+    assert run["steps"] == 12
+    a, b = load_scgpt(tmp_path / "a")[0].state_dict(), load_scgpt(tmp_path / "b")[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], part[k]) for k in a)
