@@ -379,3 +379,55 @@ def test_geneformer_adapter_batch_without_tokens_gives_nan_not_a_crash():
     r = GeneformerAdapter.rank_scores(a, np.zeros((4, 0), dtype=np.int64), np.zeros(4, dtype=np.int64),
                                       np.zeros((4, 0), dtype=bool))
     assert r.shape == (4,) and np.isnan(r).all()
+
+
+def test_scgpt_and_scbert_evaluated_beside_ldvae(trained, tmp_path):
+    """scGPT and scBERT runs go through the same evaluation as LDVAE (embedding metrics, per-cell
+    table, report); their evaluation embeddings are the ones `scgpt|scbert embed` gives."""
+    import torch
+
+    from atlasmix.evaluation.evalsets import store_eval_sets
+    from atlasmix.evaluation.models import ScBERTAdapter, ScGPTAdapter, load_model
+    from atlasmix.evaluation.report import render_report
+    from atlasmix.evaluation.run import evaluate
+    from atlasmix.training.scbert.pretrain import embed_cells as sb_embed
+    from atlasmix.training.scbert.pretrain import train_scbert
+    from atlasmix.training.scgpt.pretrain import embed_cells as sg_embed
+    from atlasmix.training.scgpt.pretrain import train_scgpt
+
+    torch.set_num_threads(1)
+    store, d, _ = trained
+    kw = dict(preset="tiny", batch_size=16, group_batches=4, max_steps=8, warmup_steps=2, lr=1e-2, log_every=4,
+              checkpoint_every=0, device="cpu", io_batch_size=512)
+    train_scgpt(store, d / "mix.parquet", tmp_path / "sg", max_len=128, **kw)
+    (tmp_path / "genes.txt").write_text("\n".join(store.var()["feature_name"].astype(str).unique()[:800]) + "\n")
+    train_scbert(store, d / "mix.parquet", tmp_path / "sb", genes=tmp_path / "genes.txt", **kw)
+    sg, sb = load_model(tmp_path / "sg"), load_model(tmp_path / "sb" / "model")
+    assert isinstance(sg, ScGPTAdapter) and isinstance(sb, ScBERTAdapter) and sb.name == "sb"
+    assert sg.mixture == "pbmc_mix" and sg.training_cells()[0] is not None
+    (e,) = store_eval_sets(d / "eval_sets.toml", store)
+    out = tmp_path / "res"
+    doc = evaluate([d / "ldvae", tmp_path / "sg", tmp_path / "sb"], [e], out, store=store, batch_size=400,
+                   few_shot_fractions=(0.5, 1.0), few_shot_seeds=(0,), rank_fidelity=False, log=lambda s: None)
+    assert [x["kind"] for x in doc["models"]] == ["ldvae", "scgpt", "scbert"]
+    assert doc["overlap_checks"]["sg/pbmc3k_part"]["checked"]
+    res = pd.read_parquet(out / "results.parquet")
+    v = res.set_index(["model", "metric"])["value"]
+    for name in ("sg", "sb"):
+        assert 0 <= v[(name, "knn_macro_f1")] <= 1 and 0 <= v[(name, "few_shot_macro_f1_f1")] <= 1
+        assert v[(name, "no_token_cells_fraction")] < 0.05 and v[(name, "tokens_per_cell_median")] > 10
+        assert v[(name, "n_cell_types")] == v[("ldvae", "n_cell_types")]
+        assert not any(k.startswith("recon_") for k in res.loc[res["model"] == name, "metric"])
+    pc = pd.read_parquet(out / "per_cell.parquet")
+    assert (pc.groupby("model").size() == e.n_cells).all() and (pc.loc[pc["model"] == "sg", "n_tokens"] > 0).mean() > 0.95
+    # the evaluation's embeddings == the embed commands' (same encoding, same draws, same pooling)
+    ids = e.joinids[:5]
+    ref_sg = sg_embed(tmp_path / "sg", store, ids, device="cpu").filter(like="emb_").to_numpy()
+    ref_sb = sb_embed(tmp_path / "sb", store, ids, device="cpu").filter(like="emb_").to_numpy()
+    cnt = next(e.iter_counts(sg.feature_ids, 5))[1]
+    np.testing.assert_allclose(sg.embed_counts(cnt[:5], ids)[0], ref_sg, rtol=1e-4, atol=1e-5)
+    cnt = next(e.iter_counts(sb.feature_ids, 5))[1]
+    np.testing.assert_allclose(sb.embed_counts(cnt[:5], ids)[0], ref_sb, rtol=1e-4, atol=1e-5)
+    render_report(out, tmp_path / "rep" / "report.html")
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert all(f"<th>{n}</th>" in page for n in ("ldvae", "sg", "sb"))  # side by side in the kNN table

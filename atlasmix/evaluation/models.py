@@ -27,6 +27,10 @@ folder with ``config.json`` + ``token_dictionary.pkl`` + ``gene_median_dictionar
     (:mod:`atlasmix.training.geneformer.tokenizer`), cell embeddings (mean of the second-to-last
     hidden layer over gene tokens) and per-cell rank prediction scores of the MLM head. The gene
     axis is the vocabulary; there is no batch covariate and no reconstruction output.
+scGPT / scBERT (``atlasmix train scgpt|scbert`` output)
+    :class:`ScGPTAdapter`, :class:`ScBERTAdapter`: the eval counts on the store genes behind the
+    model's tokens (saved with the model), encoded as in pretraining; cell embeddings only (scGPT:
+    ``<cls>``; scBERT: the appended last position).
 """
 
 from __future__ import annotations
@@ -421,6 +425,107 @@ class GeneformerAdapter(_TrainedOnManifest):
         return out
 
 
+class _EncodedModelAdapter(_TrainedOnManifest):
+    """Shared part of the scGPT and scBERT adapters: a run folder ``OUT`` (``run.json`` + ``model/``) or a
+    model folder; :attr:`feature_ids` are the store genes (Ensembl ids) behind the model's gene tokens,
+    saved with the model, so any eval set (store or file) is aligned to them."""
+
+    axis_file = ""
+
+    def _setup(self, path: str | Path, device: str) -> Path:
+        from atlasmix.training.pretrain_loop import device_of
+
+        p = Path(path)
+        mdir = p / "model" if (p / "model" / "config.json").is_file() else p
+        if not (mdir / self.axis_file).is_file():
+            raise AtlasmixError(f"{p} is not a {self.kind} model directory (no {self.axis_file} in {mdir})")
+        self.path = mdir.parent if mdir == p / "model" or (mdir.parent / "run.json").is_file() else mdir
+        run_json = self.path / "run.json"
+        self.run = json.loads(run_json.read_text()) if run_json.is_file() and self.path != mdir else {}
+        self.device = device_of(device)
+        self.name = self.path.name
+        self.mixture = self.run.get("manifest", {}).get("name") or self.name
+        self.axis = pd.read_csv(mdir / self.axis_file, sep="\t")
+        self.feature_ids = np.asarray(self.axis["feature_id"].astype(str), dtype=object)
+        return mdir
+
+
+class ScGPTAdapter(_EncodedModelAdapter):
+    """A trained scGPT (``atlasmix train scgpt``): cell embeddings = the ``<cls>`` output of the value
+    binned cells (:mod:`atlasmix.training.scgpt`); binning draws keyed by each cell's ``soma_joinid``
+    (its position in a file eval set) with seed 0, so scores are deterministic."""
+
+    kind = "scgpt"
+    axis_file = "genes.tsv"
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        from atlasmix.training.scgpt.encoding import CLS, PAD
+        from atlasmix.training.scgpt.model import load_scgpt
+
+        mdir = self._setup(path, device)
+        self.model, self.cfg = load_scgpt(mdir, self.device)
+        self.tokens = self.axis["token_id"].to_numpy(dtype=np.int64)
+        vocab = json.loads((mdir / "vocab.json").read_text())
+        self.cls_id, self.pad_id = int(vocab[CLS]), int(vocab[PAD])
+        self.n_latent = int(self.cfg["d_model"])
+
+    def embed_counts(self, counts, cell_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings float32 (B, d_model), gene tokens per cell int64 (B,)) of raw counts on
+        :attr:`feature_ids` (CSR, (B, n_genes)); NaN rows for cells without a token. ``cell_keys``
+        (int64 (B,), e.g. ``soma_joinid``) key the binning draws, as in
+        :func:`atlasmix.training.scgpt.pretrain.embed_cells`."""
+        import scipy.sparse as sp
+        import torch
+
+        from atlasmix.training.scgpt.encoding import bin_and_tokenize
+
+        m = sp.csr_matrix(counts)
+        enc = bin_and_tokenize(m.indptr, m.indices, m.data, self.tokens, np.asarray(cell_keys, dtype=np.int64),
+                               cls_id=self.cls_id, pad_id=self.pad_id, n_bins=int(self.cfg["n_bins"]),
+                               max_len=int(self.cfg["max_len"]))
+        with torch.inference_mode():
+            e = self.model(torch.from_numpy(enc["genes"]).to(self.device),
+                           torch.from_numpy(enc["values"]).to(self.device))["cell_emb"]
+        e = e.float().cpu().numpy()
+        n = enc["lengths"] - 1
+        e[n <= 0] = np.nan
+        return e, n
+
+
+class ScBERTAdapter(_EncodedModelAdapter):
+    """A trained scBERT (``atlasmix train scbert``): cell embeddings = the Performer's output at the
+    appended last position of the cell's tokens (:mod:`atlasmix.training.scbert`)."""
+
+    kind = "scbert"
+    axis_file = "axis.tsv"
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        from atlasmix.training.scbert.pretrain import load_scbert
+
+        mdir = self._setup(path, device)
+        self.model, self.cfg, _ = load_scbert(mdir, self.device)
+        self.positions = self.axis["position"].to_numpy(dtype=np.int64)
+        self.n_genes_model = int(self.cfg["n_genes"])
+        self.n_latent = int(self.cfg["dim"])
+
+    def embed_counts(self, counts, cell_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`ScGPTAdapter.embed_counts` (``cell_keys`` unused: no random draws); tokens =
+        nonzero expression tokens."""
+        import scipy.sparse as sp
+        import torch
+
+        from atlasmix.training.scbert.encoding import scbert_tokens
+
+        m = sp.csr_matrix(counts)
+        tok = torch.from_numpy(scbert_tokens(m.indptr, m.indices, m.data, self.positions, self.n_genes_model))
+        with torch.inference_mode():
+            h = self.model(tok.to(self.device).long(), return_encodings=True)
+        e = h[:, -1].float().cpu().numpy()
+        n = tok.ne(0).sum(1).numpy().astype(np.int64)
+        e[n <= 0] = np.nan
+        return e, n
+
+
 def load_model(path: str | Path, device: str = "cpu"):
     """The adapter for a model directory: an LDVAE run dir, a Geneformer run dir (``OUT``) or model dir
     (``OUT/model`` or any folder with ``config.json`` and the Geneformer dictionaries).
@@ -438,5 +543,13 @@ def load_model(path: str | Path, device: str = "cpu"):
     for c in (p / "model", p):
         if (c / "config.json").is_file() and (c / "token_dictionary.pkl").is_file():
             return GeneformerAdapter(p, device)
-    raise AtlasmixError(f"{p}: not an LDVAE run directory (run.json + model/) nor a Geneformer run or model "
-                        "directory (config.json + token_dictionary.pkl, in it or in its model/)")
+        if (c / "config.json").is_file():
+            try:
+                kind = json.loads((c / "config.json").read_text()).get("model")
+            except (OSError, ValueError):
+                kind = None
+            if kind in ("scgpt", "scbert"):
+                return (ScGPTAdapter if kind == "scgpt" else ScBERTAdapter)(p, device)
+    raise AtlasmixError(f"{p}: not an LDVAE run directory (run.json + model/), a Geneformer run or model "
+                        "directory (config.json + token_dictionary.pkl, in it or in its model/) nor an scGPT / "
+                        "scBERT one (config.json naming the model)")

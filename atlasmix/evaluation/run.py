@@ -20,6 +20,11 @@ held dense):
    ``max_rank_cells`` cells, the masked rank prediction score of the MLM head and its mean-rank
    baseline (``rank_pred_*`` rows: median / IQR over cells). Reconstruction accuracy does not
    apply (no expression output). Store and external file sets alike.
+5. Every scGPT / scBERT (:class:`~atlasmix.evaluation.models.ScGPTAdapter`,
+   :class:`~atlasmix.evaluation.models.ScBERTAdapter`): the set's counts on the store genes behind
+   the model's tokens, encoded as in pretraining (value binning / expression tokens), cell
+   embeddings (scGPT ``<cls>``, scBERT the appended last position), then the embedding metrics
+   (cells without a token left out). Their masked-value / masked-token heads are not scored yet.
 
 Embedding metrics, on cells whose cell type is known and has >= ``min_cells_per_type`` cells (and
 only when >= 2 such types): kNN (k=5) accuracy / macro F1 on a seeded 50/50 split, the few-shot
@@ -423,6 +428,39 @@ def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline
                 log(f"{m.name} on {e.name}: median rank prediction r = {s['median']:.3f} (mean-rank baseline "
                     f"{sb['median']:.3f}, {s['n']} cells), {timings[f'{m.name}/{e.name}']} s")
                 continue
+            if hasattr(m, "embed_counts"):  # scGPT, scBERT: embeddings of the cells encoded as in pretraining
+                t0 = time.perf_counter()
+                emb = np.full((e.n_cells, m.n_latent), np.nan, dtype=np.float32)
+                n_tok = np.zeros(e.n_cells, dtype=np.int64)
+                present = pd.Index(m.feature_ids).isin(e.feature_ids)
+                sj = pd.to_numeric(e.obs["soma_joinid"], errors="coerce").to_numpy()
+                keys = sj.astype(np.int64) if np.isfinite(sj).all() else np.arange(e.n_cells, dtype=np.int64)
+                for sl, cnt in e.iter_counts(m.feature_ids, batch_size):
+                    for k in range(0, cnt.shape[0], geneformer_batch_size):
+                        part = slice(sl.start + k, min(sl.stop, sl.start + k + geneformer_batch_size))
+                        emb[part], n_tok[part] = m.embed_counts(cnt[k:k + geneformer_batch_size], keys[part])
+                ok = n_tok > 0
+                pc = e.obs[["cell_id", "soma_joinid", "dataset_id", "cell_type"]].copy()
+                pc.insert(0, "eval_set", e.name)
+                pc.insert(0, "mixture", m.mixture)
+                pc.insert(0, "model", m.name)
+                pc["batch_seen"] = None
+                pc["pearson_r"] = np.nan
+                pc["r2"] = np.nan
+                pc["n_tokens"] = n_tok
+                per_cell.append(pc)
+                rows += _rows(m.name, m.mixture, e.name, {
+                    "model_genes_missing_fraction": float(1 - present.mean()),
+                    "no_token_cells_fraction": float(1 - ok.mean()),
+                    "tokens_per_cell_median": float(np.median(n_tok))})
+                lab = np.where(ok, labels.astype(object), "unknown")
+                met, fs = embedding_metrics(np.nan_to_num(emb, nan=0.0), lab, **emb_kw)
+                rows += _rows(m.name, m.mixture, e.name, met)
+                if len(fs):
+                    few.append(fs.assign(model=m.name, mixture=m.mixture, eval_set=e.name))
+                timings[f"{m.name}/{e.name}"] = round(time.perf_counter() - t0, 2)
+                log(f"{m.name} on {e.name}: embeddings of {int(ok.sum())} cells, {timings[f'{m.name}/{e.name}']} s")
+                continue
             if not isinstance(m, LDVAEAdapter):
                 continue
             t0 = time.perf_counter()
@@ -468,7 +506,7 @@ def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline
     res = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     res.to_parquet(out / "results.parquet", index=False)
     res.to_csv(out / "results.csv", index=False)
-    if per_cell and any("rank_pred_pearson" in p for p in per_cell):  # same columns in every part
+    if per_cell and any("n_tokens" in p for p in per_cell):  # same columns in every part
         for p in per_cell:
             for c in PER_CELL_GENEFORMER:
                 if c not in p:

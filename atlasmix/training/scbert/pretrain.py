@@ -16,7 +16,7 @@ AdamW with linear warmup and decay instead of Adam with cosine restarts and grad
 has no gene2vec option: its position embedding module is replaced by :class:`Gene2VecEmbedding`.
 
 Outputs (``out``): ``model/`` (``config.json``, ``model.safetensors``, ``genes.txt`` = the gene axis
-used), ``training_curve.csv/png``, ``run.json``, ``checkpoints/last.pt``.
+used, ``axis.tsv`` = the store gene (Ensembl id) at each position the store fills), ``training_curve.csv/png``, ``run.json``, ``checkpoints/last.pt``.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 TRAIN_DEFAULTS = dict(lr=1e-4, weight_decay=0.0, warmup_steps=1_000, batch_size=3, mask_prob=0.15, replace_prob=0.9)
 GENES_FILE = "genes.txt"
+AXIS_FILE = "axis.tsv"
 
 
 class Gene2VecEmbedding(nn.Module):
@@ -245,6 +246,10 @@ def train_scbert(store, manifest: str | Path, out: str | Path, *, genes: str | P
     if rank == 0:
         _save(model, out / "model", gene_list, {"manifest_sha256": side["manifest"]["sha256"],
                                                 "store": store.identity()})
+        # the store genes behind the axis positions (Ensembl ids): evaluation aligns any eval set to them
+        fid = store.var().loc[axis["var_joinids"], "feature_id"].astype(str).to_numpy()
+        pd.DataFrame({"feature_id": fid, "position": axis["position"]}).to_csv(out / "model" / AXIS_FILE, sep="\t",
+                                                                               index=False)
         wall = res["wall_s"]
         run = {
             "model": "scBERT (performer_pytorch.PerformerLM)",

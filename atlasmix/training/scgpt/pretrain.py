@@ -15,7 +15,8 @@ pads every cell to ``max_len``); bf16 autocast on CUDA (scGPT: fp16 AMP); the GE
 is not built.
 
 Outputs (directory ``out``): ``model/`` (``config.json`` with the sizes, binning and vocabulary
-settings, ``model.safetensors``, ``vocab.json``; :func:`atlasmix.training.scgpt.model.load_scgpt`
+settings, ``model.safetensors``, ``vocab.json``, ``genes.tsv``: the store genes (Ensembl ids) behind
+the gene tokens; :func:`atlasmix.training.scgpt.model.load_scgpt`
 reloads it), ``training_curve.csv/png``, ``run.json``, ``checkpoints/last.pt`` (``resume=True``
 continues mid-epoch).
 """
@@ -40,6 +41,7 @@ from atlasmix.training.stream import EncodedStream, embedding_table
 #: scGPT's pretraining settings (``mask_ratio``; learning rate of its whole-human pretraining).
 TRAIN_DEFAULTS = dict(lr=1e-4, weight_decay=0.0, warmup_steps=1_000, batch_size=32, mask_ratio=0.4)
 VOCAB_FILE = "vocab.json"
+AXIS_FILE = "genes.tsv"
 
 
 class ScGPTStream(EncodedStream):
@@ -235,6 +237,9 @@ def train_scgpt(store, manifest: str | Path, out: str | Path, *, vocab: str | Pa
         model.save(mdir, {"n_bins": n_bins, "max_len": max_len, "preset": preset,
                           "manifest_sha256": side["manifest"]["sha256"], "store": store.identity()})
         (mdir / VOCAB_FILE).write_text(json.dumps(vocab_d) + "\n")
+        # the store genes behind the tokens (Ensembl ids): evaluation aligns any eval set to them
+        pd.DataFrame({"feature_id": axis["feature_id"], "token_id": axis["token_ids"]}).to_csv(
+            mdir / AXIS_FILE, sep="\t", index=False)
         wall = res["wall_s"]
         run = {
             "model": "scGPT (atlasmix.training.scgpt.model.ScGPTModel: torch TransformerEncoder, GEP head)",
