@@ -408,7 +408,8 @@ def test_scgpt_and_scbert_evaluated_beside_ldvae(trained, tmp_path):
     (e,) = store_eval_sets(d / "eval_sets.toml", store)
     out = tmp_path / "res"
     doc = evaluate([d / "ldvae", tmp_path / "sg", tmp_path / "sb"], [e], out, store=store, batch_size=400,
-                   few_shot_fractions=(0.5, 1.0), few_shot_seeds=(0,), rank_fidelity=False, log=lambda s: None)
+                   few_shot_fractions=(0.5, 1.0), few_shot_seeds=(0,), rank_fidelity=False, max_rank_cells=150,
+                   log=lambda s: None)
     assert [x["kind"] for x in doc["models"]] == ["ldvae", "scgpt", "scbert"]
     assert doc["overlap_checks"]["sg/pbmc3k_part"]["checked"]
     res = pd.read_parquet(out / "results.parquet")
@@ -418,6 +419,11 @@ def test_scgpt_and_scbert_evaluated_beside_ldvae(trained, tmp_path):
         assert v[(name, "no_token_cells_fraction")] < 0.05 and v[(name, "tokens_per_cell_median")] > 10
         assert v[(name, "n_cell_types")] == v[("ldvae", "n_cell_types")]
         assert not any(k.startswith("recon_") for k in res.loc[res["model"] == name, "metric"])
+        # of max_rank_cells = 150; a cell whose masked values are all equal has no correlation (scBERT's
+        # tokens of 800 genes are mostly 1: many cells)
+        assert v[(name, "masked_pred_n_cells_scored")] >= (100 if name == "sg" else 20)
+        assert -1 <= v[(name, "masked_pred_pearson_median")] <= 1
+        assert 0.2 < v[(name, "masked_pred_baseline_pearson_median")] <= 1  # gene means know a lot
     pc = pd.read_parquet(out / "per_cell.parquet")
     assert (pc.groupby("model").size() == e.n_cells).all() and (pc.loc[pc["model"] == "sg", "n_tokens"] > 0).mean() > 0.95
     # the evaluation's embeddings == the embed commands' (same encoding, same draws, same pooling)

@@ -337,3 +337,39 @@ def test_geneformer_runs_are_scored_against_their_baseline(sim_store, tmp_path):
     html = Path(doc["report"]).read_text()
     if (~scored["beats_baseline"].astype(bool)).any():  # a 4-step model is labelled, never shown as a result
         assert "does not beat its baseline" in html
+
+
+@pytest.mark.slow
+def test_scgpt_and_scbert_runs_beside_ldvae_in_a_study(sim_store, tmp_path):
+    """A study lists scGPT and scBERT next to LDVAE: each trains per seed on its mixture, is scored by
+    masked prediction against the per-gene mean baseline, and the summary and report hold every kind."""
+    from atlasmix.study.runner import run_study
+
+    (tmp_path / "scbert_genes.txt").write_text("\n".join(sim_store.var()["feature_name"].astype(str)[:400]) + "\n")
+    spec = _study(tmp_path, ["base_model"], "cells=2000", seeds=(0, 1),
+                  extra='[scgpt]\npreset = "tiny"\nmax_len = 64\nbatch_size = 8\nbudget = "steps=4"\n'
+                        'max_scored_cells = 30\n[scbert]\ngenes = "scbert_genes.txt"\nbatch_size = 4\n'
+                        'budget = "steps=4"\nmax_scored_cells = 30\n')
+    out = tmp_path / "out"
+    doc = run_study(spec, sim_store, out, log=lambda s: None)
+    assert doc["n_runs"] == 2 + 2 + 2
+    for kind in ("scgpt", "scbert"):
+        runs = [g for g in doc["grid"] if g["run_dir"].startswith(f"{kind}__")]
+        assert len(runs) == 2 and {g["seed"] for g in runs} == {0, 1}
+        run = json.loads(next((out / "runs").glob(f"{kind}__*__s1__*/{kind}/run.json")).read_text())
+        assert run["training"]["steps"] == 4 and run["options"]["seed"] == 1
+    summ = pd.read_parquet(out / "summary.parquet")
+    assert {"ldvae", "scgpt", "scbert"} <= set(summ["model_kind"])
+    for kind in ("scgpt", "scbert"):
+        g = summ[summ["model_kind"] == kind]
+        assert set(g["metric"]) == {"masked_pred_pearson_median"} and set(g["mixture"]) == {"base_model"}
+        scored = g.dropna(subset=["mean"])
+        assert len(scored) and scored["baseline"].notna().all()
+    pc = pd.read_parquet(out / "per_cell.parquet")
+    assert pc.loc[pc["model_kind"] == "scgpt", "baseline_value"].notna().mean() > 0.5
+    assert {"scgpt", "scbert"} <= set(pd.read_parquet(out / "curves.parquet")["model_kind"])
+    html = Path(doc["report"]).read_text()
+    assert "scgpt" in html and "scbert" in html
+    # rerun: every grid cell cached
+    doc2 = run_study(spec, sim_store, out, log=lambda s: None)
+    assert all(g["status"] == "cached" for g in doc2["grid"])

@@ -491,6 +491,44 @@ class ScGPTAdapter(_EncodedModelAdapter):
         e[n <= 0] = np.nan
         return e, n
 
+    def masked_prediction(self, counts, cell_keys: np.ndarray, mask_fraction: float,
+                          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """scGPT's pretraining task on eval cells: mask ``mask_fraction`` of each cell's gene tokens (at
+        least 3; the mask value -1) and predict their bins with the GEP head.
+
+        Returns
+        -------
+        (gene_keys, truth, pred, eligible) : numpy.ndarray, shape (B, L)
+            Token id, true bin, predicted bin (NaN where not masked) and whether the position is a
+            gene token (the baseline's genes).
+        """
+        import scipy.sparse as sp
+        import torch
+
+        from atlasmix.training.scgpt.encoding import MASK_VALUE, bin_and_tokenize
+
+        m = sp.csr_matrix(counts)
+        enc = bin_and_tokenize(m.indptr, m.indices, m.data, self.tokens, np.asarray(cell_keys, dtype=np.int64),
+                               cls_id=self.cls_id, pad_id=self.pad_id, n_bins=int(self.cfg["n_bins"]),
+                               max_len=int(self.cfg["max_len"]))
+        genes, values = enc["genes"], enc["values"].astype(np.float64)
+        eligible = np.arange(genes.shape[1])[None, :] < enc["lengths"][:, None]
+        eligible[:, 0] = False  # <cls>
+        mask = _choose_masked(eligible, mask_fraction, rng)
+        with torch.inference_mode():
+            pred = self.model(torch.from_numpy(genes).to(self.device),
+                              torch.from_numpy(np.where(mask, MASK_VALUE, enc["values"])).to(self.device))["gep"]
+        return genes, values, np.where(mask, pred.float().cpu().numpy(), np.nan), eligible
+
+
+def _choose_masked(eligible: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Per row, ``max(3, floor(fraction * n))`` of its ``n`` eligible positions, uniformly (none for
+    rows with fewer than 3)."""
+    n = eligible.sum(1)
+    k = np.where(n >= 3, np.maximum(3, np.floor(fraction * n)), 0)
+    scores = np.where(eligible, rng.random(eligible.shape), 2.0)
+    return scores.argsort(1).argsort(1) < k[:, None]
+
 
 class ScBERTAdapter(_EncodedModelAdapter):
     """A trained scBERT (``atlasmix train scbert``): cell embeddings = the Performer's output at the
@@ -524,6 +562,28 @@ class ScBERTAdapter(_EncodedModelAdapter):
         n = tok.ne(0).sum(1).numpy().astype(np.int64)
         e[n <= 0] = np.nan
         return e, n
+
+    def masked_prediction(self, counts, cell_keys: np.ndarray, mask_fraction: float,
+                          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """scBERT's pretraining task on eval cells: ``mask_fraction`` of each cell's nonzero tokens (at
+        least 3) become ``<mask>``; the prediction is the expected token under the model's softmax
+        over the expression tokens 0 .. 5. Returns as :meth:`ScGPTAdapter.masked_prediction` (gene
+        keys: axis positions)."""
+        import scipy.sparse as sp
+        import torch
+
+        from atlasmix.training.scbert.encoding import MASK_TOKEN, scbert_tokens
+
+        m = sp.csr_matrix(counts)
+        tok = scbert_tokens(m.indptr, m.indices, m.data, self.positions, self.n_genes_model).astype(np.int64)
+        eligible = tok != 0
+        mask = _choose_masked(eligible, mask_fraction, rng)
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(np.where(mask, MASK_TOKEN, tok)).to(self.device))
+            p = torch.softmax(logits[..., :MASK_TOKEN].float(), dim=-1)
+            expected = (p * torch.arange(MASK_TOKEN, device=p.device, dtype=p.dtype)).sum(-1)
+        keys = np.broadcast_to(np.arange(tok.shape[1]), tok.shape)
+        return keys, tok.astype(np.float64), np.where(mask, expected.cpu().numpy(), np.nan), eligible
 
 
 def load_model(path: str | Path, device: str = "cpu"):

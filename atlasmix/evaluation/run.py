@@ -24,7 +24,9 @@ held dense):
    :class:`~atlasmix.evaluation.models.ScBERTAdapter`): the set's counts on the store genes behind
    the model's tokens, encoded as in pretraining (value binning / expression tokens), cell
    embeddings (scGPT ``<cls>``, scBERT the appended last position), then the embedding metrics
-   (cells without a token left out). Their masked-value / masked-token heads are not scored yet.
+   (cells without a token left out); on a seeded subsample of at most ``max_rank_cells`` cells their
+   pretraining task, masked value / token prediction, against a per-gene mean baseline
+   (:func:`masked_prediction_outputs`; ``masked_pred_*`` rows).
 
 Embedding metrics, on cells whose cell type is known and has >= ``min_cells_per_type`` cells (and
 only when >= 2 such types): kNN (k=5) accuracy / macro F1 on a seeded 50/50 split, the few-shot
@@ -280,6 +282,59 @@ def geneformer_outputs(model, eval_set, *, batch_size: int = 1024, forward_batch
             "rank_baseline": rank_base, "vocab_genes_in_set": int(len(axis)), "n_rank_cells": int(len(rank_pick))}
 
 
+def masked_prediction_outputs(model, eval_set, *, batch_size: int = 1024, forward_batch_size: int = 32,
+                              max_cells: int | None = 200, mask_fraction: float | None = None, seed: int = 0) -> dict:
+    """Masked prediction by an scGPT / scBERT model on eval cells, against a per-gene mean baseline.
+
+    On a seeded subsample of at most ``max_cells`` cells, each cell's eligible tokens (scGPT: its gene
+    tokens; scBERT: its nonzero expression tokens) are partly masked (``mask_fraction``, default the
+    model's pretraining ratio: scGPT 0.4, scBERT 0.15; at least 3) and predicted by the model's head
+    (:meth:`~atlasmix.evaluation.models.ScGPTAdapter.masked_prediction`). Per cell the score is the
+    Pearson r between predicted and true values (bins / tokens) at the masked positions; the
+    baseline predicts each masked gene's mean value over the subsample's cells that hold it (a model
+    that learned nothing about the cell's context does no better) -- the analogue of Geneformer's
+    mean-rank baseline.
+
+    Returns
+    -------
+    dict
+        ``pred`` and ``baseline`` float64 (n_cells,) (NaN outside the subsample or with a constant
+        truth), ``n_scored`` (int).
+    """
+    n = eval_set.n_cells
+    frac = mask_fraction if mask_fraction is not None else {"scgpt": 0.4, "scbert": 0.15}[model.kind]
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.permutation(n)[:n if max_cells is None else min(n, int(max_cells))])
+    sj = pd.to_numeric(eval_set.obs["soma_joinid"], errors="coerce").to_numpy()
+    keys = sj.astype(np.int64) if np.isfinite(sj).all() else np.arange(n, dtype=np.int64)
+    cells: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+    sums: dict[int, float] = {}
+    cnts: dict[int, int] = {}
+    for sl, cnt in eval_set.iter_counts(model.feature_ids, batch_size):
+        sel = pick[(pick >= sl.start) & (pick < sl.stop)]
+        for k in range(0, len(sel), forward_batch_size):
+            rows = sel[k:k + forward_batch_size]
+            g, truth, pred, elig = model.masked_prediction(cnt[rows - sl.start], keys[rows], frac, rng)
+            gk, gv = g[elig], truth[elig]
+            uk, inv = np.unique(gk, return_inverse=True)
+            ws = np.bincount(inv, weights=gv)
+            wc = np.bincount(inv)
+            for key, s, c in zip(uk.tolist(), ws.tolist(), wc.tolist()):
+                sums[key] = sums.get(key, 0.0) + s
+                cnts[key] = cnts.get(key, 0) + c
+            for i, r in enumerate(rows):
+                mk = np.isfinite(pred[i])
+                cells.append((int(r), g[i][mk], truth[i][mk], pred[i][mk]))
+    out_pred, out_base = np.full(n, np.nan), np.full(n, np.nan)
+    for r, gk, truth, pred in cells:
+        if len(truth) < 3 or np.ptp(truth) == 0:
+            continue
+        base = np.array([sums[k] / cnts[k] for k in gk.tolist()])
+        out_pred[r] = np.corrcoef(pred, truth)[0, 1] if np.ptp(pred) > 0 else np.nan
+        out_base[r] = np.corrcoef(base, truth)[0, 1] if np.ptp(base) > 0 else np.nan
+    return {"pred": out_pred, "baseline": out_base, "n_scored": int(np.isfinite(out_pred).sum())}
+
+
 def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline: bool = True,
              batch_size: int = 1024, n_hvg: int = 1000, n_hvg_baseline: int = 2000, n_pcs: int = 50,
              knn_k: int = 5, few_shot_fractions=M.FEW_SHOT_FRACTIONS, few_shot_seeds=(0, 1, 2),
@@ -449,7 +504,14 @@ def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline
                 pc["r2"] = np.nan
                 pc["n_tokens"] = n_tok
                 per_cell.append(pc)
+                mp = masked_prediction_outputs(m, e, batch_size=batch_size, forward_batch_size=geneformer_batch_size,
+                                               max_cells=max_rank_cells, seed=seed)
+                s, sb = M.summarize(mp["pred"]), M.summarize(mp["baseline"])
                 rows += _rows(m.name, m.mixture, e.name, {
+                    "masked_pred_pearson_median": s["median"], "masked_pred_pearson_iqr": s["iqr"],
+                    "masked_pred_baseline_pearson_median": sb["median"],
+                    "masked_pred_minus_baseline_median": M.summarize(mp["pred"] - mp["baseline"])["median"],
+                    "masked_pred_n_cells_scored": mp["n_scored"],
                     "model_genes_missing_fraction": float(1 - present.mean()),
                     "no_token_cells_fraction": float(1 - ok.mean()),
                     "tokens_per_cell_median": float(np.median(n_tok))})

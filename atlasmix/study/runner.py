@@ -41,7 +41,7 @@ import pandas as pd
 
 from atlasmix.errors import AtlasmixError
 from atlasmix.study import stats
-from atlasmix.study.spec import StudySpec, load_study
+from atlasmix.study.spec import PRETRAINED_KINDS, StudySpec, load_study
 from atlasmix.study.tables import CURVES, DELTAS, PER_CELL, RESULTS, SCALING, SCALING_SMALLEST, SUMMARY
 
 HEADLINE = "recon_pearson_median"
@@ -237,6 +237,8 @@ def _run_grid_cell(task: dict) -> dict:
             return {"run_key": task["train_key"], "status": "cached", "wall_s": 0.0}
     if task.get("kind") == "geneformer":
         return _geneformer_cell(task, t0)
+    if task.get("kind") in ("scgpt", "scbert"):
+        return _masked_prediction_cell(task, t0)
     model_dir = run_dir / "ldvae"
     status = "scored"
     if _start_training(run_dir, model_dir, task["train_key"]):
@@ -295,6 +297,75 @@ def _run_grid_cell(task: dict) -> dict:
     return _finish(task, rows, per, status, t0)
 
 
+def _record_pretraining(run: dict, model_dir: Path, budget, steps: int, n_train: int, train_key: str) -> None:
+    """Add the study's budget and training summary (cells seen, epochs, convergence of the training
+    loss: a pretrained model has no validation split) to a pretraining ``run.json``."""
+    from atlasmix.training.budget import convergence
+
+    curve = pd.read_csv(model_dir / "training_curve.csv")
+    conv = convergence(pd.DataFrame({"train_loss": curve["loss"], "validation_loss": np.nan}),
+                       rel_tol=budget.plateau_tol)
+    run["budget"] = {**budget.model_dump(mode="json"), "label": budget.label, "max_steps": steps}
+    run["training"] = {"steps": run["steps"], "cells_seen": run["cells_this_call"],
+                       "epochs": round(run["cells_this_call"] / max(n_train, 1), 4),
+                       "final_train_loss": run["final_loss"], "final_validation_loss": None,
+                       "stopped_early": False, "convergence": conv}
+    run["study_train_key"] = train_key
+    (model_dir / "run.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
+
+
+def _masked_prediction_cell(task: dict, t0: float) -> dict:
+    """Train one scGPT or scBERT with its budget and score masked prediction vs the per-gene mean."""
+    from atlasmix.evaluation.evalsets import store_eval_sets
+    from atlasmix.evaluation.models import ScBERTAdapter, ScGPTAdapter
+    from atlasmix.evaluation.run import masked_prediction_outputs
+    from atlasmix.mixing import read_sidecar
+    from atlasmix.store import Store
+    from atlasmix.training.budget import Budget
+
+    kind = task["kind"]
+    run_dir = Path(task["run_dir"])
+    model_dir = run_dir / kind
+    o = task[kind]
+    store = Store(task["store"])
+    status = "scored"
+    if _start_training(run_dir, model_dir, task["train_key"]):
+        budget = Budget.parse(o["budget"])
+        n_train = int(read_sidecar(task["manifest"])["counts"]["train"])
+        steps = budget.max_steps(n_train, o["batch_size"])
+        common = dict(preset=o["preset"], batch_size=o["batch_size"], lr=o["lr"], epochs=10**6, max_steps=steps,
+                      seed=task["seed"], device=task.get("device", "cpu"), checkpoint_every=0, io_batch_size=4096,
+                      log_every=max(1, steps // 20))
+        if kind == "scgpt":
+            from atlasmix.training.scgpt.pretrain import train_scgpt
+
+            run = train_scgpt(store, task["manifest"], model_dir, vocab=task.get("vocab"), max_len=o["max_len"],
+                              **common)
+        else:
+            from atlasmix.training.scbert.pretrain import train_scbert
+
+            run = train_scbert(store, task["manifest"], model_dir, genes=task["genes"], gene2vec=task.get("gene2vec"),
+                               **common)
+        _record_pretraining(run, model_dir, budget, steps, n_train, task["train_key"])
+        status = "trained"
+    model = (ScGPTAdapter if kind == "scgpt" else ScBERTAdapter)(model_dir, task.get("device", "cpu"))
+    rows, per = [], []
+    for e in store_eval_sets(task["eval_spec"], store):
+        g = masked_prediction_outputs(model, e, max_cells=o["max_scored_cells"], seed=task["eval_opts"]["seed"])
+        idx = np.flatnonzero(np.isfinite(g["baseline"]) | np.isfinite(g["pred"]))
+        obs = e.obs.iloc[idx]
+        pred, base = g["pred"][idx], g["baseline"][idx]
+        for k, v in (("masked_pred_pearson_median", np.nanmedian(pred) if np.isfinite(pred).any() else np.nan),
+                     ("masked_pred_baseline_pearson_median", np.nanmedian(base) if np.isfinite(base).any() else np.nan),
+                     ("masked_pred_n_cells_scored", int(np.isfinite(pred).sum()))):
+            rows.append({"eval_set": e.name, "metric": k, "value": float(v)})
+        per.append(pd.DataFrame({"eval_set": e.name, "cell_index": idx.astype(np.int64),
+                                 "soma_joinid": obs["soma_joinid"].to_numpy(dtype=np.int64),
+                                 "cell_type": obs["cell_type"].astype(str).to_numpy(), "value": pred,
+                                 "baseline_value": base}))
+    return _finish(task, rows, per, status, t0)
+
+
 def _geneformer_cell(task: dict, t0: float) -> dict:
     """Train one Geneformer with its budget and score masked rank prediction vs the mean-rank baseline."""
     from atlasmix.evaluation.evalsets import store_eval_sets
@@ -302,7 +373,7 @@ def _geneformer_cell(task: dict, t0: float) -> dict:
     from atlasmix.evaluation.run import geneformer_outputs
     from atlasmix.mixing import read_sidecar
     from atlasmix.store import Store
-    from atlasmix.training.budget import Budget, convergence
+    from atlasmix.training.budget import Budget
     from atlasmix.training.geneformer.pretrain import train_geneformer
 
     run_dir = Path(task["run_dir"])
@@ -318,16 +389,7 @@ def _geneformer_cell(task: dict, t0: float) -> dict:
                                preset=o["preset"], max_len=o["max_len"], batch_size=o["batch_size"], lr=o["lr"],
                                epochs=10**6, max_steps=steps, seed=task["seed"], device=task.get("device", "cpu"),
                                checkpoint_every=0, io_batch_size=4096, log_every=max(1, steps // 20))
-        curve = pd.read_csv(model_dir / "training_curve.csv")
-        conv = convergence(pd.DataFrame({"train_loss": curve["loss"], "validation_loss": np.nan}),
-                           rel_tol=budget.plateau_tol)
-        run["budget"] = {**budget.model_dump(mode="json"), "label": budget.label, "max_steps": steps}
-        run["training"] = {"steps": run["steps"], "cells_seen": run["cells_this_call"],
-                           "epochs": round(run["cells_this_call"] / max(n_train, 1), 4),
-                           "final_train_loss": run["final_loss"], "final_validation_loss": None,
-                           "stopped_early": False, "convergence": conv}
-        run["study_train_key"] = task["train_key"]
-        (model_dir / "run.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
+        _record_pretraining(run, model_dir, budget, steps, n_train, task["train_key"])
         status = "trained"
     model = GeneformerAdapter(model_dir, task.get("device", "cpu"))
     rows, per = [], []
@@ -369,25 +431,30 @@ def _grid(spec: StudySpec, manifests: dict, genes: list[str], eval_entries: list
                           "train_key": key, "score_key": score_key,
                           "labels": {"mixture": mixture, "seed": seed, "budget": b.label, "fraction": fraction,
                                      "strategy": strategy}})
-    gf = spec.geneformer
-    if gf is not None:
-        names = gf.mixtures or [spec.reference or next(k[0] for k in manifests if k[2] is None)]
-        dicts = str((root / gf.dictionaries).resolve()) if gf.dictionaries and root is not None else gf.dictionaries
-        gscore = _sha({"eval_spec": str(eval_spec), "eval": [e["key"] for e in eval_entries],
-                       "max_rank_cells": gf.max_rank_cells, "seed": spec.evaluation.seed})
+    for kind in PRETRAINED_KINDS:
+        opts = getattr(spec, kind)
+        if opts is None:
+            continue
+        names = opts.mixtures or [spec.reference or next(k[0] for k in manifests if k[2] is None)]
+        # files named by the options, relative to the study file
+        files = {f: getattr(opts, f) for f in ("dictionaries", "vocab", "genes", "gene2vec") if hasattr(opts, f)}
+        files = {f: (str((root / v).resolve()) if v and root is not None else v) for f, v in files.items()}
+        n_scored = opts.max_rank_cells if kind == "geneformer" else opts.max_scored_cells
+        score = _sha({"eval_spec": str(eval_spec), "eval": [e["key"] for e in eval_entries],
+                      ("max_rank_cells" if kind == "geneformer" else "max_scored_cells"): n_scored,
+                      "seed": spec.evaluation.seed})
         for (mixture, seed, fraction, strategy), mpath in manifests.items():
             if fraction is not None or mixture not in names:
                 continue
             msha = read_sidecar(mpath)["manifest"]["sha256"]
-            key = _sha({"manifest": msha, "geneformer": gf.model_dump(mode="json"), "dictionaries": dicts,
-                        "seed": seed, "model": "geneformer"})
-            name = f"geneformer__{_safe(mixture)}__{_safe(gf.budget)}__s{seed}__{key[:10]}"
-            tasks.append({"kind": "geneformer", "store": store.uri, "manifest": str(mpath),
-                          "run_dir": str(out / "runs" / name), "geneformer": gf.model_dump(mode="json"),
-                          "dictionaries": dicts, "seed": seed, "eval_spec": str(eval_spec),
+            key = _sha({"manifest": msha, kind: opts.model_dump(mode="json"), **files, "seed": seed, "model": kind})
+            name = f"{kind}__{_safe(mixture)}__{_safe(opts.budget)}__s{seed}__{key[:10]}"
+            tasks.append({"kind": kind, "store": store.uri, "manifest": str(mpath),
+                          "run_dir": str(out / "runs" / name), kind: opts.model_dump(mode="json"), **files,
+                          "seed": seed, "eval_spec": str(eval_spec),
                           "eval_opts": spec.evaluation.model_dump(mode="json"), "threads": threads,
-                          "device": "cuda" if accelerator == "gpu" else "cpu", "train_key": key, "score_key": gscore,
-                          "labels": {"mixture": mixture, "seed": seed, "budget": gf.budget, "fraction": None,
+                          "device": "cuda" if accelerator == "gpu" else "cpu", "train_key": key, "score_key": score,
+                          "labels": {"mixture": mixture, "seed": seed, "budget": opts.budget, "fraction": None,
                                      "strategy": None}})
     return tasks
 
@@ -456,8 +523,8 @@ def _collect(tasks: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
         res.append(pd.concat([s, extra], ignore_index=True).assign(**base))
         per.append(pd.read_parquet(d / "per_cell.parquet").assign(**base))
         c = pd.read_csv(d / kind / "training_curve.csv")
-        if kind == "geneformer":  # MLM loss per logging step; no validation split
-            c = pd.DataFrame({"step": c["step"], "cells_seen": c["step"] * t["geneformer"]["batch_size"],
+        if kind != "ldvae":  # pretraining loss per logging step; no validation split
+            c = pd.DataFrame({"step": c["step"], "cells_seen": c["step"] * t[kind]["batch_size"],
                               "epoch": c["epoch"], "train_loss": c["loss"], "validation_loss": np.nan})
         cur.append(c.assign(**base))
     results = pd.concat(res, ignore_index=True)[RESULTS]
@@ -489,7 +556,9 @@ class _Cells:
 
 
 #: headline metric of each model kind and the per-cell column its baseline lives in (None: no baseline)
-KIND_METRIC = {"ldvae": (HEADLINE, None), "geneformer": ("rank_pred_pearson_median", "baseline_value")}
+KIND_METRIC = {"ldvae": (HEADLINE, None), "geneformer": ("rank_pred_pearson_median", "baseline_value"),
+               "scgpt": ("masked_pred_pearson_median", "baseline_value"),
+               "scbert": ("masked_pred_pearson_median", "baseline_value")}
 
 
 def summarise(results: pd.DataFrame, per_cell: pd.DataFrame, reference: str | None, n_bootstrap: int,

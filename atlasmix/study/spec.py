@@ -130,44 +130,31 @@ class Checks(BaseModel):
     margin: float = Field(0.01, ge=0)
 
 
-class GeneformerOptions(BaseModel):
-    """Geneformer (BERT masked-gene model on rank value encoded cells) runs of a study.
-
-    Each listed mixture x each study seed trains one model with ``budget`` (its own: MLM steps are
-    not LDVAE steps), then every eval set scores the masked rank prediction of a seeded subsample of
-    ``max_rank_cells`` cells against the mean-rank baseline (sc-foundation-eval's zero-shot test); a
-    model whose score does not beat the baseline (paired interval above 0) is labelled so.
+class _PretrainOptions(BaseModel):
+    """Options shared by the foundation models a study pretrains (Geneformer, scGPT, scBERT): each
+    listed mixture x each study seed trains one model with ``budget`` (its own: MLM steps are not
+    LDVAE steps), scored against a baseline that knows no cell context.
 
     Attributes
     ----------
     mixtures : list of str, optional
         Mixtures to train on (default: the reference, else the first mixture).
     preset : str
-        Model size (``atlasmix.training.geneformer.pretrain.PRESETS``: tiny, v1, ...).
-    max_len : int
-        Tokens per cell (rank value encoding truncated).
+        Model size (each model's ``PRESETS``; ``tiny`` for tests).
     batch_size : int
         Cells per optimizer step.
     lr : float
         AdamW learning rate.
     budget : str
         Training budget (:class:`atlasmix.training.budget.Budget` short form; cells or steps).
-    dictionaries : str, optional
-        Folder with ``token_dictionary.pkl`` + ``gene_median_dictionary.pkl`` (relative to the study
-        file); default: exact gene medians of each run's training split.
-    max_rank_cells : int
-        Cells per eval set scored by masked rank prediction.
     """
 
     model_config = ConfigDict(extra="forbid")
     mixtures: list[str] | None = None
     preset: str = "tiny"
-    max_len: int = Field(256, ge=8)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     budget: str = "steps=200"
-    dictionaries: str | None = None
-    max_rank_cells: int = Field(200, ge=10)
 
     @field_validator("budget")
     @classmethod
@@ -177,8 +164,73 @@ class GeneformerOptions(BaseModel):
         except AtlasmixError as e:
             raise ValueError(str(e)) from None
         if b.until_converged:
-            raise ValueError("Geneformer runs take a cells, steps or epochs budget")
+            raise ValueError("pretraining runs take a cells, steps or epochs budget")
         return v
+
+
+class GeneformerOptions(_PretrainOptions):
+    """Geneformer (BERT masked-gene model on rank value encoded cells) runs of a study
+    (:class:`_PretrainOptions`): every eval set scores the masked rank prediction of a seeded
+    subsample of ``max_rank_cells`` cells against the mean-rank baseline (sc-foundation-eval's
+    zero-shot test); a model whose score does not beat the baseline (paired interval above 0) is
+    labelled so.
+
+    Attributes
+    ----------
+    max_len : int
+        Tokens per cell (rank value encoding truncated).
+    dictionaries : str, optional
+        Folder with ``token_dictionary.pkl`` + ``gene_median_dictionary.pkl`` (relative to the study
+        file); default: exact gene medians of each run's training split.
+    max_rank_cells : int
+        Cells per eval set scored by masked rank prediction.
+    """
+
+    max_len: int = Field(256, ge=8)
+    dictionaries: str | None = None
+    max_rank_cells: int = Field(200, ge=10)
+
+
+class ScGPTOptions(_PretrainOptions):
+    """scGPT runs of a study (:class:`_PretrainOptions`), scored by masked value prediction on
+    ``max_scored_cells`` cells per eval set against the per-gene mean bin
+    (:func:`atlasmix.evaluation.run.masked_prediction_outputs`).
+
+    Attributes
+    ----------
+    max_len : int
+        Tokens per cell (genes subsampled beyond it).
+    vocab : str, optional
+        scGPT vocabulary JSON (relative to the study file); default: the store's gene symbols.
+    max_scored_cells : int
+    """
+
+    max_len: int = Field(256, ge=8)
+    vocab: str | None = None
+    max_scored_cells: int = Field(200, ge=10)
+
+
+class ScBERTOptions(_PretrainOptions):
+    """scBERT runs of a study (:class:`_PretrainOptions`), scored by masked expression-token
+    prediction on ``max_scored_cells`` cells per eval set against the per-gene mean token.
+
+    Attributes
+    ----------
+    genes : str
+        scBERT's gene axis file (relative to the study file; :func:`atlasmix.training.gene_lists.read_gene_list`).
+    gene2vec : str, optional
+        gene2vec matrix (``.npy``, genes x dim) for fixed position embeddings.
+    max_scored_cells : int
+    """
+
+    genes: str
+    gene2vec: str | None = None
+    batch_size: int = Field(8, ge=1)
+    max_scored_cells: int = Field(200, ge=10)
+
+
+#: The pretrained foundation models a study can list, by spec key.
+PRETRAINED_KINDS = ("geneformer", "scgpt", "scbert")
 
 
 class Scaling(BaseModel):
@@ -244,6 +296,10 @@ class StudySpec(BaseModel):
         headline.
     geneformer : GeneformerOptions, optional
         Also train Geneformer on some mixtures (scored by masked rank prediction vs its baseline).
+    scgpt : ScGPTOptions, optional
+        Also train scGPT (scored by masked value prediction vs the per-gene mean bin).
+    scbert : ScBERTOptions, optional
+        Also train scBERT (scored by masked token prediction vs the per-gene mean token).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -261,6 +317,8 @@ class StudySpec(BaseModel):
     checks: Checks = Field(default_factory=Checks)
     scaling: Scaling | None = None
     geneformer: GeneformerOptions | None = None
+    scgpt: ScGPTOptions | None = None
+    scbert: ScBERTOptions | None = None
 
     @field_validator("seeds")
     @classmethod
@@ -290,9 +348,11 @@ class StudySpec(BaseModel):
                 raise ValueError("mixtures: a mixture is named twice")
             if self.reference is not None and self.reference not in self.mixtures:
                 raise ValueError(f"reference: {self.reference!r} is not one of the study's mixtures")
-            for m in (self.geneformer.mixtures or []) if self.geneformer else []:
-                if m not in self.mixtures:
-                    raise ValueError(f"geneformer.mixtures: {m!r} is not one of the study's mixtures")
+            for kind in PRETRAINED_KINDS:
+                opts = getattr(self, kind)
+                for m in (opts.mixtures or []) if opts else []:
+                    if m not in self.mixtures:
+                        raise ValueError(f"{kind}.mixtures: {m!r} is not one of the study's mixtures")
         return self
 
     def budget_objects(self) -> list[Budget]:
