@@ -240,3 +240,44 @@ def test_ddp_two_processes_train_disjoint_shards_and_resume_to_the_same_weights(
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     ca, cb = (pd.read_csv(tmp_path / d / "training_curve.csv") for d in ("full", "cut"))
     pd.testing.assert_frame_equal(ca, cb)
+
+
+def test_rda_downsamples_the_training_minibatches(mix, tmp_path):
+    """Read-depth-aware downsampling as the loader's augmentation: same cells in the same order, fewer
+    counts (never more), library size = the downsampled counts, reproducible per epoch; train ldvae
+    --rda trains with it and records it."""
+    from atlasmix.training.loader import MixtureLoader
+    from atlasmix.training.rda import ReadDepthAugment
+
+    store, path, genes_file, genes = mix
+    var = store.var()
+    vj = np.sort(var.index.to_numpy()[var["feature_id"].isin(genes).to_numpy()])
+    kw = dict(var_joinids=vj, batch_size=64, io_batch_size=256, seed=1, obs_columns=(), library="counts")
+
+    def epoch(loader):  # dense CPU minibatches live in reused buffers: copy them
+        return [dict(b, X=b["X"].clone()) for b in loader]
+
+    plain = epoch(MixtureLoader(store, path, "train", **kw))
+    aug = MixtureLoader(store, path, "train", augment=ReadDepthAugment(p=1.0, min_total=0, seed=2), **kw)
+    a0 = epoch(aug)
+    aug.set_epoch(0)  # (a loader steps to the next epoch by itself after a full pass)
+    a0_again = epoch(aug)  # the same epoch again: the same draws
+    aug.set_epoch(1)
+    a1 = epoch(aug)
+    ratios = []
+    for p, a, b in zip(plain, a0, a0_again):
+        assert torch.equal(p["soma_joinid"], a["soma_joinid"]) and torch.equal(a["X"], b["X"])
+        assert (a["X"] <= p["X"]).all() and torch.allclose(a["library_size"].ravel(), a["X"].sum(1))
+        ok = p["X"].sum(1) > 0
+        ratios += (a["X"].sum(1)[ok] / p["X"].sum(1)[ok]).tolist()
+    assert 0.4 < np.mean(ratios) < 0.6  # Beta(2, 2): half of the counts kept on average
+    order1 = {int(j): x for b in a1 for j, x in zip(b["soma_joinid"], b["X"])}
+    order0 = {int(j): x for b in a0 for j, x in zip(b["soma_joinid"], b["X"])}
+    assert any(not torch.equal(order0[j], order1[j]) for j in order0)  # another epoch, other draws
+
+    out = tmp_path / "run"
+    r = run_cli("train", "ldvae", "--store", store.uri, "--mixture", path, "--out", out, "--genes", genes_file,
+                *SMALL, "--rda", "--rda-p", "0.8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["options"]["rda"] == {"p": 0.8, "beta": [2.0, 2.0], "min_total": 1000.0}

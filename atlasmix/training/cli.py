@@ -95,6 +95,11 @@ def register(app: typer.Typer) -> None:
         checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N epochs (0: never).")] = 10,
         resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from checkpoints/last.ckpt.")] = False,
         progress: Annotated[bool, typer.Option(help="Progress bar.")] = True,
+        rda: Annotated[bool, typer.Option("--rda", help="Read-depth-aware downsampling of training cells "
+                                                        "(scFoundation's augmentation), drawn anew each epoch.")] = False,
+        rda_p: Annotated[float, typer.Option(help="--rda: fraction of cells downsampled.")] = 0.5,
+        rda_min_total: Annotated[float, typer.Option(help="--rda: cells with fewer counts on the gene axis stay "
+                                                          "whole.")] = 1000.0,
     ):
         """Train scvi-tools LinearSCVI (LDVAE) on MIXTURE from STORE without building an AnnData of it."""
         from atlasmix.store import Store
@@ -123,7 +128,8 @@ def register(app: typer.Typer) -> None:
                           in_memory=held,
                           in_memory_max_bytes=None if in_memory_max_gb is None else int(in_memory_max_gb * 1e9),
                           validation=validation, checkpoint_every=checkpoint_every,
-                          resume=resume, progress=progress)
+                          resume=resume, progress=progress,
+                          rda={"p": rda_p, "min_total": rda_min_total} if rda else None)
         if run.get("global_rank", 0):  # a DDP rank other than 0: rank 0 reports
             return
         typer.echo(json.dumps({k: run[k] for k in ("n_cells", "n_genes", "budget", "training", "wall_s",

@@ -526,7 +526,8 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                 x_cache_max_bytes: int | None = None, io_batch_bytes: int | None = None,
                 x_source: str = "auto", in_memory: bool | str = "auto", in_memory_max_bytes: int | None = None,
                 validation: bool = True, checkpoint_every: int = 10, resume: bool = False, prior_cells: int = 50_000,
-                n_template: int = 1000, progress: bool = True, callbacks: list | None = None) -> dict[str, Any]:
+                n_template: int = 1000, progress: bool = True, callbacks: list | None = None,
+                rda: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train LinearSCVI on a mixture manifest's train split, streamed from the store.
 
     Parameters
@@ -591,6 +592,12 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
         ``ATLASMIX_IN_MEMORY_MAX_GB``), otherwise streams. Same minibatches, same model.
     in_memory_max_bytes : int, optional
         The cap of ``in_memory="auto"`` per split, bytes.
+    rda : dict, optional
+        Read-depth-aware downsampling of the training cells (scFoundation's augmentation,
+        :class:`atlasmix.training.rda.ReadDepthAugment`): ``{}`` for its defaults, or ``p``,
+        ``beta``, ``min_total``; drawn anew each epoch (seeded by ``seed``), applied to every IO
+        batch, so each minibatch's library size is the downsampled one. Validation cells and the
+        library-size prior's sample stay whole. None (default): off.
     validation : bool
         Compute validation losses each epoch on the manifest's validation split (if it has one).
     checkpoint_every : int
@@ -656,6 +663,10 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     on_train_axis = {k: v for k, v in common.items() if k != "genes"}  # loaders given train's var_joinids
     held = dict(in_memory=in_memory, in_memory_max_bytes=in_memory_max_bytes)  # not the one-read prior sampler
     train_opts = {"read_processes": read_processes, **held}
+    if rda is not None:
+        from atlasmix.training.rda import ReadDepthAugment
+
+        train_opts["augment"] = ReadDepthAugment(seed=seed, **rda)
     train = MixtureLoader(store, manifest, "train", seed=seed, **common, **train_opts)
     val = None
     if validation and side.get("counts", {}).get("validation", 0):
@@ -772,7 +783,9 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
                     "io_batch_size": train.io_batch_size, "io_batch_bytes": io_batch_bytes, "block_size": block_size, "checkpoint_every": checkpoint_every,
                     "read_processes": read_processes, "x_cache": str(x_cache) if x_cache is not None else None,
                     "in_memory": train.in_memory, "in_memory_max_bytes": in_memory_max_bytes,
-                    "devices": devices, "num_nodes": num_nodes, "strategy": strat},
+                    "devices": devices, "num_nodes": num_nodes, "strategy": strat,
+                    "rda": ({"p": train.augment.p, "beta": list(train.augment.beta),
+                             "min_total": train.augment.min_total} if rda is not None else None)},
         "budget": {**budget.model_dump(mode="json"), "label": budget.label, "max_steps": max_steps,
                    "val_every_steps": val_every, "kl_warmup": kl_desc, "batches_per_epoch": bpe,
                    "drop_last": bool(train.drop_last), "ranks": world, "cells_per_rank_per_epoch": shard.shard_size,

@@ -233,6 +233,11 @@ class MixtureLoader:
     in_memory_max_bytes : int, optional
         Cap for ``in_memory="auto"`` (default :func:`atlasmix.training.memory.cap_bytes`: 2 GiB or
         ``ATLASMIX_IN_MEMORY_MAX_GB``); 8 bytes per nonzero on the gene axis + 16 per cell.
+    augment : object, optional
+        A count augmentation applied to every IO batch as it arrives, before minibatches are cut
+        from it (so every path -- dense, sparse, GPU -- and the ``counts`` library size see it):
+        ``augment.csr(csr, soma_joinids, epoch) -> csr``, e.g. read-depth-aware downsampling
+        (:class:`atlasmix.training.rda.ReadDepthAugment`).
 
     Yields
     ------
@@ -258,7 +263,7 @@ class MixtureLoader:
                  read_processes: int = 0, x_cache: str | Path | None = None, x_cache_format: str = "tiledb",
                  x_source: str = "auto", x_cache_max_bytes: int | None = None,
                  io_batch_bytes: int | None = None, in_memory: bool | str = False,
-                 in_memory_max_bytes: int | None = None):
+                 in_memory_max_bytes: int | None = None, augment: Any = None):
         if batch_size < 1 or io_batch_size < 1 or block_size < 1:
             raise AtlasmixError("batch_size, io_batch_size and block_size must be >= 1")
         if io_batch_bytes is not None and io_batch_bytes < 1:
@@ -306,6 +311,7 @@ class MixtureLoader:
         self._memory: InMemoryX | None = None
         self._memory_tried = False
         self._pool = None
+        self.augment = augment
         self._order_cache: dict = {}
         self.epoch = 0
         self.batches_done = 0
@@ -784,6 +790,8 @@ class MixtureLoader:
                     nxt += 1
                 pos, m, perm, shms = futs[k].result()
                 futs[k] = None
+                if self.augment is not None:  # a new CSR: the read's (shared) arrays are not written
+                    m = self.augment.csr(m, self.cells[pos], self.epoch)
                 first = (skip if k == 0 else 0) * self.batch_size
                 try:
                     if on_dev:

@@ -98,9 +98,11 @@ class ReadDepthAugment:
 
     Notes
     -----
-    Takes a :class:`~atlasmix.training.loader.MixtureLoader` batch built with ``sparse=True`` and
-    returns it with ``X`` downsampled, ``original_total`` (float64 (B,), -1 where whole) and, when
-    present, ``library_size`` scaled by each cell's kept fraction of its counts on the axis.
+    Two ways in: as the loader's ``augment`` (:meth:`csr`, every IO batch, any model: LDVAE's
+    ``train_ldvae(rda=...)``), or called on a :class:`~atlasmix.training.loader.MixtureLoader` batch
+    built with ``sparse=True``, which it returns with ``X`` downsampled, ``original_total`` (float64
+    (B,), -1 where whole) and, when present, ``library_size`` scaled by each cell's kept fraction of
+    its counts on the axis.
     :meth:`set_epoch` changes the draws between epochs.
     """
 
@@ -112,6 +114,21 @@ class ReadDepthAugment:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def csr(self, m, cell_keys: np.ndarray, epoch: int):
+        """:func:`downsample` of a scipy CSR (a loader's IO batch, ``augment=``); draws keyed by the seed,
+        ``epoch`` and the cells' ``soma_joinid``.
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix
+            Same shape and dtype, zeros removed.
+        """
+        import scipy.sparse as sp
+
+        indptr, indices, data, _ = downsample(m.indptr, m.indices, m.data, cell_keys, p=self.p, beta=self.beta,
+                                              min_total=self.min_total, seed=self.seed * 1_000_003 + int(epoch))
+        return sp.csr_matrix((data, indices, indptr), shape=m.shape)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         X = batch["X"]
