@@ -57,17 +57,42 @@ def run_in_chunks(work: Callable[[int, int], None], indptr: np.ndarray, threads:
 
 
 @njit(cache=True, nogil=True)
-def row_total(data, a, b):
-    """Sum of ``data[a:b]`` in float64 with four accumulators (whole counts: exact in any order)."""
+def mark_whole_counts(data, a, b, seen, lut_size):
+    """One pass over ``data[a:b]``: flag in ``seen`` every whole count in 1 .. lut_size - 1 and sum the
+    values (four accumulators: whole counts sum exactly in any order). Returns ``(total, small)``,
+    ``small`` False when some value is not such a whole count (those need computing one by one)."""
     t0 = t1 = t2 = t3 = 0.0
+    small = True
     k = a
     while k + 4 <= b:
-        t0 += float(data[k])
-        t1 += float(data[k + 1])
-        t2 += float(data[k + 2])
-        t3 += float(data[k + 3])
+        x0, x1, x2, x3 = data[k], data[k + 1], data[k + 2], data[k + 3]
+        t0 += float(x0)
+        t1 += float(x1)
+        t2 += float(x2)
+        t3 += float(x3)
+        w0, w1, w2, w3 = int(x0), int(x1), int(x2), int(x3)
+        if (0 < w0 < lut_size and w0 == x0 and 0 < w1 < lut_size and w1 == x1 and 0 < w2 < lut_size and w2 == x2
+                and 0 < w3 < lut_size and w3 == x3):
+            seen[w0] = True
+            seen[w1] = True
+            seen[w2] = True
+            seen[w3] = True
+        else:
+            for x in (x0, x1, x2, x3):
+                w = int(x)
+                if 0 < w < lut_size and w == x:
+                    seen[w] = True
+                else:
+                    small = False
         k += 4
     while k < b:
-        t0 += float(data[k])
+        x = data[k]
+        t0 += float(x)
+        w = int(x)
+        if 0 < w < lut_size and w == x:
+            seen[w] = True
+        else:
+            small = False
         k += 1
-    return (t0 + t1) + (t2 + t3)
+    return (t0 + t1) + (t2 + t3), small
+

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from atlasmix.training._cells import row_total, run_in_chunks
+from atlasmix.training._cells import mark_whole_counts, run_in_chunks
 
 #: scBERT's defaults (``pretrain.py``: ``bin_num = 5``, ``CLASS = bin_num + 2``).
 BIN_NUM = 5
@@ -56,22 +56,14 @@ def _scbert_cells(r0, r1, indptr, indices, data, position, cap, target_sum, ln2,
     lut = np.zeros(LUT_SIZE, dtype=np.uint8)
     seen = np.zeros(LUT_SIZE, dtype=np.bool_)
     for i in range(r0, r1):
-        row = out[i]
-        row[:] = 0
+        row = out[i]  # zeros (np.zeros: fresh pages come zeroed)
         a, b = indptr[i], indptr[i + 1]
-        total = row_total(data, a, b)
-        if total <= 0:
-            continue
         # whole counts below LUT_SIZE (nearly all of a cell's): one token per distinct count, then a
         # plain gather; other values are computed one by one
-        small = True
-        for k in range(a, b):
-            x = data[k]
-            w = int(x)
-            if 0 < w < LUT_SIZE and w == x:
-                seen[w] = True
-            else:
-                small = False
+        total, small = mark_whole_counts(data, a, b, seen, LUT_SIZE)
+        if total <= 0:
+            seen[:] = False
+            continue
         for w in range(1, LUT_SIZE):
             if seen[w]:
                 lut[w] = _token(float(w), total, target_sum, ln2, cap)
@@ -111,7 +103,7 @@ def scbert_tokens(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, pos
         Tokens 0 .. ``bin_num``; the last column is scBERT's appended 0.
     """
     B = len(indptr) - 1
-    out = np.empty((B, int(n_genes) + 1), dtype=np.uint8)
+    out = np.zeros((B, int(n_genes) + 1), dtype=np.uint8)
     args = (np.asarray(indptr, dtype=np.int64), np.asarray(indices), np.asarray(data),
             np.asarray(position, dtype=np.int64), np.uint8(bin_num), float(TARGET_SUM), _LN2, out)
     run_in_chunks(lambda a, b: _scbert_cells(a, b, *args), args[0], threads)

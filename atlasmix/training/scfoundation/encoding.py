@@ -38,7 +38,7 @@ import torch
 from numba import njit
 
 from atlasmix.errors import AtlasmixError
-from atlasmix.training._cells import row_total, run_in_chunks
+from atlasmix.training._cells import mark_whole_counts, run_in_chunks
 
 TARGET_SUM = 1e4
 #: Whole counts below this get their value from a per-cell table (one log1p per distinct count).
@@ -71,20 +71,12 @@ def _scf_cells(r0, r1, indptr, indices, data, position, n_genes, target_sum, mod
     seen = np.zeros(LUT_SIZE, dtype=np.bool_)
     for i in range(r0, r1):
         a, b = indptr[i], indptr[i + 1]
-        total = row_total(data, a, b)
         if want_dense:
             dense[i, :] = 0.0
         o = starts[i]
         # whole counts below LUT_SIZE (nearly all of a cell's): one log1p per distinct count, then a
         # plain gather; other values (and explicit zeros) one by one
-        small = True
-        for k in range(a, b):
-            xk = data[k]
-            w = int(xk)
-            if 0 < w < LUT_SIZE and w == xk:
-                seen[w] = True
-            else:
-                small = False
+        total, small = mark_whole_counts(data, a, b, seen, LUT_SIZE)
         for w in range(1, LUT_SIZE):
             if seen[w]:
                 lut[w] = np.log1p(float(w) / total * target_sum)
