@@ -14,10 +14,19 @@ loader and the encoding run ahead in threads; a fraction near 0 means the model,
 bounds the speed). scBERT's gene axis here is the store's first 16,906 gene symbols (PanglaoDB's
 list is not on the machine); its cost does not depend on which genes they are.
 
-Measured (2026-12-06, the project's 2-core CPU machine, shared-data store, examples/mixtures/shared/
-base_model.toml: 5,851 PBMC-like train cells; one run each, OMP threads = 2)::
+Measured (2026-12-06, the project's 2-core CPU machine without a GPU, the shared-data store,
+examples/mixtures/shared/base_model.toml resolved there: 7,555 cells; one run each, 2 torch threads)::
 
-    see the table printed by the script; numbers in issue 21's note
+    model       preset  batch  steps  cells/s  data wait  notes
+    scgpt       tiny    8      200    345      5.7%       2 layers, 32 dims, 256 tokens
+    scbert      tiny    3      200    74       1.1%       2 layers, 32 dims, 2,001 tokens (2,000-gene axis)
+    geneformer  tiny    12     40     47       0.7%       2 layers, 32 dims, 2,048 tokens
+    scgpt       paper   4      3      5.1      13%        12 layers, 512, 1,200 tokens (start-up included)
+    scbert      paper   2      3      0.031    0.1%       dim 200, depth 6, 16,907 tokens: 32 s per cell;
+                                                          batch 4 exceeded the machine's 24 GiB (OOM)
+
+The data pipeline (loader + encoding in a thread) keeps up with every model on the CPU: the waits
+are the first megabatch's read. GPU numbers need a lent device (``--device cuda``).
 """
 
 from __future__ import annotations

@@ -96,3 +96,34 @@ def test_pretrain_reload_embed_and_resume(mix, tmp_path):
     train_scbert(store, path, tmp_path / "b", resume=True, **kw)
     a, b = load_scbert(tmp_path / "a")[0].state_dict(), load_scbert(tmp_path / "b")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_scgpt_and_scbert_train_under_torchrun_on_two_ranks(mix, tmp_path):
+    """``torchrun --nproc_per_node 2`` (gloo, CPU) runs the shared pretraining loop with DDP for both
+    models: two ranks, each its shard, rank 0 saves a model that reloads."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from atlasmix.training.scbert.pretrain import load_scbert
+    from atlasmix.training.scgpt.model import load_scgpt
+
+    store, path, genes, _ = mix
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    common = ["--store", store.uri, "--mixture", str(path), "--preset", "tiny", "--max-steps", "4",
+              "--warmup-steps", "1", "--log-every", "2", "--checkpoint-every", "2", "--accelerator", "cpu",
+              "--io-batch-size", "256", "--group-batches", "2"]
+    for model, extra in (("scgpt", ["--max-len", "64", "--batch-size", "8"]),
+                         ("scbert", ["--genes", str(genes), "--batch-size", "4"])):
+        out = tmp_path / model
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "atlasmix.cli", "train", model, *common, *extra, "--out", str(out)],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        run = json.loads((out / "run.json").read_text())
+        assert run["options"]["world_size"] == 2 and run["steps"] == 4
+        assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["ranks"].__len__() == 2
+        (load_scgpt if model == "scgpt" else load_scbert)(out)

@@ -269,7 +269,7 @@ def train_scbert(store, manifest: str | Path, out: str | Path, *, genes: str | P
             "steps_per_epoch": per_epoch,
             "cells_this_call": res["cells"],
             "wall_s": round(wall, 3),
-            "train_cells_per_s": round(res["cells"] / wall, 1) if wall > 0 else None,
+            "train_cells_per_s": round(res["cells"] / wall, 3) if wall > 0 else None,
             "data_wait_fraction": round(res["wait_s"] / wall, 4) if wall > 0 else None,
             "final_loss": res["rows"][-1]["loss"] if res["rows"] else None,
         }
