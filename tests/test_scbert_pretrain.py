@@ -127,3 +127,39 @@ def test_scgpt_and_scbert_train_under_torchrun_on_two_ranks(mix, tmp_path):
         assert run["options"]["world_size"] == 2 and run["steps"] == 4
         assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["ranks"].__len__() == 2
         (load_scgpt if model == "scgpt" else load_scbert)(out)
+
+
+def test_bad_gene2vec_files_are_one_line_errors(mix, tmp_path):
+    from atlasmix.errors import AtlasmixError
+    from atlasmix.training.scbert.pretrain import train_scbert
+
+    store, path, genes, _ = mix
+    np.savez(tmp_path / "two.npz", a=np.zeros((3, 2)))
+    np.save(tmp_path / "text.npy", np.array(["a", "b"]))
+    np.save(tmp_path / "nan.npy", np.full((1002, 32), np.nan, dtype=np.float32))
+    for f, msg in (("two.npz", "one numeric .npy"), ("text.npy", "one numeric .npy"), ("nan.npy", "NaN"),
+                   ("missing.npy", "not readable")):
+        with pytest.raises(AtlasmixError, match=msg):
+            train_scbert(store, path, tmp_path / f"o_{f}", genes=genes, gene2vec=tmp_path / f, preset="tiny",
+                         max_steps=1, device="cpu")
+
+
+def test_ddp_ranks_take_equal_steps_when_empty_cells_are_dropped():
+    """Under DDP a megabatch gives as many training batches as without dropping empty cells, so that
+    ranks dropping different numbers of cells still step together."""
+    from atlasmix.training.stream import EncodedStream
+
+    class Loader:
+        batch_size, shuffle, seed, epoch = 10, False, 0, 0
+
+        def __init__(self, world_size):
+            self.world_size = world_size
+
+    lengths = np.array([5, 0, 0, 0, 7, 0, 0, 3, 0, 0])
+    arrays = {"tokens": np.ones((10, 8), dtype=np.int64)}
+    b = {"soma_joinid": torch.arange(10)}
+    one = EncodedStream(Loader(1), batch_size=3)._split(b, arrays, lengths, 0)
+    two = EncodedStream(Loader(2), batch_size=3)._split(b, arrays, lengths, 0)
+    assert len(one) == 1 and len(two) == 4  # ceil(10 / 3) batches under DDP
+    assert sorted(int(j) for d in two for j in d["soma_joinid"] if lengths[int(j)] > 0) == [0, 4, 7]
+    assert all(len(d["soma_joinid"]) >= 1 for d in two)

@@ -116,3 +116,50 @@ def test_stopped_and_resumed_equals_uninterrupted(mix, tmp_path):
     a, b = load_scgpt(tmp_path / "a")[0].state_dict(), load_scgpt(tmp_path / "b")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], part[k]) for k in a)
+
+
+def test_resume_with_other_settings_is_refused(mix, tmp_path):
+    from atlasmix.errors import AtlasmixError
+    from atlasmix.training.scgpt.pretrain import train_scgpt
+
+    store, path = mix
+    kw = {**KW, "checkpoint_every": 0}
+    train_scgpt(store, path, tmp_path / "r", max_steps=4, stop_after=2, **kw)
+    with pytest.raises(AtlasmixError, match="other settings.*n_layers 2 -> 3"):
+        train_scgpt(store, path, tmp_path / "r", max_steps=4, resume=True, config_overrides={"n_layers": 3}, **kw)
+    with pytest.raises(AtlasmixError, match="not a multiple of n_heads"):
+        train_scgpt(store, path, tmp_path / "x", max_steps=4, config_overrides={"d_model": 33}, **kw)
+
+
+def test_masked_prediction_baseline_leaves_the_scored_cell_out():
+    """The per-gene mean baseline of a cell comes from the *other* sampled cells; genes only the cell
+    itself holds are not scored (a baseline holding the answer would beat every model)."""
+    import scipy.sparse as sp
+
+    from atlasmix.evaluation.run import _cell_keys, masked_prediction_outputs
+
+    truth = np.array([[1.0, 2.0, 3.0, 4.0, 9.0], [2.0, 4.0, 6.0, 8.0, 0.0], [3.0, 5.0, 7.0, 1.0, 0.0]])
+
+    class Model:  # gene k at position k; every gene masked; the prediction is the truth itself
+        kind, feature_ids = "scgpt", np.array(["g0", "g1", "g2", "g3", "g4"], dtype=object)
+
+        def masked_prediction(self, counts, keys, frac, rng):
+            t = truth[np.asarray(keys)]
+            keys_ = np.broadcast_to(np.arange(5), t.shape)
+            return keys_, t, t.copy(), t > 0
+
+    class EvalSet:
+        n_cells = 3
+        obs = pd.DataFrame({"soma_joinid": [0, 1, 2]})
+
+        def iter_counts(self, fids, batch_size):
+            yield slice(0, 3), sp.csr_matrix(np.ones((3, 5)))
+
+    out = masked_prediction_outputs(Model(), EvalSet(), max_cells=None)
+    np.testing.assert_allclose(out["pred"], 1.0)
+    # cell 0: gene 4 (9.0) only it holds -> left out; leave-one-out means of genes 0..3 from cells 1, 2
+    base0 = np.array([2.5, 4.5, 6.5, 4.5])
+    np.testing.assert_allclose(out["baseline"][0], np.corrcoef(base0, truth[0, :4])[0, 1])
+    ev = EvalSet()
+    ev.obs = pd.DataFrame({"soma_joinid": [-1, -1, -1]})  # a file set: no joinids, keys are positions
+    assert _cell_keys(ev).tolist() == [0, 1, 2] and _cell_keys(EvalSet()).tolist() == [0, 1, 2]

@@ -459,13 +459,13 @@ class ScGPTAdapter(_EncodedModelAdapter):
     axis_file = "genes.tsv"
 
     def __init__(self, path: str | Path, device: str = "cpu"):
-        from atlasmix.training.scgpt.encoding import CLS, PAD
+        from atlasmix.training.scgpt.encoding import CLS, PAD, load_vocab
         from atlasmix.training.scgpt.model import load_scgpt
 
         mdir = self._setup(path, device)
         self.model, self.cfg = load_scgpt(mdir, self.device)
         self.tokens = self.axis["token_id"].to_numpy(dtype=np.int64)
-        vocab = json.loads((mdir / "vocab.json").read_text())
+        vocab = load_vocab(mdir / "vocab.json")
         self.cls_id, self.pad_id = int(vocab[CLS]), int(vocab[PAD])
         self.n_latent = int(self.cfg["d_model"])
 

@@ -282,6 +282,15 @@ def geneformer_outputs(model, eval_set, *, batch_size: int = 1024, forward_batch
             "rank_baseline": rank_base, "vocab_genes_in_set": int(len(axis)), "n_rank_cells": int(len(rank_pick))}
 
 
+def _cell_keys(eval_set) -> np.ndarray:
+    """Keys of the encodings' random draws: the cells' ``soma_joinid`` in a store set (as in
+    pretraining and the embed commands), their positions in a file set (whose cells have none)."""
+    sj = pd.to_numeric(eval_set.obs["soma_joinid"], errors="coerce").to_numpy()
+    if np.isfinite(sj).all() and (sj >= 0).all():
+        return sj.astype(np.int64)
+    return np.arange(eval_set.n_cells, dtype=np.int64)
+
+
 def masked_prediction_outputs(model, eval_set, *, batch_size: int = 1024, forward_batch_size: int = 32,
                               max_cells: int | None = 200, mask_fraction: float | None = None, seed: int = 0) -> dict:
     """Masked prediction by an scGPT / scBERT model on eval cells, against a per-gene mean baseline.
@@ -291,9 +300,9 @@ def masked_prediction_outputs(model, eval_set, *, batch_size: int = 1024, forwar
     model's pretraining ratio: scGPT 0.4, scBERT 0.15; at least 3) and predicted by the model's head
     (:meth:`~atlasmix.evaluation.models.ScGPTAdapter.masked_prediction`). Per cell the score is the
     Pearson r between predicted and true values (bins / tokens) at the masked positions; the
-    baseline predicts each masked gene's mean value over the subsample's cells that hold it (a model
-    that learned nothing about the cell's context does no better) -- the analogue of Geneformer's
-    mean-rank baseline.
+    baseline predicts each masked gene's mean value over the *other* subsampled cells that hold it
+    (a model that learned nothing about the cell's context does no better) -- the analogue of
+    Geneformer's mean-rank baseline. Masked genes no other sampled cell holds are not scored.
 
     Returns
     -------
@@ -305,8 +314,7 @@ def masked_prediction_outputs(model, eval_set, *, batch_size: int = 1024, forwar
     frac = mask_fraction if mask_fraction is not None else {"scgpt": 0.4, "scbert": 0.15}[model.kind]
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.permutation(n)[:n if max_cells is None else min(n, int(max_cells))])
-    sj = pd.to_numeric(eval_set.obs["soma_joinid"], errors="coerce").to_numpy()
-    keys = sj.astype(np.int64) if np.isfinite(sj).all() else np.arange(n, dtype=np.int64)
+    keys = _cell_keys(eval_set)
     cells: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
     sums: dict[int, float] = {}
     cnts: dict[int, int] = {}
@@ -327,9 +335,14 @@ def masked_prediction_outputs(model, eval_set, *, batch_size: int = 1024, forwar
                 cells.append((int(r), g[i][mk], truth[i][mk], pred[i][mk]))
     out_pred, out_base = np.full(n, np.nan), np.full(n, np.nan)
     for r, gk, truth, pred in cells:
+        # leave the scored cell out of its genes' means (a gene holds one value per cell); genes no
+        # other sampled cell holds have no baseline and are not scored
+        c = np.array([cnts[k] for k in gk.tolist()], dtype=np.float64)
+        other = c > 1
+        gk, truth, pred = gk[other], truth[other], pred[other]
         if len(truth) < 3 or np.ptp(truth) == 0:
             continue
-        base = np.array([sums[k] / cnts[k] for k in gk.tolist()])
+        base = (np.array([sums[k] for k in gk.tolist()]) - truth) / (c[other] - 1)
         out_pred[r] = np.corrcoef(pred, truth)[0, 1] if np.ptp(pred) > 0 else np.nan
         out_base[r] = np.corrcoef(base, truth)[0, 1] if np.ptp(base) > 0 else np.nan
     return {"pred": out_pred, "baseline": out_base, "n_scored": int(np.isfinite(out_pred).sum())}
@@ -488,8 +501,7 @@ def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline
                 emb = np.full((e.n_cells, m.n_latent), np.nan, dtype=np.float32)
                 n_tok = np.zeros(e.n_cells, dtype=np.int64)
                 present = pd.Index(m.feature_ids).isin(e.feature_ids)
-                sj = pd.to_numeric(e.obs["soma_joinid"], errors="coerce").to_numpy()
-                keys = sj.astype(np.int64) if np.isfinite(sj).all() else np.arange(e.n_cells, dtype=np.int64)
+                keys = _cell_keys(e)
                 for sl, cnt in e.iter_counts(m.feature_ids, batch_size):
                     for k in range(0, cnt.shape[0], geneformer_batch_size):
                         part = slice(sl.start + k, min(sl.stop, sl.start + k + geneformer_batch_size))

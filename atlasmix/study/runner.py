@@ -440,6 +440,14 @@ def _grid(spec: StudySpec, manifests: dict, genes: list[str], eval_entries: list
         files = {f: getattr(opts, f) for f in ("dictionaries", "vocab", "genes", "gene2vec") if hasattr(opts, f)}
         files = {f: (str((root / v).resolve()) if v and root is not None else v) for f, v in files.items()}
         n_scored = opts.max_rank_cells if kind == "geneformer" else opts.max_scored_cells
+        train_opts = opts.model_dump(mode="json")
+        digests: dict[str, str] = {}
+        if kind != "geneformer":  # (Geneformer's keys stay as they were: existing studies keep their runs)
+            # scoring options do not retrain; an edited vocabulary / gene list / gene2vec file does
+            train_opts.pop("max_scored_cells")
+            from atlasmix.ingest.readers import sha256_of
+
+            digests = {f"{f}_sha256": sha256_of(v) for f, v in files.items() if v and Path(v).is_file()}
         score = _sha({"eval_spec": str(eval_spec), "eval": [e["key"] for e in eval_entries],
                       ("max_rank_cells" if kind == "geneformer" else "max_scored_cells"): n_scored,
                       "seed": spec.evaluation.seed})
@@ -447,7 +455,7 @@ def _grid(spec: StudySpec, manifests: dict, genes: list[str], eval_entries: list
             if fraction is not None or mixture not in names:
                 continue
             msha = read_sidecar(mpath)["manifest"]["sha256"]
-            key = _sha({"manifest": msha, kind: opts.model_dump(mode="json"), **files, "seed": seed, "model": kind})
+            key = _sha({"manifest": msha, kind: train_opts, **files, **digests, "seed": seed, "model": kind})
             name = f"{kind}__{_safe(mixture)}__{_safe(opts.budget)}__s{seed}__{key[:10]}"
             tasks.append({"kind": kind, "store": store.uri, "manifest": str(mpath),
                           "run_dir": str(out / "runs" / name), kind: opts.model_dump(mode="json"), **files,

@@ -1,8 +1,8 @@
 """Shared parts of the compiled cell encodings: a per-cell kernel run over a CSR batch in threads
-(the kernels release the GIL) and a row's library size.
+(the kernels release the GIL), and one pass that sums a cell's counts and flags its whole counts.
 
-Used by the cell encodings (Geneformer's rank value encoding, scGPT's value binning): the batch is
-cut into contiguous chunks of about equal nonzeros (up to 16 per thread, at least ``chunk_nnz``
+Used by the cell encodings (Geneformer's rank value encoding, scGPT's value binning, scBERT's
+tokens, scFoundation's input): the batch is cut into contiguous chunks of about equal nonzeros (up to 16 per thread, at least ``chunk_nnz``
 nonzeros each) and each thread -- the caller included -- takes the next chunk from one shared
 iterator until none is left, so a vCPU slowed by the host takes fewer chunks instead of setting the
 pace (a fixed share per thread gave 48-52k cells/s median on 2 shared vCPUs for the Geneformer

@@ -1,8 +1,8 @@
 """The optimisation loop of the masked pretraining of foundation models streamed from the store.
 
-Geneformer (:mod:`atlasmix.training.geneformer.pretrain`) and scGPT
-(:mod:`atlasmix.training.scgpt.pretrain`) differ in their model, encoding and masking; what they
-share is here: starting under ``torchrun`` (:func:`setup_distributed`), the loop over an
+Geneformer (:mod:`atlasmix.training.geneformer.pretrain`), scGPT
+(:mod:`atlasmix.training.scgpt.pretrain`) and scBERT (:mod:`atlasmix.training.scbert.pretrain`)
+differ in their model, encoding and masking; what they share is here: starting under ``torchrun`` (:func:`setup_distributed`), the loop over an
 :class:`~atlasmix.training.stream.EncodedStream` with gradient clipping, a learning-rate schedule,
 the training curve (loss, learning rate, cells/s, the fraction of wall time spent waiting for data),
 and checkpoints that resume every DDP rank mid-epoch (:func:`run_pretraining`).
@@ -51,6 +51,29 @@ def check_out(out: Path, resume: bool) -> Path:
     if not resume and out.exists() and any(out.iterdir()):
         raise AtlasmixError(f"{out} is not empty (pass --resume to continue a run there)")
     return ck
+
+
+def pin_run_config(out: Path, config: dict[str, Any], resume: bool, rank: int) -> None:
+    """The settings that shape a run's model (sizes, encoding, gene axis), fixed at its start in
+    ``out/run_config.json``: a resume with other settings is refused before any weight is loaded.
+
+    Raises
+    ------
+    AtlasmixError
+        ``resume`` with settings that differ from the saved ones.
+    """
+    import json
+
+    path = out / "run_config.json"
+    config = json.loads(json.dumps(config, default=str))  # as it reads back
+    if resume and path.is_file():
+        saved = json.loads(path.read_text())
+        diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        if diff:
+            raise AtlasmixError(f"--resume with other settings than the run in {out} started with: "
+                                + ", ".join(f"{k} {saved.get(k)!r} -> {config.get(k)!r}" for k in diff))
+    elif rank == 0:
+        path.write_text(json.dumps(config, indent=1) + "\n")
 
 
 def setup_distributed(device: str) -> tuple[bool, int, int, torch.device]:

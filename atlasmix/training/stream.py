@@ -32,7 +32,9 @@ class EncodedStream:
     group_by_length : bool
         Length-grouped batches inside each megabatch (batch order shuffled with the loader's seed).
     drop_empty : bool
-        Drop cells whose encoding holds no gene (length <= :attr:`n_special`).
+        Drop cells whose encoding holds no gene (length <= :attr:`n_special`). Under DDP (the loader
+        has several ranks) a megabatch still gives as many batches as without dropping, so that
+        every rank takes the same number of optimizer steps.
     prefetch : int
         Encoded megabatches made ahead of the consumer.
 
@@ -77,7 +79,15 @@ class EncodedStream:
         keep = np.flatnonzero(lengths - self.n_special > 0) if self.drop_empty else np.arange(n)
         if self.group_by_length:
             keep = keep[np.argsort(-lengths[keep], kind="stable")]
-        groups = [keep[i:i + self.batch_size] for i in range(0, len(keep), self.batch_size)]
+        n_groups = -(-n // self.batch_size)
+        if self.loader.world_size > 1 and len(keep) < n and n_groups:
+            # DDP: every rank takes as many optimizer steps as without dropping (ranks step together),
+            # the kept cells spread over them; a batch would be empty only if almost all were dropped
+            if len(keep) < n_groups:
+                keep = np.concatenate([keep, np.setdiff1d(np.arange(n), keep)[:n_groups - len(keep)]])
+            groups = [g for g in np.array_split(keep, n_groups)]
+        else:
+            groups = [keep[i:i + self.batch_size] for i in range(0, len(keep), self.batch_size)]
         if self.group_by_length and self.loader.shuffle and len(groups) > 1:
             rng = np.random.default_rng([self.loader.seed, self.loader.epoch, 7919, mega_index])
             groups = [groups[i] for i in rng.permutation(len(groups))]

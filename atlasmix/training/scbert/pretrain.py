@@ -32,7 +32,8 @@ from torch import nn
 
 from atlasmix.errors import AtlasmixError
 from atlasmix.training.gene_lists import model_axis, read_gene_list
-from atlasmix.training.pretrain_loop import check_out, device_of, run_pretraining, setup_distributed
+from atlasmix.training.pretrain_loop import (check_out, device_of, pin_run_config, run_pretraining,
+                                             setup_distributed)
 from atlasmix.training.scbert.encoding import BIN_NUM, MASK_TOKEN, PAD_TOKEN, ScBERTEncoder
 from atlasmix.training.stream import EncodedStream, embedding_table
 
@@ -173,7 +174,8 @@ def train_scbert(store, manifest: str | Path, out: str | Path, *, genes: str | P
     batch_size, group_batches, epochs, max_steps, lr, warmup_steps, weight_decay, mask_prob, replace_prob,
     max_grad_norm, seed, device, bf16, io_batch_size, block_size, log_every, checkpoint_every, resume,
     encoder_threads, progress, stop_after
-        As :func:`atlasmix.training.scgpt.pretrain.train_scgpt` (scBERT: clipping at 100).
+        As :func:`atlasmix.training.scgpt.pretrain.train_scgpt` (scBERT: clipping at 100; a resume
+        keeps the gene list the run started with, ``out/genes.txt``).
 
     Returns
     -------
@@ -192,26 +194,35 @@ def train_scbert(store, manifest: str | Path, out: str | Path, *, genes: str | P
 
     out = Path(out)
     check_out(out, resume)
+    if preset not in PRESETS:
+        raise AtlasmixError(f"unknown scBERT preset {preset!r} (one of {', '.join(PRESETS)})")
     if batch_size < 1 or group_batches < 1 or epochs < 1 or (max_steps is not None and max_steps < 1):
         raise AtlasmixError("batch size, group batches, epochs and max steps must be >= 1")
     if not lr > 0 or not 0 < mask_prob < 1 or not 0 <= replace_prob <= 1:
         raise AtlasmixError("need lr > 0, 0 < mask prob < 1 and 0 <= replace prob <= 1")
-    saved = out / "model" / GENES_FILE
+    saved = out / GENES_FILE  # the run's gene axis, fixed at its start
     gene_list = read_gene_list(saved if resume and saved.is_file() else genes)
     g2v = None
     if gene2vec is not None:
         try:
-            g2v = np.load(gene2vec)
-        except (OSError, ValueError) as e:
+            g2v = np.load(gene2vec, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
             raise AtlasmixError(f"gene2vec matrix {gene2vec} is not readable: {e}") from None
-        if g2v.ndim != 2:
-            raise AtlasmixError(f"gene2vec matrix {gene2vec} must be 2-D (genes x dim), got shape {g2v.shape}")
+        if not isinstance(g2v, np.ndarray) or g2v.ndim != 2 or not np.issubdtype(g2v.dtype, np.number):
+            raise AtlasmixError(f"gene2vec matrix {gene2vec} must be one numeric .npy array, genes x dim")
+        if not np.isfinite(g2v).all():
+            raise AtlasmixError(f"gene2vec matrix {gene2vec} holds NaN or infinite values")
         config_overrides = {**(config_overrides or {}), "dim": int(g2v.shape[1])}
     side = read_sidecar(manifest)
     out.mkdir(parents=True, exist_ok=True)
     dist, rank, world, dev = setup_distributed(device)
     torch.manual_seed(seed)
     axis = model_axis(store, gene_list)
+    cfg = {**PRESETS[preset], **{k: v for k, v in (config_overrides or {}).items() if v is not None}}
+    pin_run_config(out, {"model": "scbert", "preset": preset, **cfg, "n_genes": len(gene_list),
+                         "gene2vec": g2v is not None, "genes_in_store": int(axis["matched"])}, resume, rank)
+    if rank == 0 and not (resume and saved.is_file()):
+        saved.write_text("\n".join(gene_list) + "\n")
     mega = batch_size * group_batches
     loader = MixtureLoader(store, manifest, "train", var_joinids=axis["var_joinids"], batch_size=mega,
                            io_batch_size=max(io_batch_size, mega), block_size=block_size, seed=seed,

@@ -21,8 +21,8 @@ dense (B, 19,266) vector. Differences from the repository's code: the gathered t
 in the loader's column order, not sorted by position (the encoder is a transformer whose tokens
 carry their gene embedding and no sequence position, so the order does not change its output);
 padded slots hold value 0 and gene id ``n_genes + 2`` and are flagged by ``padding`` (scFoundation
-fills both with its config's ``pad_token_id``); a cell without counts on the axis gets T = S = 0
-(``log10(0)`` there). scFoundation's pretraining code is not public, so only the input is built here.
+fills both with its config's ``pad_token_id``); a cell without counts on the axis gets S = 0 and T =
+the ``t`` target or 0 for ``f`` / ``a`` (``log10(0)`` there). scFoundation's pretraining code is not public, so only the input is built here.
 
 :func:`scfoundation_input` is one compiled (numba) pass per cell without the GIL, in threads;
 :func:`scfoundation_input_reference` is the straightforward per-cell numpy version of

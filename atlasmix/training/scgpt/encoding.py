@@ -17,10 +17,14 @@ The method (Cui et al. 2024, *Nature Methods* 21:1470; scGPT's ``scgpt/preproces
 
 The binning is computed on raw counts. scGPT bins the values after its preprocessing
 (``normalize_total`` to 10^4, ``log1p``); per cell that is a strictly increasing map of the counts,
-and both the quantile edges (interpolated between the same two order statistics, at the same
-positions) and the comparisons of ``digitize`` are invariant under it, so the bins are the same.
+so in exact arithmetic the bins are the same (the quantile edges interpolate between the same two
+order statistics, and ``digitize`` only compares). In floating point they can differ where an edge's
+interpolation weight is not exact (e.g. 8 values, edge 35 of 50) and the rounded edge lands on a
+tied value in one space but not the other; then the tie range of that value differs by one bin.
 The edges follow numpy's ``quantile`` (method ``linear``) operation for operation, in float64, so
-they are *equal* to ``np.quantile`` of the cell's nonzero counts (tested). Differences from scGPT's
+they are *equal* to ``np.quantile`` of the cell's nonzero counts (tested). They are read from a
+histogram of the cell's counts when all are whole numbers up to :data:`HIST_MAX` (runs of equal
+values instead of a sort), else from a sort. Differences from scGPT's
 code: the random draws (tie bins, gene subset) come from a counter-based generator keyed by
 ``(seed, epoch, soma_joinid, position)`` -- reproducible whatever the threads or batch
 composition -- instead of numpy's global RNG; the kept genes of a subsampled cell stay in gene-axis

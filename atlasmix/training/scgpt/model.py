@@ -112,11 +112,17 @@ def load_scgpt(path: str | Path, device: str | torch.device = "cpu") -> tuple[Sc
 
     p = Path(path)
     d = next((c for c in (p / "model", p) if (c / CONFIG_FILE).is_file() and (c / WEIGHTS_FILE).is_file()), None)
-    cfg = json.loads((d / CONFIG_FILE).read_text()) if d is not None else {}
-    if d is None or cfg.get("model") != "scgpt":
+    try:
+        cfg = json.loads((d / CONFIG_FILE).read_text()) if d is not None else {}
+    except (OSError, ValueError) as e:
+        raise AtlasmixError(f"{d / CONFIG_FILE} is not readable JSON: {e}") from None
+    if d is None or not isinstance(cfg, dict) or cfg.get("model") != "scgpt":
         raise AtlasmixError(f"no scGPT model (config.json + model.safetensors) in {p} or {p / 'model'}")
     keys = ("d_model", "n_heads", "d_hid", "n_layers", "dropout", "max_value")
-    m = ScGPTModel(cfg["n_tokens"], cfg["pad_id"], **{k: cfg[k] for k in keys})
-    m.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
+    try:
+        m = ScGPTModel(cfg["n_tokens"], cfg["pad_id"], **{k: cfg[k] for k in keys})
+        m.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
+    except (KeyError, TypeError, RuntimeError, OSError) as e:
+        raise AtlasmixError(f"the scGPT model in {d} does not load: {type(e).__name__}: {e}") from None
     m.eval()
     return m.to(device), cfg | {"folder": str(d)}

@@ -32,7 +32,8 @@ import pandas as pd
 import torch
 
 from atlasmix.errors import AtlasmixError
-from atlasmix.training.pretrain_loop import check_out, device_of, run_pretraining, setup_distributed
+from atlasmix.training.pretrain_loop import (check_out, device_of, pin_run_config, run_pretraining,
+                                             setup_distributed)
 from atlasmix.training.scgpt.encoding import (CLS, MASK_VALUE, MAX_LEN, N_BINS, PAD, PAD_VALUE, ScGPTEncoder,
                                               load_vocab, vocabulary_axis)
 from atlasmix.training.scgpt.model import PRESETS, ScGPTModel, load_scgpt
@@ -152,7 +153,8 @@ def train_scgpt(store, manifest: str | Path, out: str | Path, *, vocab: str | Pa
     log_every, checkpoint_every : int
         Steps between curve rows / checkpoints (0: at the end only).
     resume : bool
-        Continue from ``out/checkpoints/last.pt``.
+        Continue from ``out/checkpoints/last.pt``, with the vocabulary the run started with
+        (``out/vocab.json``); other model settings than at its start are refused.
     encoder_threads : int
         Threads of the value binning.
     progress : bool
@@ -182,15 +184,19 @@ def train_scgpt(store, manifest: str | Path, out: str | Path, *, vocab: str | Pa
         raise AtlasmixError("batch size, group batches, epochs and max steps must be >= 1")
     if not lr > 0 or not 0 < mask_ratio < 1:
         raise AtlasmixError(f"need lr > 0 and 0 < mask ratio < 1, got {lr} and {mask_ratio}")
+    if n_bins < 3 or max_len < 2:
+        raise AtlasmixError(f"n_bins must be >= 3 and max_len >= 2, got {n_bins} and {max_len}")
     side = read_sidecar(manifest)
     out.mkdir(parents=True, exist_ok=True)
     dist, rank, world, dev = setup_distributed(device)
     torch.manual_seed(seed)
-    saved_vocab = out / "model" / VOCAB_FILE
+    saved_vocab = out / VOCAB_FILE  # the run's vocabulary, fixed at its start
     if resume and saved_vocab.is_file():
         vocab_d = load_vocab(saved_vocab)
     else:
         vocab_d = load_vocab(vocab) if vocab is not None else store_vocab(store)
+        if rank == 0:
+            saved_vocab.write_text(json.dumps(vocab_d) + "\n")
     axis = vocabulary_axis(store, vocab_d)
     encoder = ScGPTEncoder(axis, vocab_d, n_bins=n_bins, max_len=max_len, seed=seed, threads=encoder_threads)
     mega = batch_size * group_batches
@@ -199,6 +205,11 @@ def train_scgpt(store, manifest: str | Path, out: str | Path, *, vocab: str | Pa
                            obs_columns=("dataset_id",), sparse=True, prefetch_io=prefetch_io, io_threads=io_threads)
     stream = ScGPTStream(loader, encoder, batch_size=batch_size)
     cfg = {**PRESETS[preset], **{k: v for k, v in (config_overrides or {}).items() if v is not None}}
+    if cfg["d_model"] % cfg["n_heads"]:
+        raise AtlasmixError(f"d_model {cfg['d_model']} is not a multiple of n_heads {cfg['n_heads']}")
+    pin_run_config(out, {"model": "scgpt", **cfg, "n_bins": n_bins, "max_len": max_len,
+                         "n_tokens": max(vocab_d.values()) + 1, "genes_in_store": int(len(axis["var_joinids"]))},
+                   resume, rank)
     model = ScGPTModel(max(vocab_d.values()) + 1, vocab_d[PAD], **cfg).to(dev)
     per_epoch = len(stream)
     total = int(max_steps) if max_steps else per_epoch * epochs
