@@ -206,12 +206,14 @@ def test_ddp_two_processes_train_disjoint_shards_and_resume_to_the_same_weights(
 
     def run(out, epochs, resume=""):
         r = subprocess.run([sys.executable, str(script), store.uri, str(path), str(genes_file), str(tmp_path / out),
-                            str(epochs), resume], capture_output=True, text=True, timeout=600)
+                            str(epochs), resume], capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         assert "RANK 0 DONE" in r.stdout  # rank 0 returns only after rank 1 ended (exit status 0)
         return json.loads((tmp_path / out / "run.json").read_text())
 
     full = run("full", 2)
+    # scvi-tools' DDP history lands in the run folder, never in the working directory
+    assert (tmp_path / "full" / "lightning_logs").is_dir() and not (tmp_path / "lightning_logs").exists()
     assert full["options"]["devices"] == 2 and full["options"]["strategy"] == "ddp_find_unused_parameters_true"
     per_rank = full["budget"]["cells_per_rank_per_epoch"]
     train_ids = pd.read_parquet(path).query("split == 'train'")["soma_joinid"].to_numpy()

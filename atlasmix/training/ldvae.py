@@ -748,7 +748,8 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     t0 = time.perf_counter()
     # max_steps ends the run; max_epochs is only an upper bound (a resumed run whose checkpoint ended an
     # epoch at max_steps restarts one epoch later, so an exact epoch limit would stop it at once)
-    ddp = {"strategy": strat, "num_nodes": num_nodes} if world > 1 else {}
+    # under DDP scvi-tools' logger writes its history to disk: into the run folder, not the working directory
+    ddp = {"strategy": strat, "num_nodes": num_nodes, "log_save_dir": str(out)} if world > 1 else {}
     model.train(max_epochs=max_steps, max_steps=max_steps, datamodule=dm, accelerator=accelerator,
                 devices=devices, early_stopping=False, plan_kwargs=plan_kwargs, callbacks=callbacks,
                 enable_checkpointing=bool(ckpt), enable_progress_bar=progress,
