@@ -235,10 +235,8 @@ def _run_grid_cell(task: dict) -> dict:
         d = json.loads(done.read_text())
         if d.get("train_key") == task["train_key"] and d.get("score_key") == task["score_key"]:
             return {"run_key": task["train_key"], "status": "cached", "wall_s": 0.0}
-    if task.get("kind") == "geneformer":
-        return _geneformer_cell(task, t0)
-    if task.get("kind") in ("scgpt", "scbert"):
-        return _masked_prediction_cell(task, t0)
+    if task.get("kind") in PRETRAINED_KINDS:
+        return _pretrained_cell(task, t0)
     model_dir = run_dir / "ldvae"
     status = "scored"
     if _start_training(run_dir, model_dir, task["train_key"]):
@@ -314,11 +312,13 @@ def _record_pretraining(run: dict, model_dir: Path, budget, steps: int, n_train:
     (model_dir / "run.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
 
 
-def _masked_prediction_cell(task: dict, t0: float) -> dict:
-    """Train one scGPT or scBERT with its budget and score masked prediction vs the per-gene mean."""
+def _pretrained_cell(task: dict, t0: float) -> dict:
+    """Train one pretrained foundation model with its budget and score its own pretraining task on every
+    eval set against a baseline that knows no cell context: Geneformer's masked rank prediction vs the
+    mean-rank baseline, scGPT's / scBERT's masked value / token prediction vs the per-gene mean."""
     from atlasmix.evaluation.evalsets import store_eval_sets
-    from atlasmix.evaluation.models import ScBERTAdapter, ScGPTAdapter
-    from atlasmix.evaluation.run import masked_prediction_outputs
+    from atlasmix.evaluation.models import GeneformerAdapter, ScBERTAdapter, ScGPTAdapter
+    from atlasmix.evaluation.run import geneformer_outputs, masked_prediction_outputs
     from atlasmix.mixing import read_sidecar
     from atlasmix.store import Store
     from atlasmix.training.budget import Budget
@@ -336,7 +336,12 @@ def _masked_prediction_cell(task: dict, t0: float) -> dict:
         common = dict(preset=o["preset"], batch_size=o["batch_size"], lr=o["lr"], epochs=10**6, max_steps=steps,
                       seed=task["seed"], device=task.get("device", "cpu"), checkpoint_every=0, io_batch_size=4096,
                       log_every=max(1, steps // 20))
-        if kind == "scgpt":
+        if kind == "geneformer":
+            from atlasmix.training.geneformer.pretrain import train_geneformer
+
+            run = train_geneformer(store, task["manifest"], model_dir, dictionaries=task.get("dictionaries"),
+                                   max_len=o["max_len"], **common)
+        elif kind == "scgpt":
             from atlasmix.training.scgpt.pretrain import train_scgpt
 
             run = train_scgpt(store, task["manifest"], model_dir, vocab=task.get("vocab"), max_len=o["max_len"],
@@ -348,59 +353,30 @@ def _masked_prediction_cell(task: dict, t0: float) -> dict:
                                **common)
         _record_pretraining(run, model_dir, budget, steps, n_train, task["train_key"])
         status = "trained"
-    model = (ScGPTAdapter if kind == "scgpt" else ScBERTAdapter)(model_dir, task.get("device", "cpu"))
+    seed = task["eval_opts"]["seed"]
+    if kind == "geneformer":
+        model = GeneformerAdapter(model_dir, task.get("device", "cpu"))
+        prefix = "rank_pred"
+
+        def score(e):
+            g = geneformer_outputs(model, e, max_rank_cells=o["max_rank_cells"], seed=seed)
+            return g["rank_pred"], g["rank_baseline"]
+    else:
+        model = (ScGPTAdapter if kind == "scgpt" else ScBERTAdapter)(model_dir, task.get("device", "cpu"))
+        prefix = "masked_pred"
+
+        def score(e):
+            g = masked_prediction_outputs(model, e, max_cells=o["max_scored_cells"], seed=seed)
+            return g["pred"], g["baseline"]
     rows, per = [], []
     for e in store_eval_sets(task["eval_spec"], store):
-        g = masked_prediction_outputs(model, e, max_cells=o["max_scored_cells"], seed=task["eval_opts"]["seed"])
-        idx = np.flatnonzero(np.isfinite(g["baseline"]) | np.isfinite(g["pred"]))
+        pred, base = score(e)
+        idx = np.flatnonzero(np.isfinite(base) | np.isfinite(pred))
         obs = e.obs.iloc[idx]
-        pred, base = g["pred"][idx], g["baseline"][idx]
-        for k, v in (("masked_pred_pearson_median", np.nanmedian(pred) if np.isfinite(pred).any() else np.nan),
-                     ("masked_pred_baseline_pearson_median", np.nanmedian(base) if np.isfinite(base).any() else np.nan),
-                     ("masked_pred_n_cells_scored", int(np.isfinite(pred).sum()))):
-            rows.append({"eval_set": e.name, "metric": k, "value": float(v)})
-        per.append(pd.DataFrame({"eval_set": e.name, "cell_index": idx.astype(np.int64),
-                                 "soma_joinid": obs["soma_joinid"].to_numpy(dtype=np.int64),
-                                 "cell_type": obs["cell_type"].astype(str).to_numpy(), "value": pred,
-                                 "baseline_value": base}))
-    return _finish(task, rows, per, status, t0)
-
-
-def _geneformer_cell(task: dict, t0: float) -> dict:
-    """Train one Geneformer with its budget and score masked rank prediction vs the mean-rank baseline."""
-    from atlasmix.evaluation.evalsets import store_eval_sets
-    from atlasmix.evaluation.models import GeneformerAdapter
-    from atlasmix.evaluation.run import geneformer_outputs
-    from atlasmix.mixing import read_sidecar
-    from atlasmix.store import Store
-    from atlasmix.training.budget import Budget
-    from atlasmix.training.geneformer.pretrain import train_geneformer
-
-    run_dir = Path(task["run_dir"])
-    model_dir = run_dir / "geneformer"
-    o = task["geneformer"]
-    store = Store(task["store"])
-    status = "scored"
-    if _start_training(run_dir, model_dir, task["train_key"]):
-        budget = Budget.parse(o["budget"])
-        n_train = int(read_sidecar(task["manifest"])["counts"]["train"])
-        steps = budget.max_steps(n_train, o["batch_size"])
-        run = train_geneformer(store, task["manifest"], model_dir, dictionaries=task.get("dictionaries"),
-                               preset=o["preset"], max_len=o["max_len"], batch_size=o["batch_size"], lr=o["lr"],
-                               epochs=10**6, max_steps=steps, seed=task["seed"], device=task.get("device", "cpu"),
-                               checkpoint_every=0, io_batch_size=4096, log_every=max(1, steps // 20))
-        _record_pretraining(run, model_dir, budget, steps, n_train, task["train_key"])
-        status = "trained"
-    model = GeneformerAdapter(model_dir, task.get("device", "cpu"))
-    rows, per = [], []
-    for e in store_eval_sets(task["eval_spec"], store):
-        g = geneformer_outputs(model, e, max_rank_cells=o["max_rank_cells"], seed=task["eval_opts"]["seed"])
-        idx = np.flatnonzero(np.isfinite(g["rank_baseline"]) | np.isfinite(g["rank_pred"]))
-        obs = e.obs.iloc[idx]
-        pred, base = g["rank_pred"][idx], g["rank_baseline"][idx]
-        for k, v in (("rank_pred_pearson_median", np.nanmedian(pred) if np.isfinite(pred).any() else np.nan),
-                     ("rank_pred_baseline_pearson_median", np.nanmedian(base) if np.isfinite(base).any() else np.nan),
-                     ("rank_pred_n_cells_scored", int(np.isfinite(pred).sum()))):
+        pred, base = pred[idx], base[idx]
+        for k, v in ((f"{prefix}_pearson_median", np.nanmedian(pred) if np.isfinite(pred).any() else np.nan),
+                     (f"{prefix}_baseline_pearson_median", np.nanmedian(base) if np.isfinite(base).any() else np.nan),
+                     (f"{prefix}_n_cells_scored", int(np.isfinite(pred).sum()))):
             rows.append({"eval_set": e.name, "metric": k, "value": float(v)})
         per.append(pd.DataFrame({"eval_set": e.name, "cell_index": idx.astype(np.int64),
                                  "soma_joinid": obs["soma_joinid"].to_numpy(dtype=np.int64),

@@ -93,6 +93,70 @@ def setup_distributed(device: str) -> tuple[bool, int, int, torch.device]:
     return dist, rank, world, dev
 
 
+def optimizer_and_schedule(model: torch.nn.Module, *, lr: float, weight_decay: float, warmup_steps: int,
+                           total_steps: int, no_decay: Callable[[str], bool] = lambda name: False):
+    """AdamW and a learning-rate schedule of linear warmup then linear decay to 0
+    (``transformers.get_linear_schedule_with_warmup``), as the pretraining scripts use.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Its trainable parameters are optimised (frozen ones, e.g. fixed gene2vec positions, are not).
+    lr, weight_decay : float
+    warmup_steps : int
+        Capped at 10 % of ``total_steps`` (at least 1).
+    total_steps : int
+        Optimizer steps of the whole run.
+    no_decay : callable
+        ``name -> bool``: parameters without weight decay (biases, norms).
+
+    Returns
+    -------
+    (torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR, int)
+        Optimizer, scheduler and the warmup steps used.
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    warm = int(min(warmup_steps, max(1, total_steps // 10)))
+    decay, plain = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if no_decay(n) else decay).append(p)
+    groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((decay, weight_decay), (plain, 0.0)) if ps]
+    opt = torch.optim.AdamW(groups, lr=lr)
+    return opt, get_linear_schedule_with_warmup(opt, warm, total_steps), warm
+
+
+def wrap_ddp(module: torch.nn.Module, dist: bool, dev: torch.device) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel when the process group is up, else itself."""
+    if not dist:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def run_record(res: dict[str, Any], *, manifest: Path | str, side: dict, store, n_train: int, resume: bool,
+               steps_per_epoch: int) -> dict[str, Any]:
+    """The ``run.json`` fields every pretraining run shares: the manifest and store it trained on and
+    what :func:`run_pretraining` (``res``) did this call. ``cells_this_call`` is this rank's (times the
+    world size for all ranks)."""
+    wall = res["wall_s"]
+    return {
+        "manifest": {"path": str(Path(manifest).resolve()), "sha256": side["manifest"]["sha256"],
+                     "name": side.get("name"), "spec_hash": side.get("spec_hash")},
+        "store": store.identity(),
+        "n_cells": {"train": n_train},
+        "resumed": bool(resume),
+        "steps": res["step"],
+        "steps_per_epoch": steps_per_epoch,
+        "cells_this_call": res["cells"],
+        "tokens_this_call": res["tokens"],
+        "wall_s": round(wall, 3),
+        "train_cells_per_s": round(res["cells"] / wall, 3) if wall > 0 else None,
+        "data_wait_fraction": round(res["wait_s"] / wall, 4) if wall > 0 else None,
+        "final_loss": res["rows"][-1]["loss"] if res["rows"] else None,
+    }
+
+
 def plot_curve(df: pd.DataFrame, path: Path, loss_label: str = "train loss") -> None:
     """Training loss and learning rate per logged step, as a PNG."""
     import matplotlib

@@ -38,7 +38,8 @@ from atlasmix.errors import AtlasmixError
 from atlasmix.training.geneformer.dictionaries import (Dictionaries, build_dictionaries, load_dictionaries,
                                                        write_dictionaries)
 from atlasmix.training.geneformer.tokenizer import GeneformerStream, mode_settings, vocabulary_axis
-from atlasmix.training.pretrain_loop import check_out, run_pretraining, setup_distributed
+from atlasmix.training.pretrain_loop import (check_out, optimizer_and_schedule, run_pretraining, run_record,
+                                             setup_distributed, wrap_ddp)
 
 #: BertConfig fields per size. ``v1`` = Geneformer V1 (gc30M 6L), ``v1-12l`` = its 12-layer model,
 #: ``v2-104m`` = Geneformer V2 104M; ``tiny`` for tests.
@@ -245,7 +246,7 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
     ``torchrun --nproc_per_node 2`` (gloo, CPU): stopped and resumed, the weights equal an
     uninterrupted run's.
     """
-    from transformers import BertForMaskedLM, get_linear_schedule_with_warmup
+    from transformers import BertForMaskedLM
 
     from atlasmix.mixing import read_sidecar
     from atlasmix.training.loader import MixtureLoader
@@ -301,17 +302,10 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
     cfg = bert_config(dicts.vocab_size(), L, preset, **(config_overrides or {}))
     model = BertForMaskedLM(cfg).to(dev)
     per_epoch = len(stream)
-    total = int(max_steps) if max_steps else per_epoch * epochs
-    warm = int(min(warmup_steps, max(1, total // 10)))
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        (no_decay if n.endswith("bias") or "LayerNorm" in n else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    sched = get_linear_schedule_with_warmup(opt, warm, total)
-    net = MaskedLMLoss(model)
-    if dist:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    opt, sched, warm = optimizer_and_schedule(model, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                                              total_steps=int(max_steps) if max_steps else per_epoch * epochs,
+                                              no_decay=lambda n: n.endswith("bias") or "LayerNorm" in n)
+    net = wrap_ddp(MaskedLMLoss(model), dist, dev)
     use_bf16 = bool(bf16 and dev.type == "cuda")
     special_ids = dicts.special_ids
 
@@ -331,7 +325,6 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
                           checkpoint_every=checkpoint_every, max_grad_norm=max_grad_norm, resume=resume, dist=dist,
                           rank=rank, world=world, progress=progress,
                           loss_label="MLM cross-entropy (nats per masked token)")
-    step, rows, cells, tokens, wait, wall = (res[k] for k in ("step", "rows", "cells", "tokens", "wait_s", "wall_s"))
     run: dict[str, Any] = {}
     if rank == 0:
         mdir = out / "model"
@@ -354,21 +347,10 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
                         "seed": seed, "device": str(dev), "bf16": use_bf16, "io_batch_size": loader.io_batch_size,
                         "block_size": block_size, "world_size": loader.world_size,
                         "dictionaries": str(dictionaries) if dictionaries else "computed from the train split"},
-            "manifest": {"path": str(Path(manifest).resolve()), "sha256": side["manifest"]["sha256"],
-                         "name": side.get("name"), "spec_hash": side.get("spec_hash")},
-            "store": store.identity(),
-            "n_cells": {"train": loader.n_obs},
+            **run_record(res, manifest=manifest, side=side, store=store, n_train=loader.n_obs, resume=resume,
+                         steps_per_epoch=per_epoch),
             "vocabulary": {"n_tokens": dicts.vocab_size(), "n_genes_in_store": int(len(axis["var_joinids"]))},
             "medians": medians_meta,  # computed this call: passes over X and ranks that shared them
-            "resumed": bool(resume),
-            "steps": step,
-            "steps_per_epoch": per_epoch,
-            "cells_this_call": cells,  # this rank's (x world_size for all ranks)
-            "tokens_this_call": tokens,
-            "wall_s": round(wall, 3),
-            "train_cells_per_s": round(cells / wall, 1) if wall > 0 else None,
-            "data_wait_fraction": round(wait / wall, 4) if wall > 0 else None,
-            "final_loss": rows[-1]["loss"] if rows else None,
         }
         (out / "run.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
     return run

@@ -32,8 +32,8 @@ from torch import nn
 
 from atlasmix.errors import AtlasmixError
 from atlasmix.training.gene_lists import model_axis, read_gene_list
-from atlasmix.training.pretrain_loop import (check_out, device_of, pin_run_config, run_pretraining,
-                                             setup_distributed)
+from atlasmix.training.pretrain_loop import (check_out, device_of, optimizer_and_schedule, pin_run_config,
+                                             run_pretraining, run_record, setup_distributed, wrap_ddp)
 from atlasmix.training.scbert.encoding import BIN_NUM, MASK_TOKEN, PAD_TOKEN, ScBERTEncoder
 from atlasmix.training.stream import EncodedStream, embedding_table
 
@@ -187,8 +187,6 @@ def train_scbert(store, manifest: str | Path, out: str | Path, *, genes: str | P
     AtlasmixError
         Bad options, gene list, gene2vec matrix, manifest; ``out`` not empty without resume.
     """
-    from transformers import get_linear_schedule_with_warmup
-
     from atlasmix.mixing import read_sidecar
     from atlasmix.training.loader import MixtureLoader
 
@@ -230,13 +228,9 @@ def train_scbert(store, manifest: str | Path, out: str | Path, *, genes: str | P
     stream = ScBERTStream(loader, ScBERTEncoder(axis, threads=encoder_threads), batch_size=batch_size)
     model = build_model(len(gene_list), preset, g2v, **(config_overrides or {})).to(dev)
     per_epoch = len(stream)
-    total = int(max_steps) if max_steps else per_epoch * epochs
-    warm = int(min(warmup_steps, max(1, total // 10)))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    sched = get_linear_schedule_with_warmup(opt, warm, total)
-    net: nn.Module = model
-    if dist:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    opt, sched, warm = optimizer_and_schedule(model, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                                              total_steps=int(max_steps) if max_steps else per_epoch * epochs)
+    net = wrap_ddp(model, dist, dev)
     use_bf16 = bool(bf16 and dev.type == "cuda")
 
     def step_loss(b: dict, step: int) -> tuple[torch.Tensor, int, int]:
@@ -261,7 +255,6 @@ def train_scbert(store, manifest: str | Path, out: str | Path, *, genes: str | P
         fid = store.var().loc[axis["var_joinids"], "feature_id"].astype(str).to_numpy()
         pd.DataFrame({"feature_id": fid, "position": axis["position"]}).to_csv(out / "model" / AXIS_FILE, sep="\t",
                                                                                index=False)
-        wall = res["wall_s"]
         run = {
             "model": "scBERT (performer_pytorch.PerformerLM)",
             "config": model.atlasmix_config,
@@ -270,19 +263,9 @@ def train_scbert(store, manifest: str | Path, out: str | Path, *, genes: str | P
                         "mask_prob": mask_prob, "replace_prob": replace_prob, "seed": seed, "device": str(dev),
                         "bf16": use_bf16, "world_size": world, "genes": str(genes),
                         "gene2vec": str(gene2vec) if gene2vec else None},
-            "manifest": {"path": str(Path(manifest).resolve()), "sha256": side["manifest"]["sha256"],
-                         "name": side.get("name"), "spec_hash": side.get("spec_hash")},
-            "store": store.identity(),
-            "n_cells": {"train": loader.n_obs},
+            **run_record(res, manifest=manifest, side=side, store=store, n_train=loader.n_obs, resume=resume,
+                         steps_per_epoch=per_epoch),
             "gene_axis": {"n_genes": len(gene_list), "n_genes_in_store": int(axis["matched"])},
-            "resumed": bool(resume),
-            "steps": res["step"],
-            "steps_per_epoch": per_epoch,
-            "cells_this_call": res["cells"],
-            "wall_s": round(wall, 3),
-            "train_cells_per_s": round(res["cells"] / wall, 3) if wall > 0 else None,
-            "data_wait_fraction": round(res["wait_s"] / wall, 4) if wall > 0 else None,
-            "final_loss": res["rows"][-1]["loss"] if res["rows"] else None,
         }
         (out / "run.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
     return run

@@ -32,8 +32,8 @@ import pandas as pd
 import torch
 
 from atlasmix.errors import AtlasmixError
-from atlasmix.training.pretrain_loop import (check_out, device_of, pin_run_config, run_pretraining,
-                                             setup_distributed)
+from atlasmix.training.pretrain_loop import (check_out, device_of, optimizer_and_schedule, pin_run_config,
+                                             run_pretraining, run_record, setup_distributed, wrap_ddp)
 from atlasmix.training.scgpt.encoding import (CLS, MASK_VALUE, MAX_LEN, N_BINS, PAD, PAD_VALUE, ScGPTEncoder,
                                               load_vocab, vocabulary_axis)
 from atlasmix.training.scgpt.model import PRESETS, ScGPTModel, load_scgpt
@@ -171,8 +171,6 @@ def train_scgpt(store, manifest: str | Path, out: str | Path, *, vocab: str | Pa
     AtlasmixError
         ``out`` not empty without resume, nothing to resume, bad options, vocabulary or manifest.
     """
-    from transformers import get_linear_schedule_with_warmup
-
     from atlasmix.mixing import read_sidecar
     from atlasmix.training.loader import MixtureLoader
 
@@ -212,17 +210,10 @@ def train_scgpt(store, manifest: str | Path, out: str | Path, *, vocab: str | Pa
                    resume, rank)
     model = ScGPTModel(max(vocab_d.values()) + 1, vocab_d[PAD], **cfg).to(dev)
     per_epoch = len(stream)
-    total = int(max_steps) if max_steps else per_epoch * epochs
-    warm = int(min(warmup_steps, max(1, total // 10)))
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        (no_decay if n.endswith("bias") or "norm" in n else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    sched = get_linear_schedule_with_warmup(opt, warm, total)
-    net: torch.nn.Module = model
-    if dist:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    opt, sched, warm = optimizer_and_schedule(model, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                                              total_steps=int(max_steps) if max_steps else per_epoch * epochs,
+                                              no_decay=lambda n: n.endswith("bias") or "norm" in n)
+    net = wrap_ddp(model, dist, dev)
     use_bf16 = bool(bf16 and dev.type == "cuda")
 
     def step_loss(b: dict, step: int) -> tuple[torch.Tensor, int, int]:
@@ -251,7 +242,6 @@ def train_scgpt(store, manifest: str | Path, out: str | Path, *, vocab: str | Pa
         # the store genes behind the tokens (Ensembl ids): evaluation aligns any eval set to them
         pd.DataFrame({"feature_id": axis["feature_id"], "token_id": axis["token_ids"]}).to_csv(
             mdir / AXIS_FILE, sep="\t", index=False)
-        wall = res["wall_s"]
         run = {
             "model": "scGPT (atlasmix.training.scgpt.model.ScGPTModel: torch TransformerEncoder, GEP head)",
             "config": model.config,
@@ -260,20 +250,9 @@ def train_scgpt(store, manifest: str | Path, out: str | Path, *, vocab: str | Pa
                         "warmup_steps": warm, "weight_decay": weight_decay, "mask_ratio": mask_ratio, "seed": seed,
                         "device": str(dev), "bf16": use_bf16, "world_size": world,
                         "vocab": str(vocab) if vocab else "the store's gene symbols"},
-            "manifest": {"path": str(Path(manifest).resolve()), "sha256": side["manifest"]["sha256"],
-                         "name": side.get("name"), "spec_hash": side.get("spec_hash")},
-            "store": store.identity(),
-            "n_cells": {"train": loader.n_obs},
+            **run_record(res, manifest=manifest, side=side, store=store, n_train=loader.n_obs, resume=resume,
+                         steps_per_epoch=per_epoch),
             "vocabulary": {"n_tokens": model.config["n_tokens"], "n_genes_in_store": int(len(axis["var_joinids"]))},
-            "resumed": bool(resume),
-            "steps": res["step"],
-            "steps_per_epoch": per_epoch,
-            "cells_this_call": res["cells"],
-            "tokens_this_call": res["tokens"],
-            "wall_s": round(wall, 3),
-            "train_cells_per_s": round(res["cells"] / wall, 3) if wall > 0 else None,
-            "data_wait_fraction": round(res["wait_s"] / wall, 4) if wall > 0 else None,
-            "final_loss": res["rows"][-1]["loss"] if res["rows"] else None,
         }
         (out / "run.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
     return run
