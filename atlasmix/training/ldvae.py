@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch import Callback, LightningDataModule
+from scvi.train import SaveCheckpoint
 
 from atlasmix.errors import AtlasmixError
 from atlasmix.training.budget import Budget, convergence
@@ -272,31 +273,55 @@ def ddp_strategy(devices: int, strategy: str) -> str:
     raise AtlasmixError(f"--strategy must be auto, ddp or ddp_find_unused_parameters_true, got {strategy!r}")
 
 
-def _checkpoint_callback(dirpath: Path, every: int):
-    """A plain Lightning ``ModelCheckpoint`` (every ``every`` epochs, keep all, ``last.ckpt``) typed as
-    scvi's ``SaveCheckpoint`` so scvi's Trainer accepts it without adding its own monitor-based one."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from scvi.train import SaveCheckpoint
+class EpochCheckpoint(SaveCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (a checkpoint every ``every_n_epochs`` epochs, all kept, and
+    ``last.ckpt``) as a scvi-tools ``SaveCheckpoint``.
 
-    class EpochCheckpoint(SaveCheckpoint):
-        def __init__(self):
-            ModelCheckpoint.__init__(self, dirpath=str(dirpath), filename="epoch{epoch:04d}",
-                                     auto_insert_metric_name=False, every_n_epochs=every, save_top_k=-1,
-                                     save_last=True, monitor=None)
-            self.load_best_on_end = False
-            self.loss_is_nan = False
-            self.check_nan_gradients = False  # scvi's attribute; its on_exception is not used (below)
+    scvi-tools' Trainer adds its own monitor-based ``SaveCheckpoint`` unless one is among the
+    callbacks, so this class is one; but ``SaveCheckpoint`` replaces Lightning checkpoints by model
+    folders (which cannot resume a run), refuses ``save_last`` and reloads a "best" model at the end
+    of training or on an exception. Each of those methods is overridden by Lightning's own
+    (``super(SaveCheckpoint, self)`` skips scvi-tools' class in the method resolution order).
 
-        on_save_checkpoint = ModelCheckpoint.on_save_checkpoint
-        _remove_checkpoint = ModelCheckpoint._remove_checkpoint
-        _update_best_and_save = ModelCheckpoint._update_best_and_save
-        on_train_end = ModelCheckpoint.on_train_end
-        on_train_batch_end = ModelCheckpoint.on_train_batch_end
-        # scvi's on_exception reloads a "best" model that this callback never writes and masks the
-        # training error with an AttributeError; Lightning's (a no-op) lets the error through
-        on_exception = ModelCheckpoint.on_exception
+    Parameters
+    ----------
+    dirpath : path
+        Folder of ``epochNNNN.ckpt`` and ``last.ckpt``.
+    every_n_epochs : int
+        Epochs between checkpoints (>= 1).
+    """
 
-    return EpochCheckpoint()
+    def __init__(self, dirpath: str | Path, every_n_epochs: int):
+        super(SaveCheckpoint, self).__init__(dirpath=str(dirpath), filename="epoch{epoch:04d}",
+                                             auto_insert_metric_name=False, every_n_epochs=every_n_epochs,
+                                             save_top_k=-1, save_last=True, monitor=None)
+        # SaveCheckpoint's attributes (read by scvi-tools' code that inspects its callbacks)
+        self.load_best_on_end = False
+        self.loss_is_nan = False
+        self.check_nan_gradients = False
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        """Lightning's: only the checkpoint file (no scvi-tools model folder beside it)."""
+        return super(SaveCheckpoint, self).on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        super(SaveCheckpoint, self)._remove_checkpoint(trainer, filepath)
+
+    def _update_best_and_save(self, current, trainer, monitor_candidates) -> None:
+        # (scvi-tools' version deletes the .ckpt file it has just written)
+        super(SaveCheckpoint, self)._update_best_and_save(current, trainer, monitor_candidates)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Lightning's: writes ``last.ckpt`` if the last epoch did not."""
+        super(SaveCheckpoint, self).on_train_end(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super(SaveCheckpoint, self).on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        """Lightning's (saves nothing unless asked): scvi-tools' reloads a "best" model that this
+        callback never writes and masks the training error with an AttributeError."""
+        super(SaveCheckpoint, self).on_exception(trainer, pl_module, exception)
 
 
 class BudgetCallback(Callback):
@@ -743,7 +768,7 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     tracker = BudgetCallback(budget, max_steps, val_every, epoch_cells, val_view)
     dm = StoreDataModule(train, None, batch_key)
     dm.extra_loaders = [val] if val is not None else []
-    ckpt = [_checkpoint_callback(ckdir, checkpoint_every)] if checkpoint_every > 0 else []
+    ckpt = [EpochCheckpoint(ckdir, checkpoint_every)] if checkpoint_every > 0 else []
     callbacks = [tracker] + ckpt + list(callbacks or [])
     t0 = time.perf_counter()
     # max_steps ends the run; max_epochs is only an upper bound (a resumed run whose checkpoint ended an
