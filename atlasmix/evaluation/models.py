@@ -4,15 +4,15 @@ Every adapter has ``name``, ``kind``, ``mixture`` (the training mixture's name),
 (its gene axis, Ensembl ids: eval counts are aligned to it, missing genes zero-filled, extra genes
 dropped) and :meth:`training_cells` (for the overlap refusal).
 
-LDVAE (``atlasmix train ldvae`` output: ``model/``, ``run.json``)
-    :meth:`LDVAEAdapter.encode` runs scvi-tools' own module on a dense count batch:
-    ``module.inference`` (encoder of log1p counts) then ``module.generative`` with the posterior
-    mean of z; the decoder's ``px.scale`` (expression proportions) times 10,000 is the normalised
-    expression at library size 10,000, i.e. what ``LinearSCVI.get_normalized_expression(
-    library_size=1e4)`` returns, except that scvi draws one posterior sample of z by default
-    (``sample_z=True`` reproduces that draw exactly; the test checks both). The posterior mean is the
-    default because it makes the score deterministic and is the latent ``get_latent_representation``
-    returns.
+LDVAE
+    ``atlasmix train ldvae`` output (``model/``, ``run.json``). :meth:`LDVAEAdapter.encode` runs
+    scvi-tools' own module on a dense count batch: ``module.inference`` (encoder of log1p counts) then
+    ``module.generative`` with the posterior mean of z; the decoder's ``px.scale`` (expression
+    proportions) times 10,000 is the normalised expression at library size 10,000, i.e. what
+    ``LinearSCVI.get_normalized_expression(library_size=1e4)`` returns, except that scvi draws one
+    posterior sample of z by default (``sample_z=True`` reproduces that draw exactly; the test checks
+    both). The posterior mean is the default because it makes the score deterministic and is the latent
+    ``get_latent_representation`` returns.
 
     Batch covariate of eval cells: a cell whose ``dataset_id`` is one of the model's training
     batches (a dataset with training cells, read from the manifest sidecar's composition) gets that
@@ -21,16 +21,19 @@ LDVAE (``atlasmix train ldvae`` output: ``model/``, ``run.json``)
     without query-model surgery (scArches), and the LDVAE decoder's batch term is additive in the
     linear predictor, so this conditions the reconstruction on a fixed, seen batch. The per-cell
     table records ``batch_seen``.
-Geneformer (``atlasmix train geneformer`` output ``OUT`` with ``run.json`` and ``model/``, or a model
-folder with ``config.json`` + ``token_dictionary.pkl`` + ``gene_median_dictionary.pkl``)
+
+Geneformer
+    ``atlasmix train geneformer`` output ``OUT`` with ``run.json`` and ``model/``, or a model
+    folder with ``config.json`` + ``token_dictionary.pkl`` + ``gene_median_dictionary.pkl``.
     :class:`GeneformerAdapter`: rank value encoding of eval counts with the project's tokenizer
     (:mod:`atlasmix.training.geneformer.tokenizer`), cell embeddings (mean of the second-to-last
     hidden layer over gene tokens) and per-cell rank prediction scores of the MLM head. The gene
     axis is the vocabulary; there is no batch covariate and no reconstruction output.
-scGPT / scBERT (``atlasmix train scgpt|scbert`` output)
-    :class:`ScGPTAdapter`, :class:`ScBERTAdapter`: the eval counts on the store genes behind the
-    model's tokens (saved with the model), encoded as in pretraining; cell embeddings only (scGPT:
-    ``<cls>``; scBERT: the appended last position).
+
+scGPT / scBERT
+    ``atlasmix train scgpt|scbert`` output. :class:`ScGPTAdapter`, :class:`ScBERTAdapter`: the eval
+    counts on the store genes behind the model's tokens (saved with the model), encoded as in
+    pretraining; cell embeddings only (scGPT: ``<cls>``; scBERT: the appended last position).
 """
 
 from __future__ import annotations

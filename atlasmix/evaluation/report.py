@@ -2,15 +2,19 @@
 
 Figures
 -------
-``heatmap_reconstruction.png``   median per-cell Pearson r, mixtures (rows) x eval sets (columns),
-                                 as Figure 2 of scFM-datamix (several models of one mixture, e.g.
-                                 seeds, are averaged; the annotation is the value)
-``per_cell_<i>.png``             per eval set: per-cell r distributions (box plots) by model
-``few_shot.png``                 few-shot macro F1 vs training fraction (mean +- sd over seeds), one
-                                 panel per eval set, one line per model
-``embedding_metrics.png``        kNN macro F1 by model and eval set (grouped bars), chance marked
-``rank_prediction.png``          Geneformer models only: median per-cell rank prediction score of
-                                 each model and of the mean-rank baseline, per eval set (with a table)
+``heatmap_reconstruction.png``
+    median per-cell Pearson r, mixtures (rows) x eval sets (columns), as Figure 2 of scFM-datamix
+    (several models of one mixture, e.g. seeds, are averaged; the annotation is the value)
+``per_cell_<i>.png``
+    per eval set: per-cell r distributions (box plots) by model
+``few_shot.png``
+    few-shot macro F1 vs training fraction (mean +- sd over seeds), one panel per eval set, one line per
+    model
+``embedding_metrics.png``
+    kNN macro F1 by model and eval set (grouped bars), chance marked
+``rank_prediction.png``
+    Geneformer models only: median per-cell rank prediction score of each model and of the mean-rank
+    baseline, per eval set (with a table)
 
 Models without a reconstruction output (Geneformer) are absent from the heatmap and the per-cell
 box plots (an eval set with no reconstruction score gets no box plot).

@@ -39,15 +39,17 @@ pair is refused.
 
 Outputs in ``out``
 ------------------
-``results.parquet`` / ``results.csv``    tidy: ``model, mixture, eval_set, metric, value``
-``per_cell.parquet`` / ``per_cell.csv``  ``model, mixture, eval_set, cell_id, soma_joinid,
-                                         dataset_id, cell_type, batch_seen, pearson_r, r2``; with a
-                                         Geneformer model also ``n_tokens, rank_pred_pearson,
-                                         rank_pred_baseline_pearson`` (NaN outside the rank
-                                         subsample and for other models; Geneformer rows have
-                                         NaN ``pearson_r`` and empty ``batch_seen``)
-``few_shot.csv``                         per (model, eval set, fraction, seed) rows
-``evaluation.json``                      models, eval-set definitions, options, store identity, timings
+``results.parquet`` / ``results.csv``
+    tidy: ``model, mixture, eval_set, metric, value``
+``per_cell.parquet`` / ``per_cell.csv``
+    ``model, mixture, eval_set, cell_id, soma_joinid, dataset_id, cell_type, batch_seen, pearson_r,
+    r2``; with a Geneformer model also ``n_tokens, rank_pred_pearson, rank_pred_baseline_pearson`` (NaN
+    outside the rank subsample and for other models; Geneformer rows have NaN ``pearson_r`` and empty
+    ``batch_seen``)
+``few_shot.csv``
+    per (model, eval set, fraction, seed) rows
+``evaluation.json``
+    models, eval-set definitions, options, store identity, timings
 """
 
 from __future__ import annotations

@@ -2,27 +2,32 @@
 
 Every file lives in the study's output folder ``OUT``:
 
-``results.parquet``   one row per (grid cell, eval set, metric): the per-run numbers.
-                      :data:`RESULTS`
-``per_cell.parquet``  one row per (grid cell, eval set, eval cell): per-cell reconstruction r (LDVAE)
-                      or rank prediction r and its baseline (Geneformer). :data:`PER_CELL`
-``summary.parquet``   one row per (model kind, mixture, budget, eval set, metric): mean over seeds of
-                      the per-seed statistic, with a 95 % interval from a two-level bootstrap (seeds
-                      resampled, then eval cells within each seed's run). ``baseline`` is the score
-                      of the metric's baseline where one exists (NaN otherwise), ``beats_baseline``
-                      is True / False / None (no baseline). :data:`SUMMARY`
-``deltas.parquet``    one row per (model kind, mixture != reference, budget, eval set, metric):
-                      paired delta mixture - reference (same seeds, same eval cells), mean over seeds
-                      and its 95 % bootstrap interval; ``excludes_zero`` marks intervals that do not
-                      contain 0. :data:`DELTAS`
-``curves.parquet``    training curves of every run: one row per validation point. :data:`CURVES`
-``scaling.parquet``   subset-size curves: one row per (model kind, base mixture, strategy, fraction,
-                      eval set, metric). :data:`SCALING`
-``scaling_smallest.parquet``  per (model kind, base, strategy, eval set, metric): the best mean, the
-                      95 %-of-best threshold and the smallest fraction whose mean reaches it.
-                      :data:`SCALING_SMALLEST`
-``checks.json``       the sanity checks: a list of :data:`CHECK_KEYS` dicts.
-``study.json``        the spec, the grid (run keys, status, times), stage times, machine.
+``results.parquet``
+    one row per (grid cell, eval set, metric): the per-run numbers. :data:`RESULTS`
+``per_cell.parquet``
+    one row per (grid cell, eval set, eval cell): per-cell reconstruction r (LDVAE) or rank prediction r
+    and its baseline (Geneformer). :data:`PER_CELL`
+``summary.parquet``
+    one row per (model kind, mixture, budget, eval set, metric): mean over seeds of the per-seed
+    statistic, with a 95 % interval from a two-level bootstrap (seeds resampled, then eval cells within
+    each seed's run). ``baseline`` is the score of the metric's baseline where one exists (NaN
+    otherwise), ``beats_baseline`` is True / False / None (no baseline). :data:`SUMMARY`
+``deltas.parquet``
+    one row per (model kind, mixture != reference, budget, eval set, metric): paired delta mixture -
+    reference (same seeds, same eval cells), mean over seeds and its 95 % bootstrap interval;
+    ``excludes_zero`` marks intervals that do not contain 0. :data:`DELTAS`
+``curves.parquet``
+    training curves of every run: one row per validation point. :data:`CURVES`
+``scaling.parquet``
+    subset-size curves: one row per (model kind, base mixture, strategy, fraction, eval set, metric).
+    :data:`SCALING`
+``scaling_smallest.parquet``
+    per (model kind, base, strategy, eval set, metric): the best mean, the 95 %-of-best threshold and
+    the smallest fraction whose mean reaches it. :data:`SCALING_SMALLEST`
+``checks.json``
+    the sanity checks: a list of :data:`CHECK_KEYS` dicts.
+``study.json``
+    the spec, the grid (run keys, status, times), stage times, machine.
 """
 
 from __future__ import annotations

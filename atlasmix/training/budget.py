@@ -5,13 +5,16 @@ next to 20,000 blood cells). Trained for the same number of *epochs*, the small 
 optimizer steps and the large one hundreds, and the comparison measures steps, not data. A budget
 fixes the unit of comparison:
 
-``cells``      cells seen (compute-matched: every mixture sees the same number of cells; a small
-               corpus is repeated, a large one may not finish an epoch). The study default.
-``steps``      optimizer steps.
-``epochs``     passes over the training split (scFM-datamix: 250).
-``converged``  validation-loss early stopping with a stated ``patience`` (validation points without
-               an improvement of at least ``min_delta`` of the best ELBO) and a maximum given in one
-               of the units above.
+``cells``
+    cells seen (compute-matched: every mixture sees the same number of cells; a small corpus is
+    repeated, a large one may not finish an epoch). The study default.
+``steps``
+    optimizer steps.
+``epochs``
+    passes over the training split (scFM-datamix: 250).
+``converged``
+    validation-loss early stopping with a stated ``patience`` (validation points without an improvement
+    of at least ``min_delta`` of the best ELBO) and a maximum given in one of the units above.
 
 Every budget resolves to a number of optimizer steps for a given training split and minibatch size
 (:meth:`Budget.max_steps`); validation runs every :meth:`Budget.val_every` steps (the same number of

@@ -22,17 +22,18 @@ The template is saved with the model so ``scvi.model.LinearSCVI.load(OUT/model)`
 
 Outputs of :func:`train_ldvae` (directory ``out``)
 --------------------------------------------------
-``model/``                 ``LinearSCVI.save`` (model.pt + template adata.h5ad)
-``loadings.parquet``       ``get_loadings()``: genes x ``Z_0..Z_{n_latent-1}``, index ``feature_id``,
-                           plus ``feature_name``
-``training_curve.csv/png`` per-epoch losses from ``model.history`` (ELBO, reconstruction, KL, train
-                           and validation)
-``run.json``               options, manifest path / sha256 / spec hash, store identity, gene axis,
-                           cells, wall time, cells/s
-``checkpoints/``           Lightning checkpoints every ``checkpoint_every`` epochs and ``last.ckpt``
-                           (``resume=True`` continues from it; the data order is a function of
-                           (seed, epoch) and the checkpoint carries the torch RNG state, so a
-                           resumed run matches an uninterrupted one)
+``model/``
+    ``LinearSCVI.save`` (model.pt + template adata.h5ad)
+``loadings.parquet``
+    ``get_loadings()``: genes x ``Z_0..Z_{n_latent-1}``, index ``feature_id``, plus ``feature_name``
+``training_curve.csv/png``
+    per-epoch losses from ``model.history`` (ELBO, reconstruction, KL, train and validation)
+``run.json``
+    options, manifest path / sha256 / spec hash, store identity, gene axis, cells, wall time, cells/s
+``checkpoints/``
+    Lightning checkpoints every ``checkpoint_every`` epochs and ``last.ckpt`` (``resume=True`` continues
+    from it; the data order is a function of (seed, epoch) and the checkpoint carries the torch RNG
+    state, so a resumed run matches an uninterrupted one)
 """
 
 from __future__ import annotations

@@ -146,8 +146,8 @@ def build_dictionaries(medians: dict[str, float], special_tokens: bool = False) 
     medians : dict of str -> float
         Ensembl id -> nonzero median of CP10k (genes with no nonzero value left out).
     special_tokens : bool
-        False (V1): ``<pad>``=0, ``<mask>``=1, genes from 2. True (V2): also ``<cls>``=2,
-        ``<eos>``=3, genes from 4.
+        False (V1): ``<pad>`` = 0, ``<mask>`` = 1, genes from 2. True (V2): also ``<cls>`` = 2,
+        ``<eos>`` = 3, genes from 4.
 
     Returns
     -------

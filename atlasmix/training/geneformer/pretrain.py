@@ -13,15 +13,19 @@ Cells come from :class:`atlasmix.training.loader.MixtureLoader` (the LDVAE loade
 shuffle, DDP shards when ``torch.distributed`` is initialised, e.g. under ``torchrun``) and are
 rank value encoded on the fly. Outputs (directory ``out``):
 
-``model/``                 ``save_pretrained`` (config.json, model.safetensors) plus
-                           ``token_dictionary.pkl``, ``gene_median_dictionary.pkl`` and
-                           ``atlasmix_geneformer.json`` (tokenizer mode, input size, manifest hash,
-                           store identity): ``BertForMaskedLM.from_pretrained(out / "model")``
-``dictionaries/``          the dictionaries used (computed from the train split when not given)
-``training_curve.csv/png`` loss, learning rate, cells seen, data-wait time per logging step
-``run.json``               options, manifest path / sha256, store identity, cells/s
-``checkpoints/last.pt``    model, optimizer, scheduler, stream position and RNG states
-                           (``resume=True`` continues mid-epoch with the next batch)
+``model/``
+    ``save_pretrained`` (config.json, model.safetensors) plus ``token_dictionary.pkl``,
+    ``gene_median_dictionary.pkl`` and ``atlasmix_geneformer.json`` (tokenizer mode, input size,
+    manifest hash, store identity): ``BertForMaskedLM.from_pretrained(out / "model")``
+``dictionaries/``
+    the dictionaries used (computed from the train split when not given)
+``training_curve.csv/png``
+    loss, learning rate, cells seen, data-wait time per logging step
+``run.json``
+    options, manifest path / sha256, store identity, cells/s
+``checkpoints/last.pt``
+    model, optimizer, scheduler, stream position and RNG states (``resume=True`` continues mid-epoch
+    with the next batch)
 """
 
 from __future__ import annotations
