@@ -12,7 +12,7 @@ import pytest
 from atlasmix.errors import AtlasmixError
 from atlasmix.mixing import (SpecError, diff_manifests, load_spec, loads_spec, read_manifest, resolve,
                              write_manifest)
-from atlasmix.mixing.resolver import ObsContext
+from atlasmix.mixing.obs_context import ObsContext
 from conftest import ROOT, needs_shared, run_cli
 
 EXAMPLES = ROOT / "examples" / "mixtures"

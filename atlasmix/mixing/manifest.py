@@ -35,9 +35,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from atlasmix import __version__
 from atlasmix._ids import unique_ids
 from atlasmix.errors import AtlasmixError
-from atlasmix.mixing.resolver import MANIFEST_SCHEMA, Resolution
+from atlasmix.mixing.manifest_table import MANIFEST_SCHEMA, Resolution
 
 FORMAT = "atlasmix-manifest/1"
 _WRITE_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=True, write_statistics=True,
@@ -82,8 +83,6 @@ def write_manifest(res: Resolution, out: str | Path, overwrite: bool = False) ->
     AtlasmixError
         ``out`` does not end in ``.parquet``, or exists and ``overwrite`` is False.
     """
-    from atlasmix import __version__
-
     out = Path(out)
     if out.suffix != ".parquet":
         raise AtlasmixError(f"the manifest path must end in .parquet, got {out}")

@@ -1,7 +1,7 @@
 """Mixture specs: TOML files validated with pydantic v2.
 
 A spec declares a training corpus as queries over the store's ``obs`` table (see
-:mod:`atlasmix.mixing.resolver` for the tables a query can use) and named evaluation sets.
+:mod:`atlasmix.mixing.obs_context` for the tables a query can use) and named evaluation sets.
 Every validation error names the offending key path, e.g. ``components[2].n_cells: ...``.
 
 Example
