@@ -107,7 +107,20 @@ class ObsContext:
     def from_store(cls, store, texts: list[str], columns: list[str]) -> "ObsContext":
         """Read only the obs columns named in ``texts`` (SQL) or ``columns``, plus dataset_id and cell_type.
 
-        Catalog columns (:data:`CATALOG_IN_OBS`) are added only when named.
+        Catalog columns (:data:`CATALOG_IN_OBS`) are added only when named. obs is read with
+        :meth:`atlasmix.store.Store.obs` unsorted (resolution does not need sorted rows).
+
+        Parameters
+        ----------
+        store : atlasmix.store.Store
+        texts : list of str
+            The queries (``where`` / ``sql`` texts) the context must answer.
+        columns : list of str
+            Other columns needed (e.g. ``balance_by`` columns).
+
+        Returns
+        -------
+        ObsContext
         """
         ident = store.identity()
         need = set(columns) | {"dataset_id", "cell_type"}
@@ -115,7 +128,7 @@ class ObsContext:
         need |= {c for c in OBS_COLUMNS if re.search(rf"\b{c}\b", blob, re.IGNORECASE)}
         cols = [c for c in OBS_COLUMNS if c in need]
         cat_cols = [c for c in CATALOG_IN_OBS if c in columns or re.search(rf"\b{c}\b", blob, re.IGNORECASE)]
-        obs = read_obs(store, cols)
+        obs = store.obs(cols, sort=False)
         return cls(obs, store.catalog(), store, ident, catalog_columns=cat_cols)
 
     def close(self) -> None:
@@ -190,29 +203,4 @@ class ObsContext:
         return self._row_of
 
 
-def read_obs(store, columns: list[str]) -> pa.Table:
-    """obs columns of visible cells, one ranged read per complete dataset, *not* sorted.
-
-    Like :meth:`atlasmix.store.Store.obs` but without its final sort (resolution does not need
-    sorted obs, and sorting 10M rows costs more than reading them).
-
-    Returns
-    -------
-    pyarrow.Table
-        ``soma_joinid`` (int64) and ``columns``.
-    """
-    import tiledbsoma as soma
-
-    cols = ["soma_joinid"] + [c for c in columns if c != "soma_joinid"]
-    parts = []
-    with soma.DataFrame.open(f"{store.uri}/obs", "r", context=store.context) as df:
-        schema = pa.schema([df.schema.field(c) for c in cols])
-        for start, end in store.complete_ranges():
-            if end > start:
-                parts.append(df.read(coords=[slice(int(start), int(end) - 1)], column_names=cols).concat())
-    if not parts:
-        return pa.Table.from_pylist([], schema=schema)
-    return pa.concat_tables(parts)
-
-
-__all__ = ["CATALOG_IN_OBS", "OBS_COLUMNS", "ObsContext", "read_obs"]
+__all__ = ["CATALOG_IN_OBS", "OBS_COLUMNS", "ObsContext"]
