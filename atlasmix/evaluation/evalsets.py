@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from atlasmix._files import sha256_of
 from atlasmix.errors import AtlasmixError
 
 FILE_SUFFIXES = (".h5ad",)
@@ -237,7 +238,7 @@ def file_eval_set(path: str | Path, name: str | None = None, cell_type_column: s
         Missing or unreadable file, no gene mapped.
     """
     from atlasmix.ingest.harmonize import harmonize_genes
-    from atlasmix.ingest.readers import open_reader, sha256_of
+    from atlasmix.ingest.readers import open_reader
     from atlasmix.store.genes import gene_table
 
     p = Path(path)

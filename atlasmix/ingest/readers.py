@@ -12,7 +12,6 @@ MEX directories to 10x HDF5 or h5ad first.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from atlasmix._files import sha256_of  # re-exported: ingest.py imports it from here
 from atlasmix.errors import IngestError
 
 FORMATS = ["h5ad", "zarr", "mex", "10x_h5", "soma"]
@@ -30,20 +30,6 @@ FORMATS = ["h5ad", "zarr", "mex", "10x_h5", "soma"]
 def _contiguous_windows(rows: np.ndarray, chunk_size: int) -> Iterator[np.ndarray]:
     for s in range(0, len(rows), chunk_size):
         yield rows[s:s + chunk_size]
-
-
-def sha256_of(path: str | Path) -> str:
-    """sha256 of a file, or of a directory's files (sorted relative names and contents). Streams 8 MiB blocks."""
-    p = Path(path)
-    h = hashlib.sha256()
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    for f in files:
-        if p.is_dir():
-            h.update(str(f.relative_to(p)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            while block := fh.read(8 << 20):
-                h.update(block)
-    return h.hexdigest()
 
 
 def detect_format(source: str) -> str:

@@ -23,7 +23,6 @@ spec would now resolve to may differ).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import defaultdict
@@ -36,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from atlasmix import __version__
+from atlasmix._files import sha256_of
 from atlasmix._ids import unique_ids
 from atlasmix.errors import AtlasmixError
 from atlasmix.mixing.manifest_table import MANIFEST_SCHEMA, Resolution
@@ -51,14 +51,6 @@ def sidecar_path(manifest: str | Path) -> Path:
     """``runs/base.parquet`` -> ``runs/base.json``."""
     p = Path(manifest)
     return p.with_suffix(".json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(res: Resolution, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
@@ -105,7 +97,7 @@ def write_manifest(res: Resolution, out: str | Path, overwrite: bool = False) ->
         "spec_hash": res.spec_hash,
         "spec": res.spec.canonical(),
         "store": res.store,
-        "manifest": {"file": out.name, "sha256": _sha256(out), "n_rows": table.num_rows,
+        "manifest": {"file": out.name, "sha256": sha256_of(out), "n_rows": table.num_rows,
                      "bytes": out.stat().st_size},
         "counts": dict(res.counts),
         "components": res.components,
@@ -182,7 +174,7 @@ def read_manifest(manifest: str | Path, store=None, verify: bool = True) -> tupl
     """
     m = Path(manifest)
     side = read_sidecar(m)
-    if verify and _sha256(m) != side["manifest"]["sha256"]:
+    if verify and sha256_of(m) != side["manifest"]["sha256"]:
         raise AtlasmixError(f"{m} does not match the sha256 in its sidecar: the manifest was modified")
     if store is not None:
         chk = check_store(side, store)
@@ -211,7 +203,7 @@ def read_manifest_cells(manifest: str | Path, identity: dict | None = None) -> t
     """
     m = Path(manifest)
     side = read_sidecar(m)
-    sha = _sha256(m)
+    sha = sha256_of(m)
     if sha != side["manifest"]["sha256"]:
         raise AtlasmixError(f"{m} does not match the sha256 in its sidecar: the manifest was modified")
     rec = side.get("store", {})
