@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from atlasmix._buffers import BufferPool
 from atlasmix._ids import unique_ids
 from atlasmix.errors import StoreError
 
@@ -515,6 +516,10 @@ class LayoutReader:
         self._ends = np.array([s + n for s, n, _ in ds], dtype=np.int64)
         self._ds: list[_Dataset] = []
         root = layout_root(store_uri)
+        # each read's indices and data, reused once its CSR is dropped (atlasmix._buffers: fresh
+        # arrays of this size cost page faults on every read); 12 = the loader's reads in flight
+        # (prefetch_io + io_threads + the batch being cut) x 2 arrays, with room
+        self._buffers = BufferPool(capacity=12, headroom=1.1)
         for s, n, j in ds:
             if not dataset_ready(store_uri, j):
                 raise StoreError(f"dataset joinid {j} has no complete x layout (run `atlasmix store optimize`)")
@@ -555,8 +560,8 @@ class LayoutReader:
             counts[sel] = ip[local[sel] + 1] - ip[local[sel]]
         indptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
-        indices = np.empty(int(indptr[-1]), dtype=np.int32)
-        data = np.empty(int(indptr[-1]), dtype=np.float32)
+        indices, _ = self._buffers.take((int(indptr[-1]),), np.int32)
+        data, _ = self._buffers.take((int(indptr[-1]),), np.float32)
         cache: dict = {}
         for r0, r1 in zip(r_start.tolist(), r_end.tolist()):
             d = self._ds[k[r0]]
@@ -572,6 +577,7 @@ class LayoutReader:
     def close(self) -> None:
         for d in self._ds:
             d.close()
+        self._buffers.clear()
 
 
 def project_columns(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, col_of: np.ndarray

@@ -24,10 +24,10 @@ consumer made to a batch it dropped cannot leak into a later batch.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 from numba import njit
+
+from atlasmix._buffers import BufferPool
 
 
 @njit(nogil=True, cache=True)
@@ -114,20 +114,18 @@ class DenseBufferPool:
 
     Notes
     -----
-    A buffer is free when its reference count is what the pool alone gives it; the baseline is
-    measured on a scratch array through the same expression, so it holds on any CPython.
+    The reuse rule (a buffer is free when nothing but the pool references it) is
+    :class:`atlasmix._buffers.BufferPool`'s.
     """
 
     def __init__(self, batch_size: int, n_genes: int, capacity: int = 8):
         self.shape = (int(batch_size), int(n_genes))
-        self.capacity = int(capacity)
-        self._bufs: list[np.ndarray] = []
-        probe = [np.empty(0, dtype=np.float32)]
-        self._free_refs = sys.getrefcount(probe[0])
-        self.n_fresh = 0  # buffers allocated (pooled or not): what a test or benchmark can watch
+        self._pool = BufferPool(capacity, zeros=True)
 
-    def _free(self, i: int) -> bool:
-        return sys.getrefcount(self._bufs[i]) == self._free_refs
+    @property
+    def n_fresh(self) -> int:
+        """Buffers allocated so far (pooled or not): what a test or benchmark can watch."""
+        return self._pool.n_fresh
 
     def take(self, n: int) -> tuple[np.ndarray, bool]:
         """A buffer whose first ``n`` rows may be written, and whether its rows must be cleared.
@@ -138,11 +136,5 @@ class DenseBufferPool:
             A view of a pooled buffer (``True``: holds an older minibatch) or a fresh ``np.zeros``
             (``False``).
         """
-        for i in range(len(self._bufs)):
-            if self._free(i):
-                return self._bufs[i][:n], True
-        self.n_fresh += 1
-        buf = np.zeros(self.shape, dtype=np.float32)
-        if len(self._bufs) < self.capacity:
-            self._bufs.append(buf)
-        return buf[:n], False
+        buf, reused = self._pool.take(self.shape, np.float32)
+        return buf[:n], reused
