@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+from atlasmix._files import load_toml
 from atlasmix.errors import AtlasmixError
 from atlasmix.ingest.ingest import DatasetRequest
 
@@ -32,12 +32,7 @@ def read_plan(plan: str | Path, common: dict | None = None) -> list[DatasetReque
     """
     plan = Path(plan)
     common = common or {}
-    if not plan.exists():
-        raise AtlasmixError(f"plan not found: {plan}")
-    try:
-        doc = tomllib.loads(plan.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise AtlasmixError(f"bad plan {plan}: {e}") from e
+    doc = load_toml(plan, missing="plan not found: {path}", bad="bad plan {path}: {error}")
     items = doc.get("dataset")
     if not isinstance(items, list) or not items:
         raise AtlasmixError(f"plan {plan} has no [[dataset]] entries")

@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from atlasmix._files import load_toml
 from atlasmix.errors import AtlasmixError
 
 Strategy = Literal["random", "balanced", "geometric_sketch"]
@@ -324,6 +325,5 @@ def load_spec(path: str | Path) -> MixtureSpec:
         File missing, TOML syntax error or invalid spec (the message names the key path).
     """
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"spec not found: {p}")
-    return loads_spec(p.read_text(), p.name)
+    return parse_spec(load_toml(p, missing="spec not found: {path}", bad="bad spec {name}: TOML: {error}",
+                                error=SpecError), p.name)

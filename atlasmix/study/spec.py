@@ -37,11 +37,11 @@ Example
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from atlasmix._files import load_toml
 from atlasmix.errors import AtlasmixError
 from atlasmix.mixing.spec import STRATEGIES, SpecError, _format_error
 from atlasmix.training.budget import Budget
@@ -374,12 +374,7 @@ def load_study(path: str | Path) -> tuple[StudySpec, Path]:
         File missing, TOML syntax error or an invalid spec (the message names the key path).
     """
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"study spec not found: {p}")
-    try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise SpecError(f"bad study {p.name}: TOML: {e}") from None
+    data = load_toml(p, missing="study spec not found: {path}", bad="bad study {name}: TOML: {error}", error=SpecError)
     try:
         spec = StudySpec.model_validate(data)
     except ValidationError as e:
