@@ -7,12 +7,12 @@ equal-volume boxes and draws cells box by box, so rare cell states keep their sh
 
 The PCA never holds X in memory. X is streamed from the store in row chunks
 (:meth:`atlasmix.store.Store.iter_X`) and normalised as in scanpy's default pipeline: counts per
-10,000 per cell (CP10k), then ``log1p``.
+10,000 per cell (CP10k), then ``log1p`` (:func:`atlasmix.preprocess.log1p_cp10k`).
 
-1. pass 1, all genes: per-cell library size and per-gene sum and sum of squares of log1p(CP10k);
-   the ``n_top_genes`` genes with the largest variance are kept (highly variable genes, HVGs);
-2. pass 2, HVGs only: the Gram matrix ``sum_chunks x_c^T x_c`` (n_hvg x n_hvg, float64) and column
-   sums give the exact covariance, whose top eigenvectors are the principal axes (an exact PCA,
+1. pass 1, all genes: per-cell library size and per-gene moments of log1p(CP10k); the
+   ``n_top_genes`` genes with the largest variance are kept (:class:`atlasmix.preprocess.HVGStats`,
+   flavour ``variance``);
+2. pass 2, HVGs only: an exact PCA from the Gram matrix (:class:`atlasmix.preprocess.GramPCA`,
    independent of chunking, unlike incremental PCA);
 3. projection: each chunk is centred and projected (pass 3), unless the HVG chunks of pass 2 fitted
    in a small cache, then those are projected without re-reading X.
@@ -27,14 +27,10 @@ from collections.abc import Callable
 import numpy as np
 import scipy.sparse as sp
 
-from atlasmix.preprocess import log1p_cp10k
+from atlasmix.preprocess import GramPCA, HVGStats, log1p_cp10k
 
 #: Keep the HVG chunks of pass 2 in memory (and skip pass 3) while they hold fewer nonzeros.
 CACHE_NNZ = 20_000_000
-
-
-def _log_cp10k(m: sp.csr_matrix, lib: np.ndarray) -> sp.csr_matrix:
-    return log1p_cp10k(m, library=lib)
 
 
 def streamed_pca(iter_x: Callable, joinids: np.ndarray, var_joinids: np.ndarray, n_pcs: int = 20,
@@ -63,67 +59,42 @@ def streamed_pca(iter_x: Callable, joinids: np.ndarray, var_joinids: np.ndarray,
     joinids = np.asarray(joinids, dtype=np.int64)
     n = len(joinids)
     libs = np.zeros(n, dtype=np.float64)
-    s1 = s2 = None
     var_joinids = np.asarray(var_joinids, dtype=np.int64)
+    hvg = HVGStats(len(var_joinids), flavor="variance")
     pos = 0
     for ids, m in iter_x(joinids, var_joinids, chunk_size=chunk_size):
         lib = np.asarray(m.sum(axis=1), dtype=np.float64).ravel()
         libs[pos:pos + len(ids)] = lib
         pos += len(ids)
-        x = _log_cp10k(m, lib)
-        if s1 is None:
-            s1 = np.zeros(m.shape[1])
-            s2 = np.zeros(m.shape[1])
-        s1 += np.bincount(x.indices, weights=x.data, minlength=m.shape[1])
-        s2 += np.bincount(x.indices, weights=x.data ** 2, minlength=m.shape[1])
-    if s1 is None or n < 2:
+        hvg.update(m, library=lib)
+    if hvg.n == 0 or n < 2:
         return np.zeros((n, 0))
-    mean = s1 / n
-    var = s2 / n - mean ** 2
-    informative = np.flatnonzero(var > 0)
-    order = informative[np.lexsort((informative, -var[informative]))]
-    hvg_cols = np.sort(order[:n_top_genes])
+    hvg_cols = hvg.top_genes(n_top_genes)
     if len(hvg_cols) == 0:
         return np.zeros((n, 0))
     var_ids = var_joinids[hvg_cols]  # ascending, as hvg_cols is
     h = len(var_ids)
-    gram = np.zeros((h, h))
-    colsum = np.zeros(h)
+    pca = GramPCA(h)
     cache: list[sp.csr_matrix] | None = []
     cached_nnz = 0
     pos = 0
     for ids, m in iter_x(joinids, var_ids, chunk_size=chunk_size):
-        x = _log_cp10k(m, libs[pos:pos + len(ids)])
+        x = log1p_cp10k(m, library=libs[pos:pos + len(ids)])
         pos += len(ids)
-        gram += (x.T @ x).toarray()
-        colsum += np.asarray(x.sum(axis=0)).ravel()
+        pca.update(x)
         if cache is not None:
             cached_nnz += x.nnz
             if cached_nnz > CACHE_NNZ:
                 cache = None
             else:
                 cache.append(x)
-    mu = colsum / n
-    cov = gram / n - np.outer(mu, mu)
-    k = max(1, min(n_pcs, h, n - 1))
-    import scipy.linalg as sl
-    from threadpoolctl import threadpool_limits
-
-    # top-k eigenpairs only (LAPACK syevr); one BLAS thread: multi-threaded OpenBLAS eigensolvers
-    # slow down by 10x on a busy machine
-    with threadpool_limits(1):
-        w, v = sl.eigh(cov, subset_by_index=[h - k, h - 1], driver="evr")
-    top = v[:, np.argsort(w)[::-1]]
-    signs = np.sign(top[np.abs(top).argmax(axis=0), np.arange(k)])
-    top *= np.where(signs == 0, 1, signs)
-    shift = mu @ top
+    pca.fit(max(1, min(n_pcs, h, n - 1)))
     if cache is not None:
-        return np.vstack([np.asarray(x @ top) for x in cache]) - shift
-    out = np.empty((n, k))
+        return np.vstack([pca.transform(x) for x in cache])
+    out = np.empty((n, pca.components_.shape[1]))
     pos = 0
     for ids, m in iter_x(joinids, var_ids, chunk_size=chunk_size):
-        x = _log_cp10k(m, libs[pos:pos + len(ids)])
-        out[pos:pos + len(ids)] = np.asarray(x @ top) - shift
+        out[pos:pos + len(ids)] = pca.transform(log1p_cp10k(m, library=libs[pos:pos + len(ids)]))
         pos += len(ids)
     return out
 
