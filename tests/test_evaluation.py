@@ -211,7 +211,7 @@ def test_overlap_is_refused(trained, tmp_path):
     from atlasmix.errors import AtlasmixError
     from atlasmix.evaluation.evalsets import file_eval_set
     from atlasmix.evaluation.models import load_model
-    from atlasmix.evaluation.run import check_overlap
+    from atlasmix.evaluation.overlap import check_overlap
 
     m = load_model(d / "ldvae")
     with pytest.raises(AtlasmixError, match="source file of dataset 'kang_ifnb'"):
@@ -284,9 +284,11 @@ def test_geneformer_evaluation_and_report(trained, gf_run, tmp_path):
     import torch
 
     from atlasmix.evaluation.evalsets import store_eval_sets
-    from atlasmix.evaluation.models import GeneformerAdapter, load_model
+    from atlasmix.evaluation.models import load_model
+    from atlasmix.evaluation.pretrained import GeneformerAdapter
+    from atlasmix.evaluation.pretrained_outputs import geneformer_outputs
     from atlasmix.evaluation.report import render_report
-    from atlasmix.evaluation.run import evaluate, geneformer_outputs
+    from atlasmix.evaluation.run import evaluate
     from atlasmix.training.geneformer.embed import embed_cells
 
     torch.set_num_threads(1)
@@ -339,7 +341,9 @@ def test_geneformer_overlap_refusal_and_file_sets(trained, gf_run, tmp_path):
     from atlasmix.errors import AtlasmixError
     from atlasmix.evaluation.evalsets import file_eval_set, store_eval_sets
     from atlasmix.evaluation.models import load_model
-    from atlasmix.evaluation.run import check_overlap, evaluate, geneformer_outputs
+    from atlasmix.evaluation.overlap import check_overlap
+    from atlasmix.evaluation.pretrained_outputs import geneformer_outputs
+    from atlasmix.evaluation.run import evaluate
 
     torch.set_num_threads(1)
     store, d, _ = trained
@@ -370,7 +374,7 @@ def test_geneformer_adapter_batch_without_tokens_gives_nan_not_a_crash():
     """A batch of cells with no vocabulary gene (e.g. mouse cells, human vocabulary) embeds to NaN rows."""
     import numpy as np
 
-    from atlasmix.evaluation.models import GeneformerAdapter
+    from atlasmix.evaluation.pretrained import GeneformerAdapter
 
     a = GeneformerAdapter.__new__(GeneformerAdapter)  # only n_latent is consulted before any forward pass
     a.n_latent = 8
@@ -387,7 +391,8 @@ def test_scgpt_and_scbert_evaluated_beside_ldvae(trained, tmp_path):
     import torch
 
     from atlasmix.evaluation.evalsets import store_eval_sets
-    from atlasmix.evaluation.models import ScBERTAdapter, ScGPTAdapter, load_model
+    from atlasmix.evaluation.models import load_model
+    from atlasmix.evaluation.pretrained import ScBERTAdapter, ScGPTAdapter
     from atlasmix.evaluation.report import render_report
     from atlasmix.evaluation.run import evaluate
     from atlasmix.training.scbert.pretrain import embed_cells as sb_embed

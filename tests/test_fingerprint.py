@@ -93,7 +93,7 @@ def test_stored_fingerprints_equal_a_recount_from_X_and_flag_only_the_mex_copy(s
 @needs_shared
 def test_eval_set_of_copies_of_training_cells_is_refused(shared_store):
     from atlasmix.errors import AtlasmixError
-    from atlasmix.evaluation.run import check_overlap
+    from atlasmix.evaluation.overlap import check_overlap
 
     store, _, _ = shared_store
     cat = store.catalog().set_index("dataset_id")

@@ -25,7 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_fixtures import GF_METRIC, HEADLINE, make_evaluation, make_study  # noqa: E402
 
 from atlasmix.errors import AtlasmixError  # noqa: E402
-from atlasmix.study import report as R  # noqa: E402
+from atlasmix.evaluation.plotting import wrap_label  # noqa: E402
+from atlasmix.study.curves import curves_plot  # noqa: E402
+from atlasmix.study.figures import baseline_plot, delta_heatmap, mean_heatmap  # noqa: E402
+from atlasmix.study.report import render_study_report  # noqa: E402
+from atlasmix.study.report_format import NOT_BEATING  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -33,7 +37,7 @@ from atlasmix.study import report as R  # noqa: E402
 def study(tmp_path_factory):
     """A synthetic study folder and its rendered report (``report.html`` inside the folder)."""
     info = make_study(tmp_path_factory.mktemp("study") / "out")
-    rep = R.render_study_report(info["dir"])
+    rep = render_study_report(info["dir"])
     return info, rep
 
 
@@ -146,24 +150,24 @@ def test_baseline_label_in_table_and_figure(study, tmp_path):
     page = Path(rep["html"]).read_text()
     tab = _table(tables_of(page), f"Scores and baselines: geneformer, {GF_METRIC}")
     labelled = {(r["cells"][0][2].replace("\n", ""), r["cells"][1][2].replace("\n", ""))
-                for r in tab["rows"][1:] if R.NOT_BEATING in r["cells"][-1][2]}
+                for r in tab["rows"][1:] if NOT_BEATING in r["cells"][-1][2]}
     assert labelled == set(info["gf_not_beating"]) and labelled
     assert len(tab["rows"]) - 1 == 2 * len(info["eval_sets"])  # every geneformer row, beating ones too
     knn = _table(tables_of(page), "Scores and baselines: ldvae, knn_macro_f1")
     assert len(knn["rows"]) - 1 == len(info["mixtures"]) * len(info["eval_sets"])
-    assert not any(R.NOT_BEATING in r["cells"][-1][2] for r in knn["rows"][1:])
+    assert not any(NOT_BEATING in r["cells"][-1][2] for r in knn["rows"][1:])
     # the figure labels exactly the rows that do not beat their baseline
     summ = pd.read_parquet(info["dir"] / "summary.parquet")
-    fig = R.baseline_plot(summ, tmp_path / "b.png")
+    fig = baseline_plot(summ, tmp_path / "b.png")
     assert {(m, e) for _, m, e, _ in fig["not_beating"]} == set(info["gf_not_beating"])
     # a heatmap of such a metric labels them too (double dagger), never as a plain result
-    hm = R.mean_heatmap(summ, tmp_path / "h.png", metric=GF_METRIC, model_kind="geneformer")
+    hm = mean_heatmap(summ, tmp_path / "h.png", metric=GF_METRIC, model_kind="geneformer")
     assert set(hm["not_beating"]) == set(info["gf_not_beating"])
     # and the summary table of that metric carries the label in the same cells
     piv = _table(tables_of(page), f"geneformer: {GF_METRIC}")
     cols = [c[2].replace("\n", "") for c in piv["rows"][0]["cells"]]
     cells = {(r["cells"][0][2], cols[j]) for r in piv["rows"][1:] for j, c in enumerate(r["cells"])
-             if R.NOT_BEATING in c[2]}
+             if NOT_BEATING in c[2]}
     assert cells == set(info["gf_not_beating"])
 
 
@@ -173,7 +177,7 @@ def test_deltas_marked_where_interval_excludes_zero(study, tmp_path):
     d = dl[(dl["metric"] == HEADLINE) & (dl["model_kind"] == "ldvae")]
     want = {(r.mixture, r.eval_set) for r in d.itertuples() if r.excludes_zero}
     assert 0 < len(want) < len(d)  # the fixture has both kinds of cells
-    fig = R.delta_heatmap(dl, tmp_path / "d.png")
+    fig = delta_heatmap(dl, tmp_path / "d.png")
     assert set(fig["marked"]) == want and fig["reference"] == info["reference"]
     assert info["reference"] not in fig["rows"]
     page = Path(rep["html"]).read_text()
@@ -191,12 +195,12 @@ def test_deltas_marked_where_interval_excludes_zero(study, tmp_path):
 def test_undertrained_and_curve_fallback(study, tmp_path):
     info, rep = study
     summ = pd.read_parquet(info["dir"] / "summary.parquet")
-    hm = R.mean_heatmap(summ, tmp_path / "h.png", reference=info["reference"])
+    hm = mean_heatmap(summ, tmp_path / "h.png", reference=info["reference"])
     assert hm["rows"][0] == info["reference"] and len(hm["rows"]) == len(info["mixtures"])
     assert set(hm["undertrained"]) == {(info["undertrained"], e) for e in info["eval_sets"]}
     assert not hm["not_beating"]
     cur = pd.read_parquet(info["dir"] / "curves.parquet")
-    cv = R.curves_plot(cur, tmp_path / "c.png", undertrained={("ldvae", info["undertrained"])})
+    cv = curves_plot(cur, tmp_path / "c.png", undertrained={("ldvae", info["undertrained"])})
     assert cv["train_fallback"] == [info["no_validation_run"]]
     assert len(cv["panels"]) == len(info["mixtures"]) + 2  # + two Geneformer mixtures
     assert sum(p.endswith("\u2020") for p in cv["panels"]) == 1
@@ -222,7 +226,7 @@ def test_study_without_scaling_or_checks(tmp_path):
     info = make_study(tmp_path / "s", mixtures=["ref", "other_mixture"], eval_sets=["e1"], seeds=(0,), scaling=False,
                       n_points=5)
     (info["dir"] / "checks.json").unlink()
-    rep = R.render_study_report(info["dir"], out=tmp_path / "elsewhere" / "page.html", title="small")
+    rep = render_study_report(info["dir"], out=tmp_path / "elsewhere" / "page.html", title="small")
     names = [Path(f).name for f in rep["figures"]]
     assert names == ["page_heatmap_means.png", "page_heatmap_deltas.png", "page_curves.png", "page_baselines.png"]
     assert all(Path(f).parent == tmp_path / "elsewhere" for f in rep["figures"])
@@ -232,18 +236,18 @@ def test_study_without_scaling_or_checks(tmp_path):
 
 def test_not_a_study_folder(tmp_path):
     with pytest.raises(AtlasmixError, match="not a study output folder"):
-        R.render_study_report(tmp_path)
+        render_study_report(tmp_path)
     info = make_study(tmp_path / "s", mixtures=["a", "b"], eval_sets=["e"], seeds=(0,), scaling=False, n_points=3)
     s = pd.read_parquet(info["dir"] / "summary.parquet").drop(columns=["lo"])
     s.to_parquet(info["dir"] / "summary.parquet")
     with pytest.raises(AtlasmixError, match=r"lacks the columns \['lo'\]"):
-        R.render_study_report(info["dir"])
+        render_study_report(info["dir"])
 
 
 def test_wrap_label():
-    assert R.wrap_label("base_plus_bone_marrow_balanced", 16) == "base_plus_bone_\nmarrow_balanced"
-    assert R.wrap_label("pbmc3k", 16) == "pbmc3k"
-    w = R.wrap_label("base_plus_all_non_blood_sources_balanced", 12)
+    assert wrap_label("base_plus_bone_marrow_balanced", 16) == "base_plus_bone_\nmarrow_balanced"
+    assert wrap_label("pbmc3k", 16) == "pbmc3k"
+    w = wrap_label("base_plus_all_non_blood_sources_balanced", 12)
     assert w.replace("\n", "") == "base_plus_all_non_blood_sources_balanced"
     assert all(len(x) <= 12 for x in w.split("\n"))
 

@@ -136,7 +136,7 @@ def test_masked_prediction_baseline_leaves_the_scored_cell_out():
     itself holds are not scored (a baseline holding the answer would beat every model)."""
     import scipy.sparse as sp
 
-    from atlasmix.evaluation.run import _cell_keys, masked_prediction_outputs
+    from atlasmix.evaluation.pretrained_outputs import cell_keys, masked_prediction_outputs
 
     truth = np.array([[1.0, 2.0, 3.0, 4.0, 9.0], [2.0, 4.0, 6.0, 8.0, 0.0], [3.0, 5.0, 7.0, 1.0, 0.0]])
 
@@ -162,4 +162,4 @@ def test_masked_prediction_baseline_leaves_the_scored_cell_out():
     np.testing.assert_allclose(out["baseline"][0], np.corrcoef(base0, truth[0, :4])[0, 1])
     ev = EvalSet()
     ev.obs = pd.DataFrame({"soma_joinid": [-1, -1, -1]})  # a file set: no joinids, keys are positions
-    assert _cell_keys(ev).tolist() == [0, 1, 2] and _cell_keys(EvalSet()).tolist() == [0, 1, 2]
+    assert cell_keys(ev).tolist() == [0, 1, 2] and cell_keys(EvalSet()).tolist() == [0, 1, 2]

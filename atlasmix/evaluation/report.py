@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from atlasmix.errors import AtlasmixError
+from atlasmix.evaluation.plotting import pyplot, save_figure, wrap_label
 
 _TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
@@ -67,38 +68,6 @@ few-shot L1 logistic regression).</p>
 """
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def wrap_label(name, width: int = 18) -> str:
-    """``name`` broken into lines of at most ``width`` characters at underscores, spaces or hyphens."""
-    s = str(name)
-    if len(s) <= width:
-        return s
-    words = s.replace("_", "_\x00").replace(" ", " \x00").replace("-", "-\x00").split("\x00")
-    lines, cur = [], ""
-    for w in words:
-        if cur and len(cur) + len(w.rstrip()) > width:
-            lines.append(cur.rstrip())
-            cur = ""
-        cur += w
-    if cur:
-        lines.append(cur.rstrip())
-    return "\n".join(lines)
-
-
-def _save(fig, path: Path) -> None:
-    """Write ``fig`` with everything drawn outside the axes (legends, rotated labels) kept."""
-    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
-    _plt().close(fig)
-
-
 def _legend_outside(ax, **kw) -> None:
     """The legend of ``ax`` to the right of the axes, never over the data."""
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8, frameon=False, **kw)
@@ -109,7 +78,7 @@ def heatmap(res: pd.DataFrame, path: Path) -> bool:
     d = res[res["metric"] == "recon_pearson_median"]
     if d.empty:
         return False
-    plt = _plt()
+    plt = pyplot()
     tab = d.pivot_table(index="mixture", columns="eval_set", values="value", aggfunc="mean")
     fig, ax = plt.subplots(figsize=(3.5 + 1.3 * tab.shape[1], 1.6 + 0.6 * tab.shape[0]))
     im = ax.imshow(tab.to_numpy(), cmap="viridis", aspect="auto")
@@ -124,7 +93,7 @@ def heatmap(res: pd.DataFrame, path: Path) -> bool:
     fig.colorbar(im, ax=ax, label="median per-cell Pearson r")
     ax.set_xlabel("eval set")
     ax.set_ylabel("training mixture")
-    _save(fig, path)
+    save_figure(fig, path, dpi=110)
     return True
 
 
@@ -137,7 +106,7 @@ def per_cell_boxplot(pc: pd.DataFrame, eval_set: str, path: Path) -> bool:
     d = pc[(pc["eval_set"] == eval_set) & np.isfinite(pc["pearson_r"].astype(float))]
     if d.empty:
         return False
-    plt = _plt()
+    plt = pyplot()
     models = sorted(d["model"].unique())
     data = [d.loc[d["model"] == m, "pearson_r"].to_numpy() for m in models]
     labels = []
@@ -153,7 +122,7 @@ def per_cell_boxplot(pc: pd.DataFrame, eval_set: str, path: Path) -> bool:
     ax.set_ylabel("per-cell Pearson r (top 1,000 HVGs)")
     ax.set_title(f"{eval_set}: {len(d['cell_id'].unique()):,} cells")
     ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path, dpi=110)
     return True
 
 
@@ -161,7 +130,7 @@ def few_shot_plot(fs: pd.DataFrame, path: Path) -> bool:
     """Few-shot macro F1 curves; False when there are none."""
     if fs.empty:
         return False
-    plt = _plt()
+    plt = pyplot()
     sets = sorted(fs["eval_set"].unique())
     fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.6), squeeze=False, layout="constrained")
     models = sorted(fs["model"].unique())
@@ -182,7 +151,7 @@ def few_shot_plot(fs: pd.DataFrame, path: Path) -> bool:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(lab, h)
     fig.legend(list(seen.values()), list(seen.keys()), loc="outside right upper", fontsize=8, frameon=False)
-    _save(fig, path)
+    save_figure(fig, path, dpi=110)
     return True
 
 
@@ -191,7 +160,7 @@ def knn_plot(res: pd.DataFrame, path: Path) -> bool:
     d = res[res["metric"] == "knn_macro_f1"]
     if d.empty:
         return False
-    plt = _plt()
+    plt = pyplot()
     tab = d.pivot_table(index="eval_set", columns="model", values="value")
     chance = res[res["metric"] == "chance_macro_f1"].groupby("eval_set")["value"].first()
     fig, ax = plt.subplots(figsize=(max(5, len(tab) * max(1.7, 0.25 * tab.shape[1] + 0.6) + 1.5), 3.6))
@@ -207,7 +176,7 @@ def knn_plot(res: pd.DataFrame, path: Path) -> bool:
     ax.set_ylabel("kNN (k=5) macro F1; dashed: 1/n types")
     ax.set_ylim(0, 1.02)
     _legend_outside(ax)
-    _save(fig, path)
+    save_figure(fig, path, dpi=110)
     return True
 
 
@@ -219,7 +188,7 @@ def rank_prediction_plot(res: pd.DataFrame, path: Path) -> bool:
     d = res[res["metric"].isin(["rank_pred_pearson_median", "rank_pred_baseline_pearson_median"])]
     if d.empty:
         return False
-    plt = _plt()
+    plt = pyplot()
     d = d.assign(series=np.where(d["metric"] == "rank_pred_pearson_median", d["model"], d["model"] + " mean-rank baseline"))
     tab = d.pivot_table(index="eval_set", columns="series", values="value")
     fig, ax = plt.subplots(figsize=(max(5, len(tab) * max(1.7, 0.35 * tab.shape[1] + 0.6) + 1.5), 3.6))
@@ -238,7 +207,7 @@ def rank_prediction_plot(res: pd.DataFrame, path: Path) -> bool:
     ax.set_ylabel("median per-cell Pearson r\n(true vs predicted rank of masked genes)")
     ax.set_ylim(min(-0.1, float(np.nanmin(tab.to_numpy())) - 0.05), max(1.02, float(np.nanmax(tab.to_numpy())) + 0.15))
     _legend_outside(ax)
-    _save(fig, path)
+    save_figure(fig, path, dpi=110)
     return True
 
 

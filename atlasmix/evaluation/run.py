@@ -20,8 +20,8 @@ held dense):
    ``max_rank_cells`` cells, the masked rank prediction score of the MLM head and its mean-rank
    baseline (``rank_pred_*`` rows: median / IQR over cells). Reconstruction accuracy does not
    apply (no expression output). Store and external file sets alike.
-5. Every scGPT / scBERT (:class:`~atlasmix.evaluation.models.ScGPTAdapter`,
-   :class:`~atlasmix.evaluation.models.ScBERTAdapter`): the set's counts on the store genes behind
+5. Every scGPT / scBERT (:class:`~atlasmix.evaluation.pretrained.ScGPTAdapter`,
+   :class:`~atlasmix.evaluation.pretrained.ScBERTAdapter`): the set's counts on the store genes behind
    the model's tokens, encoded as in pretraining (value binning / expression tokens), cell
    embeddings (scGPT ``<cls>``, scBERT the appended last position), then the embedding metrics
    (cells without a token left out); on a seeded subsample of at most ``max_rank_cells`` cells their
@@ -64,82 +64,14 @@ import pandas as pd
 
 from atlasmix.errors import AtlasmixError
 from atlasmix.evaluation import metrics as M
-from atlasmix.store.fingerprint import copy_candidates, shared_cells
+from atlasmix.evaluation.models import LDVAEAdapter, PCABaseline, load_model
+from atlasmix.evaluation.overlap import check_overlap
+from atlasmix.evaluation.pretrained import GeneformerAdapter
+from atlasmix.evaluation.pretrained_outputs import cell_keys, geneformer_outputs, masked_prediction_outputs
 
 RESULT_COLUMNS = ["model", "mixture", "eval_set", "metric", "value"]
 #: per-cell columns of Geneformer models (NaN for other models' rows)
 PER_CELL_GENEFORMER = ["n_tokens", "rank_pred_pearson", "rank_pred_baseline_pearson"]
-
-
-def check_overlap(model, eval_set, store=None) -> dict:
-    """Refuse an eval set that shares cells with the model's training manifest.
-
-    Store sets: the set's soma_joinids vs the manifest's train + validation joinids (same store id
-    required: joinids of two stores are not comparable), then the cells' count fingerprints vs those
-    of the training cells (copies of training cells under other joinids, e.g. the same run ingested
-    from two formats; datasets ingested without fingerprints are named in ``how``). External files:
-    the file's sha256 vs the source sha256 of every dataset that contributed training cells (read
-    from the training store's catalog when that store is reachable).
-
-    Returns
-    -------
-    dict
-        ``checked`` (bool), ``how`` (sentence), ``n_overlap``.
-
-    Raises
-    ------
-    AtlasmixError
-        Overlap (shared joinids or copied cells), or a store set evaluated against a model trained
-        on another store.
-    """
-    from atlasmix.store import Store
-
-    train_ids, info = model.training_cells()
-    rec = info.get("store", {}) or {}
-    if train_ids is None:
-        return {"checked": False, "how": "the model records no training manifest", "n_overlap": 0}
-    if eval_set.kind == "store":
-        cur = eval_set.store.identity()
-        if rec.get("store_id") and rec["store_id"] != cur["store_id"]:
-            raise AtlasmixError(f"model {model.name} was trained on store {rec['store_id']}, eval set {eval_set.name} "
-                                f"is on store {cur['store_id']}: soma_joinids are not comparable; export the set "
-                                "to h5ad and pass the file instead")
-        n = int(np.count_nonzero(np.isin(eval_set.joinids, train_ids, assume_unique=True)))
-        if n:
-            raise AtlasmixError(f"eval set {eval_set.name} shares {n:,} of its {eval_set.n_cells:,} cells with the "
-                                f"training manifest of model {model.name} ({info.get('manifest')}); refusing to "
-                                "evaluate on training cells")
-        # the same cells stored twice (another dataset id / format): equal counts on every gene,
-        # looked up only in datasets ingest found holding copies
-        (ev, tr), unchecked = copy_candidates(eval_set.store, eval_set.joinids, train_ids)
-        dup = shared_cells(eval_set.store, ev, tr) if len(ev) and len(tr) else {"n_shared": 0, "datasets": {}}
-        if dup["n_shared"]:
-            src = ", ".join(f"{d} ({k:,})" for d, k in dup["datasets"].items())
-            raise AtlasmixError(f"eval set {eval_set.name}: {dup['n_shared']:,} of its {eval_set.n_cells:,} cells have "
-                                f"the same counts on every gene as training cells of model {model.name} (in {src}: "
-                                "the same cells stored twice); refusing to evaluate on training cells")
-        how = "soma_joinids and cell count fingerprints vs training manifest (train + validation)"
-        if unchecked:
-            how += f"; datasets without fingerprints not checked for copies: {', '.join(unchecked)}"
-        return {"checked": True, "how": how, "n_overlap": 0}
-    uri = rec.get("uri")
-    if not uri:
-        return {"checked": False, "how": "training store unknown", "n_overlap": 0}
-    try:
-        st = store if (store is not None and store.identity()["store_id"] == rec.get("store_id")) else Store(uri)
-        cat = st.catalog()
-    except Exception:  # the training store is not reachable from here
-        return {"checked": False, "how": f"training store {uri} not reachable", "n_overlap": 0}
-    starts = cat["obs_joinid_start"].to_numpy()
-    ends = cat["obs_joinid_end"].to_numpy()
-    used = [i for i in range(len(cat)) if np.any((train_ids >= starts[i]) & (train_ids < ends[i]))]
-    hit = cat.iloc[used]
-    hit = hit[hit["source_sha256"] == eval_set.sha256]
-    if len(hit):
-        raise AtlasmixError(f"eval set {eval_set.name} ({eval_set.source}) is the source file of dataset "
-                            f"{hit['dataset_id'].iloc[0]!r}, which contributed training cells to model {model.name}; "
-                            "refusing to evaluate on training cells")
-    return {"checked": True, "how": "file sha256 vs the sources of the training datasets", "n_overlap": 0}
 
 
 def _rows(model: str, mixture: str, eval_set: str, d: dict, prefix: str = "") -> list[dict]:
@@ -205,151 +137,6 @@ def _fidelity(eval_set, genes: np.ndarray, max_cells: int, seed: int, batch_size
     return M.rank_fidelity(counts, eval_set.obs["cell_type"].to_numpy()[pick], k=k, max_cells=max_cells, seed=seed)
 
 
-def geneformer_outputs(model, eval_set, *, batch_size: int = 1024, forward_batch_size: int = 32,
-                       max_rank_cells: int | None = 500, mask_fraction: float = 0.15, seed: int = 0) -> dict:
-    """Embeddings and rank prediction scores of a Geneformer model on an eval set (streamed).
-
-    Counts are read in batches of ``batch_size`` cells on the model's vocabulary genes (genes the
-    set lacks are absent from every cell's encoding) with each cell's total counts over all its
-    genes (:meth:`~atlasmix.evaluation.evalsets.EvalSet.iter_counts_totals`), rank value encoded
-    (:meth:`~atlasmix.evaluation.models.GeneformerAdapter.tokenize`), sorted by length and run
-    through the model ``forward_batch_size`` cells at a time.
-
-    Rank prediction (sc-foundation-eval's zero-shot test of the MLM head) runs on a seeded
-    subsample of at most ``max_rank_cells`` cells (None: all; BERT on CPU is slow): per cell
-    ``mask_fraction`` of the gene tokens (at least 3) are replaced by ``<mask>`` with
-    :func:`~atlasmix.evaluation.metrics.mask_positions` (seed ``seed``), the model's score is
-    :meth:`~atlasmix.evaluation.models.GeneformerAdapter.rank_scores` and the baseline's
-    :func:`~atlasmix.evaluation.metrics.mean_rank_baseline_scores`, with each gene's mean position
-    over all cells of the eval set (unmasked encodings).
-
-    Returns
-    -------
-    dict
-        ``emb`` float32 (n_cells, hidden) (NaN rows: cells without a vocabulary gene), ``n_tokens``
-        int64 (gene tokens per cell), ``n_expressed`` int64 (vocabulary genes expressed, before
-        truncation), ``rank_pred`` and ``rank_baseline`` float64 (n_cells,) (NaN outside the
-        subsample), ``vocab_genes_in_set`` (int).
-    """
-    n = eval_set.n_cells
-    fids = model.feature_ids
-    have = eval_set.store.var()["feature_id"].to_numpy() if eval_set.kind == "store" else eval_set.feature_ids
-    present = pd.Index(fids).isin(have)  # (np.isin on object arrays is quadratic)
-    axis = fids[present]
-    if len(axis) == 0:
-        raise AtlasmixError(f"eval set {eval_set.name}: no gene of {model.name}'s vocabulary is measured")
-    # the model sees the vocabulary genes the set measures; tokenize() expects the full vocabulary axis
-    cols = np.flatnonzero(present)
-    rng = np.random.default_rng(seed)
-    n_rank = n if max_rank_cells is None else min(n, int(max_rank_cells))
-    rank_pick = np.sort(rng.permutation(n)[:n_rank])
-    emb = np.full((n, model.n_latent), np.nan, dtype=np.float32)
-    n_tok = np.zeros(n, dtype=np.int64)
-    n_expr = np.zeros(n, dtype=np.int64)
-    psum = np.zeros(model.vocab_size, dtype=np.float64)
-    pcnt = np.zeros(model.vocab_size, dtype=np.int64)
-    rank_tokens = np.full((len(rank_pick), model.max_len), model.dicts.pad_id, dtype=np.int64)
-    rank_len = np.zeros(len(rank_pick), dtype=np.int64)
-    import scipy.sparse as sp
-
-    for sl, cnt, tot in eval_set.iter_counts_totals(axis, batch_size):
-        m = cnt.tocoo()
-        full = sp.csr_matrix((m.data, (m.row, cols[m.col])), shape=(cnt.shape[0], len(fids)))
-        n_expr[sl] = np.asarray((cnt > 0).sum(axis=1)).ravel()
-        toks, lens = model.tokenize(full, tot)
-        n_tok[sl] = model.n_genes(lens)
-        s, c = M.mean_positions(toks, model.vocab_size, model.special_ids)
-        psum += s
-        pcnt += c
-        order = np.argsort(-lens, kind="stable")
-        for k in range(0, len(order), forward_batch_size):
-            g = order[k:k + forward_batch_size]
-            emb[sl.start + g] = model.embed(toks[g], lens[g])
-        sel = rank_pick[(rank_pick >= sl.start) & (rank_pick < sl.stop)]
-        if len(sel):
-            at = np.searchsorted(rank_pick, sel)
-            rank_tokens[at, :toks.shape[1]] = toks[sel - sl.start]
-            rank_len[at] = lens[sel - sl.start]
-    rank_pred = np.full(n, np.nan)
-    rank_base = np.full(n, np.nan)
-    if len(rank_pick):
-        mask = M.mask_positions(rank_tokens, fraction=mask_fraction, seed=seed, special_ids=model.special_ids)
-        mean_pos = np.where(pcnt > 0, psum / np.maximum(pcnt, 1), np.nan)
-        rank_base[rank_pick] = M.mean_rank_baseline_scores(rank_tokens, mask, mean_pos)
-        order = np.argsort(-rank_len, kind="stable")
-        for k in range(0, len(order), forward_batch_size):
-            g = order[k:k + forward_batch_size]
-            rank_pred[rank_pick[g]] = model.rank_scores(rank_tokens[g], rank_len[g], mask[g])
-    return {"emb": emb, "n_tokens": n_tok, "n_expressed": n_expr, "rank_pred": rank_pred,
-            "rank_baseline": rank_base, "vocab_genes_in_set": int(len(axis)), "n_rank_cells": int(len(rank_pick))}
-
-
-def _cell_keys(eval_set) -> np.ndarray:
-    """Keys of the encodings' random draws: the cells' ``soma_joinid`` in a store set (as in
-    pretraining and the embed commands), their positions in a file set (whose cells have none)."""
-    sj = pd.to_numeric(eval_set.obs["soma_joinid"], errors="coerce").to_numpy()
-    if np.isfinite(sj).all() and (sj >= 0).all():
-        return sj.astype(np.int64)
-    return np.arange(eval_set.n_cells, dtype=np.int64)
-
-
-def masked_prediction_outputs(model, eval_set, *, batch_size: int = 1024, forward_batch_size: int = 32,
-                              max_cells: int | None = 200, mask_fraction: float | None = None, seed: int = 0) -> dict:
-    """Masked prediction by an scGPT / scBERT model on eval cells, against a per-gene mean baseline.
-
-    On a seeded subsample of at most ``max_cells`` cells, each cell's eligible tokens (scGPT: its gene
-    tokens; scBERT: its nonzero expression tokens) are partly masked (``mask_fraction``, default the
-    model's pretraining ratio: scGPT 0.4, scBERT 0.15; at least 3) and predicted by the model's head
-    (:meth:`~atlasmix.evaluation.models.ScGPTAdapter.masked_prediction`). Per cell the score is the
-    Pearson r between predicted and true values (bins / tokens) at the masked positions; the
-    baseline predicts each masked gene's mean value over the *other* subsampled cells that hold it
-    (a model that learned nothing about the cell's context does no better) -- the analogue of
-    Geneformer's mean-rank baseline. Masked genes no other sampled cell holds are not scored.
-
-    Returns
-    -------
-    dict
-        ``pred`` and ``baseline`` float64 (n_cells,) (NaN outside the subsample or with a constant
-        truth), ``n_scored`` (int).
-    """
-    n = eval_set.n_cells
-    frac = mask_fraction if mask_fraction is not None else {"scgpt": 0.4, "scbert": 0.15}[model.kind]
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.permutation(n)[:n if max_cells is None else min(n, int(max_cells))])
-    keys = _cell_keys(eval_set)
-    cells: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
-    sums: dict[int, float] = {}
-    cnts: dict[int, int] = {}
-    for sl, cnt in eval_set.iter_counts(model.feature_ids, batch_size):
-        sel = pick[(pick >= sl.start) & (pick < sl.stop)]
-        for k in range(0, len(sel), forward_batch_size):
-            rows = sel[k:k + forward_batch_size]
-            g, truth, pred, elig = model.masked_prediction(cnt[rows - sl.start], keys[rows], frac, rng)
-            gk, gv = g[elig], truth[elig]
-            uk, inv = np.unique(gk, return_inverse=True)
-            ws = np.bincount(inv, weights=gv)
-            wc = np.bincount(inv)
-            for key, s, c in zip(uk.tolist(), ws.tolist(), wc.tolist()):
-                sums[key] = sums.get(key, 0.0) + s
-                cnts[key] = cnts.get(key, 0) + c
-            for i, r in enumerate(rows):
-                mk = np.isfinite(pred[i])
-                cells.append((int(r), g[i][mk], truth[i][mk], pred[i][mk]))
-    out_pred, out_base = np.full(n, np.nan), np.full(n, np.nan)
-    for r, gk, truth, pred in cells:
-        # leave the scored cell out of its genes' means (a gene holds one value per cell); genes no
-        # other sampled cell holds have no baseline and are not scored
-        c = np.array([cnts[k] for k in gk.tolist()], dtype=np.float64)
-        other = c > 1
-        gk, truth, pred = gk[other], truth[other], pred[other]
-        if len(truth) < 3 or np.ptp(truth) == 0:
-            continue
-        base = (np.array([sums[k] for k in gk.tolist()]) - truth) / (c[other] - 1)
-        out_pred[r] = np.corrcoef(pred, truth)[0, 1] if np.ptp(pred) > 0 else np.nan
-        out_base[r] = np.corrcoef(base, truth)[0, 1] if np.ptp(base) > 0 else np.nan
-    return {"pred": out_pred, "baseline": out_base, "n_scored": int(np.isfinite(out_pred).sum())}
-
-
 def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline: bool = True,
              batch_size: int = 1024, n_hvg: int = 1000, n_hvg_baseline: int = 2000, n_pcs: int = 50,
              knn_k: int = 5, few_shot_fractions=M.FEW_SHOT_FRACTIONS, few_shot_seeds=(0, 1, 2),
@@ -402,8 +189,6 @@ def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline
         No models and no baseline, an eval set overlapping a model's training cells, bad model dirs.
     """
     import torch
-
-    from atlasmix.evaluation.models import GeneformerAdapter, LDVAEAdapter, PCABaseline, load_model
 
     out = Path(out)
     if not eval_sets:
@@ -503,7 +288,7 @@ def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline
                 emb = np.full((e.n_cells, m.n_latent), np.nan, dtype=np.float32)
                 n_tok = np.zeros(e.n_cells, dtype=np.int64)
                 present = pd.Index(m.feature_ids).isin(e.feature_ids)
-                keys = _cell_keys(e)
+                keys = cell_keys(e)
                 for sl, cnt in e.iter_counts(m.feature_ids, batch_size):
                     for k in range(0, cnt.shape[0], geneformer_batch_size):
                         part = slice(sl.start + k, min(sl.stop, sl.start + k + geneformer_batch_size))

@@ -1,10 +1,21 @@
 """study: a composition experiment (mixtures x seeds x budgets) run, checked and reported as one.
 
-:mod:`atlasmix.study.spec` (the study TOML, :func:`load_study`), :mod:`atlasmix.study.runner`
-(:func:`run_study`: resolve, train, evaluate and summarise each grid cell, resumably),
-:mod:`atlasmix.study.stats` (two-level bootstrap over seeds and eval cells),
-:mod:`atlasmix.study.checks` (sanity checks before the answer is read), :mod:`atlasmix.study.tables`
-and :mod:`atlasmix.study.report` (the HTML report).
+In the order a study runs:
+
+- :mod:`atlasmix.study.spec` -- the study TOML (:func:`load_study`);
+- :mod:`atlasmix.study.runner` -- :func:`run_study`: every stage below, resumably;
+- :mod:`atlasmix.study.manifests` -- one manifest per (mixture, seed) and per scaling subset;
+- :mod:`atlasmix.study.eval_cache` -- each eval set read from the store once;
+- :mod:`atlasmix.study.grid` -- the grid cells as tasks, run serially, in processes or on dask;
+- :mod:`atlasmix.study.grid_cell` -- one cell: train its model, score it on the eval cache;
+- :mod:`atlasmix.study.summary` -- means over seeds with intervals, paired deltas, scaling curves
+  (:mod:`atlasmix.study.stats`: the two-level bootstrap);
+- :mod:`atlasmix.study.checks` -- the sanity checks, read before the answer;
+- :mod:`atlasmix.study.tables` -- the tables a study writes (the contract of the runner and the report);
+- :mod:`atlasmix.study.report` -- the HTML report (figures: :mod:`atlasmix.study.figures`,
+  :mod:`atlasmix.study.curves`; tables: :mod:`atlasmix.study.html_tables`; numbers and labels:
+  :mod:`atlasmix.study.report_format`);
+- :mod:`atlasmix.study.keys` -- the keys and names of cached artefacts.
 
 Exports (imported on first use): :class:`StudySpec`, :func:`load_study`, :func:`run_study`.
 """

@@ -32,6 +32,11 @@ Every file lives in the study's output folder ``OUT``:
 
 from __future__ import annotations
 
+#: the headline metric (scFM-datamix reconstruction accuracy: median over eval cells of the per-cell
+#: Pearson r) and the model kind it belongs to
+HEADLINE_METRIC = "recon_pearson_median"
+HEADLINE_KIND = "ldvae"
+
 RESULTS = ["run_key", "model_kind", "mixture", "seed", "budget", "fraction", "strategy", "eval_set", "metric", "value"]
 PER_CELL = ["run_key", "model_kind", "mixture", "seed", "budget", "fraction", "strategy", "eval_set", "cell_index",
             "soma_joinid", "cell_type", "value", "baseline_value"]
