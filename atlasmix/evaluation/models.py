@@ -39,6 +39,7 @@ import pandas as pd
 from atlasmix.errors import AtlasmixError
 from atlasmix.evaluation.overlap import TrainedOnManifest
 from atlasmix.evaluation.pretrained import GeneformerAdapter, ScBERTAdapter, ScGPTAdapter
+from atlasmix.preprocess import GramPCA, log1p_cp10k
 
 
 class LDVAEAdapter(TrainedOnManifest):
@@ -149,12 +150,10 @@ class LDVAEAdapter(TrainedOnManifest):
 class PCABaseline:
     """PCA of log1p(CP10k) on an eval set's own top HVGs (the sc-foundation-eval baseline).
 
-    Exact and streamed: pass 1 accumulates the gene x gene cross-product ``X^T X`` and the gene sums
-    of the sparse log1p(CP10k) batches (O(n_genes^2) memory, 32 MB for 2,000 HVGs), the covariance's
-    top eigenvectors come from ``scipy.sparse.linalg.eigsh``; pass 2 projects each centred batch.
-    The result equals ``sklearn.decomposition.PCA`` on the full matrix up to the sign of each
-    component (dense SVDs of whole batches, as ``IncrementalPCA`` does, took ~4 s per 1,000 x 2,000
-    batch on the 2-core test machine).
+    Exact and streamed (:class:`atlasmix.preprocess.GramPCA`, the PCA the geometric sketch uses too):
+    pass 1 accumulates the Gram matrix of the log1p(CP10k) batches (O(n_genes^2) memory, 32 MB for
+    2,000 HVGs), pass 2 projects each centred batch. The result equals ``sklearn.decomposition.PCA``
+    on the full matrix up to the sign of each component.
 
     Parameters
     ----------
@@ -177,33 +176,18 @@ class PCABaseline:
         numpy.ndarray of float32, shape (n_cells, n_components)
             Components in decreasing order of explained variance.
         """
-        from scipy.sparse.linalg import eigsh
-
-        from atlasmix.evaluation.metrics import log1p_cp10k
-
         G = len(genes)
         k = int(min(self.n_components, G - 1, eval_set.n_cells - 1))
         if k < 2:
             raise AtlasmixError(f"eval set {eval_set.name}: too few cells or genes for a PCA baseline")
-        xtx = np.zeros((G, G), dtype=np.float64)
-        s = np.zeros(G, dtype=np.float64)
-        n = 0
+        pca = GramPCA(G)
         for _, m in eval_set.iter_counts(genes, batch_size):
-            x = log1p_cp10k(m)
-            xtx += (x.T @ x).toarray()
-            s += np.asarray(x.sum(axis=0)).ravel()
-            n += x.shape[0]
-        mu = s / n
-        cov = (xtx - n * np.outer(mu, mu)) / max(n - 1, 1)
-        vals, vecs = eigsh(cov, k=k, which="LA", v0=np.ones(G))
-        order = np.argsort(vals)[::-1]
-        V = vecs[:, order]
-        V *= np.sign(V[np.abs(V).argmax(axis=0), np.arange(k)])  # deterministic signs
-        self.explained_variance_ = vals[order]
+            pca.update(log1p_cp10k(m))
+        pca.fit(k)
+        self.explained_variance_ = pca.explained_variance_
         out = np.zeros((eval_set.n_cells, k), dtype=np.float32)
-        shift = mu @ V
         for sl, m in eval_set.iter_counts(genes, batch_size):
-            out[sl] = np.asarray(log1p_cp10k(m) @ V) - shift
+            out[sl] = pca.transform(log1p_cp10k(m))
         return out
 
 
