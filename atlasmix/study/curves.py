@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from atlasmix.evaluation.plotting import pyplot, wrap_label
-from atlasmix.study.figures import panel_grid, save
+from atlasmix.study.figures import label_panels, panel_grid, save, style_panel
 from atlasmix.study.report_format import NOT_BEATING, order
 
 
@@ -114,22 +114,13 @@ def curves_plot(curves: pd.DataFrame, path: str | Path, *, reference: str | None
             else:
                 fallback.append(key)
                 ax.plot(run["cells_seen"], run["train_loss"].astype(float), color=color, lw=lw, ls="--")
-        ax.set_title(wrap_label(title, 30), fontsize=8)
-        ax.tick_params(labelsize=6.5)
+        style_panel(ax, title)
         ax.xaxis.set_major_formatter(_count_formatter())
         ax.xaxis.set_major_locator(MaxNLocator(4))
-        ax.grid(alpha=0.3)
         lines = [ln.get_ydata() for ln in ax.get_lines()]
         if lines and all(np.nanmin(np.asarray(y, dtype=float)) > 0 for y in lines if len(y)):
             ax.set_yscale("log")  # the first points are 10x the plateau: a log axis shows the plateau
-    for ax in axes.ravel()[len(groups):]:
-        ax.set_visible(False)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("validation loss", fontsize=7.5)
-    for j in range(ncols):  # x label under the lowest visible panel of each column
-        vis = [i for i in range(nrows) if i * ncols + j < len(groups)]
-        if vis:
-            axes[vis[-1], j].set_xlabel("cells seen", fontsize=7.5)
+    label_panels(axes, len(groups), "validation loss", "cells seen")
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=colors(i % 10), lw=1.6, label=f"seed {s:g}" if isinstance(s, float)
@@ -193,18 +184,9 @@ def scaling_plot(scaling: pd.DataFrame, path: str | Path, smallest: pd.DataFrame
                     ax.axvline(float(s["smallest_fraction"].iloc[0]), color=colors(k % 10), ls=":", lw=1.2)
         if log:
             ax.set_xscale("log")
-        ax.set_title(wrap_label(e, 30), fontsize=8)
-        ax.tick_params(labelsize=6.5)
-        ax.grid(alpha=0.3)
-    for ax in axes.ravel()[len(sets):]:
-        ax.set_visible(False)
-    metric = str(scaling["metric"].iloc[0])
-    for ax in axes[:, 0]:
-        ax.set_ylabel(wrap_label(metric, 22), fontsize=8)
-    for j in range(ncols):
-        vis = [i for i in range(nrows) if i * ncols + j < len(sets)]
-        if vis:
-            axes[vis[-1], j].set_xlabel("fraction of the base corpus", fontsize=7.5)
+        style_panel(ax, e)
+    label_panels(axes, len(sets), wrap_label(str(scaling["metric"].iloc[0]), 22), "fraction of the base corpus",
+                 ylabel_size=8)
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=colors(k % 10), marker="o", ms=4, lw=1.5, label=st)

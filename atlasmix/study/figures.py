@@ -46,6 +46,61 @@ def panel_grid(n: int) -> tuple[int, int]:
     return math.ceil(n / ncols), ncols
 
 
+def label_panels(axes, n: int, ylabel: str, xlabel: str, ylabel_size: float = 7.5) -> None:
+    """Hide the unused panels of a grid of ``n``; y label on the first column, x label under the lowest
+    visible panel of each column."""
+    nrows, ncols = axes.shape
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel, fontsize=ylabel_size)
+    for j in range(ncols):
+        vis = [i for i in range(nrows) if i * ncols + j < n]
+        if vis:
+            axes[vis[-1], j].set_xlabel(xlabel, fontsize=7.5)
+
+
+def style_panel(ax, title: str) -> None:
+    """A small-multiples panel's title (wrapped), small tick labels and a light grid."""
+    ax.set_title(wrap_label(title, 30), fontsize=8)
+    ax.tick_params(labelsize=6.5)
+    ax.grid(alpha=0.3)
+
+
+def _rows_to_draw(table: pd.DataFrame, value: str, metric: str, model_kind: str, budget: str | None) -> pd.DataFrame:
+    """The rows of ``table`` of one metric and model kind (and budget, unless None) with a finite ``value``."""
+    d = table[(table["metric"] == metric) & (table["model_kind"] == model_kind)]
+    if budget is not None:
+        d = d[d["budget"].astype(str) == str(budget)]
+    return d[np.isfinite(d[value].astype(float))]
+
+
+def _heatmap(M: np.ndarray, rows: list, cols: list, **imshow):
+    """(figure, axes, image) of the matrix ``M`` with ``rows`` as y labels and the wrapped ``cols`` on top."""
+    xl = [wrap_label(c, 16) for c in cols]
+    nl = max(s.count("\n") + 1 for s in xl)
+    fig, ax = pyplot().subplots(figsize=_heatmap_size(rows, cols, nl), layout="constrained")
+    im = ax.imshow(M, aspect="auto", **imshow)
+    ax.set_xticks(range(len(cols)), xl, fontsize=9)
+    ax.tick_params(axis="x", top=True, labeltop=True, bottom=False, labelbottom=False)
+    ax.set_yticks(range(len(rows)), rows, fontsize=9)
+    return fig, ax, im
+
+
+def _annotate(ax, im, i: int, j: int, value: float, text: str, lo, hi, **font) -> None:
+    """Cell (i, j): ``text`` above its interval ``[lo, hi]``, in black or white as the colour beneath asks."""
+    c = _text_color(im.cmap(im.norm(value)))
+    ax.text(j, i - 0.12, text, ha="center", va="center", color=c, **font)
+    ax.text(j, i + 0.22, ci(lo, hi), ha="center", va="center", color=c, fontsize=7)
+
+
+def _finish_heatmap(fig, ax, im, colorbar: str, title: str, path: str | Path) -> None:
+    fig.colorbar(im, ax=ax, label=colorbar, shrink=0.9, pad=0.02)
+    ax.set_ylabel("training mixture")
+    ax.set_title(title, fontsize=10, loc="left")
+    save(fig, path)
+
+
 def mean_heatmap(summary: pd.DataFrame, path: str | Path, *, metric: str = HEADLINE_METRIC,
                  model_kind: str = HEADLINE_KIND, budget: str | None = None,
                  reference: str | None = None) -> dict | None:
@@ -74,13 +129,9 @@ def mean_heatmap(summary: pd.DataFrame, path: str | Path, *, metric: str = HEADL
         None when there is nothing to plot; else ``rows`` (mixtures, top to bottom), ``cols`` (eval
         sets), ``undertrained`` and ``not_beating`` (lists of (mixture, eval set) cells marked).
     """
-    d = summary[(summary["metric"] == metric) & (summary["model_kind"] == model_kind)]
-    if budget is not None:
-        d = d[d["budget"].astype(str) == str(budget)]
-    d = d[np.isfinite(d["mean"].astype(float))]
+    d = _rows_to_draw(summary, "mean", metric, model_kind, budget)
     if d.empty:
         return None
-    plt = pyplot()
     rows, cols = order(d["mixture"], reference), order(d["eval_set"])
     idx = d.groupby(["mixture", "eval_set"]).agg(mean=("mean", "mean"), lo=("lo", "mean"), hi=("hi", "mean"),
                                                  under=("undertrained", lambda s: any(is_true(v) for v in s)),
@@ -88,19 +139,12 @@ def mean_heatmap(summary: pd.DataFrame, path: str | Path, *, metric: str = HEADL
     M = np.full((len(rows), len(cols)), np.nan)
     for (m, e), r in idx.iterrows():
         M[rows.index(m), cols.index(e)] = r["mean"]
-    xl = [wrap_label(c, 16) for c in cols]
-    nl = max(s.count("\n") + 1 for s in xl)
-    fig, ax = plt.subplots(figsize=_heatmap_size(rows, cols, nl), layout="constrained")
-    im = ax.imshow(M, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(cols)), xl, fontsize=9)
-    ax.tick_params(axis="x", top=True, labeltop=True, bottom=False, labelbottom=False)
-    ax.set_yticks(range(len(rows)), rows, fontsize=9)
+    fig, ax, im = _heatmap(M, rows, cols, cmap="viridis")
     under, notbeat = [], []
     for (m, e), r in idx.iterrows():
         i, j = rows.index(m), cols.index(e)
         if not np.isfinite(r["mean"]):
             continue
-        c = _text_color(im.cmap(im.norm(r["mean"])))
         mark = ""
         if r["under"]:
             mark += "\u2020"
@@ -108,19 +152,16 @@ def mean_heatmap(summary: pd.DataFrame, path: str | Path, *, metric: str = HEADL
         if r["notbeat"]:
             mark += "\u2021"
             notbeat.append((m, e))
-        ax.text(j, i - 0.12, f"{r['mean']:.3f}{mark}", ha="center", va="center", color=c, fontsize=9.5,
-                fontweight="bold")
-        ax.text(j, i + 0.22, ci(r["lo"], r["hi"]), ha="center", va="center", color=c, fontsize=7)
-    fig.colorbar(im, ax=ax, label=f"{metric}\n(mean over seeds)", shrink=0.9, pad=0.02)
-    ax.set_ylabel("training mixture")
+        _annotate(ax, im, i, j, r["mean"], f"{r['mean']:.3f}{mark}", r["lo"], r["hi"], fontsize=9.5,
+                  fontweight="bold")
     notes = []
     if under:
         notes.append("\u2020 undertrained: the validation loss had not plateaued at the end of the budget")
     if notbeat:
         notes.append(f"\u2021 {NOT_BEATING}")
     ttl = f"{model_kind} {metric}" + (f", budget {budget}" if budget is not None else "")
-    ax.set_title(ttl + ("\n" + "\n".join(notes) if notes else ""), fontsize=10, loc="left")
-    save(fig, path)
+    _finish_heatmap(fig, ax, im, f"{metric}\n(mean over seeds)", ttl + ("\n" + "\n".join(notes) if notes else ""),
+                    path)
     return {"rows": rows, "cols": cols, "undertrained": under, "not_beating": notbeat}
 
 
@@ -149,10 +190,7 @@ def delta_heatmap(deltas: pd.DataFrame, path: str | Path, *, metric: str = HEADL
         None when there is nothing to plot; else ``rows``, ``cols``, ``reference`` and ``marked``
         (list of (mixture, eval set) cells whose interval excludes 0).
     """
-    d = deltas[(deltas["metric"] == metric) & (deltas["model_kind"] == model_kind)]
-    if budget is not None:
-        d = d[d["budget"].astype(str) == str(budget)]
-    d = d[np.isfinite(d["delta"].astype(float))]
+    d = _rows_to_draw(deltas, "delta", metric, model_kind, budget)
     if d.empty:
         return None
     if reference is None:
@@ -160,7 +198,7 @@ def delta_heatmap(deltas: pd.DataFrame, path: str | Path, *, metric: str = HEADL
     d = d[d["reference"] == reference]
     if d.empty:
         return None
-    plt = pyplot()
+    pyplot()
     from matplotlib.patches import Rectangle
 
     rows, cols = order(d["mixture"]), order(d["eval_set"])
@@ -169,29 +207,19 @@ def delta_heatmap(deltas: pd.DataFrame, path: str | Path, *, metric: str = HEADL
         M[rows.index(r.mixture), cols.index(r.eval_set)] = r.delta
     lim = float(np.nanmax(np.abs(np.r_[M.ravel(), d["lo"].astype(float), d["hi"].astype(float)])))
     lim = lim if np.isfinite(lim) and lim > 0 else 1.0
-    xl = [wrap_label(c, 16) for c in cols]
-    nl = max(s.count("\n") + 1 for s in xl)
-    fig, ax = plt.subplots(figsize=_heatmap_size(rows, cols, nl), layout="constrained")
-    im = ax.imshow(M, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-    ax.set_xticks(range(len(cols)), xl, fontsize=9)
-    ax.tick_params(axis="x", top=True, labeltop=True, bottom=False, labelbottom=False)
-    ax.set_yticks(range(len(rows)), rows, fontsize=9)
+    fig, ax, im = _heatmap(M, rows, cols, cmap="RdBu_r", vmin=-lim, vmax=lim)
     marked = []
     for r in d.itertuples():
         i, j = rows.index(r.mixture), cols.index(r.eval_set)
-        c = _text_color(im.cmap(im.norm(r.delta)))
         ex = is_true(r.excludes_zero)
         if ex:
             marked.append((r.mixture, r.eval_set))
             ax.add_patch(Rectangle((j - 0.46, i - 0.44), 0.92, 0.88, fill=False, lw=2.0, ec="k"))
-        ax.text(j, i - 0.12, f"{r.delta:+.3f}{'*' if ex else ''}", ha="center", va="center", color=c,
-                fontsize=9.5 if ex else 9, fontweight="bold" if ex else "normal")
-        ax.text(j, i + 0.22, ci(r.lo, r.hi), ha="center", va="center", color=c, fontsize=7)
-    fig.colorbar(im, ax=ax, label=f"\u0394 {metric}\n(mixture \u2212 reference)", shrink=0.9, pad=0.02)
-    ax.set_ylabel("training mixture")
+        _annotate(ax, im, i, j, r.delta, f"{r.delta:+.3f}{'*' if ex else ''}", r.lo, r.hi,
+                  fontsize=9.5 if ex else 9, fontweight="bold" if ex else "normal")
     ttl = f"Paired delta vs reference '{reference}' ({model_kind})" + (f", budget {budget}" if budget else "")
-    ax.set_title(ttl + "\n* boxed, bold: 95 % interval excludes 0", fontsize=10, loc="left")
-    save(fig, path)
+    _finish_heatmap(fig, ax, im, f"\u0394 {metric}\n(mixture \u2212 reference)",
+                    ttl + "\n* boxed, bold: 95 % interval excludes 0", path)
     return {"rows": rows, "cols": cols, "reference": reference, "marked": marked}
 
 
