@@ -29,8 +29,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
 from atlasmix.errors import AtlasmixError
+from atlasmix.ingest import QCPolicy, ingest, read_plan
+from atlasmix.simulate import simulate_atlas
+from atlasmix.store import Store
+from atlasmix.study.runner import run_study
+from atlasmix.study.spec import StudySpec
 
 #: The ten mixtures of scFM-datamix's design, as named in ``atlasmix/study/demo/mixtures``.
 STUDY_MIXTURES = ("base_model", "base_full", "base_plus_malignant", "base_plus_perturbation",
@@ -233,12 +237,7 @@ def run_demo(workdir: str | Path = "demo", data_dir: str | Path | None = None, *
         Bad data directory, a mixture that cannot be resolved, a failed stage, or (``check``) a
         failed sanity check of the simulated study.
     """
-    import torch
-
-    from atlasmix.ingest import read_plan
-    from atlasmix.ingest import QCPolicy, ingest
-    from atlasmix.store import Store
-    from atlasmix.study.runner import run_study
+    import torch  # heavy: imported only when the demo runs
 
     workdir = Path(workdir)
     if workdir.exists():
@@ -250,8 +249,6 @@ def run_demo(workdir: str | Path = "demo", data_dir: str | Path | None = None, *
 
     with L.stage("corpus"):
         if data_dir is None:
-            from atlasmix.simulate import simulate_atlas
-
             info = simulate_atlas(workdir / "corpus", n_cells=n_cells, seed=seed)
             plan, spec_dir = Path(info["plan"]), None
             log(f"   simulated {n_cells:,} cells: " + ", ".join(f"{s['dataset_id']} ({s['n_cells']:,})" for s in info["sources"]))
@@ -264,8 +261,6 @@ def run_demo(workdir: str | Path = "demo", data_dir: str | Path | None = None, *
         reports = ingest(store, read_plan(plan, {"qc": QCPolicy()}))
         for r in reports:
             log(f"   {r['dataset_id']:<24} {r['n_cells']:>8,} cells")
-
-    import tomllib
 
     if data_dir is None:
         base = tomllib.loads(demo_study_path().read_text())
@@ -292,8 +287,6 @@ def run_demo(workdir: str | Path = "demo", data_dir: str | Path | None = None, *
                 "evaluation": {"max_cells_per_set": 1000},
                 "checks": {"sources": {n[:-len("_only")]: f"{n[:-len('_only')]}_heldout" for n in names
                                        if n.endswith("_only")}}}
-    from atlasmix.study.spec import StudySpec
-
     base["genes"] = dict(base.get("genes", {}), **({"n_hvg": n_genes} if n_genes else {}))
     if seeds:
         base["seeds"] = list(seeds)
