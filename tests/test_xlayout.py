@@ -238,3 +238,51 @@ def test_s3_store_gets_the_layout_and_the_loader_reads_it(s3_env, sim):
     assert xlayout.layout_root(uri).read_bytes(f"d{old}/zarr.json") is None
     r = run_cli("store", "optimize", uri, env=s3_env)
     assert r.returncode == 0 and "0 datasets written, 3 already there" in r.stderr, r.stderr
+
+
+def test_layout_reads_reuse_buffers_only_once_their_csr_is_dropped(base):
+    """A read's indices / data come from a pool (atlasmix._buffers): a CSR still held is never
+    overwritten by a later read, and a dropped one's buffers serve the next read."""
+    store = Store(base)
+    reader = xlayout.reader_for(store)
+    try:
+        a_ids = np.arange(0, 300, dtype=np.int64)
+        b_ids = np.arange(700, 1100, dtype=np.int64)  # more nonzeros than a: a fresh buffer
+        a = reader.read(a_ids, None, len(store.var()))
+        a_copy = a.copy()
+        b = reader.read(b_ids, None, len(store.var()))
+        assert not np.shares_memory(a.data, b.data) and not np.shares_memory(a.indices, b.indices)
+        assert (a != a_copy).nnz == 0  # the held read is intact
+        fresh = reader._buffers.n_fresh
+        b_copy = b.copy()
+        del b
+        c = reader.read(np.arange(720, 1000, dtype=np.int64), None, len(store.var()))  # fits b's buffers
+        assert reader._buffers.n_fresh == fresh  # reused, not allocated
+        assert (c != b_copy[20:300]).nnz == 0 and (a != a_copy).nnz == 0
+    finally:
+        reader.close()
+
+
+def test_buffer_pool_rules():
+    from atlasmix._buffers import BufferPool
+
+    pool = BufferPool(capacity=2, headroom=1.5)
+    x, reused = pool.take((10,), np.int32)
+    assert x.shape == (10,) and not reused and pool.n_fresh == 1
+    del x
+    y, reused = pool.take((14,), np.int32)  # within the 15-element headroom: the same buffer
+    assert reused and pool.n_fresh == 1
+    z, reused = pool.take((14,), np.float32)  # another dtype: never shared
+    assert not reused and pool.n_fresh == 2 and not np.shares_memory(y, z)
+    w, _ = pool.take((3,), np.int32)  # y still held: a new buffer (pool full, kept outside)
+    assert pool.n_fresh == 3 and not np.shares_memory(w, y)
+    del y, z
+    big, reused = pool.take((100,), np.int32)  # too large for any: replaces an idle one
+    assert not reused and pool.n_fresh == 4
+    v = big[5:7]  # a view keeps the buffer in use
+    del big
+    again, reused = pool.take((100,), np.int32)
+    assert not np.shares_memory(again, v)
+    del v, again
+    last, reused = pool.take((100,), np.int32)
+    assert reused
