@@ -25,7 +25,6 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,57 +35,11 @@ import tiledbsoma as soma
 from atlasmix._ids import unique_ids
 from atlasmix.errors import StoreError
 from atlasmix.store import schema as S
+from atlasmix.store import xlayout
+from atlasmix.store.context import TILEDB_DEFAULTS as TILEDB_DEFAULTS  # re-exported: README, docs, tests
+from atlasmix.store.context import is_local, local_path, make_context
 
 LOCK_NAME = ".atlasmix.lock"
-
-
-def is_local(uri: str) -> bool:
-    """True when ``uri`` is a local path (no ``scheme://``) or a ``file://`` URI."""
-    return "://" not in uri or uri.startswith("file://")
-
-
-def _local_path(uri: str) -> Path:
-    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
-
-
-#: TileDB settings of every atlasmix context (overridable, see :func:`make_context`).
-#: ``sm.query.sparse_global_order.preprocess_tile_merge = 0`` turns off the sparse global order
-#: reader's "preprocess tile merge" (TileDB PR #5417), on by default in the TileDB core 2.30 that
-#: tiledbsoma 2.3.0 ships. Its parallel merge of the fragments' tiles crashed reads of our
-#: multi-fragment arrays (ingest and the x cache write a fragment per chunk) at random: SIGSEGV in
-#: a TileDB thread-pool worker in ``tiledb::algorithm::MergeUnit::~MergeUnit``, called from
-#: ``ParallelMerge::spawn_next_merge_unit`` (core dump of a crashed test worker, 2026-11-23). With
-#: glibc's malloc checks, the loader / LDVAE / evaluation tests lost 4-5 workers per run with it
-#: on and none in 3 runs with it off. Cost: loader reads of the store and of the tiledb x cache
-#: 7-11% slower (benchmarks/bench_loader.py docstring); obs reads unchanged.
-TILEDB_DEFAULTS: dict[str, str] = {"sm.query.sparse_global_order.preprocess_tile_merge": "0"}
-
-
-def make_context(tiledb_config: dict[str, str] | None = None) -> soma.SOMATileDBContext:
-    """A tiledbsoma context for local or object-store URIs.
-
-    Parameters
-    ----------
-    tiledb_config : dict, optional
-        TileDB settings (e.g. ``{"vfs.s3.region": "eu-west-1"}``), merged over the JSON object in the
-        environment variable ``ATLASMIX_TILEDB_CONFIG`` (how the CLI is configured for ``s3://``:
-        endpoint, region, scheme...). S3 credentials come from the usual AWS environment variables,
-        read by TileDB itself. Both override :data:`TILEDB_DEFAULTS`.
-
-    Raises
-    ------
-    StoreError
-        ``ATLASMIX_TILEDB_CONFIG`` is not a JSON object.
-    """
-    cfg: dict[str, str] = dict(TILEDB_DEFAULTS)
-    env = os.environ.get("ATLASMIX_TILEDB_CONFIG")
-    if env:
-        try:
-            cfg = {str(k): str(v) for k, v in json.loads(env).items()}
-        except (ValueError, AttributeError) as e:
-            raise StoreError(f"ATLASMIX_TILEDB_CONFIG must be a JSON object: {e}") from e
-    cfg.update(tiledb_config or {})
-    return soma.SOMATileDBContext(tiledb_config=cfg)
 
 
 def _empty_table(schema: pa.Schema) -> pa.Table:
@@ -133,8 +86,8 @@ class Store:
         """
         uri = str(uri).rstrip("/")
         ctx = context or make_context()
-        if soma.Experiment.exists(uri, context=ctx) or (is_local(uri) and _local_path(uri).exists()
-                                                        and any(_local_path(uri).iterdir())):
+        if soma.Experiment.exists(uri, context=ctx) or (is_local(uri) and local_path(uri).exists()
+                                                        and any(local_path(uri).iterdir())):
             raise StoreError(f"{uri} already exists; refusing to overwrite it")
         from atlasmix import __version__
 
@@ -366,8 +319,6 @@ class Store:
         Read from the store's x layout (:mod:`atlasmix.store.xlayout`) when every dataset holding
         ``joinids`` has one (local stores), else from TileDB X; the values are the same.
         """
-        from atlasmix.store import xlayout
-
         if var_joinids is None:
             var_joinids = self.var().index.to_numpy(dtype=np.int64)
         var_joinids = np.asarray(var_joinids, dtype=np.int64)
@@ -409,7 +360,7 @@ class Store:
         if not is_local(self.uri):
             yield
             return
-        path = _local_path(self.uri) / LOCK_NAME
+        path = local_path(self.uri) / LOCK_NAME
         fh = open(path, "a+")
         try:
             t0 = time.monotonic()
@@ -437,8 +388,6 @@ class Store:
 
     def delete_dataset_cells(self, dataset_joinid: int, start: int, end: int) -> None:
         """Delete obs, X, presence and side-table rows and the x layout of one dataset (``[start, end)`` cell joinids)."""
-        from atlasmix.store import xlayout
-
         xlayout.delete_dataset(self.uri, dataset_joinid)
         if end > start:
             with self._open("obs", "d") as df:
@@ -506,7 +455,7 @@ class Store:
         """Bytes used by the store directory, or None for object-store URIs."""
         if not is_local(self.uri):
             return None
-        return sum(p.stat().st_size for p in _local_path(self.uri).rglob("*") if p.is_file())
+        return sum(p.stat().st_size for p in local_path(self.uri).rglob("*") if p.is_file())
 
     def info(self) -> dict:
         """Summary of the store for ``atlasmix store info``.
@@ -522,8 +471,6 @@ class Store:
             found at ingest; None for datasets ingested before atlasmix fingerprinted cells),
             ``x_layout`` (the dataset has its read-optimised copy, :mod:`atlasmix.store.xlayout`), ...).
         """
-        from atlasmix.store import xlayout
-
         cat = self.catalog(include_all=True)
         var = self.var()
         pres = self.presence()
