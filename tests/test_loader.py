@@ -213,7 +213,7 @@ def test_order_helpers():
 
 def test_dataloader_worker_processes_serve_their_shards(mix):
     """Two spawn-started DataLoader workers: each serves its own shard of whole blocks, nothing repeats."""
-    from atlasmix.training.loader import MixtureIterableDataset
+    from atlasmix.training.dataset import MixtureIterableDataset
 
     _, _, train = mix
     L = make(mix, batch_size=128, io_batch_size=512)
@@ -271,7 +271,7 @@ def _shm_blocks() -> set[str]:
 def test_read_processes_serve_the_same_batches_and_free_shared_memory(mix, gather_on_device, monkeypatch):
     import os
 
-    from atlasmix.training import loader, read
+    from atlasmix.training import read
     from atlasmix.training.read import shm_prefix
 
     assert _shm_blocks() == set()
@@ -282,7 +282,6 @@ def test_read_processes_serve_the_same_batches_and_free_shared_memory(mix, gathe
         return attach(result)
 
     monkeypatch.setattr(read, "_attach", watch)
-    monkeypatch.setattr(loader, "_attach", watch)
     host = make(mix, gather_on_device=False)
     procs = make(mix, read_processes=1, gather_on_device=gather_on_device)
     try:

@@ -24,6 +24,7 @@ import scipy.sparse as sp
 from numba import njit
 
 from atlasmix.errors import AtlasmixError
+from atlasmix.training.read import RowReader
 
 IN_MEMORY_MAX_BYTES = 2 * 1024**3
 """Default cap of one loader's in-memory split (bytes): 2 GiB, or ``ATLASMIX_IN_MEMORY_MAX_GB``."""
@@ -62,8 +63,8 @@ def _gather_kernel(indptr, indices, data, rows, out_indptr, out_indices, out_dat
         out_indptr[i + 1] = k
 
 
-class InMemoryX:
-    """Rows of a CSR matrix keyed by ascending row keys, read like an X source (``read_rows``).
+class InMemoryX(RowReader):
+    """Rows of a CSR matrix keyed by ascending row keys, read like an X source (a :class:`RowReader`).
 
     Parameters
     ----------
@@ -157,3 +158,27 @@ def load_split(read: Callable[[np.ndarray], sp.csr_matrix], keys: np.ndarray, n_
     m = sp.vstack(pieces, format="csr") if len(pieces) > 1 else pieces[0]
     del pieces
     return InMemoryX(keys, m)
+
+
+def hold_split(read: Callable[[np.ndarray], sp.csr_matrix], keys: np.ndarray, n_vars: int, chunk: int,
+               threads: int = 2, max_bytes: int | None = None, seed: int = 0) -> InMemoryX | None:
+    """:func:`load_split`, first checking an estimate of the split's size against ``max_bytes``.
+
+    With a cap, a seeded sample of up to 512 rows (``default_rng(seed)``) is read first and the
+    split's bytes on the gene axis (8 per nonzero + 16 per row) extrapolated from it; over the cap,
+    nothing more is read. Otherwise the whole split is read, giving up once it passes the cap.
+
+    Returns
+    -------
+    InMemoryX or None
+        None: over the cap (the loader streams).
+    """
+    keys = np.asarray(keys, dtype=np.int64)
+    if max_bytes is not None:
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(len(keys), min(len(keys), 512), replace=False))
+        m = read(keys[sample])
+        est = (8.0 * m.nnz / max(len(sample), 1) + 16.0) * len(keys)
+        if est > max_bytes:
+            return None
+    return load_split(read, keys, n_vars, chunk, threads, max_bytes)

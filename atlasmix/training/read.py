@@ -1,26 +1,113 @@
-"""Reading one IO batch of a :class:`atlasmix.training.loader.MixtureLoader`: cells x the gene axis as CSR.
+"""Reading the IO batches of a :class:`atlasmix.training.loader.MixtureLoader`: cells x the gene axis as CSR.
 
-From the store's x layout (:class:`atlasmix.store.xlayout.LayoutReader`), TileDB X or an x cache
-(:func:`open_source`, :func:`read_csr`), in read threads or in spawned read processes that hand the
-CSR back through shared memory (:func:`_worker_init`, :func:`_worker_read`, :func:`_attach`).
+An IO batch is ``io_batch_size`` cells of one shard's epoch order (:mod:`atlasmix.training.order`),
+read in one go in ascending joinid order and shuffled in memory afterwards. Where X is read from is
+an :class:`XSource`: the store's x layout (:class:`LayoutSource`: one byte range per run of
+consecutive cells, decoded in the read threads with the GIL released, projected onto the gene axis
+in the same pass), the store's TileDB X (:class:`TileDBSource`: point coordinates on the cell axis
+only, genes selected afterwards) or an x cache (:class:`atlasmix.training.xcache.XCacheSource`).
+Sources that already hold rows on the gene axis (an h5 x cache, a split held in memory) are
+:class:`RowReader` s. :func:`read_csr` reads one IO batch from any of them.
+
+Read threads and read processes
+-------------------------------
+By default the loader reads with ``io_threads`` threads of the training process, each with its own
+open X handle (the layout reader is shared: it is thread-safe). Each epoch opens X once per read
+thread before its first read and closes it after its last; the opens and closes of all loaders run
+one at a time (one lock, ``_OPEN_LOCK``), never while this loader reads: concurrent opens and reads have
+crashed tiledbsoma.
+
+The read of an IO batch (TileDB decode, var joinid -> column mapping, CSR assembly) competes for the
+GIL with the training loop when it runs in threads of the training process. With
+``read_processes=N`` it runs in N processes started with ``spawn`` (forking after TileDB is
+opened hangs), kept for the loader's lifetime (:class:`ReadProcesses`). A worker writes the CSR's
+three arrays into ``multiprocessing.shared_memory`` blocks and returns their names; the training
+process maps them without a copy (:func:`_attach`), uses them (pins and copies them to the GPU, or
+gathers minibatches on the CPU) and unlinks them (:func:`release`). Order, shuffle and resume are
+unchanged: every order is still drawn in the training process. Memory: each worker holds one read's
+TileDB buffers; at most ``prefetch_io + 1`` IO batches are in shared memory at a time.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import secrets
 import threading
-from typing import Any
+from abc import ABC, abstractmethod
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import resource_tracker, shared_memory
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
+import tiledbsoma as soma
 
 from atlasmix.store.xlayout import LayoutReader
 
 _OPEN_LOCK = threading.Lock()  # X opens and closes of all loaders, one at a time
 
 
-# ---------------------------------------------------------------------------------------------- loader
+# ---------------------------------------------------------------------------------------------- sources
+class RowReader(ABC):
+    """An open X source whose rows are already on the loader's gene axis, read by row key.
+
+    Implemented by the h5 x cache (:class:`atlasmix.training.xcache.H5CSR`) and a split held in
+    memory (:class:`atlasmix.training.memory.InMemoryX`); :func:`read_csr` reads them with
+    :meth:`read_rows`.
+    """
+
+    @abstractmethod
+    def read_rows(self, ids_sorted: np.ndarray) -> sp.csr_matrix:
+        """Rows of keys ``ids_sorted`` (ascending) as CSR: float32 data, int32 indices, shape (n, n_vars)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the source's files (nothing to do for memory)."""
+
+
+class XSource(ABC):
+    """Where a loader reads X from; picklable, so that read processes open it themselves.
+
+    Attributes
+    ----------
+    thread_safe : bool
+        One open handle may be shared by all read threads (otherwise each thread opens its own).
+    """
+
+    thread_safe: ClassVar[bool] = False
+
+    @abstractmethod
+    def open(self, context: Any = None) -> Any:
+        """An open handle for :func:`read_csr` (``context``: the TileDB-SOMA context, where used)."""
+
+
+@dataclass(frozen=True)
+class LayoutSource(XSource):
+    """The store's x layout (:mod:`atlasmix.store.xlayout`) over ``datasets``
+    (``(dataset_joinid, obs_joinid_start, n_cells)`` each, :func:`atlasmix.store.xlayout.datasets_for`)."""
+
+    store_uri: str
+    datasets: tuple
+    thread_safe: ClassVar[bool] = True
+
+    def open(self, context: Any = None) -> LayoutReader:
+        return LayoutReader(self.store_uri, self.datasets)
+
+
+@dataclass(frozen=True)
+class TileDBSource(XSource):
+    """A TileDB-SOMA ``SparseNDArray`` of counts (the store's ``ms/RNA/X/raw``) at ``uri``."""
+
+    uri: str
+
+    def open(self, context: Any = None):
+        return soma.open(str(self.uri), "r", context=context)
+
+
+# ---------------------------------------------------------------------------------------------- one read
 def gene_columns(var_joinids: np.ndarray, n_var_store: int) -> np.ndarray:
     """var joinid -> column of the gene axis ``var_joinids`` (-1: not on it), the ``col_of`` of :func:`read_csr`.
 
@@ -38,8 +125,10 @@ def read_csr(X, ids_sorted: np.ndarray, col_of: np.ndarray | None, n_vars: int) 
 
     Parameters
     ----------
-    X : atlasmix.store.xlayout.LayoutReader, tiledbsoma.SparseNDArray or atlasmix.training.xcache.H5CSR
-        The store's x layout, ``ms/RNA/X/raw`` or an x cache, open for reading (:func:`open_source`).
+    X : atlasmix.store.xlayout.LayoutReader, RowReader or tiledbsoma.SparseNDArray
+        An :class:`XSource` open for reading (:meth:`XSource.open`): the store's x layout, a source
+        of rows already on the gene axis (an h5 x cache, a split in memory), or TileDB X (the store's
+        ``ms/RNA/X/raw`` or a tiledb x cache).
     ids_sorted : numpy.ndarray of int64, shape (n,)
         Cell soma_joinids, ascending.
     col_of : numpy.ndarray of int32 (or int64) or None
@@ -64,7 +153,7 @@ def read_csr(X, ids_sorted: np.ndarray, col_of: np.ndarray | None, n_vars: int) 
     ids_sorted = np.asarray(ids_sorted, dtype=np.int64)
     if isinstance(X, LayoutReader):  # the store's x layout: rows projected onto the gene axis in one pass
         return X.read(ids_sorted, col_of, n_vars)
-    if hasattr(X, "read_rows"):  # an h5 x cache (atlasmix.training.xcache.H5CSR): rows already on the gene axis
+    if isinstance(X, RowReader):  # an h5 x cache or a split in memory: rows already on the gene axis
         return X.read_rows(ids_sorted)
     n = len(ids_sorted)
     if col_of is not None and col_of.dtype != np.int32:
@@ -111,24 +200,10 @@ def read_csr(X, ids_sorted: np.ndarray, col_of: np.ndarray | None, n_vars: int) 
 _W: dict[str, Any] = {}
 
 
-def open_source(x_uri, context=None):
-    """Open an X source for :func:`read_csr`: ``("layout", store_uri, datasets)`` opens the store's x
-    layout (:class:`atlasmix.store.xlayout.LayoutReader`); a path or URI an x cache or TileDB X
-    (:func:`atlasmix.training.xcache.open_x`)."""
-    if isinstance(x_uri, tuple) and x_uri[0] == "layout":
-        return LayoutReader(x_uri[1], x_uri[2])
-    from atlasmix.training.xcache import open_x
-
-    return open_x(x_uri, context)
-
-
-def _worker_init(x_uri, tiledb_config: dict, col_of: np.ndarray | None, n_vars: int) -> None:
-    """Read-process initializer: open X (the x layout, the store's TileDB X or an x cache) once
-    (spawned process; see "Read processes")."""
-    import tiledbsoma as soma
-
+def _worker_init(source: XSource, tiledb_config: dict, col_of: np.ndarray | None, n_vars: int) -> None:
+    """Read-process initializer: open X (``source``) once (spawned process; see the module doc)."""
     ctx = soma.SOMATileDBContext(tiledb_config=tiledb_config)
-    _W.update(X=open_source(x_uri, ctx), col_of=col_of, n_vars=n_vars)
+    _W.update(X=source.open(ctx), col_of=col_of, n_vars=n_vars)
 
 
 def shm_prefix(training_pid: int) -> str:
@@ -142,9 +217,6 @@ def _worker_read(ids_sorted: np.ndarray) -> tuple:
 
     Blocks are named ``atlasmix_<training pid>_<read pid>_<random>`` (see :func:`shm_prefix`), so
     what a killed run leaves in ``/dev/shm`` says whose it was."""
-    import secrets
-    from multiprocessing import resource_tracker, shared_memory
-
     m = read_csr(_W["X"], ids_sorted, _W["col_of"], _W["n_vars"])
     out = []
     for a in (m.indptr, m.indices, m.data):
@@ -158,9 +230,7 @@ def _worker_read(ids_sorted: np.ndarray) -> tuple:
 
 
 def _attach(result: tuple) -> tuple[sp.csr_matrix, list]:
-    """Map a read process's CSR (no copy); the blocks must be released with :func:`_release`."""
-    from multiprocessing import shared_memory
-
+    """Map a read process's CSR (no copy); the blocks must be released with :func:`release`."""
     blocks, shape = result
     shms, arrays = [], []
     for name, dtype, n in blocks:
@@ -173,7 +243,8 @@ def _attach(result: tuple) -> tuple[sp.csr_matrix, list]:
     return m, shms
 
 
-def _release(shms: list) -> None:
+def release(shms: list) -> None:
+    """Unmap and unlink a read process's shared-memory blocks (:func:`_attach`)."""
     for shm in shms:
         try:
             shm.close()
@@ -188,17 +259,72 @@ def _release(shms: list) -> None:
 def _free_result(fut) -> None:
     """Done-callback of an abandoned read: unlink its shared-memory blocks."""
     if not fut.cancelled() and fut.exception() is None:
-        _release(_attach(fut.result())[1])
+        release(_attach(fut.result())[1])
 
 
-def _close_handles(handles: list) -> None:
+class ProcessRead:
+    """A read process's pending IO batch, resolved to ``(pos, csr, perm, shared blocks)`` like a
+    read thread's ``(pos, csr, perm, None)``; the blocks must be released with :func:`release`."""
+
+    def __init__(self, fut, pos: np.ndarray, perm: np.ndarray):
+        self.fut, self.pos, self.perm = fut, pos, perm
+
+    def result(self) -> tuple:
+        m, shms = _attach(self.fut.result())
+        return self.pos, m, self.perm, shms
+
+    def cancel(self) -> None:
+        """Not started: dropped; running or done: its blocks are freed when it ends."""
+        if not self.fut.cancel():
+            self.fut.add_done_callback(_free_result)
+
+
+class ReadProcesses:
+    """``n`` spawned processes that each open ``source`` once and read IO batches into shared memory.
+
+    Parameters
+    ----------
+    n : int
+        Processes (>= 1).
+    source : XSource
+    tiledb_config : dict
+        The TileDB-SOMA context's settings for the processes' own context.
+    col_of : numpy.ndarray of int32 or None
+        var joinid -> column of the gene axis (:func:`gene_columns`); None: column = var joinid.
+    n_vars : int
+    """
+
+    def __init__(self, n: int, source: XSource, tiledb_config: dict, col_of: np.ndarray | None, n_vars: int):
+        self._pool = ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                         initargs=(source, dict(tiledb_config), col_of, n_vars))
+
+    def submit(self, ids_sorted: np.ndarray, pos: np.ndarray, perm: np.ndarray) -> ProcessRead:
+        """Read rows ``ids_sorted`` (ascending) in a process; ``pos`` and ``perm`` ride along."""
+        return ProcessRead(self._pool.submit(_worker_read, ids_sorted), pos, perm)
+
+    def shutdown(self) -> None:
+        """Stop the processes (reads not started are dropped)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------- read threads
+def open_handles(source: XSource, context: Any, n: int) -> list:
+    """``n`` open X handles for ``n`` read threads (one shared by all when ``source.thread_safe``),
+    opened under the lock that serialises all X opens and closes (see the module doc)."""
+    with _OPEN_LOCK:
+        if source.thread_safe:
+            return [source.open(context)] * n
+        return [source.open(context) for _ in range(n)]
+
+
+def close_handles(handles: list) -> None:
     """Close read threads' X handles (under the lock that serialises all X opens and closes)."""
     with _OPEN_LOCK:
         for h in handles:
             h.close()
 
 
-def _cancel_pending(futs: list) -> None:
+def cancel_pending(futs: list) -> None:
     """Drop reads not started yet (``None``: consumed); running reads end on their own."""
     for f in futs:
         if f is not None:

@@ -56,6 +56,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,8 @@ import pyarrow as pa
 
 from atlasmix.errors import AtlasmixError
 from atlasmix.store import schema as S
+from atlasmix.store import xlayout
+from atlasmix.training.read import RowReader, XSource, gene_columns, read_csr
 
 #: file with what a projection holds (written last, before the rename).
 META = "atlasmix_x_cache.json"
@@ -320,7 +323,7 @@ def x_cache_key(state_hash: str, cells: np.ndarray, var_joinids: np.ndarray, fmt
     return "x-" + h.hexdigest()[:24] + ("" if fmt == "tiledb" else f"-{fmt}")
 
 
-class H5CSR:
+class H5CSR(RowReader):
     """Rows of an ``h5`` x cache as CSR (see module doc).
 
     Parameters
@@ -433,8 +436,8 @@ def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
 
 
 def open_x(uri: str, context=None):
-    """Open an X source for :func:`atlasmix.training.loader.read_csr`: an ``h5`` x cache file
-    (:class:`H5CSR`) or a TileDB-SOMA ``SparseNDArray`` (the store's X or a ``tiledb`` x cache)."""
+    """Open an x cache for :func:`atlasmix.training.read.read_csr`: an ``h5`` file (:class:`H5CSR`) or
+    a TileDB-SOMA ``SparseNDArray`` (a ``tiledb`` x cache)."""
     if str(uri).endswith(".h5"):
         return H5CSR(uri)
     import tiledbsoma as soma
@@ -442,11 +445,20 @@ def open_x(uri: str, context=None):
     return soma.open(str(uri), "r", context=context)
 
 
+@dataclass(frozen=True)
+class XCacheSource(XSource):
+    """An x cache projection at ``uri`` (:func:`ensure_x_cache`) as a loader's X source: its rows
+    are the loader's cells in order, its columns the gene axis."""
+
+    uri: str
+
+    def open(self, context=None):
+        return open_x(self.uri, context)
+
+
 @contextlib.contextmanager
 def _store_x(store, cells: np.ndarray):
     """The store's x layout over ``cells`` (:mod:`atlasmix.store.xlayout`), else its TileDB X, open."""
-    from atlasmix.store import xlayout
-
     ds = xlayout.datasets_for(store, cells)
     if ds is not None:
         reader = xlayout.LayoutReader(store.uri, ds)
@@ -503,9 +515,6 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
         ``cache_dir``, a projection whose metadata disagrees with its name (left as is; delete
         it to rebuild), or a projection larger than the size cap.
     """
-
-    from atlasmix.training.read import gene_columns, read_csr
-
     cells = np.asarray(cells, dtype=np.int64)
     var_joinids = np.asarray(var_joinids, dtype=np.int64)
     if fmt not in FORMATS:
