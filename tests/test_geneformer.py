@@ -316,15 +316,22 @@ def test_medians_exact_against_direct_computation(mix, tmp_path):
 
 
 def test_masking_rules():
-    from atlasmix.training.geneformer.pretrain import mask_tokens
+    """Hugging Face's collator (Geneformer's published masking) on a padded V2 batch: 15 % of the gene
+    tokens selected, never padding or special tokens, 80 / 10 / 10; the draws are the generator's only."""
+    from atlasmix.training.geneformer.pretrain import mask_tokens, mlm_collator
 
+    d = build_dictionaries({f"ENSG{i:011d}": 1.0 for i in range(996)}, special_tokens=True)
+    assert d.special_ids == [0, 1, 2, 3] and d.vocab_size() == 1000  # <pad>, <mask>, <cls>, <eos>, genes
+    collator = mlm_collator(d, 0.15)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 1000, (64, 300))
     ids[:, 0], ids[:, -1] = 2, 3  # <cls>, <eos>
     att = torch.ones_like(ids)
     att[:, 200:] = 0
     ids[:, 200:] = 0
-    mids, labels = mask_tokens(ids, att, 1, [0, 1, 2, 3], 1000, 0.15, g)
+    before, rng = ids.clone(), torch.get_rng_state()
+    mids, labels = mask_tokens(collator, ids, att, g)
+    assert torch.equal(ids, before) and torch.equal(rng, torch.get_rng_state())  # input and global RNG untouched
     sel = labels != -100
     assert not sel[:, 200:].any() and not sel[:, 0].any()  # never padding, never special tokens
     frac = sel.sum().item() / (64 * 198)
@@ -333,6 +340,13 @@ def test_masking_rules():
     kept = (mids[sel] == labels[sel]).float().mean().item()
     assert 0.76 < m < 0.84 and 0.07 < kept < 0.13
     assert (labels[sel] == ids[sel]).all() and (mids[~sel] == ids[~sel]).all()
+    # keyed: the same generator seed gives the same masks, another seed others
+    again = mask_tokens(collator, ids, att, torch.Generator().manual_seed(0))
+    other = mask_tokens(collator, ids, att, torch.Generator().manual_seed(1))
+    assert torch.equal(again[0], mids) and torch.equal(again[1], labels) and not torch.equal(other[1], labels)
+    # a batch in which nothing was drawn still has a target: its first gene token, masked
+    mids, labels = mask_tokens(mlm_collator(d, 1e-9), ids[:1, :5], att[:1, :5], g)
+    assert (labels != -100).sum() == 1 and labels[0, 1] == ids[0, 1] and mids[0, 1] == 1
 
 
 def test_pretrain_save_reload_resume_embed(mix, tmp_path):

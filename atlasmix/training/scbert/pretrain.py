@@ -33,7 +33,8 @@ from torch import nn
 from atlasmix.errors import AtlasmixError
 from atlasmix.training.gene_lists import model_axis, read_gene_list
 from atlasmix.training.pretrain_loop import (check_out, device_of, optimizer_and_schedule, pin_run_config,
-                                             run_pretraining, run_record, setup_distributed, wrap_ddp)
+                                             run_pretraining, run_record, setup_distributed, step_generator,
+                                             wrap_ddp)
 from atlasmix.training.scbert.encoding import BIN_NUM, MASK_TOKEN, PAD_TOKEN, ScBERTEncoder
 from atlasmix.training.stream import EncodedStream, embedding_table
 
@@ -235,8 +236,8 @@ def train_scbert(store, manifest: str | Path, out: str | Path, *, genes: str | P
 
     def step_loss(b: dict, step: int) -> tuple[torch.Tensor, int, int]:
         tok = b["tokens"].to(dev, non_blocking=True).long()
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + step + (rank << 40))
-        x, labels = mask_tokens(tok, g, mask_prob=mask_prob, replace_prob=replace_prob)
+        x, labels = mask_tokens(tok, step_generator(seed, step, rank), mask_prob=mask_prob,
+                                replace_prob=replace_prob)
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = net(x)
         loss = nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=PAD_TOKEN)

@@ -33,7 +33,8 @@ import torch
 
 from atlasmix.errors import AtlasmixError
 from atlasmix.training.pretrain_loop import (check_out, device_of, optimizer_and_schedule, pin_run_config,
-                                             run_pretraining, run_record, setup_distributed, wrap_ddp)
+                                             run_pretraining, run_record, setup_distributed, step_generator,
+                                             wrap_ddp)
 from atlasmix.training.scgpt.encoding import (CLS, MASK_VALUE, MAX_LEN, N_BINS, PAD, PAD_VALUE, ScGPTEncoder,
                                               load_vocab, vocabulary_axis)
 from atlasmix.training.scgpt.model import PRESETS, ScGPTModel, load_scgpt
@@ -219,9 +220,7 @@ def train_scgpt(store, manifest: str | Path, out: str | Path, *, vocab: str | Pa
     def step_loss(b: dict, step: int) -> tuple[torch.Tensor, int, int]:
         genes = b["genes"].to(dev, non_blocking=True)
         values = b["values"].to(dev, non_blocking=True)
-        # masking draws: a function of (seed, step, rank), as Geneformer's
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + step + (rank << 40))
-        masked, mask = mask_values(values, mask_ratio, g)
+        masked, mask = mask_values(values, mask_ratio, step_generator(seed, step, rank))
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             pred = net(genes, masked)["gep"]
         m = mask.float()
