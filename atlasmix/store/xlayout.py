@@ -572,6 +572,11 @@ class LayoutReader:
             d.data.read_into(a, b, data[o:o + b - a], cache)
         if col_of is not None:
             indptr, indices, data = project_columns(indptr, indices, data, col_of)
+            if 2 * len(data) < len(data.base if data.base is not None else data):
+                # a small gene axis keeps a fraction of the row nonzeros: hand back a compact copy, so
+                # a caller holding the result (Store.iter_X, the in-memory split) does not pin the
+                # whole-row buffers, and they serve the next read
+                indices, data = indices.copy(), data.copy()
         return sp.csr_matrix((data, indices, indptr), shape=(n, n_vars))
 
     def close(self) -> None:
