@@ -182,7 +182,7 @@ class GramPCA:
     scikit-learn's ``IncrementalPCA`` was measured as the alternative and is not as exact for our
     use: on pbmc3k (2,638 cells x 2,000 HVGs of log1p(CP10k), 30 components, batches of 1,000 /
     2,048 cells) its first four components matched the exact ones but components 5-10 drifted
-    (|cosine| 0.96-0.999), the last ones were unrelated (|cosine| down to 0.01) and explained
+    (absolute cosine 0.96-0.999), the last ones were unrelated (down to 0.01) and explained
     variances were up to 13 % / 4 % off; it also took 9-15 s (dense SVDs of whole batches) where
     this took 0.7 s, scores within 5e-12 of ``sklearn.decomposition.PCA`` (2-core machine).
 
