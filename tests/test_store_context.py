@@ -27,3 +27,12 @@ def test_defaults_are_overridable_by_env_and_argument(monkeypatch):
     monkeypatch.setenv("ATLASMIX_TILEDB_CONFIG", json.dumps({MERGE: "32768"}))
     assert _native(make_context()) == "32768"
     assert _native(make_context({MERGE: "128"})) == "128"
+
+
+def test_env_settings_for_s3_keep_the_defaults(monkeypatch):
+    """An s3 set-up (ATLASMIX_TILEDB_CONFIG with endpoint / region keys) merges over the defaults:
+    the TileDB reader-crash workaround stays on (it used to be dropped)."""
+    monkeypatch.setenv("ATLASMIX_TILEDB_CONFIG", json.dumps({"vfs.s3.region": "eu-west-1"}))
+    ctx = make_context()
+    assert _native(ctx) == "0"
+    assert ctx.native_context.config()["vfs.s3.region"] == "eu-west-1"

@@ -39,7 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from atlasmix._prefetch import prefetch
 from atlasmix.errors import IngestError
 from atlasmix.ingest.harmonize import GeneMapping, check_usable, harmonize_genes
-from atlasmix.ingest.readers import Reader, detect_format, open_reader, provenance_json, read_obs_table, sha256_of
+from atlasmix._files import sha256_of
+from atlasmix.ingest.readers import Reader, detect_format, open_reader, provenance_json, read_obs_table
 from atlasmix.store import Store
 from atlasmix.store import schema as S
 from atlasmix.store.fingerprint import (cell_fingerprints, duplicates_in_store, duplicates_within, first_match,

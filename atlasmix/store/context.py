@@ -58,7 +58,7 @@ def make_context(tiledb_config: dict[str, str] | None = None) -> soma.SOMATileDB
     env = os.environ.get("ATLASMIX_TILEDB_CONFIG")
     if env:
         try:
-            cfg = {str(k): str(v) for k, v in json.loads(env).items()}
+            cfg.update({str(k): str(v) for k, v in json.loads(env).items()})
         except (ValueError, AttributeError) as e:
             raise StoreError(f"ATLASMIX_TILEDB_CONFIG must be a JSON object: {e}") from e
     cfg.update(tiledb_config or {})

@@ -62,6 +62,7 @@ import scipy.sparse as sp
 from atlasmix._buffers import BufferPool
 from atlasmix._ids import unique_ids
 from atlasmix.errors import StoreError
+from atlasmix.store.context import is_local
 
 LAYOUT_DIR = "x_layout"
 _ROOT_LOCK = threading.Lock()
@@ -72,10 +73,6 @@ SHARD_CHUNKS = 256
 INDPTR_CHUNK = 1 << 20
 COMPLETE_ATTR = "atlasmix_complete"
 LAYOUT_VERSION = 1
-
-
-def is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
 
 
 class _LocalRoot:
