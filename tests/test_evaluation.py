@@ -173,6 +173,12 @@ def trained(lake, tmp_path_factory):
 
 
 def test_ldvae_outputs_match_scvi(trained):
+    """The LDVAE adapter is scvi-tools' public API: the latent is ``get_latent_representation``, the
+    expression ``get_normalized_expression(library_size=1e4)`` with the same posterior samples of z as
+    scvi-tools' own AnnData route draws from the same seed; ``reconstruction`` is seeded."""
+    import scipy.sparse as sp
+    import torch
+
     from atlasmix.evaluation.models import load_model
 
     _, d, names = trained
@@ -181,18 +187,32 @@ def test_ldvae_outputs_match_scvi(trained):
     ad = m.model.adata[:48].copy()
     codes, seen = m.batch_codes(ad.obs.assign(dataset_id=ad.obs["batch"].astype(str)))
     assert seen.all()
+    torch.manual_seed(5)
     z, expr = m.encode(ad.X.toarray(), codes)
     np.testing.assert_allclose(expr.sum(axis=1), 1e4, rtol=1e-4)
     np.testing.assert_allclose(z, m.model.get_latent_representation(ad), rtol=1e-5, atol=1e-6)
-    # scvi's get_normalized_expression(library_size=1e4) draws z ~ q(z|x); with sampling replaced by the
-    # posterior mean it must give exactly our deterministic output
-    import torch
-
+    # the same computation as scvi-tools' AnnData route (same cells, batch codes, library size): with the
+    # posterior sample of z made a fixed function of q(z|x) (loc + scale / 2), both decode the same
+    # expression (the random draws themselves differ: a torch DataLoader takes one from the generator)
     N = torch.distributions.Normal
-    at_mean = lambda self, shape=torch.Size(): self.loc.expand(torch.Size(shape) + self.loc.shape)  # noqa: E731
-    with mock.patch.object(N, "sample", at_mean), mock.patch.object(N, "rsample", at_mean):
+    fixed = lambda self, shape=torch.Size(): (self.loc + 0.5 * self.scale).expand(torch.Size(shape) + self.loc.shape)  # noqa: E731
+    with mock.patch.object(N, "sample", fixed), mock.patch.object(N, "rsample", fixed):
         ref = m.model.get_normalized_expression(ad, library_size=1e4, batch_size=16, return_numpy=True)
-    np.testing.assert_allclose(expr, ref, rtol=1e-4, atol=1e-3)
+        ours = m.encode(ad.X.toarray(), codes)[1]
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-3)
+    # one posterior sample of z per cell, drawn from torch's generator: the seed decides it
+    torch.manual_seed(5)
+    np.testing.assert_array_equal(m.encode(ad.X.toarray(), codes)[1], expr)
+    torch.manual_seed(6)
+    assert not np.allclose(m.encode(ad.X.toarray(), codes)[1], expr, rtol=1e-3)
+    X = sp.csr_matrix(ad.X)
+    batches = lambda: ((slice(s, s + 16), X[s:s + 16]) for s in range(0, 48, 16))  # noqa: E731
+    r1, lat1 = m.reconstruction(batches(), 48, codes, np.arange(120), seed=2)
+    r2, lat2 = m.reconstruction(batches(), 48, codes, np.arange(120), seed=2)
+    np.testing.assert_array_equal(r1, r2)
+    np.testing.assert_allclose(lat1, z, rtol=1e-5, atol=1e-6)
+    ok = np.asarray(X.sum(axis=1)).ravel() > 0
+    assert np.isfinite(r1[ok]).all() and np.nanmedian(r1) > 0
     # a dataset without training cells (pbmc3k: in the loader's categories only as eval cells) is unseen
     c2, s2 = m.batch_codes(pd.DataFrame({"dataset_id": [names[2], names[1], "elsewhere"]}))
     assert s2.tolist() == [False, True, False] and c2[0] == c2[2] == m.reference_code

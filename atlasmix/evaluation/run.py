@@ -10,15 +10,16 @@ held dense):
    (streaming seurat HVG statistics), incremental PCA, then the embedding metrics.
 3. Every LDVAE: the set's counts aligned to the model's genes (missing zero-filled, extra dropped);
    pass 1 accumulates the HVG statistics on that axis (top ``n_hvg`` = 1,000 HVGs, scanpy seurat
-   flavour on log1p CP10k, exact over all cells); pass 2 encodes each batch, scores per-cell
-   reconstruction accuracy (Pearson r, r^2) on those HVGs and keeps the latent means; then the
-   embedding metrics on the latent.
-4. Every Geneformer (:func:`geneformer_outputs`): the set's counts on the model's vocabulary genes,
-   with each cell's total counts over all its genes, rank value encoded as in pretraining; cell
-   embedding = mean of the second-to-last hidden layer over the gene tokens, then the embedding
-   metrics (cells without a vocabulary gene left out); on a seeded subsample of at most
-   ``max_rank_cells`` cells, the masked rank prediction score of the MLM head and its mean-rank
-   baseline (``rank_pred_*`` rows: median / IQR over cells). Reconstruction accuracy does not
+   flavour on log1p CP10k, exact over all cells); pass 2 runs each batch through scvi-tools' public
+   API (:meth:`~atlasmix.evaluation.models.LDVAEAdapter.reconstruction`: normalised expression from
+   one posterior sample of z per cell, seeded by ``seed``, and the latent means), scores per-cell
+   reconstruction accuracy (Pearson r, r^2) on those HVGs; then the embedding metrics on the latent.
+4. Every Geneformer (:func:`~atlasmix.evaluation.pretrained_outputs.geneformer_outputs`): the set's
+   counts on the model's vocabulary genes, with each cell's total counts over all its genes, rank
+   value encoded as in pretraining; cell embedding = mean of the second-to-last hidden layer over the
+   gene tokens, then the embedding metrics (cells without a vocabulary gene left out); on a seeded
+   subsample of at most ``max_rank_cells`` cells, the masked rank prediction score of the MLM head
+   and its mean-rank baseline (``rank_pred_*`` rows: median / IQR over cells). Reconstruction accuracy does not
    apply (no expression output). Store and external file sets alike.
 5. Every scGPT / scBERT (:class:`~atlasmix.evaluation.pretrained.ScGPTAdapter`,
    :class:`~atlasmix.evaluation.pretrained.ScBERTAdapter`): the set's counts on the store genes behind
@@ -26,7 +27,7 @@ held dense):
    embeddings (scGPT ``<cls>``, scBERT the appended last position), then the embedding metrics
    (cells without a token left out); on a seeded subsample of at most ``max_rank_cells`` cells their
    pretraining task, masked value / token prediction, against a per-gene mean baseline
-   (:func:`masked_prediction_outputs`; ``masked_pred_*`` rows).
+   (:func:`~atlasmix.evaluation.pretrained_outputs.masked_prediction_outputs`; ``masked_pred_*`` rows).
 
 Embedding metrics, on cells whose cell type is known and has >= ``min_cells_per_type`` cells (and
 only when >= 2 such types): kNN (k=5) accuracy / macro F1 on a seeded 50/50 split, the few-shot
@@ -66,7 +67,7 @@ from atlasmix.errors import AtlasmixError
 from atlasmix.evaluation import metrics as M
 from atlasmix.evaluation.models import LDVAEAdapter, PCABaseline, load_model
 from atlasmix.evaluation.overlap import check_overlap
-from atlasmix.evaluation.pretrained import GeneformerAdapter
+from atlasmix.evaluation.pretrained import GeneformerAdapter, ScBERTAdapter, ScGPTAdapter
 from atlasmix.evaluation.pretrained_outputs import cell_keys, geneformer_outputs, masked_prediction_outputs
 
 RESULT_COLUMNS = ["model", "mixture", "eval_set", "metric", "value"]
@@ -137,6 +138,85 @@ def _fidelity(eval_set, genes: np.ndarray, max_cells: int, seed: int, batch_size
     return M.rank_fidelity(counts, eval_set.obs["cell_type"].to_numpy()[pick], k=k, max_cells=max_cells, seed=seed)
 
 
+def _cells(e, m, **columns) -> pd.DataFrame:
+    """Per-cell rows of model ``m`` on eval set ``e``: model, mixture, eval set, the cells' ids and cell
+    type, then ``columns`` in order."""
+    pc = e.obs[["cell_id", "soma_joinid", "dataset_id", "cell_type"]].copy()
+    pc.insert(0, "eval_set", e.name)
+    pc.insert(0, "mixture", m.mixture)
+    pc.insert(0, "model", m.name)
+    for k, v in columns.items():
+        pc[k] = v
+    return pc
+
+
+def _geneformer_scores(m, e, labels: np.ndarray, **opts):
+    """(metric rows, per-cell rows, embedding, its labels, log line) of a Geneformer on ``e``
+    (:func:`~atlasmix.evaluation.pretrained_outputs.geneformer_outputs`)."""
+    g = geneformer_outputs(m, e, **opts)
+    ok = g["n_tokens"] > 0
+    # no batch covariate, no reconstruction output
+    pc = _cells(e, m, batch_seen=None, pearson_r=np.nan, r2=np.nan, n_tokens=g["n_tokens"],
+                rank_pred_pearson=g["rank_pred"], rank_pred_baseline_pearson=g["rank_baseline"])
+    s, sb = M.summarize(g["rank_pred"]), M.summarize(g["rank_baseline"])
+    sd = M.summarize(g["rank_pred"] - g["rank_baseline"])
+    d = {"rank_pred_pearson_median": s["median"], "rank_pred_pearson_iqr": s["iqr"],
+         "rank_pred_pearson_mean": s["mean"], "rank_pred_baseline_pearson_median": sb["median"],
+         "rank_pred_baseline_pearson_iqr": sb["iqr"], "rank_pred_minus_baseline_median": sd["median"],
+         "rank_pred_n_cells_scored": s["n"], "rank_pred_mask_fraction": opts["mask_fraction"],
+         "vocab_genes_in_set": g["vocab_genes_in_set"],
+         "model_genes_missing_fraction": float(1 - g["vocab_genes_in_set"] / max(len(m.feature_ids), 1)),
+         "no_token_cells_fraction": float(1 - ok.mean()),
+         "tokens_per_cell_median": float(np.median(g["n_tokens"])),
+         "truncated_cells_fraction": float(np.mean(g["n_expressed"] > g["n_tokens"]))}
+    # cells without a vocabulary gene have no embedding: left out of the embedding metrics
+    lab = np.where(ok, labels.astype(object), "unknown")
+    return d, pc, np.nan_to_num(g["emb"], nan=0.0), lab, (
+        lambda t: f"median rank prediction r = {s['median']:.3f} (mean-rank baseline {sb['median']:.3f}, "
+                  f"{s['n']} cells), {t} s")
+
+
+def _encoded_model_scores(m, e, labels: np.ndarray, *, batch_size: int, forward_batch_size: int,
+                          max_cells: int | None, seed: int):
+    """(metric rows, per-cell rows, embedding, its labels, log line) of an scGPT / scBERT on ``e``:
+    embeddings of the cells encoded as in pretraining, masked prediction vs the per-gene mean baseline."""
+    emb = np.full((e.n_cells, m.n_latent), np.nan, dtype=np.float32)
+    n_tok = np.zeros(e.n_cells, dtype=np.int64)
+    present = pd.Index(m.feature_ids).isin(e.feature_ids)
+    keys = cell_keys(e)
+    for sl, cnt in e.iter_counts(m.feature_ids, batch_size):
+        for k in range(0, cnt.shape[0], forward_batch_size):
+            part = slice(sl.start + k, min(sl.stop, sl.start + k + forward_batch_size))
+            emb[part], n_tok[part] = m.embed_counts(cnt[k:k + forward_batch_size], keys[part])
+    ok = n_tok > 0
+    pc = _cells(e, m, batch_seen=None, pearson_r=np.nan, r2=np.nan, n_tokens=n_tok)
+    mp = masked_prediction_outputs(m, e, batch_size=batch_size, forward_batch_size=forward_batch_size,
+                                   max_cells=max_cells, seed=seed)
+    s, sb = M.summarize(mp["pred"]), M.summarize(mp["baseline"])
+    d = {"masked_pred_pearson_median": s["median"], "masked_pred_pearson_iqr": s["iqr"],
+         "masked_pred_baseline_pearson_median": sb["median"],
+         "masked_pred_minus_baseline_median": M.summarize(mp["pred"] - mp["baseline"])["median"],
+         "masked_pred_n_cells_scored": mp["n_scored"], "model_genes_missing_fraction": float(1 - present.mean()),
+         "no_token_cells_fraction": float(1 - ok.mean()), "tokens_per_cell_median": float(np.median(n_tok))}
+    lab = np.where(ok, labels.astype(object), "unknown")
+    return d, pc, np.nan_to_num(emb, nan=0.0), lab, lambda t: f"embeddings of {int(ok.sum())} cells, {t} s"
+
+
+def _ldvae_scores(m, e, labels: np.ndarray, hv: np.ndarray, *, batch_size: int, seed: int):
+    """(metric rows, per-cell rows, latent, its labels, log line) of an LDVAE on ``e``: reconstruction
+    accuracy on the HVG columns ``hv`` (:meth:`~atlasmix.evaluation.models.LDVAEAdapter.reconstruction`)."""
+    present = pd.Index(m.feature_ids).isin(e.feature_ids)
+    codes, seen = m.batch_codes(e.obs)
+    r, lat = m.reconstruction(e.iter_counts(m.feature_ids, batch_size), e.n_cells, codes, hv, seed=seed)
+    pc = _cells(e, m, batch_seen=seen, pearson_r=r, r2=r * r)
+    s, s2 = M.summarize(r), M.summarize(r * r)
+    d = {"recon_pearson_median": s["median"], "recon_pearson_q25": s["q25"], "recon_pearson_q75": s["q75"],
+         "recon_pearson_iqr": s["iqr"], "recon_pearson_mean": s["mean"], "recon_r2_median": s2["median"],
+         "recon_r2_iqr": s2["iqr"], "recon_n_cells_scored": s["n"], "recon_n_hvg": len(hv),
+         "model_genes_missing_fraction": float(1 - present.mean()), "batch_unseen_fraction": float(1 - seen.mean())}
+    return d, pc, lat, labels, lambda t: f"median r = {s['median']:.3f} ({s['n']} cells, {t} s)"
+
+
 def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline: bool = True,
              batch_size: int = 1024, n_hvg: int = 1000, n_hvg_baseline: int = 2000, n_pcs: int = 50,
              knn_k: int = 5, few_shot_fractions=M.FEW_SHOT_FRACTIONS, few_shot_seeds=(0, 1, 2),
@@ -168,7 +248,9 @@ def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline
     knn_k, few_shot_fractions, few_shot_seeds, min_cells_per_type
         Classification settings (see :func:`embedding_metrics`).
     sample_z : bool
-        Decode one posterior sample of z instead of its mean (scvi's default; seeded by ``seed``).
+        No longer chooses anything (kept for ``eval run --sample-z``): the reconstruction is always
+        scvi-tools' ``get_normalized_expression``, one posterior sample of z per cell seeded by
+        ``seed``, as scFM-datamix; ``evaluation.json`` records ``sample_z`` True.
     max_rank_cells : int or None
         Geneformer: cells per eval set (seeded subsample) scored by the masked rank prediction
         test; 500 by default because BERT on CPU is slow (one more forward pass per scored cell,
@@ -188,8 +270,6 @@ def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline
     AtlasmixError
         No models and no baseline, an eval set overlapping a model's training cells, bad model dirs.
     """
-    import torch
-
     out = Path(out)
     if not eval_sets:
         raise AtlasmixError("no eval sets given")
@@ -243,126 +323,30 @@ def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline
             log(f"pca on {e.name}: {timings[f'pca/{e.name}']} s")
 
         for m in models:
-            if isinstance(m, GeneformerAdapter):
-                t0 = time.perf_counter()
-                g = geneformer_outputs(m, e, batch_size=batch_size, forward_batch_size=geneformer_batch_size,
-                                       max_rank_cells=max_rank_cells, mask_fraction=mask_fraction, seed=seed)
-                ok = g["n_tokens"] > 0
-                pc = e.obs[["cell_id", "soma_joinid", "dataset_id", "cell_type"]].copy()
-                pc.insert(0, "eval_set", e.name)
-                pc.insert(0, "mixture", m.mixture)
-                pc.insert(0, "model", m.name)
-                pc["batch_seen"] = None  # no batch covariate
-                pc["pearson_r"] = np.nan  # no reconstruction output
-                pc["r2"] = np.nan
-                pc["n_tokens"] = g["n_tokens"]
-                pc["rank_pred_pearson"] = g["rank_pred"]
-                pc["rank_pred_baseline_pearson"] = g["rank_baseline"]
-                per_cell.append(pc)
-                s = M.summarize(g["rank_pred"])
-                sb = M.summarize(g["rank_baseline"])
-                sd = M.summarize(g["rank_pred"] - g["rank_baseline"])
-                d = {"rank_pred_pearson_median": s["median"], "rank_pred_pearson_iqr": s["iqr"],
-                     "rank_pred_pearson_mean": s["mean"], "rank_pred_baseline_pearson_median": sb["median"],
-                     "rank_pred_baseline_pearson_iqr": sb["iqr"], "rank_pred_minus_baseline_median": sd["median"],
-                     "rank_pred_n_cells_scored": s["n"], "rank_pred_mask_fraction": mask_fraction,
-                     "vocab_genes_in_set": g["vocab_genes_in_set"],
-                     "model_genes_missing_fraction": float(1 - g["vocab_genes_in_set"] / max(len(m.feature_ids), 1)),
-                     "no_token_cells_fraction": float(1 - ok.mean()),
-                     "tokens_per_cell_median": float(np.median(g["n_tokens"])),
-                     "truncated_cells_fraction": float(np.mean(g["n_expressed"] > g["n_tokens"]))}
-                rows += _rows(m.name, m.mixture, e.name, d)
-                # cells without a vocabulary gene have no embedding: left out of the embedding metrics
-                lab = np.where(ok, labels.astype(object), "unknown")
-                emb = np.nan_to_num(g["emb"], nan=0.0)
-                met, fs = embedding_metrics(emb, lab, **emb_kw)
-                rows += _rows(m.name, m.mixture, e.name, met)
-                if len(fs):
-                    few.append(fs.assign(model=m.name, mixture=m.mixture, eval_set=e.name))
-                timings[f"{m.name}/{e.name}"] = round(time.perf_counter() - t0, 2)
-                log(f"{m.name} on {e.name}: median rank prediction r = {s['median']:.3f} (mean-rank baseline "
-                    f"{sb['median']:.3f}, {s['n']} cells), {timings[f'{m.name}/{e.name}']} s")
-                continue
-            if hasattr(m, "embed_counts"):  # scGPT, scBERT: embeddings of the cells encoded as in pretraining
-                t0 = time.perf_counter()
-                emb = np.full((e.n_cells, m.n_latent), np.nan, dtype=np.float32)
-                n_tok = np.zeros(e.n_cells, dtype=np.int64)
-                present = pd.Index(m.feature_ids).isin(e.feature_ids)
-                keys = cell_keys(e)
-                for sl, cnt in e.iter_counts(m.feature_ids, batch_size):
-                    for k in range(0, cnt.shape[0], geneformer_batch_size):
-                        part = slice(sl.start + k, min(sl.stop, sl.start + k + geneformer_batch_size))
-                        emb[part], n_tok[part] = m.embed_counts(cnt[k:k + geneformer_batch_size], keys[part])
-                ok = n_tok > 0
-                pc = e.obs[["cell_id", "soma_joinid", "dataset_id", "cell_type"]].copy()
-                pc.insert(0, "eval_set", e.name)
-                pc.insert(0, "mixture", m.mixture)
-                pc.insert(0, "model", m.name)
-                pc["batch_seen"] = None
-                pc["pearson_r"] = np.nan
-                pc["r2"] = np.nan
-                pc["n_tokens"] = n_tok
-                per_cell.append(pc)
-                mp = masked_prediction_outputs(m, e, batch_size=batch_size, forward_batch_size=geneformer_batch_size,
-                                               max_cells=max_rank_cells, seed=seed)
-                s, sb = M.summarize(mp["pred"]), M.summarize(mp["baseline"])
-                rows += _rows(m.name, m.mixture, e.name, {
-                    "masked_pred_pearson_median": s["median"], "masked_pred_pearson_iqr": s["iqr"],
-                    "masked_pred_baseline_pearson_median": sb["median"],
-                    "masked_pred_minus_baseline_median": M.summarize(mp["pred"] - mp["baseline"])["median"],
-                    "masked_pred_n_cells_scored": mp["n_scored"],
-                    "model_genes_missing_fraction": float(1 - present.mean()),
-                    "no_token_cells_fraction": float(1 - ok.mean()),
-                    "tokens_per_cell_median": float(np.median(n_tok))})
-                lab = np.where(ok, labels.astype(object), "unknown")
-                met, fs = embedding_metrics(np.nan_to_num(emb, nan=0.0), lab, **emb_kw)
-                rows += _rows(m.name, m.mixture, e.name, met)
-                if len(fs):
-                    few.append(fs.assign(model=m.name, mixture=m.mixture, eval_set=e.name))
-                timings[f"{m.name}/{e.name}"] = round(time.perf_counter() - t0, 2)
-                log(f"{m.name} on {e.name}: embeddings of {int(ok.sum())} cells, {timings[f'{m.name}/{e.name}']} s")
-                continue
-            if not isinstance(m, LDVAEAdapter):
-                continue
             t0 = time.perf_counter()
-            fids = m.feature_ids
-            present = pd.Index(fids).isin(e.feature_ids)
-            axis_key = (e.name, tuple(fids))
-            if axis_key not in hvg_of:  # models sharing a gene axis (e.g. a study's) share the set's HVGs
-                hvg_of[axis_key] = hvg_columns(e, fids, n_hvg, batch_size)
-            hv = hvg_of[axis_key]
-            codes, seen = m.batch_codes(e.obs)
-            if sample_z:
-                torch.manual_seed(seed)
-            r = np.full(e.n_cells, np.nan)
-            lat = np.zeros((e.n_cells, m.n_latent), dtype=np.float32)
-            for sl, cnt in e.iter_counts(fids, batch_size):
-                X = cnt.toarray()
-                z, expr = m.encode(X, codes[sl], sample_z=sample_z)
-                r[sl] = M.reconstruction_accuracy(cnt, expr, hv)[0]
-                lat[sl] = z
-            pc = e.obs[["cell_id", "soma_joinid", "dataset_id", "cell_type"]].copy()
-            pc.insert(0, "eval_set", e.name)
-            pc.insert(0, "mixture", m.mixture)
-            pc.insert(0, "model", m.name)
-            pc["batch_seen"] = seen
-            pc["pearson_r"] = r
-            pc["r2"] = r * r
+            if isinstance(m, GeneformerAdapter):
+                d, pc, emb, lab, say = _geneformer_scores(
+                    m, e, labels, batch_size=batch_size, forward_batch_size=geneformer_batch_size,
+                    max_rank_cells=max_rank_cells, mask_fraction=mask_fraction, seed=seed)
+            elif isinstance(m, (ScGPTAdapter, ScBERTAdapter)):
+                d, pc, emb, lab, say = _encoded_model_scores(m, e, labels, batch_size=batch_size,
+                                                             forward_batch_size=geneformer_batch_size,
+                                                             max_cells=max_rank_cells, seed=seed)
+            elif isinstance(m, LDVAEAdapter):
+                axis_key = (e.name, tuple(m.feature_ids))
+                if axis_key not in hvg_of:  # models sharing a gene axis (e.g. a study's) share the set's HVGs
+                    hvg_of[axis_key] = hvg_columns(e, m.feature_ids, n_hvg, batch_size)
+                d, pc, emb, lab, say = _ldvae_scores(m, e, labels, hvg_of[axis_key], batch_size=batch_size, seed=seed)
+            else:
+                continue
             per_cell.append(pc)
-            s = M.summarize(r)
-            s2 = M.summarize(r * r)
-            d = {"recon_pearson_median": s["median"], "recon_pearson_q25": s["q25"], "recon_pearson_q75": s["q75"],
-                 "recon_pearson_iqr": s["iqr"], "recon_pearson_mean": s["mean"], "recon_r2_median": s2["median"],
-                 "recon_r2_iqr": s2["iqr"], "recon_n_cells_scored": s["n"], "recon_n_hvg": len(hv),
-                 "model_genes_missing_fraction": float(1 - present.mean()),
-                 "batch_unseen_fraction": float(1 - seen.mean())}
             rows += _rows(m.name, m.mixture, e.name, d)
-            met, fs = embedding_metrics(lat, labels, **emb_kw)
+            met, fs = embedding_metrics(emb, lab, **emb_kw)
             rows += _rows(m.name, m.mixture, e.name, met)
             if len(fs):
                 few.append(fs.assign(model=m.name, mixture=m.mixture, eval_set=e.name))
             timings[f"{m.name}/{e.name}"] = round(time.perf_counter() - t0, 2)
-            log(f"{m.name} on {e.name}: median r = {s['median']:.3f} ({s['n']} cells, {timings[f'{m.name}/{e.name}']} s)")
+            log(f"{m.name} on {e.name}: " + say(timings[f"{m.name}/{e.name}"]))
 
     res = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     res.to_parquet(out / "results.parquet", index=False)
@@ -390,7 +374,7 @@ def evaluate(model_dirs, eval_sets, out: str | Path, *, store=None, pca_baseline
         "options": {"batch_size": batch_size, "n_hvg": n_hvg, "n_hvg_baseline": n_hvg_baseline, "n_pcs": n_pcs,
                     "knn_k": knn_k, "few_shot_fractions": list(few_shot_fractions),
                     "few_shot_seeds": list(few_shot_seeds), "min_cells_per_type": min_cells_per_type,
-                    "sample_z": sample_z, "seed": seed, "pca_baseline": pca_baseline, "rank_fidelity": rank_fidelity,
+                    "sample_z": True, "seed": seed, "pca_baseline": pca_baseline, "rank_fidelity": rank_fidelity,
                     "max_fidelity_cells": max_fidelity_cells, "max_rank_cells": max_rank_cells,
                     "mask_fraction": mask_fraction, "geneformer_batch_size": geneformer_batch_size},
         "store": store.identity() if store is not None else None,

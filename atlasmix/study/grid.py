@@ -37,7 +37,10 @@ def grid_tasks(spec: StudySpec, manifests: dict, genes: list[str], eval_entries:
         The tasks (keys in :func:`atlasmix.study.grid_cell.run_grid_cell`), LDVAE first.
     """
     gsha = sha(genes)
-    score_key = sha({"eval": [e["key"] for e in eval_entries], "opts": spec.evaluation.model_dump(mode="json")})
+    # (``decode``: scores from scvi-tools' get_normalized_expression, one seeded posterior sample of z per
+    # cell; grid cells scored before, from the posterior mean, are scored again, not retrained)
+    score_key = sha({"eval": [e["key"] for e in eval_entries], "opts": spec.evaluation.model_dump(mode="json"),
+                     "decode": "scvi_get_normalized_expression"})
     tasks = []
     for (mixture, seed, fraction, strategy), mpath in manifests.items():
         msha = read_sidecar(mpath)["manifest"]["sha256"]

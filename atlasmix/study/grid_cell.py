@@ -141,13 +141,8 @@ def _run_grid_cell(task: dict) -> dict:
         hv_model = np.sort(np.flatnonzero(np.isin(perm, hv)))  # the set's HVGs, in the model's gene order
         codes, seen = ad.batch_codes(obs)
         n = counts.shape[0]
-        r = np.full(n, np.nan)
-        lat = np.zeros((n, ad.n_latent), dtype=np.float32)
-        for s in range(0, n, 2048):
-            sl = slice(s, min(n, s + 2048))
-            z, expr = ad.encode(counts[sl].toarray(), codes[sl])
-            r[sl] = M.reconstruction_accuracy(counts[sl], expr, hv_model)[0]
-            lat[sl] = z
+        batches = ((slice(s, min(n, s + 2048)), counts[s:s + 2048]) for s in range(0, n, 2048))
+        r, lat = ad.reconstruction(batches, n, codes, hv_model, seed=task["eval_opts"]["seed"])
         summ = M.summarize(r)
         met = {"recon_pearson_median": summ["median"], "recon_pearson_mean": summ["mean"],
                "recon_pearson_iqr": summ["iqr"], "recon_n_cells_scored": summ["n"], "recon_n_hvg": len(hv_model),
