@@ -45,7 +45,7 @@ from atlasmix._files import load_toml
 from atlasmix.errors import AtlasmixError
 from atlasmix.mixing.spec import STRATEGIES, SpecError, _format_error
 from atlasmix.training.budget import Budget
-from atlasmix.training.defaults import DEFAULTS
+from atlasmix.training.options import LDVAE_LOADER, LDVAEModelOptions, LDVAETrainOptions, LoaderOptions
 
 
 class GeneAxis(BaseModel):
@@ -70,19 +70,43 @@ class GeneAxis(BaseModel):
     file: str | None = None
 
 
+_MODEL, _TRAIN = LDVAEModelOptions(), LDVAETrainOptions()
+
+
 class LDVAEOptions(BaseModel):
-    """LDVAE (scvi-tools ``LinearSCVI``) settings of every run; scFM-datamix's by default."""
+    """LDVAE (scvi-tools ``LinearSCVI``) settings of every run; scFM-datamix's by default.
+
+    Each key is a field of one of the option groups ``train ldvae`` and
+    :func:`atlasmix.training.ldvae.train_ldvae` take (:mod:`atlasmix.training.options`): the model's
+    (``n_latent`` to ``batch_key``), the training's ``lr`` and the loader's ``batch_size``, with
+    those groups' defaults and checks (:meth:`option_groups`); a minibatch has at least 2 cells.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    n_latent: int = Field(DEFAULTS["n_latent"], ge=1)
-    n_layers: int = Field(DEFAULTS["n_layers"], ge=1)
-    n_hidden: int = Field(DEFAULTS["n_hidden"], ge=1)
-    dropout_rate: float = Field(DEFAULTS["dropout_rate"], ge=0, lt=1)
-    gene_likelihood: str = DEFAULTS["gene_likelihood"]
-    dispersion: str = DEFAULTS["dispersion"]
-    lr: float = Field(DEFAULTS["lr"], gt=0)
-    batch_size: int = Field(DEFAULTS["batch_size"], ge=2)
-    batch_key: str | None = "dataset_id"
+    n_latent: int = Field(_MODEL.n_latent, ge=1)
+    n_layers: int = Field(_MODEL.n_layers, ge=1)
+    n_hidden: int = Field(_MODEL.n_hidden, ge=1)
+    dropout_rate: float = Field(_MODEL.dropout_rate, ge=0, lt=1)
+    gene_likelihood: str = _MODEL.gene_likelihood
+    dispersion: str = _MODEL.dispersion
+    lr: float = Field(_TRAIN.lr, gt=0)
+    batch_size: int = Field(LDVAE_LOADER.batch_size, ge=2)
+    batch_key: str | None = _MODEL.batch_key
+
+    @model_validator(mode="after")
+    def _check_groups(self):
+        try:
+            self.option_groups()
+        except AtlasmixError as e:  # reported with the key path, as the other spec errors
+            raise ValueError(str(e)) from None
+        return self
+
+    def option_groups(self) -> tuple[LDVAEModelOptions, LDVAETrainOptions, LoaderOptions]:
+        """The model, training and loader options these keys set (every other field at its default)."""
+        model = LDVAEModelOptions(n_latent=self.n_latent, n_layers=self.n_layers, n_hidden=self.n_hidden,
+                                  dropout_rate=self.dropout_rate, gene_likelihood=self.gene_likelihood,
+                                  dispersion=self.dispersion, batch_key=self.batch_key)
+        return model, LDVAETrainOptions(lr=self.lr), LDVAE_LOADER.replace(batch_size=self.batch_size)
 
 
 class EvaluationOptions(BaseModel):

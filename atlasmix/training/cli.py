@@ -8,7 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from atlasmix.training.defaults import DEFAULTS
+from atlasmix.training.options import LDVAE_LOADER, LDVAEModelOptions, LDVAETrainOptions
+
+#: the defaults of ``train ldvae``: its option groups' (one source for the CLI, the study spec and the API)
+_MODEL, _TRAIN, _LOADER = LDVAEModelOptions(), LDVAETrainOptions(), LDVAE_LOADER
 
 
 def check_devices(devices: int, model: str) -> None:
@@ -38,49 +41,49 @@ def register(app: typer.Typer) -> None:
                                                                 "(its train split; validation split for losses).")],
         out: Annotated[Path, typer.Option("--out", help="Output directory (model/, loadings.parquet, "
                                                         "training_curve.csv/png, run.json, checkpoints/).")],
-        accelerator: Annotated[str, typer.Option(help="Lightning accelerator: auto (CUDA when present), cpu, gpu.")] = "auto",
+        accelerator: Annotated[str, typer.Option(help="Lightning accelerator: auto (CUDA when present), cpu, gpu.")] = _TRAIN.accelerator,
         devices: Annotated[int, typer.Option(help="Devices per node (Lightning's term); > 1 trains with DDP, one "
-                                                  "process per device, each reading its shard of the mixture.")] = 1,
+                                                  "process per device, each reading its shard of the mixture.")] = _TRAIN.devices,
         strategy: Annotated[str, typer.Option(help="auto (ddp_find_unused_parameters_true on several "
-                                                   "devices), ddp or ddp_find_unused_parameters_true.")] = "auto",
+                                                   "devices), ddp or ddp_find_unused_parameters_true.")] = _TRAIN.strategy,
         num_nodes: Annotated[int, typer.Option(help="Nodes (start this command on each under torchrun; see the "
-                                                    "README's multi-node recipe).")] = 1,
-        batch_size: Annotated[int, typer.Option(help="Cells per minibatch.")] = DEFAULTS["batch_size"],
-        max_epochs: Annotated[int, typer.Option(help="Epochs.")] = DEFAULTS["max_epochs"],
-        seed: Annotated[int, typer.Option(help="Seed of weights, dropout and the data order.")] = 0,
-        n_latent: Annotated[int, typer.Option(help="Latent dimensions.")] = DEFAULTS["n_latent"],
-        n_layers: Annotated[int, typer.Option(help="Encoder hidden layers.")] = DEFAULTS["n_layers"],
-        n_hidden: Annotated[int, typer.Option(help="Units per encoder hidden layer.")] = DEFAULTS["n_hidden"],
-        dropout_rate: Annotated[float, typer.Option(help="Encoder dropout.")] = DEFAULTS["dropout_rate"],
-        gene_likelihood: Annotated[str, typer.Option(help="nb, zinb or poisson.")] = DEFAULTS["gene_likelihood"],
-        dispersion: Annotated[str, typer.Option(help="gene, gene-batch, gene-label or gene-cell.")] = DEFAULTS["dispersion"],
-        lr: Annotated[float, typer.Option(help="Adam learning rate.")] = DEFAULTS["lr"],
-        early_stopping: Annotated[bool, typer.Option(help="Stop when the validation loss stalls.")] = DEFAULTS["early_stopping"],
+                                                    "README's multi-node recipe).")] = _TRAIN.num_nodes,
+        batch_size: Annotated[int, typer.Option(help="Cells per minibatch.")] = _LOADER.batch_size,
+        max_epochs: Annotated[int, typer.Option(help="Epochs.")] = _TRAIN.max_epochs,
+        seed: Annotated[int, typer.Option(help="Seed of weights, dropout and the data order.")] = _TRAIN.seed,
+        n_latent: Annotated[int, typer.Option(help="Latent dimensions.")] = _MODEL.n_latent,
+        n_layers: Annotated[int, typer.Option(help="Encoder hidden layers.")] = _MODEL.n_layers,
+        n_hidden: Annotated[int, typer.Option(help="Units per encoder hidden layer.")] = _MODEL.n_hidden,
+        dropout_rate: Annotated[float, typer.Option(help="Encoder dropout.")] = _MODEL.dropout_rate,
+        gene_likelihood: Annotated[str, typer.Option(help="nb, zinb or poisson.")] = _MODEL.gene_likelihood,
+        dispersion: Annotated[str, typer.Option(help="gene, gene-batch, gene-label or gene-cell.")] = _MODEL.dispersion,
+        lr: Annotated[float, typer.Option(help="Adam learning rate.")] = _TRAIN.lr,
+        early_stopping: Annotated[bool, typer.Option(help="Stop when the validation loss stalls.")] = _TRAIN.early_stopping,
         budget: Annotated[Optional[str], typer.Option(help="Training budget instead of --max-epochs: cells=N (cells "
                                                            "seen), steps=N, epochs=N or converged:epochs=N[,patience=K]"
                                                            ".")] = None,
-        batch_key: Annotated[str, typer.Option(help="obs column used as batch covariate; 'none' for no batch.")] = "dataset_id",
+        batch_key: Annotated[str, typer.Option(help="obs column used as batch covariate; 'none' for no batch.")] = _MODEL.batch_key,
         genes: Annotated[Optional[str], typer.Option(help="Gene axis: all-shared (default: measured in every dataset "
                                                           "of the mixture), hvg:N[,min-datasets=F] (top N HVGs of the "
                                                           "training cells among genes measured in at least a fraction F "
                                                           "of its datasets, default 0.5) or a file with one gene "
                                                           "(feature_id or symbol) per line.")] = None,
-        io_batch_size: Annotated[int, typer.Option(help="Cells per store read (memory ~ (prefetch+1) x this).")] = 16384,
+        io_batch_size: Annotated[int, typer.Option(help="Cells per store read (memory ~ (prefetch+1) x this).")] = _LOADER.io_batch_size,
         io_batch_mb: Annotated[Optional[float], typer.Option(help="Bound each store read in MB (10^6 bytes) of "
                                                                   "decoded rows instead: cells per read follow the "
                                                                   "mixture's mean nonzeros per cell, at most "
                                                                   "--io-batch-size.")] = None,
-        block_size: Annotated[int, typer.Option(help="Consecutive store cells kept together when shuffling.")] = 64,
-        prefetch: Annotated[int, typer.Option(help="IO batches read ahead.")] = 2,
-        io_threads: Annotated[int, typer.Option(help="Threads reading the store.")] = 2,
+        block_size: Annotated[int, typer.Option(help="Consecutive store cells kept together when shuffling.")] = _LOADER.block_size,
+        prefetch: Annotated[int, typer.Option(help="IO batches read ahead.")] = _LOADER.prefetch_io,
+        io_threads: Annotated[int, typer.Option(help="Threads reading the store.")] = _LOADER.io_threads,
         read_processes: Annotated[int, typer.Option(help="Spawned processes reading the store (0: threads of "
-                                                         "this process, the faster choice measured so far).")] = 0,
+                                                         "this process, the faster choice measured so far).")] = _LOADER.read_processes,
         x_cache: Annotated[Optional[Path], typer.Option(help="Local folder for a projection of X onto the training cells "
                                                              "x gene axis, built once (about one epoch's read) and "
                                                              "reused: each epoch then reads only the gene axis's "
                                                              "nonzeros (e.g. 2,000 HVGs: 6-17 % of a transcriptome's).")] = None,
         x_cache_format: Annotated[str, typer.Option(help="x cache format: tiledb (compressed) or h5 (uncompressed "
-                                                         "CSR, faster to read, ~4.7x the disk space).")] = "tiledb",
+                                                         "CSR, faster to read, ~4.7x the disk space).")] = _LOADER.x_cache_format,
         x_cache_max_gb: Annotated[Optional[float], typer.Option(help="Size cap of the x cache folder in GB (default "
                                                                      "64 GiB or ATLASMIX_X_CACHE_MAX_GB): least "
                                                                      "recently used projections not in use are "
@@ -91,8 +94,8 @@ def register(app: typer.Typer) -> None:
         in_memory_max_gb: Annotated[Optional[float], typer.Option(help="Cap of --in-memory auto per split in GB "
                                                                        "(default 2 GiB or ATLASMIX_IN_MEMORY_MAX_GB)."
                                                                        )] = None,
-        validation: Annotated[bool, typer.Option(help="Validation losses each epoch.")] = True,
-        checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N epochs (0: never).")] = 10,
+        validation: Annotated[bool, typer.Option(help="Validation losses each epoch.")] = _TRAIN.validation,
+        checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N epochs (0: never).")] = _TRAIN.checkpoint_every,
         resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from checkpoints/last.ckpt.")] = False,
         progress: Annotated[bool, typer.Option(help="Progress bar.")] = True,
         rda: Annotated[bool, typer.Option("--rda", help="Read-depth-aware downsampling of training cells "
@@ -102,34 +105,32 @@ def register(app: typer.Typer) -> None:
                                                           "whole.")] = 1000.0,
     ):
         """Train scvi-tools LinearSCVI (LDVAE) on MIXTURE from STORE without building an AnnData of it."""
+        from atlasmix.errors import AtlasmixError
+        from atlasmix.mixing.genes import GeneAxis, resolve_gene_axis
         from atlasmix.store import Store
         from atlasmix.training.ldvae import train_ldvae
-
-        from atlasmix.mixing.genes import GeneAxis, resolve_gene_axis
-
-        from atlasmix.errors import AtlasmixError
 
         held = {"auto": "auto", "yes": True, "no": False}.get(in_memory.lower())
         if held is None:
             raise AtlasmixError(f"--in-memory must be auto, yes or no, got {in_memory!r}")
+        model = LDVAEModelOptions(n_latent=n_latent, n_layers=n_layers, n_hidden=n_hidden, dropout_rate=dropout_rate,
+                                  gene_likelihood=gene_likelihood, dispersion=dispersion,
+                                  batch_key=None if batch_key.lower() == "none" else batch_key)
+        training = LDVAETrainOptions(max_epochs=max_epochs, early_stopping=early_stopping, budget=budget, lr=lr,
+                                     seed=seed, accelerator=accelerator, devices=devices, strategy=strategy,
+                                     num_nodes=num_nodes, validation=validation, checkpoint_every=checkpoint_every,
+                                     rda={"p": rda_p, "min_total": rda_min_total} if rda else None)
+        loader = _LOADER.replace(batch_size=batch_size, io_batch_size=io_batch_size,
+                                 io_batch_bytes=None if io_batch_mb is None else int(io_batch_mb * 1e6),
+                                 block_size=block_size, prefetch_io=prefetch, io_threads=io_threads,
+                                 read_processes=read_processes, x_cache=x_cache, x_cache_format=x_cache_format,
+                                 x_cache_max_bytes=None if x_cache_max_gb is None else int(x_cache_max_gb * 1e9),
+                                 in_memory=held,
+                                 in_memory_max_bytes=None if in_memory_max_gb is None else int(in_memory_max_gb * 1e9))
         store_ = Store(store)
-        axis = GeneAxis.parse(genes)
-        gl = resolve_gene_axis(store_, [mixture], axis, seed=seed)
-        run = train_ldvae(store_, mixture, out, accelerator=accelerator, devices=devices, strategy=strategy,
-                          num_nodes=num_nodes, batch_size=batch_size,
-                          max_epochs=max_epochs, seed=seed, n_latent=n_latent, n_layers=n_layers, n_hidden=n_hidden,
-                          dropout_rate=dropout_rate, gene_likelihood=gene_likelihood, dispersion=dispersion, lr=lr,
-                          early_stopping=early_stopping, budget=budget, batch_key=None if batch_key.lower() == "none" else batch_key,
-                          genes=gl, io_batch_size=io_batch_size, block_size=block_size, prefetch_io=prefetch,
-                          io_threads=io_threads, read_processes=read_processes, x_cache=x_cache,
-                          x_cache_format=x_cache_format,
-                          x_cache_max_bytes=None if x_cache_max_gb is None else int(x_cache_max_gb * 1e9),
-                          io_batch_bytes=None if io_batch_mb is None else int(io_batch_mb * 1e6),
-                          in_memory=held,
-                          in_memory_max_bytes=None if in_memory_max_gb is None else int(in_memory_max_gb * 1e9),
-                          validation=validation, checkpoint_every=checkpoint_every,
-                          resume=resume, progress=progress,
-                          rda={"p": rda_p, "min_total": rda_min_total} if rda else None)
+        gl = resolve_gene_axis(store_, [mixture], GeneAxis.parse(genes), seed=seed)
+        run = train_ldvae(store_, mixture, out, model_options=model, train_options=training, loader_options=loader,
+                          genes=gl, resume=resume, progress=progress)
         if run.get("global_rank", 0):  # a DDP rank other than 0: rank 0 reports
             return
         typer.echo(json.dumps({k: run[k] for k in ("n_cells", "n_genes", "budget", "training", "wall_s",

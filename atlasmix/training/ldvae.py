@@ -52,9 +52,9 @@ from scvi.train import SaveCheckpoint
 from atlasmix.errors import AtlasmixError
 from atlasmix.training.budget import Budget, convergence
 from atlasmix.training.loader import MixtureLoader
-
-#: scFM-datamix's LDVAE settings (scvi-tools LinearSCVI).
-from atlasmix.training.defaults import DEFAULTS  # noqa: E402  (light module: the CLI imports it)
+from atlasmix.training.options import (LDVAE_LOADER, LDVAEModelOptions, LDVAETrainOptions, LoaderOptions,
+                                       route_options)
+from atlasmix.training.rda import ReadDepthAugment
 
 
 #: Floor of the per-batch variance of log library size (the library prior's scale must be > 0).
@@ -238,40 +238,6 @@ def _launched_rank() -> int:
         if os.environ.get(k):
             return int(os.environ[k])
     return int(os.environ.get("LOCAL_RANK") or 0) + int(os.environ.get("NODE_RANK") or 0)
-
-
-def ddp_strategy(devices: int, strategy: str) -> str:
-    """Lightning strategy for ``devices`` devices per node (``"auto"`` on one device).
-
-    Parameters
-    ----------
-    devices : int
-        Devices per node (Lightning's ``devices``), >= 1.
-    strategy : str
-        ``auto`` (``ddp_find_unused_parameters_true`` on several devices), ``ddp`` or
-        ``ddp_find_unused_parameters_true``. LinearSCVI holds parameters that an ``nb`` or
-        ``poisson`` likelihood never uses (the decoder's dropout head), which plain ``ddp`` refuses
-        at the first step; scvi-tools' multi-GPU guide uses the same strategy.
-
-    Returns
-    -------
-    str
-
-    Raises
-    ------
-    AtlasmixError
-        ``devices`` < 1, or a strategy other than these. ``ddp_spawn`` / ``ddp_fork`` are refused:
-        they train in child processes and would have to pickle the store's loaders in and the model
-        out; with ``ddp`` every rank re-runs the command (Lightning's subprocess launcher, or
-        ``torchrun``), opens the store itself and reads only its shard.
-    """
-    if devices < 1:
-        raise AtlasmixError(f"--devices must be >= 1, got {devices}")
-    if strategy == "auto":
-        return "ddp_find_unused_parameters_true" if devices > 1 else "auto"
-    if strategy in ("ddp", "ddp_find_unused_parameters_true"):
-        return strategy
-    raise AtlasmixError(f"--strategy must be auto, ddp or ddp_find_unused_parameters_true, got {strategy!r}")
 
 
 class EpochCheckpoint(SaveCheckpoint):
@@ -539,21 +505,10 @@ def _plot_curve(df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: str = "auto", devices: int = 1,
-                strategy: str = "auto", num_nodes: int = 1,
-                batch_size: int = DEFAULTS["batch_size"], max_epochs: int = DEFAULTS["max_epochs"], seed: int = 0,
-                n_latent: int = DEFAULTS["n_latent"], n_layers: int = DEFAULTS["n_layers"],
-                n_hidden: int = DEFAULTS["n_hidden"], dropout_rate: float = DEFAULTS["dropout_rate"],
-                gene_likelihood: str = DEFAULTS["gene_likelihood"], dispersion: str = DEFAULTS["dispersion"],
-                lr: float = DEFAULTS["lr"], early_stopping: bool = DEFAULTS["early_stopping"],
-                budget: Budget | str | None = None, batch_key: str | None = "dataset_id", genes: list[str] | None = None,
-                io_batch_size: int = 16384, block_size: int = 64, prefetch_io: int = 2, io_threads: int = 2,
-                read_processes: int = 0, x_cache: str | Path | None = None, x_cache_format: str = "tiledb",
-                x_cache_max_bytes: int | None = None, io_batch_bytes: int | None = None,
-                x_source: str = "auto", in_memory: bool | str = "auto", in_memory_max_bytes: int | None = None,
-                validation: bool = True, checkpoint_every: int = 10, resume: bool = False, prior_cells: int = 50_000,
-                n_template: int = 1000, progress: bool = True, callbacks: list | None = None,
-                rda: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_ldvae(store, manifest: str | Path, out: str | Path, *, model_options: LDVAEModelOptions | None = None,
+                train_options: LDVAETrainOptions | None = None, loader_options: LoaderOptions | None = None,
+                genes: list[str] | None = None, resume: bool = False, progress: bool = True,
+                callbacks: list | None = None, **options: Any) -> dict[str, Any]:
     """Train LinearSCVI on a mixture manifest's train split, streamed from the store.
 
     Parameters
@@ -563,80 +518,33 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
         Resolved manifest ``.parquet`` (its store and state are checked).
     out : path
         Output directory (see module doc). Must be empty unless ``resume``.
-    accelerator : str
-        Lightning accelerator: ``auto`` (CUDA when present), ``cpu``, ``gpu``.
-    devices, strategy, num_nodes : int, str, int
-        Data-parallel training (Lightning DDP, :func:`ddp_strategy`) on ``devices`` devices per node
-        and ``num_nodes`` nodes. Every rank runs this function (Lightning's launcher re-runs the
-        command for ranks 1.. of a node; under ``torchrun`` each rank is started by it), reads only
-        its shard of the training split (:meth:`MixtureLoader.with_shard`: whole blocks, equal batch
-        counts, up to one block per rank dropped per epoch and served in another), and rank 0 writes
-        the outputs. ``batch_size`` is per rank (the global minibatch is ``batch_size x ranks``) and
-        the budget counts every rank's cells. Checkpoints hold every rank's loader position and RNG
-        state; resume with the same number of ranks.
-    batch_size, max_epochs, seed, n_latent, n_layers, n_hidden, dropout_rate, gene_likelihood,
-    dispersion, lr, early_stopping
-        LinearSCVI / training settings; defaults are scFM-datamix's (:data:`DEFAULTS`).
-        ``max_epochs`` and ``early_stopping`` are the budget when ``budget`` is not given
-        (``epochs=max_epochs``, until converged with ``early_stopping``).
-    budget : Budget or str, optional
-        How long to train (:class:`atlasmix.training.budget.Budget`, or its short form such as
-        ``cells=200000``): cells seen, steps, epochs or until converged. Validation runs every
-        ``budget.val_every`` steps; the KL weight warms up over ``kl_warmup_fraction`` of the steps
-        (None: scvi-tools' 400-epoch warm-up for an ``epochs`` budget, as scFM-datamix trained, and
-        25 % of the steps otherwise).
-    batch_key : str or None
-        obs column used as the batch covariate (default ``dataset_id``; None: no batch).
+    model_options : LDVAEModelOptions, optional
+        The model (:class:`atlasmix.training.options.LDVAEModelOptions`; scFM-datamix's defaults).
+    train_options : LDVAETrainOptions, optional
+        Budget, learning rate, seed, devices, validation and checkpoints
+        (:class:`atlasmix.training.options.LDVAETrainOptions`).
+    loader_options : LoaderOptions, optional
+        How the loaders batch and read (:class:`atlasmix.training.options.LoaderOptions`; default
+        :data:`atlasmix.training.options.LDVAE_LOADER`: minibatches of 128, the split held in memory
+        when it fits). Their ``seed`` is the training seed and their ``obs_columns`` the batch key.
+        ``io_batch_size`` was 65,536 before the x layout (2.2 GB of TileDB buffers per
+        whole-transcriptome read in flight; from the layout 16,384 cells per read keep the same
+        speed); ``read_processes`` > 0 was not faster than threads on one H100 machine (12.6k vs
+        14.2k cells/s end to end; see ``benchmarks/bench_ldvae.py``). The validation loader serves
+        store order and the library-size prior's sample is one read of about ``prior_cells``.
     genes : list of str, optional
         Explicit gene axis (feature_id or unique symbol); default genes measured in every dataset.
-    io_batch_size, block_size, prefetch_io, io_threads, read_processes
-        Loader settings (:class:`atlasmix.training.loader.MixtureLoader`); ``io_batch_size`` was
-        65,536 before the x layout (2.2 GB of TileDB buffers per whole-transcriptome read in
-        flight; from the layout 16,384 cells per read keep the same speed); ``read_processes`` > 0
-        reads the store in that many spawned processes (on one H100 machine this was not faster
-        than threads: 12.6k vs 14.2k cells/s end to end; see ``benchmarks/bench_ldvae.py``).
-    x_cache : str or pathlib.Path, optional
-        Local folder for projections of X onto the training (and validation) cells x the gene
-        axis (:mod:`atlasmix.training.xcache`), built before the first epoch (about one epoch's
-        read) and reused by later epochs and runs: each epoch then decodes only the gene axis's
-        nonzeros instead of whole transcriptomes. Same minibatches, same model.
-    x_cache_format : {"tiledb", "h5"}
-        Compressed TileDB projection, or uncompressed CSR in HDF5 (faster, ~4.7x the disk space).
-    io_batch_bytes : int, optional
-        Bound each store read in bytes rather than cells (``MixtureLoader(io_batch_bytes=...)``).
-    x_cache_max_bytes : int, optional
-        Size cap of the ``x_cache`` folder in bytes (default 64 GiB or ``ATLASMIX_X_CACHE_MAX_GB``;
-        :func:`atlasmix.training.xcache.cap_bytes`).
-    x_source : {"auto", "layout", "tiledb"}
-        Where the loaders read X without an x cache: the store's x layout when every dataset has
-        one (``auto``, :mod:`atlasmix.store.xlayout`), or always TileDB X. Same minibatches.
-    in_memory : {"auto", True, False}
-        Hold the train (and validation) split on the gene axis in memory, read once in store order
-        before the first epoch, as scvi-tools trains from an in-memory AnnData
-        (``MixtureLoader(in_memory=...)``, :mod:`atlasmix.training.memory`); ``"auto"`` (default)
-        does so when a split fits ``in_memory_max_bytes`` (default 2 GiB per split or
-        ``ATLASMIX_IN_MEMORY_MAX_GB``), otherwise streams. Same minibatches, same model.
-    in_memory_max_bytes : int, optional
-        The cap of ``in_memory="auto"`` per split, bytes.
-    rda : dict, optional
-        Read-depth-aware downsampling of the training cells (scFoundation's augmentation,
-        :class:`atlasmix.training.rda.ReadDepthAugment`): ``{}`` for its defaults, or ``p``,
-        ``beta``, ``min_total``; drawn anew each epoch (seeded by ``seed``), applied to every IO
-        batch, so each minibatch's library size is the downsampled one. Validation cells and the
-        library-size prior's sample stay whole. None (default): off.
-    validation : bool
-        Compute validation losses each epoch on the manifest's validation split (if it has one).
-    checkpoint_every : int
-        Lightning checkpoint every this many epochs (and ``last.ckpt``); 0 disables.
     resume : bool
         Continue from ``out/checkpoints/last.ckpt`` (or the newest ``epochNNNN.ckpt`` when a kill came
         between the two writes).
-    prior_cells : int
-        Cells sampled to estimate the library-size priors.
-    n_template : int
-        Cells in the template AnnData saved with the model.
+    progress : bool
+        Progress bar and set-up lines (rank 0 only).
     callbacks : list of lightning.pytorch.Callback, optional
         Extra Lightning callbacks (e.g. timers in ``benchmarks/bench_ldvae.py``).
+    **options
+        Fields of the three option groups by name (``n_latent=20``, ``budget="cells=200000"``,
+        ``batch_size=256``, ``x_cache=DIR``, ...), replacing those of the groups given; ``seed``
+        sets the training and the loaders' seed.
 
     Returns
     -------
@@ -648,12 +556,17 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     AtlasmixError
         ``out`` not empty (without resume), nothing to resume, bad manifest or options, training cells
         with no counts on the gene axis.
+    TypeError
+        A keyword that is no option.
     """
     import scvi
     from lightning.pytorch import seed_everything
 
     from atlasmix.mixing import read_sidecar
 
+    mo, to, lo = route_options(options, model_options or LDVAEModelOptions(), train_options or LDVAETrainOptions(),
+                               loader_options or LDVAE_LOADER)
+    seed, batch_key, batch_size = to.seed, mo.batch_key, lo.batch_size
     out = Path(out)
     ckdir = out / "checkpoints"
     last = ckdir / "last.ckpt"
@@ -664,44 +577,29 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
         if not epochs:
             raise AtlasmixError(f"nothing to resume: {last} does not exist")
         last = epochs[-1]
-    strat = ddp_strategy(devices, strategy)
-    if num_nodes < 1:
-        raise AtlasmixError(f"--num-nodes must be >= 1, got {num_nodes}")
-    world = devices * num_nodes
+    strat, world = to.lightning_strategy, to.world_size
     rank0 = _launched_rank() == 0  # ranks 1.. are started by a launcher while rank 0 already trains
     progress = progress and rank0
     if not resume and rank0 and out.exists() and any(out.iterdir()):
         raise AtlasmixError(f"{out} is not empty (pass --resume to continue a run there)")
     out.mkdir(parents=True, exist_ok=True)
-    if gene_likelihood not in ("nb", "zinb", "poisson"):
-        raise AtlasmixError(f"gene likelihood must be nb, zinb or poisson, got {gene_likelihood!r}")
-    if not lr > 0:
-        raise AtlasmixError(f"the learning rate must be > 0, got {lr}")
     side = read_sidecar(manifest)
     seed_everything(seed, workers=True, verbose=False)
     scvi.settings.seed = seed
 
-    obs_cols = [batch_key] if batch_key else []
-    common = dict(batch_size=batch_size, io_batch_size=io_batch_size, block_size=block_size, obs_columns=obs_cols,
-                  prefetch_io=prefetch_io, io_threads=io_threads, genes=genes,
-                  x_cache=x_cache, x_cache_format=x_cache_format, x_source=x_source,
-                  x_cache_max_bytes=x_cache_max_bytes, io_batch_bytes=io_batch_bytes)
-    on_train_axis = {k: v for k, v in common.items() if k != "genes"}  # loaders given train's var_joinids
-    held = dict(in_memory=in_memory, in_memory_max_bytes=in_memory_max_bytes)  # not the one-read prior sampler
-    train_opts = {"read_processes": read_processes, **held}
-    if rda is not None:
-        from atlasmix.training.rda import ReadDepthAugment
-
-        train_opts["augment"] = ReadDepthAugment(seed=seed, **rda)
-    train = MixtureLoader(store, manifest, "train", seed=seed, **common, **train_opts)
+    lo = lo.replace(seed=seed, obs_columns=(batch_key,) if batch_key else ())
+    augment = ReadDepthAugment(seed=seed, **to.rda) if to.rda is not None else None
+    train = MixtureLoader(store, manifest, "train", lo, genes=genes, augment=augment)
+    on_train_axis = dict(var_joinids=train.var_joinids, categories=train.categories)
     val = None
-    if validation and side.get("counts", {}).get("validation", 0):
-        # under DDP only rank 0 validates (BudgetCallback): the other ranks never read this split
-        val = MixtureLoader(store, manifest, "validation", shuffle=False, var_joinids=train.var_joinids,
-                            categories=train.categories, **on_train_axis,
-                            **(held if rank0 or world == 1 else {**held, "in_memory": False}))
+    if to.validation and side.get("counts", {}).get("validation", 0):
+        # store order, read in threads; under DDP only rank 0 validates (BudgetCallback): the other
+        # ranks never read this split, so they do not hold it in memory
+        val = MixtureLoader(store, manifest, "validation", lo.replace(
+            shuffle=False, seed=0, read_processes=0, in_memory=lo.in_memory if rank0 or world == 1 else False),
+            **on_train_axis)
     x_cache_meta = {}
-    if x_cache is not None:  # built now rather than inside the first epoch
+    if lo.x_cache is not None:  # built now rather than inside the first epoch
         for name, L in (("train", train), ("validation", val)):
             if L is not None:
                 m = L.ensure_x_cache()
@@ -725,29 +623,25 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     # training loader's 65,536-cell IO batches and 4 read threads this sample peaked at 15.4 GiB of RSS
     # on whole-transcriptome cells, 5.5 GiB with one 20,480-cell read); through the x cache if any
     # (same cells and genes as the training loader, so the same projection)
-    sample_opts = dict(on_train_axis)
-    sample_opts.update(io_batch_size=min(io_batch_size, max(int(prior_cells), batch_size)), io_threads=1, prefetch_io=1)
-    sampler = MixtureLoader(store, manifest, "train", seed=seed + 1, var_joinids=train.var_joinids,
-                            categories=train.categories, **sample_opts)
-    means, variances, sample = library_priors(sampler, batch_key, prior_cells)
+    sampler = MixtureLoader(store, manifest, "train", lo.replace(
+        seed=seed + 1, io_batch_size=min(lo.io_batch_size, max(int(mo.prior_cells), batch_size)), io_threads=1,
+        prefetch_io=1, read_processes=0, in_memory=False, in_memory_max_bytes=None), **on_train_axis)
+    means, variances, sample = library_priors(sampler, batch_key, mo.prior_cells)
     if sample["X"].nnz == 0:  # e.g. mouse cells on a human gene axis: nothing to learn, and scvi-tools
         # would take the all-zero template for a "minified" AnnData and refuse to load the saved model
         raise AtlasmixError(f"the mixture's training cells have no counts on the gene axis ({train.n_vars} genes); "
                             "choose genes its datasets measure (--genes)")
-    adata = template_anndata(store, train, sample, batch_key, n_template)
+    adata = template_anndata(store, train, sample, batch_key, mo.n_template)
     scvi.model.LinearSCVI.setup_anndata(adata, batch_key="batch")
-    model = scvi.model.LinearSCVI(adata, n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers,
-                                  dropout_rate=dropout_rate, dispersion=dispersion, gene_likelihood=gene_likelihood)
+    model = scvi.model.LinearSCVI(adata, n_hidden=mo.n_hidden, n_latent=mo.n_latent, n_layers=mo.n_layers,
+                                  dropout_rate=mo.dropout_rate, dispersion=mo.dispersion,
+                                  gene_likelihood=mo.gene_likelihood)
     model.module.library_log_means.copy_(torch.from_numpy(means))
     model.module.library_log_vars.copy_(torch.from_numpy(variances))
 
     # the budget in optimizer steps; a last minibatch of 1-2 cells would break BatchNorm (and scvi-tools
     # drops such a batch too), so the epoch's tail is dropped then (the permutation changes every epoch)
-    if budget is None:
-        budget = Budget(unit="epochs", value=max_epochs, until_converged=early_stopping, n_validations=max_epochs,
-                        kl_warmup_fraction=None)
-    elif isinstance(budget, str):
-        budget = Budget.parse(budget)
+    budget = to.resolved_budget()
     # under DDP the budget counts in each rank's steps: one step consumes batch_size cells on every rank
     shard = train.with_shard(0, world) if world > 1 else train
     if train.n_obs > batch_size and 0 < shard.shard_size % batch_size < 3:
@@ -760,7 +654,7 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     max_steps = budget.max_steps(epoch_cells, batch_size * world, bpe)
     val_every = budget.val_every(max_steps)
     kl_steps = budget.kl_warmup_steps(max_steps)
-    plan_kwargs = {"lr": lr}
+    plan_kwargs = {"lr": to.lr}
     if kl_steps is not None or budget.kl_warmup_fraction is not None or budget.unit != "epochs":
         plan_kwargs.update(n_epochs_kl_warmup=None, n_steps_kl_warmup=kl_steps)
     kl_desc = (f"{kl_steps} steps" if kl_steps else "none") if "n_steps_kl_warmup" in plan_kwargs \
@@ -769,15 +663,15 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     tracker = BudgetCallback(budget, max_steps, val_every, epoch_cells, val_view)
     dm = StoreDataModule(train, None, batch_key)
     dm.extra_loaders = [val] if val is not None else []
-    ckpt = [EpochCheckpoint(ckdir, checkpoint_every)] if checkpoint_every > 0 else []
+    ckpt = [EpochCheckpoint(ckdir, to.checkpoint_every)] if to.checkpoint_every > 0 else []
     callbacks = [tracker] + ckpt + list(callbacks or [])
     t0 = time.perf_counter()
     # max_steps ends the run; max_epochs is only an upper bound (a resumed run whose checkpoint ended an
     # epoch at max_steps restarts one epoch later, so an exact epoch limit would stop it at once)
     # under DDP scvi-tools' logger writes its history to disk: into the run folder, not the working directory
-    ddp = {"strategy": strat, "num_nodes": num_nodes, "log_save_dir": str(out)} if world > 1 else {}
-    model.train(max_epochs=max_steps, max_steps=max_steps, datamodule=dm, accelerator=accelerator,
-                devices=devices, early_stopping=False, plan_kwargs=plan_kwargs, callbacks=callbacks,
+    ddp = {"strategy": strat, "num_nodes": to.num_nodes, "log_save_dir": str(out)} if world > 1 else {}
+    model.train(max_epochs=max_steps, max_steps=max_steps, datamodule=dm, accelerator=to.accelerator,
+                devices=to.devices, early_stopping=False, plan_kwargs=plan_kwargs, callbacks=callbacks,
                 enable_checkpointing=bool(ckpt), enable_progress_bar=progress,
                 ckpt_path=str(last) if resume else None, **ddp)
     wall = time.perf_counter() - t0
@@ -803,16 +697,17 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
     run = {
         "model": "scvi.model.LinearSCVI",
         "scvi_tools_version": scvi.__version__,
-        "options": {"batch_size": batch_size, "max_epochs": max_epochs, "seed": seed, "n_latent": n_latent,
-                    "n_layers": n_layers, "n_hidden": n_hidden, "dropout_rate": dropout_rate,
-                    "gene_likelihood": gene_likelihood, "dispersion": dispersion, "lr": lr,
-                    "early_stopping": early_stopping, "batch_key": batch_key, "accelerator": accelerator,
-                    "io_batch_size": train.io_batch_size, "io_batch_bytes": io_batch_bytes, "block_size": block_size, "checkpoint_every": checkpoint_every,
-                    "read_processes": read_processes, "x_cache": str(x_cache) if x_cache is not None else None,
-                    "in_memory": train.in_memory, "in_memory_max_bytes": in_memory_max_bytes,
-                    "devices": devices, "num_nodes": num_nodes, "strategy": strat,
+        "options": {"batch_size": batch_size, "max_epochs": to.max_epochs, "seed": seed, "n_latent": mo.n_latent,
+                    "n_layers": mo.n_layers, "n_hidden": mo.n_hidden, "dropout_rate": mo.dropout_rate,
+                    "gene_likelihood": mo.gene_likelihood, "dispersion": mo.dispersion, "lr": to.lr,
+                    "early_stopping": to.early_stopping, "batch_key": batch_key, "accelerator": to.accelerator,
+                    "io_batch_size": train.io_batch_size, "io_batch_bytes": lo.io_batch_bytes,
+                    "block_size": lo.block_size, "checkpoint_every": to.checkpoint_every,
+                    "read_processes": lo.read_processes, "x_cache": str(lo.x_cache) if lo.x_cache is not None else None,
+                    "in_memory": train.in_memory, "in_memory_max_bytes": lo.in_memory_max_bytes,
+                    "devices": to.devices, "num_nodes": to.num_nodes, "strategy": strat,
                     "rda": ({"p": train.augment.p, "beta": list(train.augment.beta),
-                             "min_total": train.augment.min_total} if rda is not None else None)},
+                             "min_total": train.augment.min_total} if to.rda is not None else None)},
         "budget": {**budget.model_dump(mode="json"), "label": budget.label, "max_steps": max_steps,
                    "val_every_steps": val_every, "kl_warmup": kl_desc, "batches_per_epoch": bpe,
                    "drop_last": bool(train.drop_last), "ranks": world, "cells_per_rank_per_epoch": shard.shard_size,
@@ -829,7 +724,7 @@ def train_ldvae(store, manifest: str | Path, out: str | Path, *, accelerator: st
         "n_cells": {"train": train.n_obs, "validation": val.n_obs if val is not None else 0},
         "n_genes": train.n_vars,
         "batch_categories": train.categories.get(batch_key, []) if batch_key else [],
-        "library_prior": {"n_cells_sampled": int(min(prior_cells, len(sample["batch"]))),
+        "library_prior": {"n_cells_sampled": int(min(mo.prior_cells, len(sample["batch"]))),
                           "log_means": means.ravel().tolist(), "log_vars": variances.ravel().tolist()},
         "resumed": bool(resume),
         "epochs_run_this_call": epochs_run,

@@ -57,10 +57,7 @@ import contextlib
 import copy
 import functools
 import math
-import queue
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,16 +72,14 @@ from atlasmix.store import schema as S
 from atlasmix.training import xcache
 from atlasmix.training.memory import InMemoryX, cap_bytes, hold_split
 from atlasmix.training.minibatches import Minibatches
+from atlasmix.training.options import LIBRARY_SOURCES, X_SOURCES, LoaderOptions, route_options
 from atlasmix.training.order import epoch_order, io_batch_permutation, shard_length, shard_order, shuffle_entropy
-from atlasmix.training.read import (LayoutSource, ReadProcesses, TileDBSource, XSource, cancel_pending,
-                                    close_handles, gene_columns, open_handles, read_csr, release)
+from atlasmix.training.read import (LayoutSource, ReadProcesses, ReadThreads, TileDBSource, XSource, gene_columns,
+                                    open_handles, read_ahead, read_csr, release)
 from atlasmix.training.split_cells import read_obs_fields, split_cells
 
-__all__ = ["MixtureLoader", "epoch_order", "shard_order", "shard_length", "shuffle_entropy", "gene_columns",
-           "read_csr", "LIBRARY_SOURCES", "X_SOURCES"]
-
-LIBRARY_SOURCES = ("counts", "total_counts")
-X_SOURCES = ("auto", "layout", "tiledb")
+__all__ = ["MixtureLoader", "LoaderOptions", "epoch_order", "shard_order", "shard_length", "shuffle_entropy",
+           "gene_columns", "read_csr", "LIBRARY_SOURCES", "X_SOURCES"]
 
 
 class MixtureLoader:
@@ -98,102 +93,46 @@ class MixtureLoader:
         ``split`` is ignored); see :func:`atlasmix.training.split_cells.split_cells`.
     split : str
         ``train``, ``validation`` or ``eval`` (cells of several eval sets are served once).
+    options : LoaderOptions, optional
+        How minibatches are made and read (:class:`atlasmix.training.options.LoaderOptions`: batch
+        sizes, shuffle, seed, obs columns, library size, X source, threads, memory).
     genes : sequence of str, optional
-        The gene axis (see :func:`atlasmix.mixing.genes.mixture_genes`); default genes measured in every dataset.
+        The gene axis (see :func:`atlasmix.mixing.genes.mixture_genes`); default genes measured in
+        every dataset.
     var_joinids : numpy.ndarray of int64, optional
         The gene axis as var joinids (overrides ``genes``), e.g. a trained model's genes.
-    batch_size : int
-        Cells per minibatch.
-    io_batch_size : int
-        Cells per store read; rounded up to a multiple of ``batch_size``.
-    io_batch_bytes : int, optional
-        Bound the reads in bytes instead: cells per read become ``io_batch_bytes / (8 x mean
-        nonzeros per cell of the split)`` (obs ``n_genes_by_counts``; 8 bytes per nonzero: the
-        float32 value and int32 column of the whole-row CSR a read decodes), rounded down to a
-        multiple of ``batch_size``, at least ``batch_size`` and at most ``io_batch_size``. A read
-        holds ~``io_batch_size / block_size`` random blocks, so its size stays close to the mean;
-        memory in flight is then ~``(prefetch_io + 1) x io_batch_bytes`` whatever the sequencing
-        depth of the mixture.
-    block_size : int
-        Locality block (consecutive store cells kept together in the permutation), see
-        :mod:`atlasmix.training.order`.
-    shuffle : bool
-        False: store order, no permutation (inference, validation).
-    seed : int
-    drop_last : bool
-        Drop each shard's last short minibatch.
-    obs_columns : sequence of str
-        obs columns delivered as int64 codes (shape (B,)); categories are the sorted distinct
-        values over *all* the manifest's cells (every split), so train and validation agree; see
-        :attr:`categories`.
-    library : {"counts", "total_counts"}
-        ``library_size`` of a minibatch: ``counts`` = sum of the counts over the loader's gene axis
-        (what a model of these genes sees); ``total_counts`` = obs ``total_counts`` (all genes the
-        source measured, computed at ingest).
+    categories : dict of str to list of str, optional
+        Categories of the ``obs_columns`` (e.g. the training loader's, for a validation loader);
+        default: the sorted distinct values over all the manifest's cells.
     device : str or torch.device
         Where ``X`` and ``library_size`` are placed. On CUDA the CSR parts are pinned, copied
         asynchronously and densified on the GPU.
-    sparse : bool
-        Deliver ``X`` as a ``torch.sparse_csr_tensor`` instead of dense.
     rank, world_size : int
         DDP position (default: from ``torch.distributed`` when initialised, else 0 / 1).
     worker, num_workers : int
         Position among data workers of one rank (multi-process loading: each worker builds its own
         loader with its ``worker`` index).
-    uneven : {"drop", "pad"}
-        Equalising shards (see :func:`shard_order`).
-    prefetch_io : int
-        IO batches read ahead of the consumer (bounds memory).
-    io_threads : int
-        Threads issuing TileDB reads.
-    read_buffer_bytes : int or None
-        TileDB's ``soma.init_buffer_bytes`` for X reads (per read; larger results arrive in
-        pieces); None keeps the store context's setting (tiledbsoma's default is larger).
-    gather_on_device : bool or None
-        Copy each IO batch's CSR to ``device`` once (pinned memory, a side CUDA stream, in the
-        prefetch thread) and cut the shuffled minibatches out of it *on the device* (row gather +
-        densify: a handful of kernels per minibatch). None (default): on for CUDA devices, off on
-        the CPU, where the prefetch thread gathers and densifies. See "GPU path" in
-        :mod:`atlasmix.training.minibatches`.
-    read_processes : int
-        0 (default): IO batches are read by ``io_threads`` threads of this process. N > 0: by a pool
-        of N spawned worker processes (each opens the store once), which hand the CSR back through
-        shared memory; the training process then only copies it to the device. See
-        :mod:`atlasmix.training.read`.
-    x_cache : str or pathlib.Path, optional
-        A local folder: read X from a projection of the store onto this loader's cells x gene axis
-        (:mod:`atlasmix.training.xcache`), built there on first use (about one epoch's read) and
-        reused by later epochs and runs with the same store state, cells and genes. A gene subset
-        (e.g. 2,000 HVGs) then costs only its own nonzeros per epoch instead of the whole
-        transcriptome's. Same minibatches as without it.
-    x_cache_format : {"tiledb", "h5"}
-        The x cache's format: compressed TileDB (default) or uncompressed CSR in HDF5 (~4.7x the
-        disk space, read as plain slices: faster, also for whole-transcriptome axes).
-    x_cache_max_bytes : int, optional
-        Size cap of the ``x_cache`` folder (default :func:`atlasmix.training.xcache.cap_bytes`:
-        64 GiB or ``ATLASMIX_X_CACHE_MAX_GB``); least recently used projections not in use are
-        deleted to fit it, and a projection larger than it is refused.
-    x_source : {"auto", "layout", "tiledb"}
-        Where X is read from (without ``x_cache``): ``auto`` (default) the store's x layout when
-        every dataset of the split has one (:mod:`atlasmix.store.xlayout`), else TileDB X;
-        ``layout`` requires the layout; ``tiledb`` always reads ``ms/RNA/X/raw``. The minibatches
-        are the same either way.
-    in_memory : {False, "auto", True}
-        Hold the split's cells on the gene axis in memory (:mod:`atlasmix.training.memory`): read
-        once in store order at the first iteration, then every IO batch is a gather from RAM, as
-        scvi-tools trains from an in-memory AnnData. The minibatches are the same as streamed.
-        ``"auto"``: only for a loader that is one shard (no DDP ranks or workers) and whose split
-        fits ``in_memory_max_bytes`` (estimated from a sample read, enforced while reading: over
-        it, the loader streams); ``True``: always (every shard holds the whole split); ``False``
-        (default): stream. :func:`atlasmix.training.ldvae.train_ldvae` uses ``"auto"``.
-    in_memory_max_bytes : int, optional
-        Cap for ``in_memory="auto"`` (default :func:`atlasmix.training.memory.cap_bytes`: 2 GiB or
-        ``ATLASMIX_IN_MEMORY_MAX_GB``); 8 bytes per nonzero on the gene axis + 16 per cell.
     augment : object, optional
         A count augmentation applied to every IO batch as it arrives, before minibatches are cut
         from it (so every path -- dense, sparse, GPU -- and the ``counts`` library size see it):
         ``augment.csr(csr, soma_joinids, epoch) -> csr``, e.g. read-depth-aware downsampling
         (:class:`atlasmix.training.rda.ReadDepthAugment`).
+    **option_fields
+        Fields of :class:`~atlasmix.training.options.LoaderOptions` by name (``batch_size=256``,
+        ``in_memory=True``, ...), replacing those of ``options``.
+
+    Attributes
+    ----------
+    options : LoaderOptions
+        The options as given; the loader's attributes of the same names hold the settings in
+        effect (``io_batch_size`` rounded up to a multiple of ``batch_size``, or sized by
+        ``io_batch_bytes``; ``obs_columns`` as a list).
+    cells : numpy.ndarray of int64
+        The split's cells (ascending soma_joinids).
+    var_joinids : numpy.ndarray of int64
+        The gene axis.
+    categories, codes : dict
+        Per obs column, its categories and the cells' int32 codes.
 
     Yields
     ------
@@ -208,70 +147,46 @@ class MixtureLoader:
         Empty split, bad options, manifest of another store, ``x_source="layout"`` without a layout.
     """
 
-    def __init__(self, store, manifest: Any, split: str = "train", *, genes: Sequence[str] | None = None,
-                 var_joinids: np.ndarray | None = None, batch_size: int = 1024, io_batch_size: int = 16384,
-                 block_size: int = 64, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 obs_columns: Sequence[str] = ("dataset_id",), library: str = "counts",
-                 device: str | torch.device = "cpu", sparse: bool = False, rank: int | None = None,
-                 world_size: int | None = None, worker: int = 0, num_workers: int = 1, uneven: str = "drop",
-                 prefetch_io: int = 2, io_threads: int = 2, categories: dict[str, list[str]] | None = None,
-                 read_buffer_bytes: int | None = None, gather_on_device: bool | None = None,
-                 read_processes: int = 0, x_cache: str | Path | None = None, x_cache_format: str = "tiledb",
-                 x_source: str = "auto", x_cache_max_bytes: int | None = None,
-                 io_batch_bytes: int | None = None, in_memory: bool | str = False,
-                 in_memory_max_bytes: int | None = None, augment: Any = None):
-        if batch_size < 1 or io_batch_size < 1 or block_size < 1:
-            raise AtlasmixError("batch_size, io_batch_size and block_size must be >= 1")
-        if io_batch_bytes is not None and io_batch_bytes < 1:
-            raise AtlasmixError(f"io_batch_bytes must be >= 1, got {io_batch_bytes}")
-        if library not in LIBRARY_SOURCES:
-            raise AtlasmixError(f"library must be one of {LIBRARY_SOURCES}, got {library!r}")
-        if uneven not in ("drop", "pad"):
-            raise AtlasmixError(f"uneven must be 'drop' or 'pad', got {uneven!r}")
-        if in_memory not in (False, True, "auto"):
-            raise AtlasmixError(f"in_memory must be False, True or 'auto', got {in_memory!r}")
-        if x_source not in X_SOURCES:
-            raise AtlasmixError(f"x_source must be one of {X_SOURCES}, got {x_source!r}")
+    def __init__(self, store, manifest: Any, split: str = "train", options: LoaderOptions | None = None, *,
+                 genes: Sequence[str] | None = None, var_joinids: np.ndarray | None = None,
+                 categories: dict[str, list[str]] | None = None, device: str | torch.device = "cpu",
+                 rank: int | None = None, world_size: int | None = None, worker: int = 0, num_workers: int = 1,
+                 augment: Any = None, **option_fields: Any):
+        options = route_options(option_fields, options or LoaderOptions())[0]
         if rank is None or world_size is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = (torch.distributed.get_rank() if dist else 0) if rank is None else rank
             world_size = (torch.distributed.get_world_size() if dist else 1) if world_size is None else world_size
         if not (0 <= rank < world_size and 0 <= worker < num_workers):
             raise AtlasmixError(f"rank {rank}/{world_size}, worker {worker}/{num_workers} out of range")
+        self.options = options
         self.store = store
         self.split = split
-        self.batch_size = int(batch_size)
-        self.io_batch_size = int(math.ceil(io_batch_size / batch_size) * batch_size)
-        self.block_size = int(block_size)
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.drop_last = bool(drop_last)
-        self.obs_columns = list(obs_columns)
-        self.library = library
+        # the options' fields as attributes, then the settings in effect where they differ
+        for name in LoaderOptions.field_names():
+            setattr(self, name, getattr(options, name))
+        self.batch_size = int(options.batch_size)
+        self.io_batch_size = int(math.ceil(options.io_batch_size / options.batch_size) * options.batch_size)
+        self.block_size = int(options.block_size)
+        self.shuffle = bool(options.shuffle)
+        self.seed = int(options.seed)
+        self.drop_last = bool(options.drop_last)
+        self.obs_columns = list(options.obs_columns)
+        self.sparse = bool(options.sparse)
+        self.prefetch_io = max(1, int(options.prefetch_io))
+        self.io_threads = max(1, int(options.io_threads))
+        self.read_processes = max(0, int(options.read_processes))
+        self.in_memory = "auto" if isinstance(options.in_memory, str) else bool(options.in_memory)
         self.device = torch.device(device)
-        self.sparse = bool(sparse)
         self.rank, self.world_size, self.worker, self.num_workers = int(rank), int(world_size), int(worker), int(num_workers)
-        self.uneven = uneven
-        self.prefetch_io = max(1, int(prefetch_io))
-        self.io_threads = max(1, int(io_threads))
-        self.read_buffer_bytes = read_buffer_bytes
-        self.gather_on_device = gather_on_device
-        self.read_processes = max(0, int(read_processes))
-        self.x_cache = x_cache
-        self.x_cache_format = x_cache_format
-        self.x_cache_max_bytes = x_cache_max_bytes
-        self.x_source = x_source
+        self.augment = augment
         self._x_cache_uri: str | None = None
-        self.in_memory = "auto" if isinstance(in_memory, str) else bool(in_memory)
-        self.in_memory_max_bytes = in_memory_max_bytes
         self._memory: InMemoryX | None = None
         self._memory_tried = False
         self._pool: ReadProcesses | None = None
-        self.augment = augment
         self._order_cache: dict = {}
         self.epoch = 0
         self.batches_done = 0
-        self.io_batch_bytes = io_batch_bytes
         self._setup(manifest, split, genes, var_joinids, categories)
 
     # -------------------------------------------------------------- setup
@@ -473,23 +388,9 @@ class MixtureLoader:
             return False  # each shard would hold the whole split
         cap = (self.in_memory_max_bytes if self.in_memory_max_bytes is not None else cap_bytes()) if auto else None
         source, col_of, ctx = self._source()
-        opened = open_handles(source, ctx, self.io_threads)
-        handles: queue.SimpleQueue = queue.SimpleQueue()
-        for h in opened:
-            handles.put(h)
-
-        def read(k: np.ndarray) -> sp.csr_matrix:
-            X = handles.get()
-            try:
-                return self._read(X, k, col_of)
-            finally:
-                handles.put(X)
-
-        try:
-            self._memory = hold_split(read, self._row_keys(np.arange(self.n_obs)), self.n_vars, self.io_batch_size,
-                                      self.io_threads, cap, seed=self.seed)
-        finally:
-            close_handles(opened)
+        with ReadThreads(open_handles(source, ctx, self.io_threads)) as reads:
+            self._memory = hold_split(lambda k: reads.call(self._read, k, col_of), self._row_keys(np.arange(self.n_obs)),
+                                      self.n_vars, self.io_batch_size, self.io_threads, cap, seed=self.seed)
         return self._memory is not None
 
     # -------------------------------------------------------------- iteration
@@ -524,47 +425,27 @@ class MixtureLoader:
         self.ensure_in_memory()
         read_processes = 0 if self._memory is not None else self.read_processes
 
-        # X handles for the read threads: opened here, before any read starts, and closed below after
-        # the last read ended, so no open or close ever overlaps a read of this loader (concurrent
-        # opens and reads in threads have crashed tiledbsoma: TileDB-SOMA PRs #2800, #2801)
-        handles: queue.SimpleQueue = queue.SimpleQueue()
-        opened: list = []
+        # X handles for the read threads: opened here, before any read starts, and closed after the last
+        # read ended (see ReadThreads)
         if self._memory is not None:  # the split held in memory: every read is a gather from RAM
             opened = [self._memory] * self.io_threads
-        elif read_processes == 0:
-            opened = open_handles(source, ctx, self.io_threads)
-        for h in opened:
-            handles.put(h)
+        else:
+            opened = open_handles(source, ctx, self.io_threads) if read_processes == 0 else []
 
-        def job(i: int, s: int):
-            X = handles.get()  # never waits: the pool runs at most io_threads jobs at once
-            try:
-                pos, m, perm = self._io_batch(X, seq[s:s + self.io_batch_size], shard, i, col_of)
-            finally:
-                handles.put(X)
-            return pos, m, perm, None
-
-        def submit(i: int, s: int):  # (pool: the read threads, entered below)
+        def submit(j: int):  # IO batch first_io + j, read in a thread or a read process
+            i, s = first_io + j, io_starts[j]
             if read_processes == 0:
-                return pool.submit(job, i, s)
+                return reads.submit(lambda X: (*self._io_batch(X, seq[s:s + self.io_batch_size], shard, i, col_of), None))
             pos, _, perm = self._io_batch(None, seq[s:s + self.io_batch_size], shard, i, col_of)
             return self._read_processes(source, ctx, col_of).submit(self._row_keys(pos), pos, perm)
 
-        futs: list = []
         # teardown runs in reverse, also when the consumer stops early: drop the reads not started
-        # yet, wait for the running ones (pool shutdown), then close the read threads' handles
+        # yet, wait for the running ones, then close the read threads' handles
         with contextlib.ExitStack() as teardown:
-            teardown.callback(close_handles, opened)
-            pool = teardown.enter_context(ThreadPoolExecutor(self.io_threads))
-            teardown.callback(cancel_pending, futs)
+            reads = teardown.enter_context(ReadThreads(opened, self.io_threads))
             # at most prefetch_io IO batches read ahead; minibatches cut from each in its shuffled order
-            nxt = 0
-            for k in range(len(io_starts)):
-                while nxt < len(io_starts) and nxt <= k + self.prefetch_io:
-                    futs.append(submit(first_io + nxt, io_starts[nxt]))
-                    nxt += 1
-                pos, m, perm, shms = futs[k].result()
-                futs[k] = None
+            ahead = teardown.enter_context(contextlib.closing(read_ahead(submit, len(io_starts), self.prefetch_io)))
+            for k, (pos, m, perm, shms) in enumerate(ahead):
                 if self.augment is not None:  # a new CSR: the read's (shared) arrays are not written
                     m = self.augment.csr(m, self.cells[pos], self.epoch)
                 held = [shms] if shms else []  # the read's shared-memory blocks, freed once m is not read

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 import secrets
 import threading
 from abc import ABC, abstractmethod
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any, ClassVar
@@ -324,10 +326,74 @@ def close_handles(handles: list) -> None:
             h.close()
 
 
-def cancel_pending(futs: list) -> None:
-    """Drop reads not started yet (``None``: consumed); running reads end on their own."""
-    for f in futs:
-        if f is not None:
-            f.cancel()
+class ReadThreads:
+    """Read threads sharing open X handles, as a context manager.
+
+    Each read takes a free handle, calls ``fn(handle, *args)`` and gives the handle back. On exit
+    the reads still running are waited for, then the handles are closed, so no open or close ever
+    overlaps a read of these handles (concurrent opens and reads in threads have crashed
+    tiledbsoma: TileDB-SOMA PRs #2800, #2801).
+
+    Parameters
+    ----------
+    handles : list
+        Open handles (:func:`open_handles`), at least one per thread that reads at a time; closed on
+        exit.
+    threads : int
+        Threads of :meth:`submit` (0: only :meth:`call`, from the caller's threads).
+    """
+
+    def __init__(self, handles: list, threads: int = 0):
+        self.handles = handles
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for h in handles:
+            self._free.put(h)
+        self._pool = ThreadPoolExecutor(threads) if threads else None
+
+    def call(self, fn: Callable, *args: Any) -> Any:
+        """``fn(handle, *args)`` with a free handle, in the calling thread."""
+        X = self._free.get()  # never waits while no more threads read than there are handles
+        try:
+            return fn(X, *args)
+        finally:
+            self._free.put(X)
+
+    def submit(self, fn: Callable, *args: Any) -> Future:
+        """:meth:`call` in one of the read threads."""
+        return self._pool.submit(self.call, fn, *args)
+
+    def __enter__(self) -> ReadThreads:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+        finally:
+            close_handles(self.handles)
 
 
+def read_ahead(submit: Callable[[int], Any], n: int, depth: int) -> Iterator[Any]:
+    """The results of reads ``0..n-1`` in order, with up to ``depth`` reads started ahead of the one
+    awaited; when the consumer stops early (``close()``), reads not started yet are dropped.
+
+    Parameters
+    ----------
+    submit : callable
+        ``submit(i)`` starts read ``i`` and returns its future (``result()``, ``cancel()``).
+    n, depth : int
+    """
+    futs: list = []
+    try:
+        nxt = 0
+        for k in range(n):
+            while nxt < n and nxt <= k + depth:
+                futs.append(submit(nxt))
+                nxt += 1
+            result = futs[k].result()
+            futs[k] = None
+            yield result
+    finally:
+        for f in futs:  # (None: consumed); running reads end on their own
+            if f is not None:
+                f.cancel()
