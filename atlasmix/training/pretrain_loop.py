@@ -23,8 +23,9 @@ its own):
   (2-core CPU, Geneformer V1 stream of simulated whole-transcriptome cells, batch 12, two runs):
   skipping costs 1.8-3.1 ms per trained step, restoring the position 0.04-0.23 s in all (one
   megabatch read); half-way through a Genecorpus-30M epoch (1.25M steps of 12 cells) a skipping
-  resume would re-read and re-encode for 37-65 minutes. Lightning's checkpoint holds rank 0's loader state only (every rank resumes from
-  it) and no RNG state, so dropout after a resume differs from the uninterrupted run.
+  resume would re-read and re-encode for 37-65 minutes. Lightning's checkpoint holds rank 0's
+  loader state only (every rank resumes from it) and no RNG state, so dropout after a resume
+  differs from the uninterrupted run.
 - *Each rank reads its own shard.* Under ``torchrun`` every rank streams its part of the store;
   accelerate (which ``transformers.Trainer`` needs, and which is not a dependency here) by default
   iterates an ``IterableDataset`` on rank 0 only and sends each rank its batches
@@ -37,13 +38,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
 
 from atlasmix.errors import AtlasmixError
+from atlasmix.mixing.manifest import read_sidecar
 
 
 def device_of(device: str) -> torch.device:
@@ -77,6 +80,30 @@ def check_out(out: Path, resume: bool) -> Path:
     return ck
 
 
+def check_run(out: str | Path, resume: bool, *, model: str, preset: str, presets, batch_size: int,
+              group_batches: int, epochs: int, max_steps: int | None) -> Path:
+    """The checks an scGPT or scBERT run starts with: :func:`check_out`, the preset, the sizes.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.
+
+    Raises
+    ------
+    AtlasmixError
+        As :func:`check_out`; a preset not in ``presets``; a batch size, group batches, epochs or
+        max steps below 1.
+    """
+    out = Path(out)
+    check_out(out, resume)
+    if preset not in presets:
+        raise AtlasmixError(f"unknown {model} preset {preset!r} (one of {', '.join(presets)})")
+    if batch_size < 1 or group_batches < 1 or epochs < 1 or (max_steps is not None and max_steps < 1):
+        raise AtlasmixError("batch size, group batches, epochs and max steps must be >= 1")
+    return out
+
+
 def pin_run_config(out: Path, config: dict[str, Any], resume: bool, rank: int) -> None:
     """The settings that shape a run's model (sizes, encoding, gene axis), fixed at its start in
     ``out/run_config.json``: a resume with other settings is refused before any weight is loaded.
@@ -100,7 +127,17 @@ def pin_run_config(out: Path, config: dict[str, Any], resume: bool, rank: int) -
         path.write_text(json.dumps(config, indent=1) + "\n")
 
 
-def setup_distributed(device: str) -> tuple[bool, int, int, torch.device]:
+class Distributed(NamedTuple):
+    """Where this process trains (:func:`setup_distributed`)."""
+
+    #: A process group is up (``torchrun``).
+    dist: bool
+    rank: int
+    world: int
+    device: torch.device
+
+
+def setup_distributed(device: str) -> Distributed:
     """``(distributed, rank, world_size, device)``; under ``torchrun`` (``WORLD_SIZE`` > 1) the process
     group is initialised here (NCCL on CUDA, gloo on CPU) and each rank takes its ``LOCAL_RANK`` GPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
@@ -114,7 +151,62 @@ def setup_distributed(device: str) -> tuple[bool, int, int, torch.device]:
     dev = device_of(device)
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
-    return dist, rank, world, dev
+    return Distributed(dist, rank, world, dev)
+
+
+def start_run(manifest: str | Path, out: Path, device: str, seed: int) -> tuple[dict[str, Any], Distributed]:
+    """The start every pretraining shares once its options are checked: the manifest's sidecar
+    (:func:`atlasmix.mixing.read_sidecar`), the run folder made, :func:`setup_distributed`, torch
+    seeded with ``seed``.
+
+    Raises
+    ------
+    AtlasmixError
+        A manifest without its sidecar, a device that is not there.
+    """
+    side = read_sidecar(manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = setup_distributed(device)
+    torch.manual_seed(seed)
+    return side, ctx
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How :func:`run_pretraining` optimises and for how long: the keyword arguments of the same
+    names of ``train_geneformer``, ``train_scgpt`` and ``train_scbert``.
+
+    Attributes
+    ----------
+    lr, weight_decay : float
+        AdamW's (maximal) learning rate and weight decay.
+    warmup_steps : int
+        Linear warmup (capped at 10 % of the steps, :func:`optimizer_and_schedule`).
+    max_grad_norm : float
+        Gradient clipping (0: none).
+    epochs, max_steps : int
+        Passes over the train split; ``max_steps`` stops earlier and sets the schedule length.
+    stop_after : int, optional
+        Stop after this step as if interrupted (the schedule still spans the whole run).
+    log_every, checkpoint_every : int
+        Optimizer steps between curve rows / checkpoints (0: checkpoint only at the end).
+    resume : bool
+        Continue from ``out/checkpoints/last.pt``.
+    progress : bool
+        Print a line per curve row (rank 0).
+    """
+
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    max_grad_norm: float
+    epochs: int = 1
+    max_steps: int | None = None
+    stop_after: int | None = None
+    log_every: int = 10
+    checkpoint_every: int = 500
+    resume: bool = False
+    progress: bool = False
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -161,15 +253,16 @@ def optimizer_and_schedule(model: torch.nn.Module, *, lr: float, weight_decay: f
     return opt, get_linear_schedule_with_warmup(opt, warm, total_steps), warm
 
 
-def wrap_ddp(module: torch.nn.Module, dist: bool, dev: torch.device) -> torch.nn.Module:
+def wrap_ddp(module: torch.nn.Module, ctx: Distributed) -> torch.nn.Module:
     """``module`` in DistributedDataParallel when the process group is up, else itself."""
-    if not dist:
+    if not ctx.dist:
         return module
+    dev = ctx.device
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
-def run_record(res: dict[str, Any], *, manifest: Path | str, side: dict, store, n_train: int, resume: bool,
-               steps_per_epoch: int) -> dict[str, Any]:
+def run_record(res: dict[str, Any], *, manifest: Path | str, side: dict, store, n_train: int,
+               resume: bool) -> dict[str, Any]:
     """The ``run.json`` fields every pretraining run shares: the manifest and store it trained on and
     what :func:`run_pretraining` (``res``) did this call. ``cells_this_call`` is this rank's (times the
     world size for all ranks)."""
@@ -181,7 +274,7 @@ def run_record(res: dict[str, Any], *, manifest: Path | str, side: dict, store, 
         "n_cells": {"train": n_train},
         "resumed": bool(resume),
         "steps": res["step"],
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": res["steps_per_epoch"],
         "cells_this_call": res["cells"],
         "tokens_this_call": res["tokens"],
         "wall_s": round(wall, 3),
@@ -211,41 +304,33 @@ def plot_curve(df: pd.DataFrame, path: Path, loss_label: str = "train loss") -> 
     plt.close(fig)
 
 
-def run_pretraining(*, model: torch.nn.Module, net: torch.nn.Module, opt, sched, stream, out: Path,
-                    step_loss: Callable[[dict, int], tuple[torch.Tensor, int, int]], epochs: int,
-                    max_steps: int | None, stop_after: int | None, log_every: int, checkpoint_every: int,
-                    max_grad_norm: float, resume: bool, dist: bool, rank: int, world: int,
-                    progress: bool = False, loss_label: str = "train loss") -> dict[str, Any]:
-    """Train ``net`` over ``stream`` until ``epochs`` or ``max_steps`` (module doc).
+def run_pretraining(*, model: torch.nn.Module, net: torch.nn.Module, stream, out: Path,
+                    step_loss: Callable[[dict, int], tuple[torch.Tensor, int, int]], loop: LoopOptions,
+                    ctx: Distributed, no_decay: Callable[[str], bool] = lambda name: False,
+                    loss_label: str = "train loss") -> dict[str, Any]:
+    """Train ``net`` over ``stream`` until ``loop.epochs`` or ``loop.max_steps`` (module doc).
 
     Parameters
     ----------
     model : torch.nn.Module
-        The module whose ``state_dict`` is checkpointed (inside ``net``).
+        The module whose ``state_dict`` is checkpointed (inside ``net``) and whose trainable
+        parameters AdamW optimises (:func:`optimizer_and_schedule`, stepped once per batch).
     net : torch.nn.Module
-        What ``step_loss`` calls (DDP-wrapped when distributed).
-    opt, sched
-        Optimizer and learning-rate scheduler (stepped once per batch).
+        What ``step_loss`` calls (:func:`wrap_ddp`).
     stream : atlasmix.training.stream.EncodedStream
     out : pathlib.Path
-        Run folder: ``checkpoints/last.pt`` and ``training_curve.csv`` are written there.
+        Run folder: ``checkpoints/last.pt`` and ``training_curve.csv/png`` are written there.
     step_loss : callable
         ``(batch, step) -> (loss, cells, tokens)``: masking and forward pass of one batch (its draws
-        should be a function of the seed, ``step`` and rank, so that a resumed run equals an
-        uninterrupted one).
-    epochs, max_steps, stop_after
-        How long (``stop_after``: stop as if interrupted after that step).
-    log_every, checkpoint_every : int
-        Optimizer steps between curve rows / checkpoints (0: checkpoint only at the end).
-    max_grad_norm : float
-        Gradient clipping (0: none).
-    resume : bool
-        Continue from ``out/checkpoints/last.pt``: weights, optimizer, schedule, every rank's
-        stream position and RNG states.
-    dist, rank, world
+        should be a function of the seed, ``step`` and rank, :func:`step_generator`, so that a
+        resumed run equals an uninterrupted one).
+    loop : LoopOptions
+        Optimisation and how long; ``loop.resume`` continues from ``out/checkpoints/last.pt``:
+        weights, optimizer, schedule, every rank's stream position and RNG states.
+    ctx : Distributed
         :func:`setup_distributed`.
-    progress : bool
-        Print a line per logged step (rank 0).
+    no_decay : callable
+        ``name -> bool``: parameters without weight decay.
     loss_label : str
         The loss axis of ``training_curve.png``.
 
@@ -253,17 +338,23 @@ def run_pretraining(*, model: torch.nn.Module, net: torch.nn.Module, opt, sched,
     -------
     dict
         ``step``, ``epoch``, ``rows`` (the curve), ``cells`` and ``tokens`` (this rank, this call),
-        ``wait_s`` and ``wall_s``.
+        ``wait_s``, ``wall_s``, ``steps_per_epoch`` and ``warmup_steps`` (as capped).
 
     Raises
     ------
     AtlasmixError
         A checkpoint saved by another number of ranks.
     """
+    epochs, max_steps, stop_after = loop.epochs, loop.max_steps, loop.stop_after
+    dist, rank, world = ctx.dist, ctx.rank, ctx.world
+    per_epoch = len(stream)
+    opt, sched, warm = optimizer_and_schedule(model, lr=loop.lr, weight_decay=loop.weight_decay,
+                                              warmup_steps=loop.warmup_steps, no_decay=no_decay,
+                                              total_steps=int(max_steps) if max_steps else per_epoch * epochs)
     loader = stream.loader
     ck = out / "checkpoints" / "last.pt"
     step, epoch, rows = 0, 0, []
-    if resume:
+    if loop.resume:
         st = torch.load(ck, map_location="cpu", weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
@@ -336,8 +427,8 @@ def run_pretraining(*, model: torch.nn.Module, net: torch.nn.Module, opt, sched,
             loss, n, n_tok = step_loss(b, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if loop.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), loop.max_grad_norm)
             opt.step()
             sched.step()
             step += 1
@@ -346,15 +437,15 @@ def run_pretraining(*, model: torch.nn.Module, net: torch.nn.Module, opt, sched,
             acc_loss += float(loss.detach()) * n
             acc_n += n
             acc_cells += n
-            if step % log_every == 0 or stopping():
+            if step % loop.log_every == 0 or stopping():
                 now = time.perf_counter()
                 rows.append(log_row(now))
-                if progress and rank == 0:
+                if loop.progress and rank == 0:
                     r = rows[-1]
                     print(f"step {step} epoch {epoch} loss {r['loss']:.4f} lr {r['lr']:.2e} "
                           f"{r['cells_per_s']:.0f} cells/s wait {r['data_wait_fraction']:.0%}", flush=True)
                 acc_loss, acc_n, acc_cells, acc_wait, t_log = 0.0, 0, 0, 0.0, now
-            if checkpoint_every and step % checkpoint_every == 0:
+            if loop.checkpoint_every and step % loop.checkpoint_every == 0:
                 save_checkpoint()
             if stopping():
                 done = True
@@ -371,4 +462,4 @@ def run_pretraining(*, model: torch.nn.Module, net: torch.nn.Module, opt, sched,
         if len(curve):
             plot_curve(curve, out / "training_curve.png", loss_label)
     return {"step": step, "epoch": epoch, "rows": rows, "cells": cells, "tokens": tokens, "wait_s": wait,
-            "wall_s": wall}
+            "wall_s": wall, "steps_per_epoch": per_epoch, "warmup_steps": warm}

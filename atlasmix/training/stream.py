@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from atlasmix.errors import AtlasmixError
+
 
 class EncodedStream:
     """Training batches of encoded cells from a sparse loader (module doc).
@@ -143,6 +145,65 @@ class EncodedStream:
         self.loader.load_state_dict(state["loader"])
         self.sub_done = int(state.get("sub_done", 0))
         self._epoch, self._mega = self.loader.epoch, self.loader.batches_done
+
+
+def train_loader(store, manifest, var_joinids: np.ndarray, *, batch_size: int, group_batches: int,
+                 io_batch_size: int, block_size: int, seed: int, **options):
+    """The loader of a pretraining stream: a manifest's train split on a model's gene axis, sparse,
+    in megabatches of ``group_batches`` training batches of ``batch_size`` cells.
+
+    Parameters
+    ----------
+    store : atlasmix.store.Store
+    manifest : path
+    var_joinids : numpy.ndarray of int64
+        The model's gene axis in the store.
+    batch_size, group_batches : int
+        Cells per training batch and batches per megabatch (the loader's batch size is their product).
+    io_batch_size : int
+        Cells per store read (at least a megabatch).
+    block_size, seed
+        :class:`~atlasmix.training.loader.MixtureLoader` shuffling.
+    **options
+        Other :class:`~atlasmix.training.loader.MixtureLoader` options (``library``, ``prefetch_io``...).
+
+    Returns
+    -------
+    atlasmix.training.loader.MixtureLoader
+        With ``obs_columns=("dataset_id",)``; DDP shards when a process group is up.
+    """
+    from atlasmix.training.loader import MixtureLoader  # tiledbsoma, numba: loaded when a run starts
+
+    mega = batch_size * group_batches
+    return MixtureLoader(store, manifest, "train", var_joinids=var_joinids, batch_size=mega,
+                         io_batch_size=max(io_batch_size, mega), block_size=block_size, seed=seed,
+                         obs_columns=("dataset_id",), sparse=True, **options)
+
+
+def cells_to_embed(joinids) -> np.ndarray:
+    """``joinids`` sorted and unique (int64).
+
+    Raises
+    ------
+    AtlasmixError
+        No cells.
+    """
+    joinids = np.unique(np.asarray(joinids, dtype=np.int64))
+    if len(joinids) == 0:
+        raise AtlasmixError("no cells to embed")
+    return joinids
+
+
+def embedding_loader(store, joinids: np.ndarray, var_joinids: np.ndarray, *, batch_size: int, io_batch_size: int,
+                     **options):
+    """A loader of ``joinids`` (:func:`cells_to_embed`) in order, on one rank, sparse, on a model's gene
+    axis: the cells of an embedding. ``**options``: other
+    :class:`~atlasmix.training.loader.MixtureLoader` options (``library``)."""
+    from atlasmix.training.loader import MixtureLoader  # tiledbsoma, numba: loaded when embedding starts
+
+    return MixtureLoader(store, joinids, var_joinids=var_joinids, batch_size=batch_size,
+                         io_batch_size=max(io_batch_size, batch_size), shuffle=False, obs_columns=(), sparse=True,
+                         rank=0, world_size=1, **options)
 
 
 def embedding_table(store, joinids: np.ndarray, ids: list[np.ndarray], embs: list[np.ndarray],

@@ -13,9 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from atlasmix.errors import AtlasmixError
 from atlasmix.training.geneformer.tokenizer import GeneformerStream, vocabulary_axis
-from atlasmix.training.stream import embedding_table
+from atlasmix.training.stream import cells_to_embed, embedding_loader, embedding_table
 
 
 def embed_cells(model_path: str | Path, store, joinids: np.ndarray, *, batch_size: int = 64,
@@ -50,18 +49,14 @@ def embed_cells(model_path: str | Path, store, joinids: np.ndarray, *, batch_siz
     """
     from atlasmix.training.geneformer.pretrain import load_model
     from atlasmix.training.pretrain_loop import device_of
-    from atlasmix.training.loader import MixtureLoader
 
-    joinids = np.unique(np.asarray(joinids, dtype=np.int64))
-    if len(joinids) == 0:
-        raise AtlasmixError("no cells to embed")
+    joinids = cells_to_embed(joinids)
     model, dicts, meta = load_model(model_path)
     dev = device_of(device)
     model.to(dev)
     axis = vocabulary_axis(store, dicts)
-    loader = MixtureLoader(store, joinids, var_joinids=axis["var_joinids"], batch_size=batch_size,
-                           io_batch_size=max(io_batch_size, batch_size), shuffle=False, obs_columns=(),
-                           library="total_counts", sparse=True, rank=0, world_size=1)
+    loader = embedding_loader(store, joinids, axis["var_joinids"], batch_size=batch_size, io_batch_size=io_batch_size,
+                              library="total_counts")
     stream = GeneformerStream(loader, axis, dicts, mode=meta["mode"], max_len=int(meta["max_len"]),
                               batch_size=batch_size, group_by_length=False, drop_empty=True)
     special = torch.tensor(dicts.special_ids)

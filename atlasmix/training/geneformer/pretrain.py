@@ -43,8 +43,9 @@ from atlasmix.errors import AtlasmixError
 from atlasmix.training.geneformer.dictionaries import (CLS, EOS, MASK, PAD, Dictionaries, build_dictionaries,
                                                        load_dictionaries, write_dictionaries)
 from atlasmix.training.geneformer.tokenizer import GeneformerStream, mode_settings, vocabulary_axis
-from atlasmix.training.pretrain_loop import (check_out, optimizer_and_schedule, run_pretraining, run_record,
-                                             setup_distributed, step_generator, wrap_ddp)
+from atlasmix.training.pretrain_loop import (LoopOptions, check_out, run_pretraining, run_record, start_run,
+                                             step_generator, wrap_ddp)
+from atlasmix.training.stream import train_loader
 
 #: BertConfig fields per size. ``v1`` = Geneformer V1 (gc30M 6L), ``v1-12l`` = its 12-layer model,
 #: ``v2-104m`` = Geneformer V2 104M; ``tiny`` for tests.
@@ -210,6 +211,7 @@ def model_dir(path: str | Path) -> Path:
     raise AtlasmixError(f"no Geneformer model (config.json) in {p} or {p / 'model'}")
 
 
+# Keyword arguments named as train_scgpt's and train_scbert's (see the note above train_scgpt).
 def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionaries: str | Path | None = None,
                      mode: str = "v1", max_len: int | None = None, preset: str = "v1",
                      config_overrides: dict[str, Any] | None = None, batch_size: int = TRAIN_DEFAULTS["batch_size"],
@@ -293,9 +295,6 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
     """
     from transformers import BertForMaskedLM
 
-    from atlasmix.mixing import read_sidecar
-    from atlasmix.training.loader import MixtureLoader
-
     out = Path(out)
     check_out(out, resume)
     if batch_size < 1 or group_batches < 1 or epochs < 1:
@@ -305,11 +304,12 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
     if not lr > 0:
         raise AtlasmixError(f"the learning rate must be > 0, got {lr}")
     L, special = mode_settings(mode, max_len)
-    out.mkdir(parents=True, exist_ok=True)
-    side = read_sidecar(manifest)
+    loop = LoopOptions(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
+                       epochs=epochs, max_steps=max_steps, stop_after=stop_after, log_every=log_every,
+                       checkpoint_every=checkpoint_every, resume=resume, progress=progress)
     # under torchrun: one process per GPU (NCCL) or per CPU worker (gloo)
-    dist, rank, world, dev = setup_distributed(device)
-    torch.manual_seed(seed)
+    side, ctx = start_run(manifest, out, device, seed)
+    rank, world, dev = ctx.rank, ctx.world, ctx.device
 
     # dictionaries: given, or exact medians of the train split
     ddir = out / "dictionaries"
@@ -337,20 +337,15 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
     if special and not dicts.has_v2_specials:
         raise AtlasmixError("V2 mode needs <cls> and <eos> in the token dictionary")
     axis = vocabulary_axis(store, dicts)
-    loader = MixtureLoader(store, manifest, "train", var_joinids=axis["var_joinids"],
-                           batch_size=batch_size * group_batches, io_batch_size=max(io_batch_size, batch_size * group_batches),
-                           block_size=block_size, seed=seed, obs_columns=("dataset_id",), library="total_counts",
-                           sparse=True, prefetch_io=prefetch_io, io_threads=io_threads)
+    loader = train_loader(store, manifest, axis["var_joinids"], batch_size=batch_size, group_batches=group_batches,
+                          io_batch_size=io_batch_size, block_size=block_size, seed=seed, library="total_counts",
+                          prefetch_io=prefetch_io, io_threads=io_threads)
     stream = GeneformerStream(loader, axis, dicts, mode=mode, max_len=L, batch_size=batch_size,
                               threads=tokenizer_threads)
 
     cfg = bert_config(dicts.vocab_size(), L, preset, **(config_overrides or {}))
     model = BertForMaskedLM(cfg).to(dev)
-    per_epoch = len(stream)
-    opt, sched, warm = optimizer_and_schedule(model, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                                              total_steps=int(max_steps) if max_steps else per_epoch * epochs,
-                                              no_decay=lambda n: n.endswith("bias") or "LayerNorm" in n)
-    net = wrap_ddp(MaskedLMLoss(model), dist, dev)
+    net = wrap_ddp(MaskedLMLoss(model), ctx)
     use_bf16 = bool(bf16 and dev.type == "cuda")
     collator = mlm_collator(dicts, mlm_probability)
 
@@ -363,39 +358,36 @@ def train_geneformer(store, manifest: str | Path, out: str | Path, *, dictionari
             loss = net(mids, att, labels)
         return loss, int(mids.shape[0]), int(b["lengths"].sum())
 
-    res = run_pretraining(model=model, net=net, opt=opt, sched=sched, stream=stream, out=out, step_loss=step_loss,
-                          epochs=epochs, max_steps=max_steps, stop_after=stop_after, log_every=log_every,
-                          checkpoint_every=checkpoint_every, max_grad_norm=max_grad_norm, resume=resume, dist=dist,
-                          rank=rank, world=world, progress=progress,
+    res = run_pretraining(model=model, net=net, stream=stream, out=out, step_loss=step_loss, loop=loop, ctx=ctx,
+                          no_decay=lambda n: n.endswith("bias") or "LayerNorm" in n,
                           loss_label="MLM cross-entropy (nats per masked token)")
-    run: dict[str, Any] = {}
-    if rank == 0:
-        mdir = out / "model"
-        model.save_pretrained(mdir)
-        write_dictionaries(dicts, mdir)
-        meta = {"mode": mode, "max_len": L, "special_tokens": special, "preset": preset,
-                "manifest_sha256": side["manifest"]["sha256"], "store": store.identity()}
-        (mdir / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        import transformers
+    if rank != 0:  # rank 0 writes the outputs
+        return {}
+    mdir = out / "model"
+    model.save_pretrained(mdir)
+    write_dictionaries(dicts, mdir)
+    meta = {"mode": mode, "max_len": L, "special_tokens": special, "preset": preset,
+            "manifest_sha256": side["manifest"]["sha256"], "store": store.identity()}
+    (mdir / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    import transformers
 
-        run = {
-            "model": "transformers.BertForMaskedLM (Geneformer)",
-            "transformers_version": transformers.__version__,
-            "config": {k: getattr(cfg, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                                                     "intermediate_size", "max_position_embeddings", "vocab_size",
-                                                     "hidden_act", "hidden_dropout_prob", "layer_norm_eps")},
-            "options": {"mode": mode, "max_len": L, "preset": preset, "batch_size": batch_size,
-                        "group_batches": group_batches, "epochs": epochs, "max_steps": max_steps, "lr": lr,
-                        "warmup_steps": warm, "weight_decay": weight_decay, "mlm_probability": mlm_probability,
-                        "seed": seed, "device": str(dev), "bf16": use_bf16, "io_batch_size": loader.io_batch_size,
-                        "block_size": block_size, "world_size": loader.world_size,
-                        "dictionaries": str(dictionaries) if dictionaries else "computed from the train split"},
-            **run_record(res, manifest=manifest, side=side, store=store, n_train=loader.n_obs, resume=resume,
-                         steps_per_epoch=per_epoch),
-            "vocabulary": {"n_tokens": dicts.vocab_size(), "n_genes_in_store": int(len(axis["var_joinids"]))},
-            "medians": medians_meta,  # computed this call: passes over X and ranks that shared them
-        }
-        (out / "run.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
+    run = {
+        "model": "transformers.BertForMaskedLM (Geneformer)",
+        "transformers_version": transformers.__version__,
+        "config": {k: getattr(cfg, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                                 "intermediate_size", "max_position_embeddings", "vocab_size",
+                                                 "hidden_act", "hidden_dropout_prob", "layer_norm_eps")},
+        "options": {"mode": mode, "max_len": L, "preset": preset, "batch_size": batch_size,
+                    "group_batches": group_batches, "epochs": epochs, "max_steps": max_steps, "lr": lr,
+                    "warmup_steps": res["warmup_steps"], "weight_decay": weight_decay,
+                    "mlm_probability": mlm_probability, "seed": seed, "device": str(dev), "bf16": use_bf16, "io_batch_size": loader.io_batch_size,
+                    "block_size": block_size, "world_size": loader.world_size,
+                    "dictionaries": str(dictionaries) if dictionaries else "computed from the train split"},
+        **run_record(res, manifest=manifest, side=side, store=store, n_train=loader.n_obs, resume=resume),
+        "vocabulary": {"n_tokens": dicts.vocab_size(), "n_genes_in_store": int(len(axis["var_joinids"]))},
+        "medians": medians_meta,  # computed this call: passes over X and ranks that shared them
+    }
+    (out / "run.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
     return run
 
 

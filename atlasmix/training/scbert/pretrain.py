@@ -32,11 +32,11 @@ from torch import nn
 
 from atlasmix.errors import AtlasmixError
 from atlasmix.training.gene_lists import model_axis, read_gene_list
-from atlasmix.training.pretrain_loop import (check_out, device_of, optimizer_and_schedule, pin_run_config,
-                                             run_pretraining, run_record, setup_distributed, step_generator,
-                                             wrap_ddp)
+from atlasmix.training.pretrain_loop import (LoopOptions, check_run, device_of, pin_run_config, run_pretraining,
+                                             run_record, start_run, step_generator, wrap_ddp)
 from atlasmix.training.scbert.encoding import BIN_NUM, MASK_TOKEN, PAD_TOKEN, ScBERTEncoder
-from atlasmix.training.stream import EncodedStream, embedding_table
+from atlasmix.training.stream import (EncodedStream, cells_to_embed, embedding_loader, embedding_table,
+                                     train_loader)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=32, depth=2, heads=2, dim_head=16),
@@ -146,6 +146,7 @@ def load_scbert(path: str | Path, device: str | torch.device = "cpu") -> tuple[n
     return m.to(device), cfg | {"folder": str(d)}, read_gene_list(d / GENES_FILE)
 
 
+# Keyword arguments named as train_scgpt's and train_geneformer's (see the note above train_scgpt).
 def train_scbert(store, manifest: str | Path, out: str | Path, *, genes: str | Path, gene2vec: str | Path | None = None,
                  preset: str = "scbert", config_overrides: dict[str, Any] | None = None,
                  batch_size: int = TRAIN_DEFAULTS["batch_size"], group_batches: int = 50, epochs: int = 1,
@@ -188,15 +189,8 @@ def train_scbert(store, manifest: str | Path, out: str | Path, *, genes: str | P
     AtlasmixError
         Bad options, gene list, gene2vec matrix, manifest; ``out`` not empty without resume.
     """
-    from atlasmix.mixing import read_sidecar
-    from atlasmix.training.loader import MixtureLoader
-
-    out = Path(out)
-    check_out(out, resume)
-    if preset not in PRESETS:
-        raise AtlasmixError(f"unknown scBERT preset {preset!r} (one of {', '.join(PRESETS)})")
-    if batch_size < 1 or group_batches < 1 or epochs < 1 or (max_steps is not None and max_steps < 1):
-        raise AtlasmixError("batch size, group batches, epochs and max steps must be >= 1")
+    out = check_run(out, resume, model="scBERT", preset=preset, presets=PRESETS, batch_size=batch_size,
+                    group_batches=group_batches, epochs=epochs, max_steps=max_steps)
     if not lr > 0 or not 0 < mask_prob < 1 or not 0 <= replace_prob <= 1:
         raise AtlasmixError("need lr > 0, 0 < mask prob < 1 and 0 <= replace prob <= 1")
     saved = out / GENES_FILE  # the run's gene axis, fixed at its start
@@ -212,26 +206,22 @@ def train_scbert(store, manifest: str | Path, out: str | Path, *, genes: str | P
         if not np.isfinite(g2v).all():
             raise AtlasmixError(f"gene2vec matrix {gene2vec} holds NaN or infinite values")
         config_overrides = {**(config_overrides or {}), "dim": int(g2v.shape[1])}
-    side = read_sidecar(manifest)
-    out.mkdir(parents=True, exist_ok=True)
-    dist, rank, world, dev = setup_distributed(device)
-    torch.manual_seed(seed)
+    loop = LoopOptions(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
+                       epochs=epochs, max_steps=max_steps, stop_after=stop_after, log_every=log_every,
+                       checkpoint_every=checkpoint_every, resume=resume, progress=progress)
+    side, ctx = start_run(manifest, out, device, seed)
+    rank, world, dev = ctx.rank, ctx.world, ctx.device
     axis = model_axis(store, gene_list)
     cfg = {**PRESETS[preset], **{k: v for k, v in (config_overrides or {}).items() if v is not None}}
     pin_run_config(out, {"model": "scbert", "preset": preset, **cfg, "n_genes": len(gene_list),
                          "gene2vec": g2v is not None, "genes_in_store": int(axis["matched"])}, resume, rank)
     if rank == 0 and not (resume and saved.is_file()):
         saved.write_text("\n".join(gene_list) + "\n")
-    mega = batch_size * group_batches
-    loader = MixtureLoader(store, manifest, "train", var_joinids=axis["var_joinids"], batch_size=mega,
-                           io_batch_size=max(io_batch_size, mega), block_size=block_size, seed=seed,
-                           obs_columns=("dataset_id",), sparse=True)
+    loader = train_loader(store, manifest, axis["var_joinids"], batch_size=batch_size, group_batches=group_batches,
+                          io_batch_size=io_batch_size, block_size=block_size, seed=seed)
     stream = ScBERTStream(loader, ScBERTEncoder(axis, threads=encoder_threads), batch_size=batch_size)
     model = build_model(len(gene_list), preset, g2v, **(config_overrides or {})).to(dev)
-    per_epoch = len(stream)
-    opt, sched, warm = optimizer_and_schedule(model, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                                              total_steps=int(max_steps) if max_steps else per_epoch * epochs)
-    net = wrap_ddp(model, dist, dev)
+    net = wrap_ddp(model, ctx)
     use_bf16 = bool(bf16 and dev.type == "cuda")
 
     def step_loss(b: dict, step: int) -> tuple[torch.Tensor, int, int]:
@@ -243,32 +233,28 @@ def train_scbert(store, manifest: str | Path, out: str | Path, *, genes: str | P
         loss = nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=PAD_TOKEN)
         return loss, int(tok.shape[0]), int(tok.ne(0).sum())
 
-    res = run_pretraining(model=model, net=net, opt=opt, sched=sched, stream=stream, out=out, step_loss=step_loss,
-                          epochs=epochs, max_steps=max_steps, stop_after=stop_after, log_every=log_every,
-                          checkpoint_every=checkpoint_every, max_grad_norm=max_grad_norm, resume=resume, dist=dist,
-                          rank=rank, world=world, progress=progress,
+    res = run_pretraining(model=model, net=net, stream=stream, out=out, step_loss=step_loss, loop=loop, ctx=ctx,
                           loss_label="cross-entropy (nats per masked token)")
-    run: dict[str, Any] = {}
-    if rank == 0:
-        _save(model, out / "model", gene_list, {"manifest_sha256": side["manifest"]["sha256"],
-                                                "store": store.identity()})
-        # the store genes behind the axis positions (Ensembl ids): evaluation aligns any eval set to them
-        fid = store.var().loc[axis["var_joinids"], "feature_id"].astype(str).to_numpy()
-        pd.DataFrame({"feature_id": fid, "position": axis["position"]}).to_csv(out / "model" / AXIS_FILE, sep="\t",
-                                                                               index=False)
-        run = {
-            "model": "scBERT (performer_pytorch.PerformerLM)",
-            "config": model.atlasmix_config,
-            "options": {"preset": preset, "batch_size": batch_size, "group_batches": group_batches, "epochs": epochs,
-                        "max_steps": max_steps, "lr": lr, "warmup_steps": warm, "weight_decay": weight_decay,
-                        "mask_prob": mask_prob, "replace_prob": replace_prob, "seed": seed, "device": str(dev),
-                        "bf16": use_bf16, "world_size": world, "genes": str(genes),
-                        "gene2vec": str(gene2vec) if gene2vec else None},
-            **run_record(res, manifest=manifest, side=side, store=store, n_train=loader.n_obs, resume=resume,
-                         steps_per_epoch=per_epoch),
-            "gene_axis": {"n_genes": len(gene_list), "n_genes_in_store": int(axis["matched"])},
-        }
-        (out / "run.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
+    if rank != 0:  # rank 0 writes the outputs
+        return {}
+    _save(model, out / "model", gene_list, {"manifest_sha256": side["manifest"]["sha256"],
+                                            "store": store.identity()})
+    # the store genes behind the axis positions (Ensembl ids): evaluation aligns any eval set to them
+    fid = store.var().loc[axis["var_joinids"], "feature_id"].astype(str).to_numpy()
+    pd.DataFrame({"feature_id": fid, "position": axis["position"]}).to_csv(out / "model" / AXIS_FILE, sep="\t",
+                                                                           index=False)
+    run = {
+        "model": "scBERT (performer_pytorch.PerformerLM)",
+        "config": model.atlasmix_config,
+        "options": {"preset": preset, "batch_size": batch_size, "group_batches": group_batches, "epochs": epochs,
+                    "max_steps": max_steps, "lr": lr, "warmup_steps": res["warmup_steps"], "weight_decay": weight_decay,
+                    "mask_prob": mask_prob, "replace_prob": replace_prob, "seed": seed, "device": str(dev),
+                    "bf16": use_bf16, "world_size": world, "genes": str(genes),
+                    "gene2vec": str(gene2vec) if gene2vec else None},
+        **run_record(res, manifest=manifest, side=side, store=store, n_train=loader.n_obs, resume=resume),
+        "gene_axis": {"n_genes": len(gene_list), "n_genes_in_store": int(axis["matched"])},
+    }
+    (out / "run.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
     return run
 
 
@@ -288,17 +274,11 @@ def embed_cells(model_path: str | Path, store, joinids: np.ndarray, *, batch_siz
     AtlasmixError
         No cells or no model.
     """
-    from atlasmix.training.loader import MixtureLoader
-
-    joinids = np.unique(np.asarray(joinids, dtype=np.int64))
-    if len(joinids) == 0:
-        raise AtlasmixError("no cells to embed")
+    joinids = cells_to_embed(joinids)
     dev = device_of(device)
     model, cfg, gene_list = load_scbert(model_path, dev)
     axis = model_axis(store, gene_list)
-    loader = MixtureLoader(store, joinids, var_joinids=axis["var_joinids"], batch_size=batch_size,
-                           io_batch_size=max(io_batch_size, batch_size), shuffle=False, obs_columns=(), sparse=True,
-                           rank=0, world_size=1)
+    loader = embedding_loader(store, joinids, axis["var_joinids"], batch_size=batch_size, io_batch_size=io_batch_size)
     stream = ScBERTStream(loader, ScBERTEncoder(axis), batch_size=batch_size)
     embs, ids, ntok = [], [], []
     with torch.inference_mode():

@@ -32,13 +32,13 @@ import pandas as pd
 import torch
 
 from atlasmix.errors import AtlasmixError
-from atlasmix.training.pretrain_loop import (check_out, device_of, optimizer_and_schedule, pin_run_config,
-                                             run_pretraining, run_record, setup_distributed, step_generator,
-                                             wrap_ddp)
+from atlasmix.training.pretrain_loop import (LoopOptions, check_run, device_of, pin_run_config, run_pretraining,
+                                             run_record, start_run, step_generator, wrap_ddp)
 from atlasmix.training.scgpt.encoding import (CLS, MASK_VALUE, MAX_LEN, N_BINS, PAD, PAD_VALUE, ScGPTEncoder,
                                               load_vocab, vocabulary_axis)
 from atlasmix.training.scgpt.model import PRESETS, ScGPTModel, load_scgpt
-from atlasmix.training.stream import EncodedStream, embedding_table
+from atlasmix.training.stream import (EncodedStream, cells_to_embed, embedding_loader, embedding_table,
+                                     train_loader)
 
 #: scGPT's pretraining settings (``mask_ratio``; learning rate of its whole-human pretraining).
 TRAIN_DEFAULTS = dict(lr=1e-4, weight_decay=0.0, warmup_steps=1_000, batch_size=32, mask_ratio=0.4)
@@ -107,6 +107,9 @@ def store_vocab(store) -> dict[str, int]:
     return {s: i for i, s in enumerate(sym)} | {PAD: len(sym), CLS: len(sym) + 1, "<eoc>": len(sym) + 2}
 
 
+# Its keyword arguments are the Python API that the CLI, the study grid, tests and benchmarks call;
+# train_geneformer and train_scbert take the same names for the same settings (LoopOptions and
+# train_loader inside), so the three signatures repeat those lines on purpose.
 def train_scgpt(store, manifest: str | Path, out: str | Path, *, vocab: str | Path | None = None,
                 preset: str = "scgpt", config_overrides: dict[str, Any] | None = None, n_bins: int = N_BINS,
                 max_len: int = MAX_LEN, batch_size: int = TRAIN_DEFAULTS["batch_size"], group_batches: int = 50,
@@ -172,23 +175,17 @@ def train_scgpt(store, manifest: str | Path, out: str | Path, *, vocab: str | Pa
     AtlasmixError
         ``out`` not empty without resume, nothing to resume, bad options, vocabulary or manifest.
     """
-    from atlasmix.mixing import read_sidecar
-    from atlasmix.training.loader import MixtureLoader
-
-    out = Path(out)
-    check_out(out, resume)
-    if preset not in PRESETS:
-        raise AtlasmixError(f"unknown scGPT preset {preset!r} (one of {', '.join(PRESETS)})")
-    if batch_size < 1 or group_batches < 1 or epochs < 1 or (max_steps is not None and max_steps < 1):
-        raise AtlasmixError("batch size, group batches, epochs and max steps must be >= 1")
+    out = check_run(out, resume, model="scGPT", preset=preset, presets=PRESETS, batch_size=batch_size,
+                    group_batches=group_batches, epochs=epochs, max_steps=max_steps)
     if not lr > 0 or not 0 < mask_ratio < 1:
         raise AtlasmixError(f"need lr > 0 and 0 < mask ratio < 1, got {lr} and {mask_ratio}")
     if n_bins < 3 or max_len < 2:
         raise AtlasmixError(f"n_bins must be >= 3 and max_len >= 2, got {n_bins} and {max_len}")
-    side = read_sidecar(manifest)
-    out.mkdir(parents=True, exist_ok=True)
-    dist, rank, world, dev = setup_distributed(device)
-    torch.manual_seed(seed)
+    loop = LoopOptions(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
+                       epochs=epochs, max_steps=max_steps, stop_after=stop_after, log_every=log_every,
+                       checkpoint_every=checkpoint_every, resume=resume, progress=progress)
+    side, ctx = start_run(manifest, out, device, seed)
+    rank, world, dev = ctx.rank, ctx.world, ctx.device
     saved_vocab = out / VOCAB_FILE  # the run's vocabulary, fixed at its start
     if resume and saved_vocab.is_file():
         vocab_d = load_vocab(saved_vocab)
@@ -198,10 +195,9 @@ def train_scgpt(store, manifest: str | Path, out: str | Path, *, vocab: str | Pa
             saved_vocab.write_text(json.dumps(vocab_d) + "\n")
     axis = vocabulary_axis(store, vocab_d)
     encoder = ScGPTEncoder(axis, vocab_d, n_bins=n_bins, max_len=max_len, seed=seed, threads=encoder_threads)
-    mega = batch_size * group_batches
-    loader = MixtureLoader(store, manifest, "train", var_joinids=axis["var_joinids"], batch_size=mega,
-                           io_batch_size=max(io_batch_size, mega), block_size=block_size, seed=seed,
-                           obs_columns=("dataset_id",), sparse=True, prefetch_io=prefetch_io, io_threads=io_threads)
+    loader = train_loader(store, manifest, axis["var_joinids"], batch_size=batch_size, group_batches=group_batches,
+                          io_batch_size=io_batch_size, block_size=block_size, seed=seed, prefetch_io=prefetch_io,
+                          io_threads=io_threads)
     stream = ScGPTStream(loader, encoder, batch_size=batch_size)
     cfg = {**PRESETS[preset], **{k: v for k, v in (config_overrides or {}).items() if v is not None}}
     if cfg["d_model"] % cfg["n_heads"]:
@@ -210,11 +206,7 @@ def train_scgpt(store, manifest: str | Path, out: str | Path, *, vocab: str | Pa
                          "n_tokens": max(vocab_d.values()) + 1, "genes_in_store": int(len(axis["var_joinids"]))},
                    resume, rank)
     model = ScGPTModel(max(vocab_d.values()) + 1, vocab_d[PAD], **cfg).to(dev)
-    per_epoch = len(stream)
-    opt, sched, warm = optimizer_and_schedule(model, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                                              total_steps=int(max_steps) if max_steps else per_epoch * epochs,
-                                              no_decay=lambda n: n.endswith("bias") or "norm" in n)
-    net = wrap_ddp(model, dist, dev)
+    net = wrap_ddp(model, ctx)
     use_bf16 = bool(bf16 and dev.type == "cuda")
 
     def step_loss(b: dict, step: int) -> tuple[torch.Tensor, int, int]:
@@ -227,33 +219,30 @@ def train_scgpt(store, manifest: str | Path, out: str | Path, *, vocab: str | Pa
         loss = ((pred.float() - values) ** 2 * m).sum() / m.sum().clamp(min=1.0)  # scGPT's masked_mse_loss
         return loss, int(genes.shape[0]), int(b["lengths"].sum())
 
-    res = run_pretraining(model=model, net=net, opt=opt, sched=sched, stream=stream, out=out, step_loss=step_loss,
-                          epochs=epochs, max_steps=max_steps, stop_after=stop_after, log_every=log_every,
-                          checkpoint_every=checkpoint_every, max_grad_norm=max_grad_norm, resume=resume, dist=dist,
-                          rank=rank, world=world, progress=progress,
+    res = run_pretraining(model=model, net=net, stream=stream, out=out, step_loss=step_loss, loop=loop, ctx=ctx,
+                          no_decay=lambda n: n.endswith("bias") or "norm" in n,
                           loss_label="masked-value MSE (bins^2 per masked token)")
-    run: dict[str, Any] = {}
-    if rank == 0:
-        mdir = out / "model"
-        model.save(mdir, {"n_bins": n_bins, "max_len": max_len, "preset": preset,
-                          "manifest_sha256": side["manifest"]["sha256"], "store": store.identity()})
-        (mdir / VOCAB_FILE).write_text(json.dumps(vocab_d) + "\n")
-        # the store genes behind the tokens (Ensembl ids): evaluation aligns any eval set to them
-        pd.DataFrame({"feature_id": axis["feature_id"], "token_id": axis["token_ids"]}).to_csv(
-            mdir / AXIS_FILE, sep="\t", index=False)
-        run = {
-            "model": "scGPT (atlasmix.training.scgpt.model.ScGPTModel: torch TransformerEncoder, GEP head)",
-            "config": model.config,
-            "options": {"preset": preset, "n_bins": n_bins, "max_len": max_len, "batch_size": batch_size,
-                        "group_batches": group_batches, "epochs": epochs, "max_steps": max_steps, "lr": lr,
-                        "warmup_steps": warm, "weight_decay": weight_decay, "mask_ratio": mask_ratio, "seed": seed,
-                        "device": str(dev), "bf16": use_bf16, "world_size": world,
-                        "vocab": str(vocab) if vocab else "the store's gene symbols"},
-            **run_record(res, manifest=manifest, side=side, store=store, n_train=loader.n_obs, resume=resume,
-                         steps_per_epoch=per_epoch),
-            "vocabulary": {"n_tokens": model.config["n_tokens"], "n_genes_in_store": int(len(axis["var_joinids"]))},
-        }
-        (out / "run.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
+    if rank != 0:  # rank 0 writes the outputs
+        return {}
+    mdir = out / "model"
+    model.save(mdir, {"n_bins": n_bins, "max_len": max_len, "preset": preset,
+                      "manifest_sha256": side["manifest"]["sha256"], "store": store.identity()})
+    (mdir / VOCAB_FILE).write_text(json.dumps(vocab_d) + "\n")
+    # the store genes behind the tokens (Ensembl ids): evaluation aligns any eval set to them
+    pd.DataFrame({"feature_id": axis["feature_id"], "token_id": axis["token_ids"]}).to_csv(
+        mdir / AXIS_FILE, sep="\t", index=False)
+    run = {
+        "model": "scGPT (atlasmix.training.scgpt.model.ScGPTModel: torch TransformerEncoder, GEP head)",
+        "config": model.config,
+        "options": {"preset": preset, "n_bins": n_bins, "max_len": max_len, "batch_size": batch_size,
+                    "group_batches": group_batches, "epochs": epochs, "max_steps": max_steps, "lr": lr,
+                    "warmup_steps": res["warmup_steps"], "weight_decay": weight_decay, "mask_ratio": mask_ratio,
+                    "seed": seed, "device": str(dev), "bf16": use_bf16, "world_size": world,
+                    "vocab": str(vocab) if vocab else "the store's gene symbols"},
+        **run_record(res, manifest=manifest, side=side, store=store, n_train=loader.n_obs, resume=resume),
+        "vocabulary": {"n_tokens": model.config["n_tokens"], "n_genes_in_store": int(len(axis["var_joinids"]))},
+    }
+    (out / "run.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
     return run
 
 
@@ -283,18 +272,12 @@ def embed_cells(model_path: str | Path, store, joinids: np.ndarray, *, batch_siz
     AtlasmixError
         No cells, no model, no vocabulary gene in the store.
     """
-    from atlasmix.training.loader import MixtureLoader
-
-    joinids = np.unique(np.asarray(joinids, dtype=np.int64))
-    if len(joinids) == 0:
-        raise AtlasmixError("no cells to embed")
+    joinids = cells_to_embed(joinids)
     dev = device_of(device)
     model, cfg = load_scgpt(model_path, dev)
     vocab_d = load_vocab(Path(cfg["folder"]) / VOCAB_FILE)
     axis = vocabulary_axis(store, vocab_d)
-    loader = MixtureLoader(store, joinids, var_joinids=axis["var_joinids"], batch_size=batch_size,
-                           io_batch_size=max(io_batch_size, batch_size), shuffle=False, obs_columns=(), sparse=True,
-                           rank=0, world_size=1)
+    loader = embedding_loader(store, joinids, axis["var_joinids"], batch_size=batch_size, io_batch_size=io_batch_size)
     enc = ScGPTEncoder(axis, vocab_d, n_bins=int(cfg["n_bins"]), max_len=int(cfg["max_len"]), seed=0)
     stream = ScGPTStream(loader, enc, batch_size=batch_size, group_by_length=False, drop_empty=True)
     D = int(cfg["d_model"])
