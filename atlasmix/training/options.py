@@ -204,7 +204,7 @@ class LDVAEModelOptions(_Options):
         obs column used as the batch covariate (default ``dataset_id``; None: no batch).
     prior_cells : int
         Training cells sampled to estimate the library-size priors (see
-        :mod:`atlasmix.training.ldvae`).
+        :mod:`atlasmix.training.ldvae.template`).
     n_template : int
         Cells in the template AnnData saved with the model.
 
