@@ -38,6 +38,7 @@ Geneformer, scGPT, scBERT
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,7 @@ from atlasmix.errors import AtlasmixError
 from atlasmix.evaluation.metrics import reconstruction_accuracy
 from atlasmix.evaluation.overlap import TrainedOnManifest
 from atlasmix.evaluation.pretrained import GeneformerAdapter, ScBERTAdapter, ScGPTAdapter
+from atlasmix.mixing import read_sidecar
 from atlasmix.preprocess import GramPCA, log1p_cp10k
 
 
@@ -69,14 +71,12 @@ class LDVAEAdapter(TrainedOnManifest):
     kind = "ldvae"
 
     def __init__(self, path: str | Path, device: str = "cpu"):
-        import scvi
+        import scvi  # (heavy: loaded only when an LDVAE is evaluated)
 
         self.path = Path(path)
         if not (self.path / "model" / "model.pt").is_file() or not (self.path / "run.json").is_file():
             raise AtlasmixError(f"{self.path} is not an LDVAE run directory (needs model/model.pt and run.json)")
         self.run = json.loads((self.path / "run.json").read_text())
-        import logging
-
         logging.getLogger("scvi").setLevel(logging.WARNING)
         self.model = scvi.model.LinearSCVI.load(str(self.path / "model"), accelerator="cpu" if device == "cpu" else "auto")
         self.model.module.eval()
@@ -99,8 +99,6 @@ class LDVAEAdapter(TrainedOnManifest):
     def _trained_batches(self, cats: list[str]) -> set[str]:
         """Batch categories with training cells: from the sidecar's composition when the batch key is
         ``dataset_id``; otherwise (or without a readable sidecar) every category counts as seen."""
-        from atlasmix.mixing import read_sidecar
-
         path = self.run.get("manifest", {}).get("path")
         if self.batch_key != "dataset_id" or not path or not Path(path).is_file():
             return set(cats)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from atlasmix.errors import AtlasmixError
+from atlasmix.mixing import read_manifest
+from atlasmix.store import Store
 from atlasmix.store.fingerprint import copy_candidates, shared_cells
 
 
@@ -40,8 +42,6 @@ def training_cells_from_manifest(path: str | None, sha256: str | None) -> tuple[
     """
     if not path or not Path(path).is_file():
         return None, {}
-    from atlasmix.mixing import read_manifest
-
     table, side = read_manifest(path)  # verifies the file's sha256 against the sidecar
     if sha256 and side["manifest"]["sha256"] != sha256:
         raise AtlasmixError(f"manifest {path} is not the one the model was trained on (sha256 differs)")
@@ -94,8 +94,6 @@ def check_overlap(model, eval_set, store=None) -> dict:
         Overlap (shared joinids or copied cells), or a store set evaluated against a model trained
         on another store.
     """
-    from atlasmix.store import Store
-
     train_ids, info = model.training_cells()
     rec = info.get("store", {}) or {}
     if train_ids is None:

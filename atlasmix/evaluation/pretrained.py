@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from atlasmix.errors import AtlasmixError
+from atlasmix.evaluation.metrics import rank_prediction_score
 from atlasmix.evaluation.overlap import TrainedOnManifest
 
 
@@ -185,8 +186,6 @@ class GeneformerAdapter(TrainedOnManifest):
             NaN for cells with fewer than 3 masked genes.
         """
         import torch
-
-        from atlasmix.evaluation.metrics import rank_prediction_score
 
         if np.max(lengths, initial=0) < 3 or tokens.shape[1] == 0:  # no cell can have 3 masked genes
             return np.full(len(lengths), np.nan)

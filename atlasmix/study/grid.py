@@ -8,11 +8,14 @@ tables of :mod:`atlasmix.study.tables` from their folders.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from atlasmix.ingest.readers import sha256_of
 from atlasmix.mixing import read_sidecar
@@ -93,14 +96,12 @@ def grid_tasks(spec: StudySpec, manifests: dict, genes: list[str], eval_entries:
 def execute(tasks: list[dict], jobs: int, log: Callable[[str], None], progress: bool, client=None) -> list[dict]:
     """Run every task (inline, in ``jobs`` spawned processes, or on a dask.distributed ``client``)
     and return their results (:func:`atlasmix.study.grid_cell.run_grid_cell`), in completion order."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     results = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=False, disable=not progress) as prog:
         bar = prog.add_task("grid cells", total=len(tasks))
         if client is not None:  # dask.distributed workers: one grid cell per task, written to the shared out/
-            from distributed import as_completed as dask_completed
+            from distributed import as_completed as dask_completed  # (only with a dask cluster)
 
             futs = client.map(run_grid_cell, tasks, pure=False)
             names = {f.key: Path(t["run_dir"]).name for f, t in zip(futs, tasks)}
@@ -120,9 +121,6 @@ def execute(tasks: list[dict], jobs: int, log: Callable[[str], None], progress: 
                 prog.advance(bar)
                 log(f"   {Path(t['run_dir']).name}: {r['status']} ({r['wall_s']:.1f} s)")
         else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
             with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
                 futs = {ex.submit(run_grid_cell, t): t for t in tasks}
                 for f in as_completed(futs):

@@ -93,6 +93,7 @@ def run_grid_cell(task: dict) -> dict:
 
 
 def _run_grid_cell(task: dict) -> dict:
+    # torch, scvi-tools and the trainers import in seconds: only where a grid cell runs
     import torch
 
     from atlasmix.training.ldvae import train_ldvae
