@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from atlasmix.errors import AtlasmixError
 from atlasmix.training.options import LDVAE_LOADER, LDVAEModelOptions, LDVAETrainOptions
 
 #: the defaults of ``train ldvae``: its option groups' (one source for the CLI, the study spec and the API)
@@ -23,16 +24,79 @@ def check_devices(devices: int, model: str) -> None:
         ``devices`` is not 1.
     """
     if devices != 1:
-        from atlasmix.errors import AtlasmixError
-
         hint = " (Geneformer: run under torchrun --nproc_per_node N instead)" if model == "Geneformer" else ""
         raise AtlasmixError(f"--devices {devices}: {model} trains on one device per process{hint}")
 
 
-def register(app: typer.Typer) -> None:
-    """Add the ``train`` sub-commands (``ldvae``) and ``x-cache`` (``list``, ``clean``) to ``app``."""
+def train_group(app: typer.Typer) -> typer.Typer:
+    """The ``atlasmix train`` sub-app of ``app``, made by the first stage that adds a training command
+    (:func:`register` here; Geneformer, scGPT and scBERT add theirs to it)."""
+    for g in app.registered_groups:
+        if g.name == "train" and g.typer_instance is not None:
+            return g.typer_instance
     train = typer.Typer(help="Train models on a mixture, streamed from the store.", no_args_is_help=True)
     app.add_typer(train, name="train")
+    return train
+
+
+# The options that the pretraining (train geneformer|scgpt|scbert) and embedding commands share: one
+# flag, one help text (each command gives its own default).
+StoreOpt = Annotated[str, typer.Option("--store", help="Store path or URI.")]
+TrainSplitOpt = Annotated[Path, typer.Option("--mixture", help="Resolved manifest (.parquet); its train split.")]
+AcceleratorOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, gpu.")]
+StepCellsOpt = Annotated[int, typer.Option(help="Cells per optimizer step.")]
+MegabatchOpt = Annotated[int, typer.Option(help="Batches per length-grouping megabatch.")]
+EpochsOpt = Annotated[int, typer.Option(help="Epochs.")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")]
+MaxLrOpt = Annotated[float, typer.Option(help="Maximal learning rate.")]
+WarmupOpt = Annotated[int, typer.Option(help="Linear warmup steps (capped at 10% of all steps).")]
+Bf16Opt = Annotated[bool, typer.Option(help="bf16 autocast on CUDA.")]
+IoBatchOpt = Annotated[int, typer.Option(help="Cells per store read.")]
+LogEveryOpt = Annotated[int, typer.Option(help="Steps per training-curve row.")]
+CheckpointEveryOpt = Annotated[int, typer.Option(help="Steps between checkpoints (0: at the end only).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints/last.pt.")]
+ProgressOpt = Annotated[bool, typer.Option(help="Print a line per curve row.")]
+EmbedOutOpt = Annotated[Path, typer.Option("--out", help="Output .parquet (soma_joinid, obs, n_tokens, emb_*).")]
+EmbedBatchOpt = Annotated[int, typer.Option(help="Cells per forward pass.")]
+
+
+def echo_run(run: dict, out: Path) -> None:
+    """Print what a pretraining did (``run.json``'s speed and loss) and where its model is; nothing on
+    DDP ranks other than 0 (their ``run`` is empty)."""
+    if run:
+        typer.echo(json.dumps({k: run.get(k) for k in ("steps", "cells_this_call", "wall_s", "train_cells_per_s",
+                                                       "data_wait_fraction", "final_loss")}))
+        typer.echo(f"model: {Path(out) / 'model'}", err=True)
+
+
+def write_embeddings(embed_cells, model: Path, store: str, where: str, out: Path, batch_size: int,
+                     device: str) -> None:
+    """``atlasmix MODEL embed``: the cells matching ``where`` embedded by ``embed_cells`` (a model's
+    ``embed_cells(model, store, joinids, batch_size=, device=)``), written to ``out`` (parquet), and a
+    summary line printed.
+
+    Raises
+    ------
+    AtlasmixError
+        No cell matches ``where``.
+    """
+    from atlasmix.store import Store
+    from atlasmix.store.query import select_joinids
+
+    s = Store(store)
+    ids = select_joinids(s, where)
+    if len(ids) == 0:
+        raise AtlasmixError(f"no cell matches --where {where!r}")
+    df = embed_cells(model, s, ids, batch_size=batch_size, device=device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.reset_index().to_parquet(out)
+    typer.echo(json.dumps({"n_cells": int(len(df)), "n_without_tokens": int((df["n_tokens"] == 0).sum()),
+                           "dim": int(df.filter(like="emb_").shape[1])}))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``train`` sub-commands (``ldvae``) and ``x-cache`` (``list``, ``clean``) to ``app``."""
+    train = train_group(app)
 
     @train.command("ldvae")
     def ldvae_cmd(

@@ -10,18 +10,11 @@ import numpy as np
 import typer
 
 from atlasmix.errors import AtlasmixError
-from atlasmix.training.cli import check_devices
+from atlasmix.training.cli import (AcceleratorOpt, Bf16Opt, CheckpointEveryOpt, EmbedBatchOpt, EmbedOutOpt, EpochsOpt,
+                                   IoBatchOpt, LogEveryOpt, MaxLrOpt, MaxStepsOpt, MegabatchOpt, ProgressOpt, ResumeOpt,
+                                   StepCellsOpt, StoreOpt, TrainSplitOpt, WarmupOpt, check_devices, echo_run,
+                                   train_group, write_embeddings)
 from atlasmix.training.defaults import torch_device_name
-
-
-def _train_group(app: typer.Typer) -> typer.Typer:
-    """The ``train`` sub-app registered by :mod:`atlasmix.training.cli` (created if absent)."""
-    for g in app.registered_groups:
-        if g.name == "train" and g.typer_instance is not None:
-            return g.typer_instance
-    train = typer.Typer(help="Train models on a mixture, streamed from the store.", no_args_is_help=True)
-    app.add_typer(train, name="train")
-    return train
 
 
 def register(app: typer.Typer) -> None:
@@ -31,7 +24,7 @@ def register(app: typer.Typer) -> None:
 
     @gf.command("medians")
     def medians_cmd(
-        store: Annotated[str, typer.Option("--store", help="Store path or URI.")],
+        store: StoreOpt,
         out: Annotated[Path, typer.Option("--out", help="Output folder: token_dictionary.pkl, "
                                                         "gene_median_dictionary.pkl, medians.parquet, medians.json.")],
         mixture: Annotated[Optional[Path], typer.Option("--mixture", help="Manifest: use its --split cells "
@@ -78,35 +71,26 @@ def register(app: typer.Typer) -> None:
     def embed_cmd(
         model: Annotated[Path, typer.Option("--model", help="Run folder of `atlasmix train geneformer` "
                                                             "(or its model/ folder).")],
-        store: Annotated[str, typer.Option("--store", help="Store path or URI.")],
+        store: StoreOpt,
         where: Annotated[str, typer.Option("--where", help="SQL predicate over obs (duckdb), e.g. "
                                                            "\"dataset_id = 'pbmc3k'\".")],
-        out: Annotated[Path, typer.Option("--out", help="Output .parquet (soma_joinid, obs, n_tokens, emb_*).")],
-        batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 64,
-        accelerator: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, gpu.")] = "auto",
+        out: EmbedOutOpt,
+        batch_size: EmbedBatchOpt = 64,
+        accelerator: AcceleratorOpt = "auto",
         device: Annotated[Optional[str], typer.Option(hidden=True, help="Old spelling of --accelerator.")] = None,
     ):
         """Cell embeddings: mean of the second-to-last layer over the gene tokens."""
-        from atlasmix.store import Store
-        from atlasmix.store.query import select_joinids
         from atlasmix.training.geneformer.embed import embed_cells
 
-        s = Store(store)
-        ids = select_joinids(s, where)
-        if len(ids) == 0:
-            raise AtlasmixError(f"no cell matches --where {where!r}")
-        df = embed_cells(model, s, ids, batch_size=batch_size, device=torch_device_name(accelerator, device))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        df.reset_index().to_parquet(out)
-        typer.echo(json.dumps({"n_cells": int(len(df)), "n_without_tokens": int((df["n_tokens"] == 0).sum()),
-                               "dim": int(df.filter(like="emb_").shape[1])}))
+        write_embeddings(embed_cells, model, store, where, out, batch_size, torch_device_name(accelerator, device))
 
-    train = _train_group(app)
+    train = train_group(app)
 
+    # options shared with train scgpt / scbert: the aliases of atlasmix.training.cli (see fm_cli)
     @train.command("geneformer")
     def train_cmd(
-        store: Annotated[str, typer.Option("--store", help="Store path or URI.")],
-        mixture: Annotated[Path, typer.Option("--mixture", help="Resolved manifest (.parquet); its train split.")],
+        store: StoreOpt,
+        mixture: TrainSplitOpt,
         out: Annotated[Path, typer.Option("--out", help="Output folder (model/, dictionaries/, run.json, "
                                                         "training_curve.csv/png, checkpoints/).")],
         dictionaries: Annotated[Optional[Path], typer.Option(help="Folder with token_dictionary.pkl and "
@@ -118,29 +102,29 @@ def register(app: typer.Typer) -> None:
         hidden_size: Annotated[Optional[int], typer.Option(help="Override hidden_size.")] = None,
         n_heads: Annotated[Optional[int], typer.Option(help="Override num_attention_heads.")] = None,
         intermediate_size: Annotated[Optional[int], typer.Option(help="Override intermediate_size.")] = None,
-        batch_size: Annotated[int, typer.Option(help="Cells per optimizer step.")] = 12,
-        group_batches: Annotated[int, typer.Option(help="Batches per length-grouping megabatch.")] = 50,
-        epochs: Annotated[int, typer.Option(help="Epochs.")] = 1,
-        max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
-        lr: Annotated[float, typer.Option(help="Maximal learning rate.")] = 1e-3,
-        warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps (capped at 10% of all steps).")] = 10_000,
+        batch_size: StepCellsOpt = 12,
+        group_batches: MegabatchOpt = 50,
+        epochs: EpochsOpt = 1,
+        max_steps: MaxStepsOpt = None,
+        lr: MaxLrOpt = 1e-3,
+        warmup_steps: WarmupOpt = 10_000,
         weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.001,
         seed: Annotated[int, typer.Option(help="Seed of weights, masks, dropout and data order.")] = 0,
-        accelerator: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, gpu.")] = "auto",
+        accelerator: AcceleratorOpt = "auto",
         devices: Annotated[int, typer.Option(help="Devices of this process (1; for N GPUs run under torchrun "
                                                   "--nproc_per_node N).")] = 1,
         device: Annotated[Optional[str], typer.Option(hidden=True, help="Old spelling of --accelerator.")] = None,
-        bf16: Annotated[bool, typer.Option(help="bf16 autocast on CUDA.")] = True,
-        io_batch_size: Annotated[int, typer.Option(help="Cells per store read.")] = 16384,
+        bf16: Bf16Opt = True,
+        io_batch_size: IoBatchOpt = 16384,
         block_size: Annotated[int, typer.Option(help="Consecutive store cells kept together when shuffling.")] = 64,
-        log_every: Annotated[int, typer.Option(help="Steps per training-curve row.")] = 10,
-        checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: at the end only).")] = 500,
-        resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints/last.pt.")] = False,
+        log_every: LogEveryOpt = 10,
+        checkpoint_every: CheckpointEveryOpt = 500,
+        resume: ResumeOpt = False,
         tokenizer_threads: Annotated[int, typer.Option(help="Threads of the rank value encoding.")] = 1,
         genes: Annotated[Optional[str], typer.Option(help="Restrict the vocabulary (medians of the train split) to a "
                                                           "gene axis: all-shared, hvg:N[,min-datasets=F] or a file "
                                                           "(default: every human gene, Geneformer's choice).")] = None,
-        progress: Annotated[bool, typer.Option(help="Print a line per curve row.")] = False,
+        progress: ProgressOpt = False,
     ):
         """Pretrain Geneformer (BertForMaskedLM, MLM) on MIXTURE streamed from STORE."""
         from atlasmix.store import Store
@@ -164,7 +148,4 @@ def register(app: typer.Typer) -> None:
                                io_batch_size=io_batch_size, block_size=block_size, log_every=log_every,
                                checkpoint_every=checkpoint_every, resume=resume, progress=progress,
                                tokenizer_threads=tokenizer_threads, var_joinids=vj)
-        if run:  # rank 0 (under torchrun the other ranks return nothing)
-            typer.echo(json.dumps({k: run.get(k) for k in ("steps", "cells_this_call", "wall_s", "train_cells_per_s",
-                                                           "data_wait_fraction", "final_loss")}))
-            typer.echo(f"model: {Path(out) / 'model'}", err=True)
+        echo_run(run, out)
