@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from atlasmix._files import sha256_of  # re-exported: ingest.py imports it from here
+from atlasmix._files import sha256_of  # re-exported: study/grid.py imports it from here
 from atlasmix.errors import IngestError
 
 FORMATS = ["h5ad", "zarr", "mex", "10x_h5", "soma"]
@@ -82,16 +82,21 @@ def _cr2_genomes(f: h5py.File) -> list[str]:
 
 
 class Reader:
-    """Base class; see the module docstring for the contract."""
+    """Base class; see the module docstring for the contract. A reader sets ``_obs`` and ``_var`` when
+    it opens its source."""
 
     format = ""
     n_obs = 0
+    _obs: pd.DataFrame
+    _var: pd.DataFrame
 
     def obs(self) -> pd.DataFrame:
-        raise NotImplementedError
+        """The source obs (index: barcodes)."""
+        return self._obs
 
     def var(self) -> pd.DataFrame:
-        raise NotImplementedError
+        """The source var (index: gene identifiers)."""
+        return self._var
 
     def iter_rows(self, rows: np.ndarray, chunk_size: int) -> Iterator[sp.csr_matrix]:
         """Yield CSR blocks (float, cells x source genes) for ``rows`` (sorted source row indices)."""
@@ -203,12 +208,6 @@ class AnnDataReader(Reader):
             return {}
         return {}
 
-    def obs(self) -> pd.DataFrame:
-        return self._obs
-
-    def var(self) -> pd.DataFrame:
-        return self._var
-
     def provenance(self) -> dict:
         return {k: (v.item() if hasattr(v, "item") else v) for k, v in self._uns_prov.items()}
 
@@ -274,12 +273,6 @@ class MexReader(Reader):
         self._var.index = pd.Index(self._var["gene_ids" if ensembl_like else "gene_symbols"].astype(str))
         self._obs = pd.DataFrame(index=pd.Index(bcs[0].astype(str), name=None))
         self.n_obs = len(self._obs)
-
-    def obs(self):
-        return self._obs
-
-    def var(self):
-        return self._var
 
     def iter_rows(self, rows, chunk_size):
         for win in _contiguous_windows(rows, chunk_size):
@@ -358,12 +351,6 @@ class TenxH5Reader(Reader):
         self.n_obs = len(self._barcodes)
         self.genome = genome
 
-    def obs(self):
-        return self._obs
-
-    def var(self):
-        return self._var
-
     def iter_rows(self, rows, chunk_size):
         n_genes = self._shape[0]
         for win in _contiguous_windows(rows, chunk_size):
@@ -415,12 +402,6 @@ class SomaReader(Reader):
         self._var = var.drop(columns=["soma_joinid"]).set_index(pd.Index(ids.astype(str).to_numpy()))
         self.n_obs = len(self._obs)
         self._value_filter = value_filter
-
-    def obs(self):
-        return self._obs
-
-    def var(self):
-        return self._var
 
     def provenance(self):
         return {"soma_uri": self.path, "value_filter": self._value_filter or ""}
