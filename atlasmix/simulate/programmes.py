@@ -53,6 +53,8 @@ def _p(name, parent, markers="", de_prob=0.04, de_loc=0.1, de_scale=0.4, lib_fac
     return Programme(name, parent, tuple(markers.split()), de_prob, de_loc, de_scale, lib_factor)
 
 
+# One row per programme: rows share their shape because this is a table of data, not repeated logic
+# (`duplicates` reports it as same-shape runs; there is nothing to merge).
 #: The programme tree. Leaves (and some inner nodes) are cell types used by the source presets.
 PROGRAMMES: dict[str, Programme] = {p.name: p for p in [
     _p("cell", None, de_prob=0.0),
