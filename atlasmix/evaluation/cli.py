@@ -41,8 +41,9 @@ def register(app: typer.Typer) -> None:
         few_shot_fractions: Annotated[str, typer.Option(help="Comma-separated training fractions.")] = "0.1,0.25,0.5,0.75,1",
         cell_type_column: Annotated[str, typer.Option(help="obs column of cell types in external h5ad files.")] = "cell_type",
         organism: Annotated[str, typer.Option(help="Organism of external files' gene symbols.")] = "human",
-        sample_z: Annotated[bool, typer.Option(help="Decode one posterior sample of z (scvi's default) instead of "
-                                                    "its mean.")] = False,
+        sample_z: Annotated[bool, typer.Option(help="No effect, kept for old scripts: the reconstruction always "
+                                                    "decodes one posterior sample of z (scvi-tools' "
+                                                    "get_normalized_expression, as scFM-datamix).")] = False,
         max_rank_cells: Annotated[int, typer.Option(help="Geneformer: cells per eval set (seeded subsample) scored by "
                                                          "masked rank prediction; 0 scores every cell.")] = 500,
         seed: Annotated[int, typer.Option(help="Seed of splits and subsamples.")] = 0,

@@ -16,9 +16,9 @@ LDVAE
     reproducible (for a given ``seed`` and batch size). Until issue 22 the evaluation called the
     module's ``inference`` / ``generative`` itself and decoded the posterior *mean* of z, which no
     public call does. A sampled z decodes slightly noisier expression, so r is a little lower:
-    median per-cell r -0.002 (seen batch) / -0.0015 (unseen batch), mean |change| per cell 0.002, on
+    median per-cell r -0.002 (seen batch) / -0.0015 (unseen batch), mean absolute change per cell 0.002, on
     an LDVAE of the simulated corpus (500 HVGs, 800,000 cells seen, converged); -0.011 on held-out
-    kang_ifnb cells and on pbmc3k, mean |change| 0.015, on one of real PBMCs (pisces_pbmc1k +
+    kang_ifnb cells and on pbmc3k, mean absolute change 0.015, on one of real PBMCs (pisces_pbmc1k +
     kang_ifnb, 2,000 HVGs, lr 5e-3, 400,000 cells seen, converged).
 
     Batch covariate of eval cells: a cell whose ``dataset_id`` is one of the model's training
