@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from atlasmix._files import sha256_of  # re-exported: study/grid.py imports it from here
 from atlasmix.errors import IngestError
 
 FORMATS = ["h5ad", "zarr", "mex", "10x_h5", "soma"]
@@ -460,4 +459,4 @@ def provenance_json(d: dict) -> str:
     return json.dumps(d, default=str, sort_keys=True)
 
 
-__all__ = ["FORMATS", "Reader", "open_reader", "detect_format", "sha256_of", "read_obs_table"]
+__all__ = ["FORMATS", "Reader", "open_reader", "detect_format", "read_obs_table"]

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from atlasmix.ingest.readers import sha256_of
+from atlasmix._files import sha256_of
+from atlasmix.evaluation.models import N_SAMPLES
 from atlasmix.mixing import read_sidecar
 from atlasmix.study.grid_cell import run_grid_cell
 from atlasmix.study.keys import safe_name, sha
@@ -40,10 +41,11 @@ def grid_tasks(spec: StudySpec, manifests: dict, genes: list[str], eval_entries:
         The tasks (keys in :func:`atlasmix.study.grid_cell.run_grid_cell`), LDVAE first.
     """
     gsha = sha(genes)
-    # (``decode``: scores from scvi-tools' get_normalized_expression, one seeded posterior sample of z per
-    # cell; grid cells scored before, from the posterior mean, are scored again, not retrained)
+    # (``decode``: scores from scvi-tools' get_normalized_expression, the mean over N_SAMPLES seeded
+    # posterior samples of z per cell; grid cells scored before, from the posterior mean, are scored
+    # again, not retrained)
     score_key = sha({"eval": [e["key"] for e in eval_entries], "opts": spec.evaluation.model_dump(mode="json"),
-                     "decode": "scvi_get_normalized_expression"})
+                     "decode": f"scvi_get_normalized_expression_n{N_SAMPLES}"})
     tasks = []
     for (mixture, seed, fraction, strategy), mpath in manifests.items():
         msha = read_sidecar(mpath)["manifest"]["sha256"]
