@@ -73,6 +73,19 @@ def _progress_bar():
                     console=console, transient=False, disable=not sys.stderr.isatty())
 
 
+def _bar_per_key(prog, describe):
+    """A progress callback ``update(key, done, total)``: one bar of ``prog`` per ``key``, labelled
+    ``describe(key)``, added when the key first reports."""
+    tasks: dict = {}
+
+    def update(key, done, total):
+        if key not in tasks:
+            tasks[key] = prog.add_task(describe(key), total=total)
+        prog.update(tasks[key], completed=done)
+
+    return update
+
+
 @store_app.command("optimize")
 def store_optimize(store: str):
     """Write the read-optimised x layout (zarr v3 CSR) of every dataset that lacks it; resumable."""
@@ -82,13 +95,7 @@ def store_optimize(store: str):
     s = Store(store)
     with _progress_bar() as prog, s.write_lock(on_wait=lambda: console.print("waiting for the store's write lock...")):
         s.recover()
-        tasks: dict = {}
-
-        def progress(ds, done, total):
-            if ds not in tasks:
-                tasks[ds] = prog.add_task(f"x layout {ds}", total=total)
-            prog.update(tasks[ds], completed=done)
-
+        progress = _bar_per_key(prog, lambda ds: f"x layout {ds}")
         r = xlayout.optimize(s, progress=progress)
     console.print(f"x layout: {len(r['written'])} datasets written, {len(r['kept'])} already there, "
                   f"{len(r['removed'])} stale groups removed")
@@ -102,13 +109,7 @@ def store_verify(store: str, as_json: Annotated[bool, typer.Option("--json", hel
 
     s = Store(store)
     with _progress_bar() as prog:
-        tasks: dict = {}
-
-        def progress(ds, done, total):
-            if ds not in tasks:
-                tasks[ds] = prog.add_task(f"verify {ds}", total=total)
-            prog.update(tasks[ds], completed=done)
-
+        progress = _bar_per_key(prog, lambda ds: f"verify {ds}")
         r = xlayout.verify(s, progress=progress)
     if as_json:
         typer.echo(json.dumps(r, indent=1))
@@ -175,8 +176,6 @@ def ingest_cmd(
                                               "processes for the ingest (0: none)")] = 0,
 ):
     """Append datasets to a store: validated, QC-flagged, crash-safe."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from atlasmix.ingest import DatasetRequest, QCPolicy, ingest, read_plan
 
     qc = QCPolicy(max_pct_counts_mt=qc_max_pct_mt, min_total_counts=qc_min_counts, min_genes=qc_min_genes)
@@ -196,15 +195,11 @@ def ingest_cmd(
         reqs = [DatasetRequest(dataset_id=dataset_id, source=source, title=title, citation=citation,
                                set=_kv(set_, "--set"), obs_map=_kv(obs_map, "--obs-map"), obs_table=obs_table,
                                obs_filter=obs_filter, gene_id_column=gene_id_column, **common)]
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False, disable=not sys.stderr.isatty()) as prog:
-        tasks: dict = {}
+    with _progress_bar() as prog:
+        bar = _bar_per_key(prog, lambda key: f"{key[1]:9s} {key[0]}")
 
         def progress(ds, phase, done, total):
-            key = (ds, phase)
-            if key not in tasks:
-                tasks[key] = prog.add_task(f"{phase:9s} {ds}", total=total)
-            prog.update(tasks[key], completed=done)
+            bar((ds, phase), done, total)
 
         from atlasmix.cluster import dask_client
 
