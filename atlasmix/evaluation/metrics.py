@@ -364,6 +364,16 @@ def _assign_order(true_pos: np.ndarray, score: np.ndarray) -> np.ndarray:
     return pred
 
 
+def _scorable_cells(ids: np.ndarray, mask: np.ndarray):
+    """``(i, masked positions)`` of each cell (row of ``ids``) with at least 3 masked positions, the
+    cells that :func:`rank_prediction_scores` and :func:`mean_rank_baseline_scores` score (the
+    others stay NaN)."""
+    for i in range(ids.shape[0]):
+        pos = np.flatnonzero(mask[i])
+        if len(pos) >= 3:
+            yield i, pos
+
+
 def rank_prediction_scores(input_ids: np.ndarray, mask: np.ndarray, logits: np.ndarray) -> np.ndarray:
     """Per-cell rank prediction score of a masked language model (sc-foundation-eval's zero-shot test).
 
@@ -391,10 +401,7 @@ def rank_prediction_scores(input_ids: np.ndarray, mask: np.ndarray, logits: np.n
     """
     ids = np.asarray(input_ids)
     out = np.full(ids.shape[0], np.nan)
-    for i in range(ids.shape[0]):
-        pos = np.flatnonzero(mask[i])
-        if len(pos) < 3:
-            continue
+    for i, pos in _scorable_cells(ids, mask):
         genes = ids[i, pos]
         lg = np.asarray(logits[i][pos], dtype=np.float64)  # (n_masked, vocab)
         lg = lg - lg.max(axis=1, keepdims=True)
@@ -449,10 +456,7 @@ def mean_rank_baseline_scores(input_ids: np.ndarray, mask: np.ndarray, mean_posi
     """
     ids = np.asarray(input_ids)
     out = np.full(ids.shape[0], np.nan)
-    for i in range(ids.shape[0]):
-        pos = np.flatnonzero(mask[i])
-        if len(pos) < 3:
-            continue
+    for i, pos in _scorable_cells(ids, mask):
         sc = np.nan_to_num(mean_position[ids[i, pos]], nan=np.inf)
         pred = _assign_order(pos, sc)
         out[i] = np.corrcoef(pos, pred)[0, 1] if np.std(pred) > 0 else np.nan
