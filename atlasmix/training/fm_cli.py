@@ -40,6 +40,15 @@ def _embed_command(app: typer.Typer, name: str, what: str, default_batch: int) -
         write_embeddings(embed_cells, model, store, where, out, batch_size, torch_device_name(accelerator, None))
 
 
+def _pretrain(train, store: str, mixture: Path, out: Path, accelerator: str, **options) -> None:
+    """The body of ``train scgpt`` and ``train scbert``: ``train(Store(store), mixture, out, device=...,
+    **options)`` on the device that ``--accelerator`` names, then what the run did (:func:`echo_run`)."""
+    from atlasmix.store import Store
+
+    run = train(Store(store), mixture, out, device=torch_device_name(accelerator, None), **options)
+    echo_run(run, out)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``train scgpt``, ``train scbert``, ``scgpt embed`` and ``scbert embed`` to ``app``."""
     _embed_command(app, "scGPT", "the <cls> token's output", 64)
@@ -47,7 +56,8 @@ def register(app: typer.Typer) -> None:
     train = train_group(app)
 
     # The options that train geneformer, scgpt and scbert share are the aliases of atlasmix.training.cli
-    # (one flag, one help text); typer reads a command's options from its signature, so each lists them.
+    # (one flag, one help text); typer reads a command's options from its signature, so each lists them
+    # (and hands them on by name to _pretrain): the signatures repeat on purpose, the body is _pretrain.
     @train.command("scgpt")
     def train_cmd(
         store: StoreOpt,
@@ -79,17 +89,14 @@ def register(app: typer.Typer) -> None:
         progress: ProgressOpt = False,
     ):
         """Pretrain scGPT (masked value prediction) on MIXTURE streamed from STORE; N GPUs: torchrun."""
-        from atlasmix.store import Store
         from atlasmix.training.scgpt.pretrain import train_scgpt
 
         ov = {"n_layers": n_layers, "d_model": d_model, "n_heads": n_heads}
-        run = train_scgpt(Store(store), mixture, out, vocab=vocab, preset=preset, config_overrides=ov, n_bins=n_bins,
-                          max_len=max_len, batch_size=batch_size, group_batches=group_batches, epochs=epochs,
-                          max_steps=max_steps, lr=lr, warmup_steps=warmup_steps, mask_ratio=mask_ratio, seed=seed,
-                          device=torch_device_name(accelerator, None), bf16=bf16, io_batch_size=io_batch_size,
-                          log_every=log_every, checkpoint_every=checkpoint_every, resume=resume,
-                          encoder_threads=encoder_threads, progress=progress)
-        echo_run(run, out)
+        _pretrain(train_scgpt, store, mixture, out, accelerator, vocab=vocab, preset=preset, config_overrides=ov,
+                  n_bins=n_bins, max_len=max_len, batch_size=batch_size, group_batches=group_batches, epochs=epochs,
+                  max_steps=max_steps, lr=lr, warmup_steps=warmup_steps, mask_ratio=mask_ratio, seed=seed, bf16=bf16,
+                  io_batch_size=io_batch_size, log_every=log_every, checkpoint_every=checkpoint_every, resume=resume,
+                  encoder_threads=encoder_threads, progress=progress)
 
     @train.command("scbert")
     def train_scbert_cmd(
@@ -122,14 +129,11 @@ def register(app: typer.Typer) -> None:
         progress: ProgressOpt = False,
     ):
         """Pretrain scBERT (Performer, masked expression tokens) on MIXTURE streamed from STORE."""
-        from atlasmix.store import Store
         from atlasmix.training.scbert.pretrain import train_scbert
 
-        run = train_scbert(Store(store), mixture, out, genes=genes, gene2vec=gene2vec, preset=preset,
-                           config_overrides={"depth": depth, "dim": dim, "heads": heads}, batch_size=batch_size,
-                           group_batches=group_batches, epochs=epochs, max_steps=max_steps, lr=lr,
-                           warmup_steps=warmup_steps, mask_prob=mask_prob, seed=seed,
-                           device=torch_device_name(accelerator, None), bf16=bf16, io_batch_size=io_batch_size,
-                           log_every=log_every, checkpoint_every=checkpoint_every, resume=resume,
-                           encoder_threads=encoder_threads, progress=progress)
-        echo_run(run, out)
+        ov = {"depth": depth, "dim": dim, "heads": heads}
+        _pretrain(train_scbert, store, mixture, out, accelerator, genes=genes, gene2vec=gene2vec, preset=preset,
+                  config_overrides=ov, batch_size=batch_size, group_batches=group_batches, epochs=epochs,
+                  max_steps=max_steps, lr=lr, warmup_steps=warmup_steps, mask_prob=mask_prob, seed=seed, bf16=bf16,
+                  io_batch_size=io_batch_size, log_every=log_every, checkpoint_every=checkpoint_every, resume=resume,
+                  encoder_threads=encoder_threads, progress=progress)

@@ -86,7 +86,8 @@ def register(app: typer.Typer) -> None:
 
     train = train_group(app)
 
-    # options shared with train scgpt / scbert: the aliases of atlasmix.training.cli (see fm_cli)
+    # options shared with train scgpt / scbert: the aliases of atlasmix.training.cli, listed again here
+    # because typer reads a command's options from its signature (see fm_cli)
     @train.command("geneformer")
     def train_cmd(
         store: StoreOpt,
