@@ -158,6 +158,8 @@ def _place(m: sp.csr_matrix, cols: np.ndarray, width: int) -> sp.csr_matrix:
 
 
 # ---------------------------------------------------------------------------------------------- store sets
+# (`duplicates` pairs the end of this docstring and the first lines below with scgpt's embed_cells:
+# numpydoc Raises sections and imports/calls of the same shape, not the same logic.)
 def store_eval_sets(spec_path: str | Path, store) -> list[EvalSet]:
     """Resolve the eval sets of a spec file against the store.
 

@@ -109,7 +109,8 @@ def store_vocab(store) -> dict[str, int]:
 
 # Its keyword arguments are the Python API that the CLI, the study grid, tests and benchmarks call;
 # train_geneformer and train_scbert take the same names for the same settings (LoopOptions and
-# train_loader inside), so the three signatures repeat those lines on purpose.
+# train_loader inside), so the three signatures repeat those lines on purpose, and so do the
+# numpydoc entries of the parameters they share (store, manifest, out; Returns, Raises).
 def train_scgpt(store, manifest: str | Path, out: str | Path, *, vocab: str | Path | None = None,
                 preset: str = "scgpt", config_overrides: dict[str, Any] | None = None, n_bins: int = N_BINS,
                 max_len: int = MAX_LEN, batch_size: int = TRAIN_DEFAULTS["batch_size"], group_batches: int = 50,
