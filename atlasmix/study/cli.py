@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 
+# The sub-app set-up and the SPEC / --store / --out options have the shape of `mix resolve`'s (mixing/cli.py):
+# typer reads each command's options from its own signature, so they are written out here too.
 def register(app: typer.Typer) -> None:
     """Add the ``study`` sub-commands (``run``, ``report``) to ``app``."""
     study = typer.Typer(help="Composition studies: mixtures x seeds x budgets, evaluated and summarised.",

@@ -101,6 +101,8 @@ def _finish_heatmap(fig, ax, im, colorbar: str, title: str, path: str | Path) ->
     save(fig, path)
 
 
+# The figures' docstrings (here, delta_heatmap, curves.curves_plot) open alike: numpydoc entries for the
+# same kinds of parameter (a study table, the PNG to write, the rows shown), not repeated logic.
 def mean_heatmap(summary: pd.DataFrame, path: str | Path, *, metric: str = HEADLINE_METRIC,
                  model_kind: str = HEADLINE_KIND, budget: str | None = None,
                  reference: str | None = None) -> dict | None:

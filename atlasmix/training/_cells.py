@@ -77,7 +77,7 @@ def mark_whole_counts(data, a, b, seen, lut_size):
             seen[w1] = True
             seen[w2] = True
             seen[w3] = True
-        else:
+        else:  # the per-value test of the tail loop below, written out in the unrolled kernel on purpose
             for x in (x0, x1, x2, x3):
                 w = int(x)
                 if 0 < w < lut_size and w == x:

@@ -98,6 +98,7 @@ def register(app: typer.Typer) -> None:
     """Add the ``train`` sub-commands (``ldvae``) and ``x-cache`` (``list``, ``clean``) to ``app``."""
     train = train_group(app)
 
+    # one typer option per line, long helps wrapped: neighbouring options look alike, each is its own flag
     @train.command("ldvae")
     def ldvae_cmd(
         store: Annotated[str, typer.Option("--store", help="Store path or URI.")],
