@@ -74,8 +74,8 @@ from atlasmix.training.memory import InMemoryX, cap_bytes, hold_split
 from atlasmix.training.minibatches import Minibatches
 from atlasmix.training.options import LIBRARY_SOURCES, X_SOURCES, LoaderOptions, route_options
 from atlasmix.training.order import epoch_order, io_batch_permutation, shard_length, shard_order, shuffle_entropy
-from atlasmix.training.read import (LayoutSource, ReadProcesses, ReadThreads, TileDBSource, XSource, gene_columns,
-                                    open_handles, read_ahead, read_csr, release)
+from atlasmix.training.read import (LayoutSource, ReadProcesses, ReadThreads, TileDBSource, XSource, column_map,
+                                    gene_columns, open_handles, read_ahead, read_csr, release_held)
 from atlasmix.training.split_cells import read_obs_fields, split_cells
 
 __all__ = ["MixtureLoader", "LoaderOptions", "epoch_order", "shard_order", "shard_length", "shuffle_entropy",
@@ -316,7 +316,7 @@ class MixtureLoader:
         Returns
         -------
         dict
-            The projection's metadata (:func:`atlasmix.training.xcache.ensure_x_cache`).
+            The projection's metadata (:func:`atlasmix.training.xcache.build.ensure_x_cache`).
 
         Raises
         ------
@@ -341,21 +341,13 @@ class MixtureLoader:
             source = xcache.XCacheSource(self._x_cache_uri)
         else:
             source = TileDBSource(f"{self.store.uri}/ms/{S.MEASUREMENT}/X/{S.X_LAYER}")
-        col_of = None if self._x_cache_uri else self._col_of()
+        col_of = None if self._x_cache_uri else column_map(self.var_joinids, self._n_var_store)
         ctx = self.store.context
         if self.read_buffer_bytes:  # TileDB result buffers per read (bigger results come in pieces)
             cfg = dict(ctx.tiledb_config)
             cfg["soma.init_buffer_bytes"] = str(int(self.read_buffer_bytes))
             ctx = ctx.replace(tiledb_config=cfg)
         return source, col_of, ctx
-
-    def _col_of(self) -> np.ndarray | None:
-        """var joinid -> column of the gene axis (-1: not on it), covering every var joinid of the
-        store; None when the gene axis is the whole store var in joinid order (no mapping needed)."""
-        n = self._n_var_store
-        if len(self.var_joinids) == n and np.array_equal(self.var_joinids, np.arange(n)):
-            return None
-        return gene_columns(self.var_joinids, n)
 
     def _row_keys(self, positions: np.ndarray) -> np.ndarray:
         """Rows of X for cells at ``positions``: their soma_joinids, or the positions themselves in an
@@ -451,10 +443,10 @@ class MixtureLoader:
                 held = [shms] if shms else []  # the read's shared-memory blocks, freed once m is not read
                 try:
                     yield from cut.cut(pos, m, perm, (skip if k == 0 else 0) * self.batch_size,
-                                       functools.partial(_release_held, held))
+                                       functools.partial(release_held, held))
                 finally:
                     del m
-                    _release_held(held)
+                    release_held(held)
                 del pos, perm
 
     def _read_processes(self, source: XSource, ctx, col_of) -> ReadProcesses:
@@ -499,9 +491,3 @@ class MixtureLoader:
     def __setstate__(self, d):
         d["store"] = Store(d["store"])
         self.__dict__.update(d)
-
-
-def _release_held(held: list) -> None:
-    """Release the shared-memory blocks in ``held`` (a read process's; at most once)."""
-    if held:
-        release(held.pop())

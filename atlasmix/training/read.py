@@ -5,9 +5,10 @@ read in one go in ascending joinid order and shuffled in memory afterwards. Wher
 an :class:`XSource`: the store's x layout (:class:`LayoutSource`: one byte range per run of
 consecutive cells, decoded in the read threads with the GIL released, projected onto the gene axis
 in the same pass), the store's TileDB X (:class:`TileDBSource`: point coordinates on the cell axis
-only, genes selected afterwards) or an x cache (:class:`atlasmix.training.xcache.XCacheSource`).
-Sources that already hold rows on the gene axis (an h5 x cache, a split held in memory) are
-:class:`RowReader` s. :func:`read_csr` reads one IO batch from any of them.
+only, genes selected afterwards) or an x cache
+(:class:`atlasmix.training.xcache.readers.XCacheSource`). Sources that already hold rows on the gene
+axis (an h5 x cache, a split held in memory) are :class:`RowReader` s. :func:`read_csr` reads one
+IO batch from any of them.
 
 Read threads and read processes
 -------------------------------
@@ -56,8 +57,8 @@ _OPEN_LOCK = threading.Lock()  # X opens and closes of all loaders, one at a tim
 class RowReader(ABC):
     """An open X source whose rows are already on the loader's gene axis, read by row key.
 
-    Implemented by the h5 x cache (:class:`atlasmix.training.xcache.H5CSR`) and a split held in
-    memory (:class:`atlasmix.training.memory.InMemoryX`); :func:`read_csr` reads them with
+    Implemented by the h5 x cache (:class:`atlasmix.training.xcache.readers.H5CSR`) and a split held
+    in memory (:class:`atlasmix.training.memory.InMemoryX`); :func:`read_csr` reads them with
     :meth:`read_rows`.
     """
 
@@ -120,6 +121,16 @@ def gene_columns(var_joinids: np.ndarray, n_var_store: int) -> np.ndarray:
     col_of = np.full(max(int(n_var_store), int(np.max(var_joinids, initial=-1)) + 1), -1, dtype=np.int32)
     col_of[var_joinids] = np.arange(len(var_joinids), dtype=np.int32)
     return col_of
+
+
+def column_map(var_joinids: np.ndarray, n_var_store: int) -> np.ndarray | None:
+    """var joinid -> column of the gene axis ``var_joinids`` (-1: not on it), covering every var joinid
+    of the store (``n_var_store`` of them): the ``col_of`` of :func:`read_csr` (:func:`gene_columns`);
+    None when the gene axis is the whole store var in joinid order (no mapping needed)."""
+    n = n_var_store
+    if len(var_joinids) == n and np.array_equal(var_joinids, np.arange(n)):
+        return None
+    return gene_columns(var_joinids, n)
 
 
 def read_csr(X, ids_sorted: np.ndarray, col_of: np.ndarray | None, n_vars: int) -> sp.csr_matrix:
@@ -256,6 +267,13 @@ def release(shms: list) -> None:
             shm.unlink()
         except FileNotFoundError:
             pass
+
+
+def release_held(held: list) -> None:
+    """Release the shared-memory blocks in ``held`` (a read process's; at most once): the loader's
+    release callback for the minibatches cut from one IO batch."""
+    if held:
+        release(held.pop())
 
 
 def _free_result(fut) -> None:
