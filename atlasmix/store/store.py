@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import fcntl
 import json
-import os
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 
@@ -35,11 +32,10 @@ import tiledbsoma as soma
 from atlasmix._ids import unique_ids
 from atlasmix.errors import StoreError
 from atlasmix.store import schema as S
-from atlasmix.store import xlayout
+from atlasmix.store import writers, xlayout
 from atlasmix.store.context import TILEDB_DEFAULTS as TILEDB_DEFAULTS  # re-exported: README, docs, tests
 from atlasmix.store.context import is_local, local_path, make_context
-
-LOCK_NAME = ".atlasmix.lock"
+from atlasmix.store.writers import LOCK_NAME as LOCK_NAME  # re-exported: defined here before writers.py
 
 
 def _empty_table(schema: pa.Schema) -> pa.Table:
@@ -348,43 +344,17 @@ class Store:
                 yield ids, m
 
     # ------------------------------------------------------------------ locking & recovery
-    @contextlib.contextmanager
-    def write_lock(self, timeout: float = 3600.0, on_wait=None) -> Iterator[None]:
+    def write_lock(self, timeout: float = 3600.0, on_wait=None) -> contextlib.AbstractContextManager[None]:
         """Hold the store's exclusive write lock (blocks up to ``timeout`` seconds).
+
+        A context manager (:func:`atlasmix.store.writers.write_lock`).
 
         Raises
         ------
         StoreError
             The lock could not be taken within ``timeout``.
         """
-        if not is_local(self.uri):
-            yield
-            return
-        path = local_path(self.uri) / LOCK_NAME
-        fh = open(path, "a+")
-        try:
-            t0 = time.monotonic()
-            told = False
-            while True:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if not told and on_wait is not None:
-                        on_wait()
-                        told = True
-                    if time.monotonic() - t0 > timeout:
-                        raise StoreError(f"store {self.uri} is locked by another writer (waited {timeout:.0f} s)")
-                    time.sleep(0.2)
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"{os.getpid()}\n")
-            fh.flush()
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fh, fcntl.LOCK_UN)
-            fh.close()
+        return writers.write_lock(self.uri, timeout, on_wait)
 
     def delete_dataset_cells(self, dataset_joinid: int, start: int, end: int) -> None:
         """Delete obs, X, presence and side-table rows and the x layout of one dataset (``[start, end)`` cell joinids)."""
@@ -418,18 +388,7 @@ class Store:
         list of str
             dataset_ids that were rolled back.
         """
-        cat = self.catalog(include_all=True)
-        rolled = []
-        for jid, row in cat[cat["status"].isin([S.STATUS_INGESTING, S.STATUS_REPLACED])].iterrows():
-            self.delete_dataset_cells(int(jid), int(row["obs_joinid_start"]), int(row["obs_joinid_end"]))
-            if row["status"] == S.STATUS_INGESTING:
-                rec = row.to_dict() | {"soma_joinid": int(jid), "status": S.STATUS_FAILED, "n_cells": 0}
-                self.write_catalog_rows([rec])
-                rolled.append(str(row["dataset_id"]))
-            else:
-                rec = row.to_dict() | {"soma_joinid": int(jid), "status": S.STATUS_RETIRED}
-                self.write_catalog_rows([rec])
-        return rolled
+        return writers.recover(self)
 
     def identity(self) -> dict:
         """What a manifest must record so that a later ingest cannot silently change its meaning.
