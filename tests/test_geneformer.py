@@ -453,6 +453,9 @@ def test_resume_matches_uninterrupted_run(mix, tmp_path):
               warmup_steps=2, lr=2e-3, log_every=3, checkpoint_every=7, device="cpu", io_batch_size=256, seed=5)
     train_geneformer(store, path, tmp_path / "a", max_steps=12, **kw)
     train_geneformer(store, path, tmp_path / "b", max_steps=12, stop_after=7, **kw)
+    # a kill that lands after the checkpoint's rename, inside the curve's write (CI, stop 29): the
+    # curve comes back from the checkpoint, not the half-written CSV
+    (tmp_path / "b" / "training_curve.csv").write_text("")
     train_geneformer(store, path, tmp_path / "b", max_steps=12, resume=True, **kw)
     from transformers import BertForMaskedLM
 

@@ -370,7 +370,9 @@ def run_pretraining(*, model: torch.nn.Module, net: torch.nn.Module, stream, out
         torch.set_rng_state(mine["torch_rng"])
         if "cuda_rng" in mine and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(mine["cuda_rng"])
-        if (out / "training_curve.csv").is_file():
+        if "rows" in st:  # the curve up to the checkpoint travels inside it (see save_checkpoint)
+            rows = [r for r in st["rows"] if r["step"] <= step]
+        elif (out / "training_curve.csv").is_file():  # checkpoints written before the curve moved in
             old = pd.read_csv(out / "training_curve.csv")
             rows = old[old["step"] <= step].to_dict("records")
 
@@ -387,12 +389,16 @@ def run_pretraining(*, model: torch.nn.Module, net: torch.nn.Module, stream, out
         if rank != 0:
             return
         ck.parent.mkdir(parents=True, exist_ok=True)
+        # the curve so far goes inside the checkpoint: a run killed between the checkpoint's rename and
+        # the CSV's write (or during it) resumes from one file that is either whole or absent
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "ranks": ranks, "step": step, "epoch": epoch}
+                 "ranks": ranks, "step": step, "epoch": epoch, "rows": list(rows)}
         tmp = ck.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(ck)
-        pd.DataFrame(rows).to_csv(out / "training_curve.csv", index=False)
+        csv = out / "training_curve.csv"
+        pd.DataFrame(rows).to_csv(csv.with_suffix(".csv.tmp"), index=False)
+        csv.with_suffix(".csv.tmp").replace(csv)
 
     def stopping() -> bool:
         return bool((max_steps and step >= max_steps) or (stop_after and step >= stop_after))
