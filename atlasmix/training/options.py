@@ -122,7 +122,7 @@ class LoaderOptions(_Options):
         The x cache's format: compressed TileDB (default) or uncompressed CSR in HDF5 (~4.7x the
         disk space, read as plain slices: faster, also for whole-transcriptome axes).
     x_cache_max_bytes : int, optional
-        Size cap of the ``x_cache`` folder (default :func:`atlasmix.training.xcache.cap_bytes`:
+        Size cap of the ``x_cache`` folder (default :func:`atlasmix.training.xcache.folder.cap_bytes`:
         64 GiB or ``ATLASMIX_X_CACHE_MAX_GB``); least recently used projections not in use are
         deleted to fit it, and a projection larger than it is refused.
     in_memory : {False, "auto", True}
