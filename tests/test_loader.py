@@ -466,6 +466,42 @@ def test_dense_cpu_batches_stay_intact_and_reused_buffers_carry_no_old_content(m
     assert len(ptrs) <= 8 < len(L)
 
 
+@pytest.mark.parametrize("prefetch_io", [1, 2])
+def test_an_io_batch_the_consumer_is_done_with_is_freed_before_the_next_reads(mix, monkeypatch, prefetch_io):
+    """While reads run ahead, the IO batch the consumer has finished is not kept alive by the loader
+    (a local name or enumerate's cached tuple): its buffers go back to the pool for the next read
+    (atlasmix._buffers). When a read is submitted, at most ``prefetch_io`` earlier IO batches are
+    alive: the ones read ahead, the one being cut included."""
+    import weakref
+
+    from atlasmix.training import loader as loader_mod
+    from atlasmix.training import read as read_mod
+
+    done: dict[int, weakref.ref] = {}
+    at_submit: list[tuple[int, bool]] = []  # (earlier IO batches alive, the one before the cut alive)
+
+    def counting_read_ahead(submit, n, depth):
+        def submit_counted(j):
+            # read j is submitted while IO batch j - depth is awaited or cut: j - depth - 1 is done with
+            before = done.get(j - depth - 1)
+            at_submit.append((sum(r() is not None for r in done.values()), before is not None and before() is not None))
+            fut = submit(j)
+            fut.add_done_callback(lambda f: done.__setitem__(j, weakref.ref(f.result()[1])))
+            return fut
+
+        return read_mod.read_ahead(submit_counted, n, depth)
+
+    monkeypatch.setattr(loader_mod, "read_ahead", counting_read_ahead)
+    L = make(mix, io_batch_size=128, io_threads=1, prefetch_io=prefetch_io, in_memory=False)
+    n = 0
+    for b in L:  # a training loop: each minibatch dropped after use
+        n += len(b["soma_joinid"])
+        del b
+    assert n > 0 and len(done) == len(at_submit) >= prefetch_io + 4
+    assert not any(held for _, held in at_submit), at_submit
+    assert max(k for k, _ in at_submit) <= prefetch_io, at_submit
+
+
 def test_memory_follows_the_manifest(mix, monkeypatch):
     """obs is read for the manifest's cells only (never the whole store), codes are int32 and the
     epoch order is computed once per process and shared by shard copies."""

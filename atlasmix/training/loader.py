@@ -437,7 +437,12 @@ class MixtureLoader:
             reads = teardown.enter_context(ReadThreads(opened, self.io_threads))
             # at most prefetch_io IO batches read ahead; minibatches cut from each in its shuffled order
             ahead = teardown.enter_context(contextlib.closing(read_ahead(submit, len(io_starts), self.prefetch_io)))
-            for k, (pos, m, perm, shms) in enumerate(ahead):
+            # not enumerate(ahead): enumerate keeps its last (k, item) tuple, so the IO batch just
+            # consumed would stay alive while the next reads are submitted and could not lend them its
+            # buffers (atlasmix._buffers; 12 % fewer cells/s, +0.2 GiB RSS)
+            k = -1
+            for pos, m, perm, shms in ahead:
+                k += 1
                 if self.augment is not None:  # a new CSR: the read's (shared) arrays are not written
                     m = self.augment.csr(m, self.cells[pos], self.epoch)
                 held = [shms] if shms else []  # the read's shared-memory blocks, freed once m is not read
