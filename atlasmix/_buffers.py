@@ -27,9 +27,11 @@ class BufferPool:
     Parameters
     ----------
     capacity : int
-        Buffers kept for reuse. When none is free, :meth:`take` allocates a new one (kept when the
-        pool has room, otherwise freed with its last view), so memory follows what the consumers
-        hold, plus at most ``capacity`` idle buffers.
+        Buffers kept for reuse. When none that is free fits, :meth:`take` allocates a new one: it
+        replaces a free buffer of the same dtype and trailing shape (one too small), else it is kept
+        when the pool has room (else it replaces any free buffer, else it is freed with its last
+        view). Memory follows what the consumers hold at once, plus at most one idle buffer per
+        buffer ever in use at the same time (and at most ``capacity``).
     headroom : float
         A new buffer gets ``ceil(rows * headroom)`` rows, so later requests of a few more rows (the
         next IO batch's nonzeros) reuse it.
@@ -83,13 +85,18 @@ class BufferPool:
             self.n_fresh += 1
             full = (max(rows, int(np.ceil(rows * self.headroom))), *tail)
             buf = np.zeros(full, dtype=dtype) if self.zeros else np.empty(full, dtype=dtype)
-            if len(self._bufs) < self.capacity:
+            # an idle buffer of this kind is too small (none fit): the new one replaces it, so the pool
+            # holds as many buffers of a kind as were ever in use at once, not one per size seen
+            # (appending grew a reader's pool by ~1 GiB of idle buffers while a split of 1M cells
+            # was read into memory, as IO batches of denser datasets came in)
+            idle = next((i for i in range(len(self._bufs)) if self._bufs[i].dtype == dtype
+                         and self._bufs[i].shape[1:] == tail and self._free(i)), None)
+            if idle is None and len(self._bufs) >= self.capacity:  # full: replace any idle one
+                idle = next((i for i in range(len(self._bufs)) if self._free(i)), None)
+            if idle is not None:
+                self._bufs[idle] = buf
+            elif len(self._bufs) < self.capacity:
                 self._bufs.append(buf)
-            elif self._bufs:  # full: replace an idle buffer that is too small, if there is one
-                for i in range(len(self._bufs)):
-                    if self._free(i):
-                        self._bufs[i] = buf
-                        break
             return buf[:rows], False
 
     def clear(self) -> None:

@@ -263,6 +263,25 @@ def test_layout_reads_reuse_buffers_only_once_their_csr_is_dropped(base):
         reader.close()
 
 
+def test_buffer_pool_holds_one_idle_buffer_per_buffer_in_use_not_one_per_size():
+    """Ever larger requests taken and dropped one at a time (IO batches of denser and denser
+    datasets) leave one buffer per kind in the pool, not one per size (+1 GiB of idle buffers while
+    a 1M-cell split was read into memory)."""
+    from atlasmix._buffers import BufferPool
+
+    pool = BufferPool(capacity=12, headroom=1.1)
+    for n in (100, 200, 400, 800, 1600):
+        i, _ = pool.take((n,), np.int32)
+        d, _ = pool.take((n,), np.float32)
+        del i, d
+    assert pool.n_fresh == 10 and len(pool._bufs) == 2
+    top = int(np.ceil(1600 * 1.1))
+    assert sorted((b.dtype.str, b.shape[0]) for b in pool._bufs) == [("<f4", top), ("<i4", top)]
+    a, _ = pool.take((1000,), np.int32)
+    b, reused = pool.take((1000,), np.int32)  # two in use at once: a second buffer of the kind
+    assert not reused and len(pool._bufs) == 3 and not np.shares_memory(a, b)
+
+
 def test_buffer_pool_rules():
     from atlasmix._buffers import BufferPool
 
