@@ -57,9 +57,12 @@ class BufferPool:
     def _free(self, i: int) -> bool:
         return sys.getrefcount(self._bufs[i]) == self._free_refs
 
-    def _fits(self, i: int, rows: int, tail: tuple[int, ...], dtype: np.dtype) -> bool:
+    def _same_kind(self, i: int, tail: tuple[int, ...], dtype: np.dtype) -> bool:
         b = self._bufs[i]
-        return b.dtype == dtype and b.shape[1:] == tail and b.shape[0] >= rows
+        return b.dtype == dtype and b.shape[1:] == tail
+
+    def _fits(self, i: int, rows: int, tail: tuple[int, ...], dtype: np.dtype) -> bool:
+        return self._same_kind(i, tail, dtype) and self._bufs[i].shape[0] >= rows
 
     def take(self, shape: tuple[int, ...], dtype) -> tuple[np.ndarray, bool]:
         """A writable array of ``shape`` and ``dtype``, and whether it is a reused buffer.
@@ -89,8 +92,7 @@ class BufferPool:
             # holds as many buffers of a kind as were ever in use at once, not one per size seen
             # (appending grew a reader's pool by ~1 GiB of idle buffers while a split of 1M cells
             # was read into memory, as IO batches of denser datasets came in)
-            idle = next((i for i in range(len(self._bufs)) if self._bufs[i].dtype == dtype
-                         and self._bufs[i].shape[1:] == tail and self._free(i)), None)
+            idle = next((i for i in range(len(self._bufs)) if self._same_kind(i, tail, dtype) and self._free(i)), None)
             if idle is None and len(self._bufs) >= self.capacity:  # full: replace any idle one
                 idle = next((i for i in range(len(self._bufs)) if self._free(i)), None)
             if idle is not None:

@@ -371,7 +371,7 @@ def run_pretraining(*, model: torch.nn.Module, net: torch.nn.Module, stream, out
         if "cuda_rng" in mine and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(mine["cuda_rng"])
         if "rows" in st:  # the curve up to the checkpoint travels inside it (see save_checkpoint)
-            rows = [r for r in st["rows"] if r["step"] <= step]
+            rows = list(st["rows"])
         elif (out / "training_curve.csv").is_file():  # checkpoints written before the curve moved in
             old = pd.read_csv(out / "training_curve.csv")
             rows = old[old["step"] <= step].to_dict("records")
@@ -396,9 +396,9 @@ def run_pretraining(*, model: torch.nn.Module, net: torch.nn.Module, stream, out
         tmp = ck.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(ck)
-        csv = out / "training_curve.csv"
-        pd.DataFrame(rows).to_csv(csv.with_suffix(".csv.tmp"), index=False)
-        csv.with_suffix(".csv.tmp").replace(csv)
+        tmp = out / "training_curve.csv.tmp"
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+        tmp.replace(out / "training_curve.csv")
 
     def stopping() -> bool:
         return bool((max_steps and step >= max_steps) or (stop_after and step >= stop_after))
