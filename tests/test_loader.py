@@ -608,6 +608,66 @@ def test_in_memory_split_serves_the_streamed_batches_and_reads_once(mix, monkeyp
         held._memory.read_rows(np.array([-1]))
 
 
+def test_dense_batches_from_memory_are_views_densified_two_at_a_time_in_order(mix, monkeypatch):
+    """From a split held in memory, a dense CPU minibatch is gathered straight from the held CSR
+    (its IO batch is a view, not a copy) by two densify threads at once on 2 cores; streamed next to
+    two read threads, by one. Either way the minibatches come out in the epoch's order, equal to a
+    single densify thread's, and the densify threads stop when the iteration stops."""
+    import os
+    import threading
+    import time
+
+    from atlasmix.training import memory
+    from atlasmix.training import minibatches as mb_mod
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    orig = mb_mod.Minibatches._dense_batch
+    lock = threading.Lock()
+    state = {"now": 0, "most": 0, "views": []}
+
+    def watched(self, pos, rows, m, buf, clear):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            state["views"].append(m)
+        time.sleep(0.01)  # long enough for a second densify thread, if there is one, to overlap
+        try:
+            return orig(self, pos, rows, m, buf, clear)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(mb_mod.Minibatches, "_dense_batch", watched)
+
+    def run(**kw):
+        state.update(most=0, views=[])
+        L = make(mix, **kw)
+        got = [(b["soma_joinid"].clone(), b["X"].clone(), b["library_size"].clone()) for b in L]
+        return L, got, state["most"], state["views"]
+
+    held, two, most, views = run(in_memory=True)
+    assert most == 2 and all(isinstance(v, memory.HeldRows) and v.indices is held._memory.indices for v in views)
+    monkeypatch.setattr(mb_mod, "DENSIFY_THREADS", 1)
+    _, one, most, _ = run(in_memory=True)
+    assert most == 1
+    monkeypatch.setattr(mb_mod, "DENSIFY_THREADS", 2)
+    _, streamed, most, views = run(in_memory=False, io_threads=2)
+    assert most == 1 and not any(isinstance(v, memory.HeldRows) for v in views)
+    assert len(two) == len(one) == len(streamed) == len(held) > 2
+    for a, b, c in zip(two, one, streamed, strict=True):
+        assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a, b, c, strict=True))
+
+    it = iter(held)
+    next(it)
+    assert any(t.name.startswith("atlasmix-densify") for t in threading.enumerate())
+    it.close()  # a consumer that stops early
+    assert not any(t.name.startswith("atlasmix-densify") for t in threading.enumerate())
+    with pytest.raises(AtlasmixError, match="not in the in-memory split"):
+        held._memory.held_rows(np.array([-1]))
+    ids = held.cells[::5]
+    assert (held._memory.held_rows(ids).tocsr() != held._memory.read_rows(ids)).nnz == 0
+
+
 def test_unique_ids_equals_numpy_unique():
     """The loader's sorted-unique of joinids is np.unique's result (sorted, unsorted, repeated, empty)."""
     from hypothesis import given, settings

@@ -391,14 +391,21 @@ class MixtureLoader:
             return self.device.type == "cuda"
         return bool(self.gather_on_device)
 
-    def _io_batch(self, X, positions: np.ndarray, shard: int, io_index: int, col_of: np.ndarray | None):
+    def _io_batch(self, X, positions: np.ndarray, shard: int, io_index: int, col_of: np.ndarray | None,
+                  view: bool = False):
         """Read one IO batch in store order (``X`` None: only sort) and draw its in-memory shuffle.
 
-        Returns (positions, csr, perm): the sorted rows' positions and counts, and the permutation
-        of :func:`atlasmix.training.order.io_batch_permutation`."""
+        Returns (positions, csr, perm): the sorted rows' positions and counts (with ``view``, from a
+        split in memory: a :class:`~atlasmix.training.memory.HeldRows` view, not a copy), and the
+        permutation of :func:`atlasmix.training.order.io_batch_permutation`."""
         ids = self._row_keys(positions)
         order = np.argsort(ids, kind="stable")
-        m = self._read(X, ids[order], col_of) if X is not None else None
+        if X is None:
+            m = None
+        elif view and isinstance(X, InMemoryX):
+            m = X.held_rows(ids[order])
+        else:
+            m = self._read(X, ids[order], col_of)
         perm = io_batch_permutation(len(ids), self.seed, self.epoch, shard, io_index, self.shuffle)
         return positions[order], m, perm
 
@@ -424,10 +431,14 @@ class MixtureLoader:
         else:
             opened = open_handles(source, ctx, self.io_threads) if read_processes == 0 else []
 
+        # dense CPU minibatches are gathered straight from a split in memory (nothing else reads it)
+        view = cut.dense_cpu and self.augment is None
+
         def submit(j: int):  # IO batch first_io + j, read in a thread or a read process
             i, s = first_io + j, io_starts[j]
             if read_processes == 0:
-                return reads.submit(lambda X: (*self._io_batch(X, seq[s:s + self.io_batch_size], shard, i, col_of), None))
+                return reads.submit(lambda X: (*self._io_batch(X, seq[s:s + self.io_batch_size], shard, i, col_of, view),
+                                               None))
             pos, _, perm = self._io_batch(None, seq[s:s + self.io_batch_size], shard, i, col_of)
             return self._read_processes(source, ctx, col_of).submit(self._row_keys(pos), pos, perm)
 
@@ -478,11 +489,17 @@ class MixtureLoader:
             self.set_epoch(self.epoch + 1)
         cut = Minibatches(cells=self.cells, codes=self.codes, library=self.library,
                           total_counts=self.total_counts, n_vars=self.n_vars, batch_size=self.batch_size,
-                          device=self.device, sparse=self.sparse, on_device=self._gathers_on_device())
+                          device=self.device, sparse=self.sparse, on_device=self._gathers_on_device(),
+                          io_threads=self.io_threads)
         # at most 4 ready minibatches wait (dense on the CPU: 4 x B x G x 4 bytes)
-        for item in prefetch(self._batches(self.batches_done, cut), depth=4, name="atlasmix-loader"):
-            self.batches_done += 1
-            yield cut.finish(item)
+        items = prefetch(self._batches(self.batches_done, cut), depth=4, name="atlasmix-loader")
+        try:
+            for item in items:
+                self.batches_done += 1
+                yield cut.finish(item)
+        finally:
+            items.close()  # the prefetch thread has stopped cutting: then the densify threads stop
+            cut.close()
         # epoch complete: the next iteration starts the next epoch
         self.set_epoch(self.epoch + 1)
 

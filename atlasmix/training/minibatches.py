@@ -9,8 +9,12 @@ Dense on the CPU
     Gathered, densified and summed (library size) in one compiled pass into at most 8 pooled
     ``(batch_size, genes)`` float32 buffers, each reused only once no minibatch (or view of one)
     holds it (:mod:`atlasmix.training._dense`): a whole-transcriptome minibatch is 81 MB, and
-    allocating it fresh every time cost more than reading its counts. Done in the loader's prefetch
-    thread.
+    allocating it fresh every time cost more than reading its counts. The loader's prefetch thread
+    cuts the minibatches and takes their buffers; :data:`DENSIFY_THREADS` threads densify them,
+    two minibatches at once (the compiled pass releases the GIL), and the consumer receives them in
+    order. From a split held in memory the IO batch is a :class:`atlasmix.training.memory.HeldRows`
+    view, never copied. On 2 CPU cores, 1M cells x 2,000 genes held in memory, one densify thread
+    was the bound (~1.0 core busy, 1.0-1.1M cells/s); see ``benchmarks/bench_loader.py``.
 
 CSR, moved to the device by the consumer
     The minibatch's rows as a CSR (``sparse=True``, or a dense minibatch for a device without the
@@ -33,7 +37,10 @@ array per obs column.
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -41,9 +48,13 @@ import scipy.sparse as sp
 import torch
 
 from atlasmix.training._dense import DenseBufferPool, gather_dense
+from atlasmix.training.memory import HeldRows
 
-#: Pooled dense CPU buffers: the <= 4 queued minibatches, the consumer's and the one being built fit.
+#: Pooled dense CPU buffers: the <= 4 queued minibatches, the consumer's and the ones being built fit.
 DENSE_BUFFERS = 8
+
+DENSIFY_THREADS = 2
+"""Most threads densifying dense CPU minibatches (see :meth:`Minibatches._densify_threads`)."""
 
 
 class Minibatches:
@@ -68,17 +79,37 @@ class Minibatches:
         ``X`` as a ``torch.sparse_csr_tensor``.
     on_device : bool
         The GPU path: IO batches copied to ``device`` once, minibatches cut out there.
+    io_threads : int
+        The loader's read threads (they share the cores with the densify threads).
     """
 
     def __init__(self, *, cells: np.ndarray, codes: dict[str, np.ndarray], library: str,
                  total_counts: np.ndarray | None, n_vars: int, batch_size: int, device: torch.device,
-                 sparse: bool, on_device: bool):
+                 sparse: bool, on_device: bool, io_threads: int = 1):
         self.cells, self.codes, self.library, self.total_counts = cells, codes, library, total_counts
         self.n_vars, self.batch_size, self.device, self.sparse = n_vars, batch_size, device, sparse
         self.on_device = on_device
         self.dense_cpu = device.type == "cpu" and not sparse  # densified in the prefetch thread
         self._buffers = DenseBufferPool(batch_size, n_vars, capacity=DENSE_BUFFERS) if self.dense_cpu else None
+        self.io_threads = io_threads
+        self._densify: ThreadPoolExecutor | None = None  # started by the first dense minibatch
         self._copy_stream = None
+
+    def _densify_threads(self, view: bool) -> ThreadPoolExecutor:
+        """The densify threads: :data:`DENSIFY_THREADS` when the IO batches are views of a split in
+        memory (reading them costs nothing), else only the cores the read threads leave (>= 1).
+        Streaming every gene on 2 cores, a second densify thread next to two read threads cost CPU
+        (15.7 vs 12.1 us per cell: two 81 MB minibatches written at once) instead of saving it."""
+        if self._densify is None:
+            cores = os.cpu_count() or 1
+            n = min(DENSIFY_THREADS, cores if view else cores - self.io_threads)
+            self._densify = ThreadPoolExecutor(max(1, n), thread_name_prefix="atlasmix-densify")
+        return self._densify
+
+    def close(self) -> None:
+        """Stop the densify threads (after the minibatches being built); call once no more are cut."""
+        if self._densify is not None:
+            self._densify.shutdown(wait=True, cancel_futures=True)
 
     def cut(self, pos: np.ndarray, m: sp.csr_matrix, perm: np.ndarray, first: int = 0,
             release: Callable[[], None] | None = None) -> Iterator[dict[str, Any]]:
@@ -88,7 +119,8 @@ class Minibatches:
         ----------
         pos : numpy.ndarray, shape (n,)
             Positions into ``cells`` of the IO batch's rows (ascending joinid order).
-        m : scipy.sparse.csr_matrix, float32, shape (n, n_vars)
+        m : scipy.sparse.csr_matrix, float32, shape (n, n_vars), or HeldRows
+            The IO batch (a :class:`HeldRows` view only for dense CPU minibatches).
         perm : numpy.ndarray, shape (n,)
             The in-memory shuffle: minibatch ``j`` is rows ``perm[j * batch_size:(j + 1) * batch_size]``.
         first : int
@@ -104,10 +136,26 @@ class Minibatches:
             for b0 in range(first, len(pos), B):
                 idx = perm[b0:b0 + B]
                 yield self._device_batch(pos[idx], idx, dev_io)
-        elif self.dense_cpu:
-            for b0 in range(first, len(pos), B):
-                idx = perm[b0:b0 + B]
-                yield self._dense_batch(pos[idx], idx, m)
+        elif self.dense_cpu:  # densified in the densify threads: the consumer gets a Future
+            view = isinstance(m, HeldRows)
+            # weak: a done Future holds its minibatch, whose buffer must go back to the pool once
+            # the consumer drops it (a strong list kept a whole IO batch of them: 2x slower)
+            jobs: list[weakref.ref] = []
+            try:
+                for b0 in range(first, len(pos), B):
+                    idx = perm[b0:b0 + B]
+                    buf, clear = self._buffers.take(len(idx))  # the pool is used by this thread only
+                    fut = self._densify_threads(view).submit(self._dense_batch, pos[idx], m.rows[idx] if view else idx, m,
+                                               buf, clear)
+                    del buf
+                    if not view:
+                        jobs.append(weakref.ref(fut))
+                    yield fut
+                    del fut
+            finally:
+                # an IO batch with its own arrays is not read once this returns: the loader frees it
+                # (read buffers back to their pool, shared memory released); a view needs no wait
+                wait([f for f in (r() for r in jobs) if f is not None])
         else:
             for b0 in range(first, len(pos), B):
                 idx = perm[b0:b0 + B]
@@ -115,10 +163,10 @@ class Minibatches:
 
     def finish(self, b: dict[str, Any]) -> dict[str, Any]:
         """Move a minibatch from :meth:`cut` to the device and build ``X`` there (dense or CSR)."""
+        if isinstance(b, Future):  # dense on the CPU: built by a densify thread
+            return b.result()
         if "_dev" in b:
             return self._gather_device(b)
-        if "_csr" not in b:  # dense on the CPU: built by the prefetch thread
-            return b
         indptr, indices, data = b.pop("_csr")
         n = len(indptr) - 1
         nb = self.device.type == "cuda"
@@ -146,10 +194,11 @@ class Minibatches:
         return out
 
     # -------------------------------------------------------------- on the CPU
-    def _dense_batch(self, pos: np.ndarray, rows: np.ndarray, m: sp.csr_matrix) -> dict[str, Any]:
-        """A dense CPU minibatch: rows ``rows`` of the IO batch ``m``, gathered and densified in one
-        pass into a reused buffer (see :mod:`atlasmix.training._dense`)."""
-        buf, clear = self._buffers.take(len(rows))
+    def _dense_batch(self, pos: np.ndarray, rows: np.ndarray, m: sp.csr_matrix | HeldRows, buf: np.ndarray,
+                     clear: bool) -> dict[str, Any]:
+        """A dense CPU minibatch: rows ``rows`` of ``m``'s arrays (of the held split for a
+        :class:`HeldRows`), gathered and densified in one pass into ``buf``, a pooled buffer (see
+        :mod:`atlasmix.training._dense`). Runs in a densify thread."""
         lib = gather_dense(m.indptr, m.indices, m.data, rows, buf, clear=clear)
         out = self.obs(pos, lib if self.library == "counts" else self.total_counts[pos])
         out["X"] = torch.from_numpy(buf)
