@@ -10,11 +10,12 @@ Dense on the CPU
     ``(batch_size, genes)`` float32 buffers, each reused only once no minibatch (or view of one)
     holds it (:mod:`atlasmix.training._dense`): a whole-transcriptome minibatch is 81 MB, and
     allocating it fresh every time cost more than reading its counts. The loader's prefetch thread
-    cuts the minibatches and takes their buffers; :data:`DENSIFY_THREADS` threads densify them,
-    two minibatches at once (the compiled pass releases the GIL), and the consumer receives them in
-    order. From a split held in memory the IO batch is a :class:`atlasmix.training.memory.HeldRows`
-    view, never copied. On 2 CPU cores, 1M cells x 2,000 genes held in memory, one densify thread
-    was the bound (~1.0 core busy, 1.0-1.1M cells/s); see ``benchmarks/bench_loader.py``.
+    cuts the minibatches and takes their buffers. Streamed, it densifies them too (the read
+    threads use the other cores). From a split held in memory the IO batch is a
+    :class:`atlasmix.training.memory.HeldRows` view, never copied, and :data:`DENSIFY_THREADS`
+    threads densify two minibatches at once (the compiled pass releases the GIL), handed to the
+    consumer in order: on 2 CPU cores, 1M cells x 2,000 genes, the prefetch thread alone was the
+    bound (~1.0 core busy, 1.0-1.1M cells/s; now 1.3-1.8M, ``benchmarks/bench_loader.py``).
 
 CSR, moved to the device by the consumer
     The minibatch's rows as a CSR (``sparse=True``, or a dense minibatch for a device without the
@@ -92,23 +93,25 @@ class Minibatches:
         self.dense_cpu = device.type == "cpu" and not sparse  # densified in the prefetch thread
         self._buffers = DenseBufferPool(batch_size, n_vars, capacity=DENSE_BUFFERS) if self.dense_cpu else None
         self.io_threads = io_threads
-        self._densify: ThreadPoolExecutor | None = None  # started by the first dense minibatch
+        self._densify: ThreadPoolExecutor | bool | None = None  # decided by the first dense minibatch
         self._copy_stream = None
 
-    def _densify_threads(self, view: bool) -> ThreadPoolExecutor:
-        """The densify threads: :data:`DENSIFY_THREADS` when the IO batches are views of a split in
-        memory (reading them costs nothing), else only the cores the read threads leave (>= 1).
-        Streaming every gene on 2 cores, a second densify thread next to two read threads cost CPU
-        (15.7 vs 12.1 us per cell: two 81 MB minibatches written at once) instead of saving it."""
+    def _densify_threads(self, view: bool) -> ThreadPoolExecutor | None:
+        """The densify threads, or None to densify in the prefetch thread: :data:`DENSIFY_THREADS`
+        when the IO batches are views of a split in memory (reading them costs nothing), else only
+        the cores the read threads leave. Streaming every gene on 2 cores (1M cells, IO batch
+        16,384, ``bench_loader.py``), a second densify thread beside two read threads cost CPU (15.7
+        vs 12.1 us per cell: two 81 MB minibatches written at once), and one densify thread handed
+        its minibatches through a Future ran at 104-119k vs 131-137k cells/s inline, +0.2 GiB RSS."""
         if self._densify is None:
             cores = os.cpu_count() or 1
             n = min(DENSIFY_THREADS, cores if view else cores - self.io_threads)
-            self._densify = ThreadPoolExecutor(max(1, n), thread_name_prefix="atlasmix-densify")
-        return self._densify
+            self._densify = ThreadPoolExecutor(n, thread_name_prefix="atlasmix-densify") if n > 1 else False
+        return self._densify or None
 
     def close(self) -> None:
         """Stop the densify threads (after the minibatches being built); call once no more are cut."""
-        if self._densify is not None:
+        if self._densify:
             self._densify.shutdown(wait=True, cancel_futures=True)
 
     def cut(self, pos: np.ndarray, m: sp.csr_matrix, perm: np.ndarray, first: int = 0,
@@ -136,18 +139,23 @@ class Minibatches:
             for b0 in range(first, len(pos), B):
                 idx = perm[b0:b0 + B]
                 yield self._device_batch(pos[idx], idx, dev_io)
-        elif self.dense_cpu:  # densified in the densify threads: the consumer gets a Future
+        elif self.dense_cpu:
             view = isinstance(m, HeldRows)
+            threads = self._densify_threads(view)
             # weak: a done Future holds its minibatch, whose buffer must go back to the pool once
             # the consumer drops it (a strong list kept a whole IO batch of them: 2x slower)
             jobs: list[weakref.ref] = []
             try:
                 for b0 in range(first, len(pos), B):
                     idx = perm[b0:b0 + B]
-                    buf, clear = self._buffers.take(len(idx))  # the pool is used by this thread only
-                    fut = self._densify_threads(view).submit(self._dense_batch, pos[idx], m.rows[idx] if view else idx, m,
-                                               buf, clear)
-                    del buf
+                    rows = m.rows[idx] if view else idx
+                    # the buffer (and its pool, used by this thread only) is named nowhere here: a
+                    # local would keep it from the pool one minibatch longer
+                    if threads is None:
+                        yield self._dense_batch(pos[idx], rows, m, *self._buffers.take(len(idx)))
+                        continue
+                    # the consumer gets the Future
+                    fut = threads.submit(self._dense_batch, pos[idx], rows, m, *self._buffers.take(len(idx)))
                     if not view:
                         jobs.append(weakref.ref(fut))
                     yield fut
@@ -163,10 +171,12 @@ class Minibatches:
 
     def finish(self, b: dict[str, Any]) -> dict[str, Any]:
         """Move a minibatch from :meth:`cut` to the device and build ``X`` there (dense or CSR)."""
-        if isinstance(b, Future):  # dense on the CPU: built by a densify thread
+        if isinstance(b, Future):  # dense on the CPU, built by a densify thread
             return b.result()
         if "_dev" in b:
             return self._gather_device(b)
+        if "_csr" not in b:  # dense on the CPU, built by the prefetch thread
+            return b
         indptr, indices, data = b.pop("_csr")
         n = len(indptr) - 1
         nb = self.device.type == "cuda"
