@@ -231,6 +231,20 @@ a second::
 
 With the page cache unable to hold the corpus, the layout keeps its cold-start speed (1.6x annbatch,
 6.7x tiledbsoma-ml); annbatch, whose collection is 1.6x the layout's bytes, loses more.
+
+2026-12-06, 1,000,000 cells, io batch 16,384, warm, after in-memory IO batches became views of the
+held split and two threads densify them (``--methods atlasmix:in_memory=1,annbatch,...``; methods
+in run order, one invocation per row)::
+
+    2,000 genes, 300,000 timed     atlasmix:in_memory=1     annbatch
+    run 1                          1,351,185 / 1,514,060    573,071 / 530,761   (2.4-2.9x)
+    run 2                          1,287,464 / 1,273,054    374,238 / 571,207   (2.2-3.4x)
+    2,000 genes, 900,000 timed     1,726,682 / 1,835,064    345,111 / 391,562   (4.4-5.3x)
+
+    every gene, 300,000 timed      atlasmix (layout)   annbatch          scdataset   tiledbsoma_ml
+                                   125,211 / 115,909   69,773 / 68,051   12,415      9,340
+
+Before (same machine, same day): in memory 1.0-1.1M cells/s, 1.38-1.57x annbatch.
 """
 
 from __future__ import annotations
