@@ -90,7 +90,7 @@ class Minibatches:
         self.cells, self.codes, self.library, self.total_counts = cells, codes, library, total_counts
         self.n_vars, self.batch_size, self.device, self.sparse = n_vars, batch_size, device, sparse
         self.on_device = on_device
-        self.dense_cpu = device.type == "cpu" and not sparse  # densified in the prefetch thread
+        self.dense_cpu = device.type == "cpu" and not sparse  # densified on the host (see module doc)
         self._buffers = DenseBufferPool(batch_size, n_vars, capacity=DENSE_BUFFERS) if self.dense_cpu else None
         self.io_threads = io_threads
         self._densify: ThreadPoolExecutor | bool | None = None  # decided by the first dense minibatch
@@ -208,7 +208,7 @@ class Minibatches:
                      clear: bool) -> dict[str, Any]:
         """A dense CPU minibatch: rows ``rows`` of ``m``'s arrays (of the held split for a
         :class:`HeldRows`), gathered and densified in one pass into ``buf``, a pooled buffer (see
-        :mod:`atlasmix.training._dense`). Runs in a densify thread."""
+        :mod:`atlasmix.training._dense`). Runs in a densify thread, or in the prefetch thread."""
         lib = gather_dense(m.indptr, m.indices, m.data, rows, buf, clear=clear)
         out = self.obs(pos, lib if self.library == "counts" else self.total_counts[pos])
         out["X"] = torch.from_numpy(buf)
