@@ -662,6 +662,14 @@ def test_dense_batches_from_memory_are_views_densified_two_at_a_time_in_order(mi
     assert any(t.name.startswith("atlasmix-densify") for t in threading.enumerate())
     it.close()  # a consumer that stops early
     assert not any(t.name.startswith("atlasmix-densify") for t in threading.enumerate())
+
+    def broken(self, *a):
+        raise ValueError("densify failed")
+
+    monkeypatch.setattr(mb_mod.Minibatches, "_dense_batch", broken)
+    with pytest.raises(ValueError, match="densify failed"):  # a densify thread's error reaches the consumer
+        next(iter(held))
+    assert not any(t.name.startswith("atlasmix-densify") for t in threading.enumerate())
     with pytest.raises(AtlasmixError, match="not in the in-memory split"):
         held._memory.held_rows(np.array([-1]))
     ids = held.cells[::5]
