@@ -676,6 +676,31 @@ def test_dense_batches_from_memory_are_views_densified_two_at_a_time_in_order(mi
     assert (held._memory.held_rows(ids).tocsr() != held._memory.read_rows(ids)).nnz == 0
 
 
+def test_load_split_appends_rows_in_place_and_equals_the_stacked_reads():
+    """load_split writes each read's rows straight into the held arrays (no stacking at the end):
+    with rows that get denser along the split, the arrays must grow past their first estimate, and
+    the result still equals the reads stacked; a read over the cap gives up."""
+    import scipy.sparse as sp
+
+    from atlasmix.training import memory
+
+    keys = np.arange(5, 3005, 3, dtype=np.int64)
+
+    def read(ids):  # density rises with the key: the first reads underestimate the split
+        rng = np.random.default_rng(int(ids[0]))
+        return sp.random(len(ids), 50, density=min(0.9, 0.01 + ids[0] / 3000), format="csr",
+                         dtype=np.float32, random_state=rng)
+
+    held = memory.load_split(read, keys, 50, chunk=64, threads=2)
+    want = sp.vstack([read(keys[s:s + 64]) for s in range(0, len(keys), 64)], format="csr")
+    got = sp.csr_matrix((held.data, held.indices, held.indptr), shape=want.shape)
+    assert want.nnz > 0 and (got != want).nnz == 0 and np.array_equal(held.indptr, want.indptr)
+    assert held.nbytes == 8 * want.nnz + 8 * (len(keys) + 1) + 8 * len(keys)
+    assert memory.load_split(read, keys, 50, chunk=64, threads=2, max_bytes=8 * want.nnz // 2) is None
+    empty = memory.load_split(read, keys[:0], 50, chunk=64)
+    assert empty.indptr.tolist() == [0] and empty.data.size == 0
+
+
 def test_unique_ids_equals_numpy_unique():
     """The loader's sorted-unique of joinids is np.unique's result (sorted, unsorted, repeated, empty)."""
     from hypothesis import given, settings

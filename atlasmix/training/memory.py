@@ -174,8 +174,8 @@ def load_split(read: Callable[[np.ndarray], sp.csr_matrix], keys: np.ndarray, n_
     """
     keys = np.asarray(keys, dtype=np.int64)
     starts = list(range(0, len(keys), max(1, int(chunk))))
-    pieces: list[sp.csr_matrix] = []
     held = 0
+    rows = _Rows(len(keys))
     with ThreadPoolExecutor(max(1, int(threads))) as pool:
         futs = {}
         nxt = 0
@@ -190,12 +190,45 @@ def load_split(read: Callable[[np.ndarray], sp.csr_matrix], keys: np.ndarray, n_
                 for f in futs.values():
                     f.cancel()
                 return None
-            pieces.append(m)
-    if not pieces:
-        return InMemoryX(keys, sp.csr_matrix((0, n_vars), dtype=np.float32))
-    m = sp.vstack(pieces, format="csr") if len(pieces) > 1 else pieces[0]
-    del pieces
-    return InMemoryX(keys, m)
+            rows.append(m)
+            del m
+    return InMemoryX(keys, rows.csr(n_vars))
+
+
+class _Rows:
+    """CSR rows appended in order straight into the held arrays, which grow geometrically.
+
+    The pieces are not kept and stacked at the end: that held the split twice (peak RSS ~2x the
+    split) and wrote twice as much fresh memory, whose first touch costs ~2 s per GB of system time
+    on the project's VM (1M cells x 2,000 genes: ``benchmarks/bench_loader.py``). Capacity is
+    the nonzeros so far plus the rows still to come at the mean so far, +10 %; pages past what is
+    written are never touched, so they cost address space, not memory.
+    """
+
+    def __init__(self, n_rows: int):
+        self.indptr = np.zeros(n_rows + 1, dtype=np.int64)
+        self.indices = np.empty(0, dtype=np.int32)
+        self.data = np.empty(0, dtype=np.float32)
+        self.n_rows, self.row, self.nnz = n_rows, 0, 0
+
+    def append(self, m: sp.csr_matrix) -> None:
+        n, end = m.shape[0], self.nnz + int(m.nnz)
+        if end > len(self.data):
+            done = self.row + n
+            cap = int(end + (self.n_rows - done) * end / max(done, 1) * 1.1) + 1
+            for name in ("indices", "data"):
+                old = getattr(self, name)
+                new = np.empty(cap, dtype=old.dtype)
+                new[:self.nnz] = old[:self.nnz]
+                setattr(self, name, new)
+        self.indices[self.nnz:end] = m.indices
+        self.data[self.nnz:end] = m.data
+        self.indptr[self.row + 1:self.row + n + 1] = m.indptr[1:] + self.nnz
+        self.row, self.nnz = self.row + n, end
+
+    def csr(self, n_vars: int) -> sp.csr_matrix:
+        return sp.csr_matrix((self.data[:self.nnz], self.indices[:self.nnz], self.indptr),
+                             shape=(self.n_rows, n_vars))
 
 
 def hold_split(read: Callable[[np.ndarray], sp.csr_matrix], keys: np.ndarray, n_vars: int, chunk: int,
