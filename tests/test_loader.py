@@ -611,8 +611,9 @@ def test_in_memory_split_serves_the_streamed_batches_and_reads_once(mix, monkeyp
 def test_dense_batches_from_memory_are_views_densified_two_at_a_time_in_order(mix, monkeypatch):
     """From a split held in memory, a dense CPU minibatch is gathered straight from the held CSR
     (its IO batch is a view, not a copy) by two densify threads at once on 2 cores; streamed next to
-    two read threads, by one. Either way the minibatches come out in the epoch's order, equal to a
-    single densify thread's, and the densify threads stop when the iteration stops."""
+    two read threads, by one (by two with cores to spare). Either way the minibatches come out in
+    the epoch's order, equal to a single densify thread's, and the densify threads stop when the
+    iteration stops or fails."""
     import os
     import threading
     import time
@@ -653,9 +654,13 @@ def test_dense_batches_from_memory_are_views_densified_two_at_a_time_in_order(mi
     monkeypatch.setattr(mb_mod, "DENSIFY_THREADS", 2)
     _, streamed, most, views = run(in_memory=False, io_threads=2)
     assert most == 1 and not any(isinstance(v, memory.HeldRows) for v in views)
-    assert len(two) == len(one) == len(streamed) == len(held) > 2
-    for a, b, c in zip(two, one, streamed, strict=True):
-        assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a, b, c, strict=True))
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)  # cores to spare: streamed IO batches too
+    _, streamed_two, most, views = run(in_memory=False, io_threads=2)
+    assert most == 2 and not any(isinstance(v, memory.HeldRows) for v in views)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert len(two) == len(one) == len(streamed) == len(streamed_two) == len(held) > 2
+    for same in zip(two, one, streamed, streamed_two, strict=True):  # (soma_joinid, X, library_size) each
+        assert all(all(torch.equal(f[0], g) for g in f[1:]) for f in zip(*same, strict=True))
 
     it = iter(held)
     next(it)

@@ -437,8 +437,8 @@ class MixtureLoader:
         def submit(j: int):  # IO batch first_io + j, read in a thread or a read process
             i, s = first_io + j, io_starts[j]
             if read_processes == 0:
-                return reads.submit(lambda X: (*self._io_batch(X, seq[s:s + self.io_batch_size], shard, i, col_of, view),
-                                               None))
+                io = seq[s:s + self.io_batch_size]
+                return reads.submit(lambda X: (*self._io_batch(X, io, shard, i, col_of, view), None))
             pos, _, perm = self._io_batch(None, seq[s:s + self.io_batch_size], shard, i, col_of)
             return self._read_processes(source, ctx, col_of).submit(self._row_keys(pos), pos, perm)
 
