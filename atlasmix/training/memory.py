@@ -165,7 +165,7 @@ def load_split(read: Callable[[np.ndarray], sp.csr_matrix], keys: np.ndarray, n_
     threads : int
         Reads in flight.
     max_bytes : int, optional
-        Give up (return None, the pieces read so far are freed) once the rows read pass this many
+        Give up (return None, the rows read so far are freed) once the rows read pass this many
         bytes (8 per nonzero + 16 per row); None: no cap.
 
     Returns
