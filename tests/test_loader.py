@@ -702,6 +702,9 @@ def test_load_split_appends_rows_in_place_and_equals_the_stacked_reads():
     assert want.nnz > 0 and (got != want).nnz == 0 and np.array_equal(held.indptr, want.indptr)
     assert held.nbytes == 8 * want.nnz + 8 * (len(keys) + 1) + 8 * len(keys)
     assert memory.load_split(read, keys, 50, chunk=64, threads=2, max_bytes=8 * want.nnz // 2) is None
+    exact = 8 * want.nnz + 16 * len(keys)  # a cap the split just fits: capacity never passes it
+    capped = memory.load_split(read, keys, 50, chunk=64, threads=2, max_bytes=exact)
+    assert np.array_equal(capped.data, want.data) and len(capped.data.base) <= exact // 8
     empty = memory.load_split(read, keys[:0], 50, chunk=64)
     assert empty.indptr.tolist() == [0] and empty.data.size == 0
 

@@ -175,7 +175,7 @@ def load_split(read: Callable[[np.ndarray], sp.csr_matrix], keys: np.ndarray, n_
     keys = np.asarray(keys, dtype=np.int64)
     starts = list(range(0, len(keys), max(1, int(chunk))))
     held = 0
-    rows = _Rows(len(keys))
+    rows = _Rows(len(keys), None if max_bytes is None else max_bytes // 8)
     with ThreadPoolExecutor(max(1, int(threads))) as pool:
         futs = {}
         nxt = 0
@@ -201,21 +201,25 @@ class _Rows:
     The pieces are not kept and stacked at the end: that held the split twice (peak RSS ~2x the
     split) and wrote twice as much fresh memory, whose first touch costs ~2 s per GB of system time
     on the project's VM (1M cells x 2,000 genes: ``benchmarks/bench_loader.py``). Capacity is
-    the nonzeros so far plus the rows still to come at the mean so far, +10 %; pages past what is
-    written are never touched, so they cost address space, not memory.
+    the nonzeros so far plus the rows still to come at the mean so far, +10 %, at most 8x the
+    nonzeros so far (an early read much denser than the rest must not reserve far more address
+    space than the split) and at most ``max_nnz``; pages past what is written are never touched, so
+    they cost address space, not memory.
     """
 
-    def __init__(self, n_rows: int):
+    def __init__(self, n_rows: int, max_nnz: int | None = None):
         self.indptr = np.zeros(n_rows + 1, dtype=np.int64)
         self.indices = np.empty(0, dtype=np.int32)
         self.data = np.empty(0, dtype=np.float32)
-        self.n_rows, self.row, self.nnz = n_rows, 0, 0
+        self.n_rows, self.row, self.nnz, self.max_nnz = n_rows, 0, 0, max_nnz
 
     def append(self, m: sp.csr_matrix) -> None:
         n, end = m.shape[0], self.nnz + int(m.nnz)
         if end > len(self.data):
             done = self.row + n
-            cap = int(end + (self.n_rows - done) * end / max(done, 1) * 1.1) + 1
+            cap = min(int(end + (self.n_rows - done) * end / max(done, 1) * 1.1) + 1, 8 * end)
+            if self.max_nnz is not None:
+                cap = max(end, min(cap, self.max_nnz))
             for name in ("indices", "data"):
                 old = getattr(self, name)
                 new = np.empty(cap, dtype=old.dtype)
