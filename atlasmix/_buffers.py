@@ -105,3 +105,19 @@ class BufferPool:
         """Drop the pool's references (buffers still in use are freed with their last view)."""
         with self._lock:
             self._bufs.clear()
+
+
+def grown(a: np.ndarray, used: int, size: int) -> np.ndarray:
+    """A new 1-D array of ``size`` elements of ``a``'s dtype whose first ``used`` are ``a[:used]``
+    (the rest uninitialised): growing a buffer that rows are appended to.
+
+    Raises
+    ------
+    ValueError
+        ``size < used``.
+    """
+    if size < used:
+        raise ValueError(f"cannot grow {used} elements into {size}")
+    new = np.empty(size, dtype=a.dtype)
+    new[:used] = a[:used]
+    return new

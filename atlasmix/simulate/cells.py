@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from atlasmix._buffers import grown
 from atlasmix.simulate import _kernels
 from atlasmix.simulate.seeding import substream
 from atlasmix.simulate.tables import CompiledSource
@@ -54,11 +55,7 @@ class RowBuffer:
         need = self.nnz + extra
         if need > len(self.indices):
             cap = max(need, int(len(self.indices) * 1.5))
-            for name in ("indices", "data"):
-                old = getattr(self, name)
-                new = np.empty(cap, old.dtype)
-                new[: self.nnz] = old[: self.nnz]
-                setattr(self, name, new)
+            self.indices, self.data = grown(self.indices, self.nnz, cap), grown(self.data, self.nnz, cap)
 
     def take(self, k: int, copy: bool) -> Block:
         """The first ``k`` rows (views unless ``copy``); call :meth:`drop` before adding more rows."""

@@ -23,6 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit
 
+from atlasmix._buffers import grown
 from atlasmix.errors import AtlasmixError
 from atlasmix.training.read import RowReader
 
@@ -220,11 +221,7 @@ class _Rows:
             cap = min(int(end + (self.n_rows - done) * end / max(done, 1) * 1.1) + 1, 8 * end)
             if self.max_nnz is not None:
                 cap = max(end, min(cap, self.max_nnz))
-            for name in ("indices", "data"):
-                old = getattr(self, name)
-                new = np.empty(cap, dtype=old.dtype)
-                new[:self.nnz] = old[:self.nnz]
-                setattr(self, name, new)
+            self.indices, self.data = grown(self.indices, self.nnz, cap), grown(self.data, self.nnz, cap)
         self.indices[self.nnz:end] = m.indices
         self.data[self.nnz:end] = m.data
         self.indptr[self.row + 1:self.row + n + 1] = m.indptr[1:] + self.nnz
