@@ -20,7 +20,9 @@ peak RSS is that process's ``ru_maxrss``), over the same cells (every cell of th
   in the peak RSS).
 
 Each run reads minibatches until ``--max-cells`` cells (after ``--warmup`` batches) and reports
-cells/s, peak RSS (MiB) and the per-minibatch ``dataset_id`` entropy against i.i.d. sampling
+cells/s, CPU time per cell (the process and its live workers, over the same window; ``cores / CPU
+per cell`` is the most cells/s that loader can reach on this machine's cores, printed as its ceiling),
+peak RSS (MiB) and the per-minibatch ``dataset_id`` entropy against i.i.d. sampling
 (:func:`atlasmix.training.loader.shuffle_entropy`). Prints a table and writes JSON to
 ``--workdir/results.json``.
 
@@ -260,6 +262,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _proc import tree_cpu_s  # noqa: E402
+
 
 def build_store(workdir: Path, n_cells: int, seed: int = 0) -> str:
     """Simulate + ingest into ``workdir/store`` unless it exists; returns the store URI."""
@@ -301,16 +306,19 @@ def _rss_mib() -> float:
 
 
 def _measure(batches, n_warm: int, max_cells: int, codes_of, dense_of) -> dict:
-    """Iterate ``batches``; time from after ``n_warm`` batches until ``max_cells`` cells."""
+    """Iterate ``batches``; time from after ``n_warm`` batches until ``max_cells`` cells.
+
+    ``cpu_s`` is the CPU time of this process and its live workers over the same window
+    (:func:`_proc.tree_cpu_s`)."""
     import torch
 
-    codes, n, t0, k = [], 0, None, 0
+    codes, n, t0, k, cpu0 = [], 0, None, 0, 0.0
     for b in batches:
         X = dense_of(b)
         if X.is_cuda:
             torch.cuda.synchronize()
         if k == n_warm:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), tree_cpu_s()
         if k >= n_warm:
             n += X.shape[0]
             codes.append(codes_of(b))
@@ -318,7 +326,8 @@ def _measure(batches, n_warm: int, max_cells: int, codes_of, dense_of) -> dict:
         if n >= max_cells:
             break
     dt = time.perf_counter() - (t0 or time.perf_counter())
-    return {"cells": n, "seconds": dt, "cells_per_s": n / dt if dt > 0 else float("nan"), "codes": codes}
+    cpu = tree_cpu_s() - cpu0 if t0 is not None else float("nan")
+    return {"cells": n, "seconds": dt, "cells_per_s": n / dt if dt > 0 else float("nan"), "cpu_s": cpu, "codes": codes}
 
 
 def gene_axis(store, n_genes: int) -> np.ndarray:
@@ -418,7 +427,7 @@ def run_one(method: str, uri: str, args) -> dict:
         extra.update({k: r.pop(k) for k in ("prep_s", "collection_bytes", "prep_peak_rss_mib", "h5ad_export_s")})
         r.pop("method")
         ent = shuffle_entropy([np.asarray(c) for c in r.pop("codes")], n_categories=len(dsnames))
-        return {"method": method, **{k: r[k] for k in ("cells", "seconds", "cells_per_s")}, **extra,
+        return {"method": method, **{k: r[k] for k in ("cells", "seconds", "cells_per_s", "cpu_s")}, **extra,
                 "peak_rss_mib": r["peak_rss_mib"], "entropy": ent}
     else:
         raise SystemExit(f"unknown method {method}")
@@ -663,12 +672,19 @@ def main() -> None:
     print(f"store: {built['n_cells']:,} simulated cells (19,907 genes; gene axis "
           f"{args.n_genes or 'all'}); batch {args.batch_size}, "
           f"io batch {args.io_batch_size}, device {args.device}, {args.max_cells:,} cells timed")
-    print(f"{'method':<36}{'cells/s':>12}{'x tdbml':>9}{'peak RSS MiB':>14}{'entropy':>9}{'iid':>7}{'ratio':>7}")
+    cores = len(os.sched_getaffinity(0))
+    print(f"{'method':<36}{'cells/s':>12}{'x tdbml':>9}{'CPU us/cell':>12}{'cores busy':>11}"
+          f"{f'ceiling {cores} cores':>17}{'peak RSS MiB':>14}{'entropy':>9}{'iid':>7}{'ratio':>7}")
     for r in results:
         e = r["entropy"]
         rel = r["cells_per_s"] / base["tiledbsoma_ml"] if base.get("tiledbsoma_ml") else float("nan")
-        print(f"{r['method']:<36}{r['cells_per_s']:>12,.0f}{rel:>9.2f}{r['peak_rss_mib']:>14,.0f}"
-              f"{e['entropy_bits']:>9.3f}{e['iid_entropy_bits']:>7.3f}{e['ratio']:>7.3f}")
+        cpu = r.get("cpu_s", float("nan"))  # results of an older run have no CPU time
+        per_cell = cpu / r["cells"] if r["cells"] else float("nan")
+        print(f"{r['method']:<36}{r['cells_per_s']:>12,.0f}{rel:>9.2f}{per_cell * 1e6:>12.1f}"
+              f"{cpu / r['seconds'] if r['seconds'] else float('nan'):>11.2f}{cores / per_cell:>17,.0f}"
+              f"{r['peak_rss_mib']:>14,.0f}{e['entropy_bits']:>9.3f}{e['iid_entropy_bits']:>7.3f}{e['ratio']:>7.3f}")
+    print(f"CPU us/cell: CPU time (user + system, all threads, live worker processes included) per timed cell; "
+          f"ceiling: {cores} cores / that, the most cells/s the method can reach on these cores")
     for r in results:
         if r["method"] == "annbatch":
             rss = (f"peak RSS {r['prep_peak_rss_mib']:,.0f} MiB" if r["prep_peak_rss_mib"]

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _proc import tree_cpu_s  # noqa: E402  (standard library only: runs in annbatch's venv)
 
 
 def _rss_mib() -> float:
@@ -70,11 +74,11 @@ def main() -> None:
     loader = Loader(batch_size=a.batch_size, shuffle=True, chunk_size=512, preload_nchunks=32, preload_to_gpu=False,
                     rng=np.random.default_rng(0)).use_collection(DatasetCollection(str(a.collection)))
     names: dict[str, int] = {}
-    codes, n, t0, k = [], 0, None, 0
+    codes, n, t0, k, cpu0 = [], 0, None, 0, 0.0
     for b in loader:
         X = b["X"].toarray()
         if k == a.warmup:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), tree_cpu_s()
         if k >= a.warmup:
             n += X.shape[0]
             ds = b["obs"]["dataset_id"].astype(str).to_numpy()
@@ -83,7 +87,9 @@ def main() -> None:
         if n >= a.max_cells:
             break
     dt = time.perf_counter() - (t0 or time.perf_counter())
+    cpu = tree_cpu_s() - cpu0 if t0 is not None else float("nan")
     print(json.dumps({"method": "annbatch", "cells": n, "seconds": dt, "cells_per_s": n / dt if dt else float("nan"),
+                      "cpu_s": cpu,
                       "prep_s": prep_s, "prep_built_now": built, "prep_peak_rss_mib": prep_rss if built else None,
                       "collection_bytes": nbytes, "peak_rss_mib": _rss_mib(), "codes": codes,
                       "n_vars": int(X.shape[1])}))

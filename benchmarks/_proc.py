@@ -1,0 +1,67 @@
+"""CPU time of a process and its live descendants, from Linux ``/proc`` (standard library only).
+
+Shared by ``bench_loader.py`` and ``peer_annbatch.py`` (which runs in annbatch's own Python 3.12
+venv, so this module imports nothing outside the standard library).
+
+Why: on a machine with few cores a loader's throughput is capped by the CPU it spends per cell,
+whatever it overlaps. ``cores / (CPU seconds per cell)`` is the most cells per second that loader can
+reach there, so a table of cells/s next to CPU per cell says how far each loader is from its own
+ceiling and how far any goal is from what the cores allow.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _ticks(pid: int) -> int:
+    """utime + stime (clock ticks) of every thread of ``pid``; 0 once it has exited."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = raw[raw.rindex(")") + 2:].split()  # the command name may hold spaces
+    return int(fields[11]) + int(fields[12])  # stat fields 14 and 15 (proc(5))
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def tree_cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system, all threads) used so far by ``pid`` and its live descendants.
+
+    Parameters
+    ----------
+    pid : int, optional
+        Default: this process.
+
+    Returns
+    -------
+    float
+        Seconds; ``nan`` off Linux (no ``/proc``). A descendant that exited before the call is not
+        counted (its time goes to its parent only once reaped), so take both ends of a window while
+        the workers of interest (DataLoader workers, read processes) are alive.
+    """
+    if not Path("/proc/self/stat").exists():
+        return float("nan")
+    todo, seen, ticks = [pid or os.getpid()], set(), 0
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        ticks += _ticks(p)
+        todo += _children(p)
+    return ticks / os.sysconf("SC_CLK_TCK")
