@@ -247,6 +247,19 @@ in run order, one invocation per row)::
                                    125,211 / 115,909   69,773 / 68,051   12,415      9,340
 
 Before (same machine, same day): in memory 1.0-1.1M cells/s, 1.38-1.57x annbatch.
+
+CPU per cell (2026-12-06, same setting, every gene, 300,000 timed; three invocations; the ceiling
+is 2 cores / CPU per cell)::
+
+    method              cells/s                      CPU us/cell         cores busy  ceiling
+    atlasmix (layout)   98,826 / 121,951 / 111,125   16.2 / 14.1 / 15.3  1.60-1.72   123-142k
+    annbatch 0.3.1      53,347 /  39,460 /  61,807   21.3 / 29.2 / 19.6  1.14-1.21    68-102k
+    scdataset 0.3.0      8,577                       180                 1.55          11k
+    tiledbsoma_ml        7,413                       214                 1.59           9k
+
+2,000 genes: atlasmix in memory 1,729,336 (1.1 us/cell, 1.90 cores), annbatch 351,177 (2.9 us/cell,
+1.01 cores). 3.5x annbatch's best every-gene run here (216k cells/s) would need <= 9.3 us/cell with
+both cores busy (see docs/benchmarks.md for the per-thread split).
 """
 
 from __future__ import annotations
