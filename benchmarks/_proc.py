@@ -16,13 +16,14 @@ from pathlib import Path
 
 
 def _ticks(pid: int) -> int:
-    """utime + stime (clock ticks) of every thread of ``pid``; 0 once it has exited."""
+    """CPU clock ticks of ``pid`` (every thread) and of the children it has reaped; 0 once it is gone."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0
     fields = raw[raw.rindex(")") + 2:].split()  # the command name may hold spaces
-    return int(fields[11]) + int(fields[12])  # stat fields 14 and 15 (proc(5))
+    # stat fields 14-17 (proc(5)): utime, stime, and cutime, cstime of waited-for children
+    return sum(int(f) for f in fields[11:15])
 
 
 def _children(pid: int) -> list[int]:
@@ -50,9 +51,10 @@ def tree_cpu_s(pid: int | None = None) -> float:
     Returns
     -------
     float
-        Seconds; ``nan`` off Linux (no ``/proc``). A descendant that exited before the call is not
-        counted (its time goes to its parent only once reaped), so take both ends of a window while
-        the workers of interest (DataLoader workers, read processes) are alive.
+        Seconds; ``nan`` off Linux (no ``/proc``). Each process of the tree counts with the children
+        it has reaped, so the difference of two calls is the CPU spent between them by the tree,
+        whether its workers were alive at both ends or exited and were waited for in between (a
+        worker that outlives its parent, re-parented to init, is lost).
     """
     if not Path("/proc/self/stat").exists():
         return float("nan")
