@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's measurements for issues 5 and 6, in as few device calls as possible.
+# One GPU session's measurements for issues 5, 6 and 19, in as few device calls as possible.
 #
 # On this (CPU) machine, once per session:
 #   mkdir -p .git/info && bash ../shared/tools/gpu-wheels.sh
@@ -17,6 +17,13 @@
 #               (atlasmix:x_cache=1, atlasmix/training/xcache.py) vs tiledbsoma-ml / scvi in memory (issue 5)
 #   geneformer  gene medians of the store -> dictionaries, then bench_tokenizer.py --pretrain: V1
 #               pretraining cells/s streamed from the store and the data-wait fraction (issue 6)
+#   layout      issue 19's GPU goals, sized for a 15-minute device budget: on an L19_CELLS-cell store
+#               (200,000; its own work dir $W/l19), LDVAE end to end with the loader's defaults (the
+#               store's x layout) vs scvi-tools on an in-memory AnnData of the same cells (goal >= 2x)
+#               vs the module's compute floor (goal >= 0.8), every gene and 2,000 genes, then the
+#               loader alone vs tiledbsoma-ml. Not part of "all" (run it on its own): its timeouts
+#               (270 + 150 + 120 s) keep it inside one 10-minute device call. Dry-run on 2 CPU cores
+#               (DEVICE=cpu L19_CELLS=20000 L19_TRAIN=5000, 2026-12-06): 4 min 47 s, all six outputs.
 # Disk: the 1M-cell store and its simulated sources take ~14 GB; an h5 x cache of every gene 8 bytes
 # per nonzero (1M cells: ~14 GB, 200k: ~3 GB). x cache builds are reported, not timed as training.
 # Environment: NCELLS (store size, 1,000,000), DEVICE (cuda), W (work dir, /tmp/atlasmix_gpu),
@@ -65,5 +72,19 @@ PY
     --store "$W/store" --mixture "$(cat "$W/gf_manifest")" --dictionaries "$W/gf_dicts" \
     --pretrain --preset v1 --steps "${GF_STEPS:-200}" --pretrain-batch-size "${GF_BATCH:-12}" --device "$DEVICE" \
     --out "$OUT/geneformer.json" 2>&1 | tee "$OUT/geneformer.txt"
+fi
+if [ "$STAGE" = layout ]; then
+  L19=${L19_W:-$W/l19}; L19N=${L19_CELLS:-200000}; L19T=${L19_TRAIN:-100000}
+  for G in 0 2000; do  # the first call also builds the store (2-core dry run, 20,000 cells: 14 s)
+    T=270; [ "$G" = 0 ] || T=150
+    timeout "${L19_T:-$T}" python3 benchmarks/bench_ldvae.py --workdir "$L19" --n-cells "$L19N" --train-cells "$L19T" \
+      --epochs 3 --batch-size 1024 --io-batch-size 16384 --n-genes "$G" \
+      --methods "${L19_METHODS:-atlasmix,scvi_memory,compute_floor}" 2>&1 | tee "$OUT/l19_ldvae_g$G.txt"
+    cp "$L19/ldvae_results.json" "$OUT/l19_ldvae_g$G.json" 2>/dev/null || true
+  done
+  timeout "${L19_T:-120}" python3 benchmarks/bench_loader.py --workdir "$L19" --n-cells "$L19N" --max-cells "$L19T" \
+    --io-batch-size 16384 --batch-size 1024 --device "$DEVICE" --methods "${L19_LOADER:-atlasmix,tiledbsoma_ml}" \
+    2>&1 | tee "$OUT/l19_loader.txt"
+  cp "$L19/results.json" "$OUT/l19_loader.json" 2>/dev/null || true
 fi
 cp "$W"/*.json "$OUT"/ 2>/dev/null || true
