@@ -229,12 +229,16 @@ def test_dataloader_worker_processes_serve_their_shards(mix):
     assert set(first) <= expect[0] and not set(first) & expect[1]
 
 
-@pytest.mark.parametrize("sparse", [False, True])
-def test_device_gather_path_equals_host_path(mix, sparse):
+@pytest.mark.parametrize(("sparse", "in_memory"), [(False, False), (True, False), (False, True)])
+def test_device_gather_path_equals_host_path(mix, sparse, in_memory):
     """The GPU path (IO batch copied once, minibatches cut out on the device) is exercised here on
-    the CPU: same cells, order, counts, library sizes and codes as the host path, also mid-epoch."""
-    host = make(mix, gather_on_device=False, sparse=sparse, obs_columns=("dataset_id", "cell_type"))
-    dev = make(mix, gather_on_device=True, sparse=sparse, obs_columns=("dataset_id", "cell_type"))
+    the CPU: same cells, order, counts, library sizes and codes as the host path, also mid-epoch,
+    also from a split held in memory (whose dense host path reads views of the held CSR: the device
+    path must get the IO batch's rows, not a view)."""
+    host = make(mix, gather_on_device=False, sparse=sparse, obs_columns=("dataset_id", "cell_type"),
+                in_memory=in_memory)
+    dev = make(mix, gather_on_device=True, sparse=sparse, obs_columns=("dataset_id", "cell_type"),
+               in_memory=in_memory)
     assert dev._gathers_on_device() and not host._gathers_on_device()
     for _ in range(2):  # two epochs: different orders, same between paths
         for a, b in zip(host, dev, strict=True):
@@ -251,9 +255,10 @@ def test_device_gather_path_equals_host_path(mix, sparse):
     [next(it) for _ in range(3)]
     st = dev.state_dict()
     rest = [b["soma_joinid"] for b in it]
-    again = make(mix, gather_on_device=True, sparse=sparse)
+    again = make(mix, gather_on_device=True, sparse=sparse, in_memory=in_memory)
     again.load_state_dict(st)
     assert all(torch.equal(x, y["soma_joinid"]) for x, y in zip(rest, again, strict=True))
+    assert (host.in_memory_bytes > 0) == (dev.in_memory_bytes > 0) == in_memory
 
 
 def _shm_blocks() -> set[str]:

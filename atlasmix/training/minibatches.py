@@ -90,7 +90,8 @@ class Minibatches:
         self.cells, self.codes, self.library, self.total_counts = cells, codes, library, total_counts
         self.n_vars, self.batch_size, self.device, self.sparse = n_vars, batch_size, device, sparse
         self.on_device = on_device
-        self.dense_cpu = device.type == "cpu" and not sparse  # densified on the host (see module doc)
+        # densified on the host (see module doc); not when cut on the device, even a CPU device
+        self.dense_cpu = device.type == "cpu" and not sparse and not on_device
         self._buffers = DenseBufferPool(batch_size, n_vars, capacity=DENSE_BUFFERS) if self.dense_cpu else None
         self.io_threads = io_threads
         self._densify: ThreadPoolExecutor | bool | None = None  # decided by the first dense minibatch
