@@ -96,7 +96,21 @@ def test_layout_reader_matches_tiledb_on_random_cells_and_gene_subsets(base):
         assert (got != want).nnz == 0
         whole = reader.read(pick, None, len(s.var()))
         assert (whole != full[np.searchsorted(ids, pick)]).nnz == 0
+    # no layout file stays open between reads (a store's shard files can outnumber the fd limit)
+    assert not [f for f in _open_files() if xlayout.LAYOUT_DIR in f]
     reader.close()
+
+
+def _open_files() -> list[str]:
+    import os
+
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # closed meanwhile
+            pass
+    return out
 
 
 @pytest.mark.parametrize("point", ["x_chunk", "before_commit"])

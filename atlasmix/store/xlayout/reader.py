@@ -23,6 +23,8 @@ from atlasmix._ids import unique_ids
 from atlasmix.errors import StoreError
 from atlasmix.store.xlayout.roots import dataset_ready, layout_root
 
+_NO_CHUNK = np.iinfo(np.uint64).max  # a shard index's offset for an empty inner chunk (the zarr v3 spec)
+
 
 class _ShardedArray:
     """One 1-D zarr v3 array of the layout, read by the sharding specification (see module doc)."""
@@ -37,8 +39,7 @@ class _ShardedArray:
         self.size = int(meta["shape"][0])
         self.fill = meta.get("fill_value", 0)
         self._zarr = None
-        self._fds: dict[int, int] = {}
-        self._index: dict[int, np.ndarray] = {}
+        self._index: dict[int, np.ndarray | None] = {}
         self._lock = threading.Lock()
         self.fast = False
         codecs = meta.get("codecs", [])
@@ -60,44 +61,54 @@ class _ShardedArray:
                 self.delta = delta
                 self.fast = self.shard % self.inner == 0
 
-    def _shard_index(self, k: int) -> tuple[int, np.ndarray] | None:
-        ix = self._index.get(k)
-        if ix is not None:
-            return self._fds[k], ix
+    def _path(self, k: int) -> str:
+        return str(self.root.base / self.rel / "c" / str(k))
+
+    def _shard_index(self, k: int) -> np.ndarray | None:
+        """Shard ``k``'s index, (offset, nbytes) uint64 per inner chunk (cached); None: no shard file
+        (every chunk of it empty: zarr writes no file)."""
+        if k in self._index:
+            return self._index[k]
         with self._lock:
             if k not in self._index:
                 nb = self.per_shard * 16
                 if self.root.local:
                     try:
-                        fd = os.open(self.root.base / self.rel / "c" / str(k), os.O_RDONLY)
+                        fd = os.open(self._path(k), os.O_RDONLY)
                     except FileNotFoundError:
+                        self._index[k] = None
                         return None
-                    raw = os.pread(fd, nb, os.fstat(fd).st_size - nb - 4)
+                    try:
+                        raw = os.pread(fd, nb, os.fstat(fd).st_size - nb - 4)
+                    finally:
+                        os.close(fd)
                 else:
                     size = self.root.size(f"{self.rel}/c/{k}")
                     if size is None:
+                        self._index[k] = None
                         return None
-                    fd = size  # objects: no descriptor; ranges are read by key
                     raw = self.root.read_range(f"{self.rel}/c/{k}", size - nb - 4, nb)
-                self._fds[k] = fd
                 self._index[k] = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
-        return self._fds[k], self._index[k]
+        return self._index[k]
 
-    def _decode_chunk(self, c: int, out: np.ndarray) -> None:
-        """Decode inner chunk ``c`` into ``out`` (length ``inner``)."""
+    def _decode_chunk(self, c: int, out: np.ndarray, fds: dict[int, int]) -> None:
+        """Decode inner chunk ``c`` into ``out`` (length ``inner``); ``fds``: shard files opened by
+        this read (closed by it)."""
         from numcodecs import blosc
 
         k, j = divmod(c, self.per_shard)
-        got = self._shard_index(k)
-        if got is None:
+        ix = self._shard_index(k)
+        if ix is None:
             out[:] = self.fill
             return
-        fd, ix = got
         off, nb = ix[j]
-        if off == np.iinfo(np.uint64).max:  # an empty inner chunk: all fill value
+        if off == _NO_CHUNK:  # an empty inner chunk: all fill value
             out[:] = self.fill
             return
         if self.root.local:
+            fd = fds.get(k)
+            if fd is None:
+                fd = fds[k] = os.open(self._path(k), os.O_RDONLY)
             raw = os.pread(fd, int(nb), int(off))
         else:
             raw = self.root.read_range(f"{self.rel}/c/{k}", int(off), int(nb))
@@ -106,7 +117,10 @@ class _ShardedArray:
             np.cumsum(out, out=out)
 
     def read_into(self, a: int, b: int, out: np.ndarray, cache: dict) -> None:
-        """Elements ``[a, b)`` into ``out`` (length ``b - a``); ``cache`` keeps edge chunks of one read."""
+        """Elements ``[a, b)`` into ``out`` (length ``b - a``); ``cache`` keeps edge chunks of one read.
+
+        Shard files are opened for this call only (one descriptor per shard it touches, closed on
+        return), so a reader of a store of any size holds no file open between reads."""
         if b <= a:
             return
         if not self.fast:
@@ -117,20 +131,25 @@ class _ShardedArray:
             out[:] = self._zarr[a:b]
             return
         inner = self.inner
-        for c in range(a // inner, (b - 1) // inner + 1):
-            lo = c * inner
-            x0, x1 = max(a, lo), min(b, lo + inner)
-            if x0 == lo and x1 == lo + inner:  # the whole chunk: straight into place
-                self._decode_chunk(c, out[x0 - a:x1 - a])
-                continue
-            buf = cache.get((id(self), c))
-            if buf is None:
-                buf = np.empty(inner, dtype=self.dtype)
-                self._decode_chunk(c, buf)
-                cache[(id(self), c)] = buf
-                if len(cache) > 8:
-                    cache.pop(next(iter(cache)))
-            out[x0 - a:x1 - a] = buf[x0 - lo:x1 - lo]
+        fds: dict[int, int] = {}
+        try:
+            for c in range(a // inner, (b - 1) // inner + 1):
+                lo = c * inner
+                x0, x1 = max(a, lo), min(b, lo + inner)
+                if x0 == lo and x1 == lo + inner:  # the whole chunk: straight into place
+                    self._decode_chunk(c, out[x0 - a:x1 - a], fds)
+                    continue
+                buf = cache.get((id(self), c))
+                if buf is None:
+                    buf = np.empty(inner, dtype=self.dtype)
+                    self._decode_chunk(c, buf, fds)
+                    cache[(id(self), c)] = buf
+                    if len(cache) > 8:
+                        cache.pop(next(iter(cache)))
+                out[x0 - a:x1 - a] = buf[x0 - lo:x1 - lo]
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     def read(self, a: int, b: int) -> np.ndarray:
         out = np.empty(max(0, b - a), dtype=self.dtype)
@@ -138,10 +157,6 @@ class _ShardedArray:
         return out
 
     def close(self) -> None:
-        if self.root.local:
-            for fd in self._fds.values():
-                os.close(fd)
-        self._fds.clear()
         self._index.clear()
 
 
@@ -181,7 +196,9 @@ class LayoutReader:
     Notes
     -----
     Memory: the ``indptr`` of each dataset read from (8 bytes per cell of that dataset, loaded on its
-    first read) and each shard file's index (16 bytes per 65,536 nonzeros), plus the result. Safe to
+    first read) and each shard file's index (16 bytes per inner chunk of
+    :data:`~atlasmix.store.xlayout.writer.INNER_CHUNK` nonzeros), plus the result. No file stays open between reads (each read opens the shard files it
+    touches and closes them), so a store of any number of shards fits the open-file limit. Safe to
     use from several threads at once.
 
     Raises
