@@ -257,11 +257,15 @@ def _attach(result: tuple) -> tuple[sp.csr_matrix, list]:
 
 
 def release(shms: list) -> None:
-    """Unmap and unlink a read process's shared-memory blocks (:func:`_attach`)."""
+    """Unmap and unlink a read process's shared-memory blocks (:func:`_attach`).
+
+    Call it only after the last read of the attached CSR: numpy arrays made on ``shm.buf`` hold no
+    buffer export, so ``close`` unmaps the block under them and a later read would crash (the
+    loader releases after the minibatches are copied out, or after the copy to the device)."""
     for shm in shms:
         try:
             shm.close()
-        except BufferError:  # a view is still alive somewhere: unlinking still frees the name
+        except BufferError:  # a memoryview of the block is still exported: unlinking still frees the name
             pass
         try:
             shm.unlink()
