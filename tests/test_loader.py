@@ -600,7 +600,17 @@ def test_in_memory_split_serves_the_streamed_batches_and_reads_once(mix, monkeyp
     monkeypatch.setenv("ATLASMIX_IN_MEMORY_MAX_GB", "0")  # the default cap comes from the environment
     assert not make(mix, in_memory="auto").ensure_in_memory()
     from atlasmix.training import memory
+    from atlasmix.training.xcache import folder
 
+    for bad in ("inf", "nan", "-1", "lots"):  # one AtlasmixError (one line at the CLI), not an OverflowError
+        monkeypatch.setenv("ATLASMIX_IN_MEMORY_MAX_GB", bad)
+        with pytest.raises(AtlasmixError, match="ATLASMIX_IN_MEMORY_MAX_GB"):
+            memory.cap_bytes()
+        monkeypatch.setenv("ATLASMIX_X_CACHE_MAX_GB", bad)
+        with pytest.raises(AtlasmixError, match="x cache|ATLASMIX_X_CACHE_MAX_GB"):
+            folder.cap_bytes()
+    monkeypatch.setenv("ATLASMIX_IN_MEMORY_MAX_GB", "0")
+    monkeypatch.delenv("ATLASMIX_X_CACHE_MAX_GB")
     assert memory.load_split(lambda k: held._memory.read_rows(k), held.cells, held.n_vars, 256, 2,
                              max_bytes=held._memory.nbytes // 2) is None
     assert ids_of(list(small)).size == small.n_obs

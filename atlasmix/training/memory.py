@@ -47,8 +47,8 @@ def cap_bytes() -> int:
         gb = float(v)
     except ValueError:
         gb = -1.0
-    if not gb >= 0:
-        raise AtlasmixError(f"ATLASMIX_IN_MEMORY_MAX_GB must be a number of GB >= 0, got {v!r}")
+    if not 0 <= gb < float("inf"):
+        raise AtlasmixError(f"ATLASMIX_IN_MEMORY_MAX_GB must be a finite number of GB >= 0, got {v!r}")
     return int(gb * 1e9)
 
 

@@ -48,8 +48,8 @@ def cap_bytes(max_bytes: int | None = None) -> int:
             return X_CACHE_MAX_BYTES
         try:
             max_bytes = int(float(env) * 1e9)
-        except ValueError:
-            raise AtlasmixError(f"ATLASMIX_X_CACHE_MAX_GB must be a number of GB, got {env!r}") from None
+        except (ValueError, OverflowError):  # not a number, nan, inf
+            raise AtlasmixError(f"ATLASMIX_X_CACHE_MAX_GB must be a finite number of GB, got {env!r}") from None
     if max_bytes < 0:
         raise AtlasmixError(f"x cache size cap must be >= 0 bytes, got {max_bytes}")
     return int(max_bytes)
