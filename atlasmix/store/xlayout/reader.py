@@ -29,7 +29,7 @@ _NO_CHUNK = np.iinfo(np.uint64).max  # a shard index's offset for an empty inner
 class _ShardedArray:
     """One 1-D zarr v3 array of the layout, read by the sharding specification (see module doc)."""
 
-    def __init__(self, root, rel: str):
+    def __init__(self, root, rel: str, want: np.dtype):
         raw = root.read_bytes(f"{rel}/zarr.json")
         if raw is None:
             raise StoreError(f"x layout: {rel} is missing")
@@ -44,8 +44,12 @@ class _ShardedArray:
         self.fast = False
         codecs = meta.get("codecs", [])
         grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape", [0])
-        sep = meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/")
-        if len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed" and sep == "/":
+        # the fast path reads keys c/<k> into arrays of the reader's dtype: anything else (v2 keys, a
+        # dtype written by another tool) is read through zarr, which casts
+        keys = meta.get("chunk_key_encoding", {})
+        default_keys = (keys.get("name", "default") == "default"
+                        and keys.get("configuration", {}).get("separator", "/") == "/")
+        if len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed" and default_keys and self.dtype == want:
             cfg = codecs[0]["configuration"]
             inner = cfg.get("codecs", [])
             names = [c.get("name") for c in inner]
@@ -163,8 +167,8 @@ class _ShardedArray:
 class _Dataset:
     def __init__(self, root, rel: str, start: int, n_cells: int):
         self.root, self.rel, self.start, self.n_cells = root, rel, int(start), int(n_cells)
-        self.indices = _ShardedArray(root, f"{rel}/indices")
-        self.data = _ShardedArray(root, f"{rel}/data")
+        self.indices = _ShardedArray(root, f"{rel}/indices", np.dtype(np.int32))
+        self.data = _ShardedArray(root, f"{rel}/data", np.dtype(np.float32))
         self._indptr: np.ndarray | None = None
         self._lock = threading.Lock()
 
