@@ -722,6 +722,14 @@ def test_load_split_appends_rows_in_place_and_equals_the_stacked_reads():
     assert np.array_equal(capped.data, want.data) and len(capped.data.base) <= exact // 8
     empty = memory.load_split(read, keys[:0], 50, chunk=64)
     assert empty.indptr.tolist() == [0] and empty.data.size == 0
+    # the held arrays are kept as they are, never through scipy (which copies int32 indices to int64
+    # past 2**31 nonzeros): int64 row pointers, int32 columns, float32 values, views of the buffers
+    assert (held.indptr.dtype, held.indices.dtype, held.data.dtype) == (np.int64, np.int32, np.float32)
+    from types import SimpleNamespace
+
+    arrays = SimpleNamespace(indptr=held.indptr, indices=held.indices, data=held.data, shape=(len(keys), 50))
+    again = memory.InMemoryX(keys, arrays)
+    assert again.indptr is held.indptr and again.indices is held.indices and again.data is held.data
 
 
 def test_unique_ids_equals_numpy_unique():
