@@ -687,8 +687,10 @@ def test_dense_batches_from_memory_are_views_densified_two_at_a_time_in_order(mi
         raise ValueError("densify failed")
 
     monkeypatch.setattr(mb_mod.Minibatches, "_dense_batch", broken)
+    done = held.batches_done
     with pytest.raises(ValueError, match="densify failed"):  # a densify thread's error reaches the consumer
         next(iter(held))
+    assert held.batches_done == done  # the failed minibatch was not delivered: a resume retries it
     assert not any(t.name.startswith("atlasmix-densify") for t in threading.enumerate())
     with pytest.raises(AtlasmixError, match="not in the in-memory split"):
         held._memory.held_rows(np.array([-1]))

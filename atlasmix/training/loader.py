@@ -495,8 +495,9 @@ class MixtureLoader:
         items = prefetch(self._batches(self.batches_done, cut), depth=4, name="atlasmix-loader")
         try:
             for item in items:
+                item = cut.finish(item)  # counted once delivered: a minibatch that failed is not done
                 self.batches_done += 1
-                yield cut.finish(item)
+                yield item
         finally:
             items.close()  # the prefetch thread has stopped cutting: then the densify threads stop
             cut.close()
