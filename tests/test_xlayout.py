@@ -178,6 +178,39 @@ def test_optimize_adds_the_layout_to_an_old_store_and_verify_catches_damage(stor
     assert [d["dataset_id"] for d in bad] == [s.catalog().loc[j, "dataset_id"]]
 
 
+def test_verify_reports_damaged_shard_files_as_differs_and_readers_refuse_them(store_copy):
+    """A shard whose index checksum is wrong, a truncated shard and array metadata that disagrees
+    with indptr are each reported as 'differs' (exit 1, every dataset checked), not passed and not a
+    crash; a reader refuses the damaged shard with a StoreError instead of reading other values."""
+    s = Store(str(store_copy))
+    root = Path(store_copy) / xlayout.LAYOUT_DIR
+    j0, j1, j2 = (int(j) for j in s.catalog().sort_values("obs_joinid_start").index)
+    crc = root / f"d{j0}" / "data" / "c" / "0"
+    raw = bytearray(crc.read_bytes())
+    raw[-1] ^= 0xFF  # the last byte: the shard index's crc32c
+    crc.write_bytes(bytes(raw))
+    cut = root / f"d{j1}" / "indices" / "c" / "0"
+    cut.write_bytes(cut.read_bytes()[:-100])
+    meta_path = root / f"d{j2}" / "data" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["shape"] = [meta["shape"][0] - 1000]
+    meta_path.write_text(json.dumps(meta))
+    r = run_cli("store", "verify", store_copy, "--json")
+    assert r.returncode == 1, r.stderr
+    detail = {d["dataset_id"]: d["detail"] for d in json.loads(r.stdout)["datasets"] if d["status"] == "differs"}
+    names = s.catalog()["dataset_id"]
+    assert set(detail) == {names[j0], names[j1], names[j2]}
+    assert "checksum" in detail[names[j0]] and "disagree" in detail[names[j2]]
+    assert "checksum" in detail[names[j1]] or "truncated" in detail[names[j1]]  # the file's tail is not an index
+    from atlasmix.errors import StoreError
+
+    start = int(s.catalog().loc[j1, "obs_joinid_start"])
+    reader = xlayout.LayoutReader(s.uri, [(j1, start, 5)])
+    with pytest.raises(StoreError, match="checksum|truncated"):
+        reader.read(np.arange(start, start + 5), None, len(s.var()))
+    reader.close()
+
+
 def test_loader_reads_the_layout_and_serves_the_same_minibatches_as_tiledb(base):
     s = Store(str(base))
     ids = s.obs([])["soma_joinid"].to_numpy()

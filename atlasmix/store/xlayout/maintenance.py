@@ -94,6 +94,9 @@ def verify(store, chunk_size: int = 16384, progress: Callable[[str, int, int], N
     dict
         ``{"ok": bool, "datasets": [{"dataset_id", "status": "equal" | "missing" | "differs",
         "detail"}]}``. ``missing``: no complete layout group (``store optimize`` writes it).
+        ``differs`` also for a group that cannot be read (a truncated or corrupted shard file, a
+        shard index failing its crc32c, arrays whose sizes disagree with ``indptr``); the other
+        datasets are still checked.
     """
     res: dict = {"ok": True, "datasets": []}
     if layout_root(store.uri) is None:
@@ -108,11 +111,17 @@ def verify(store, chunk_size: int = 16384, progress: Callable[[str, int, int], N
                 res["ok"] = False
                 continue
             start, n = int(r.obs_joinid_start), int(r.n_cells)
-            reader = LayoutReader(store.uri, [(int(j), start, n)])
+            reader = None
             try:
+                reader = LayoutReader(store.uri, [(int(j), start, n)])
                 ip = reader.dataset_indptr(0)
                 if len(ip) != n + 1:
                     row.update(status="differs", detail=f"indptr has {len(ip) - 1} rows, catalog {n}")
+                    res["ok"] = False
+                    continue
+                if ip[0] != 0 or np.any(np.diff(ip) < 0) or any(size != ip[-1] for size in reader.dataset_sizes(0)):
+                    row.update(status="differs", detail=f"indptr ({int(ip[-1])} nonzeros) and the arrays "
+                                                        f"{reader.dataset_sizes(0)} disagree")
                     res["ok"] = False
                     continue
                 for s in range(start, start + n, chunk_size):
@@ -129,6 +138,11 @@ def verify(store, chunk_size: int = 16384, progress: Callable[[str, int, int], N
                         break
                     if progress:
                         progress(str(r.dataset_id), e - start, n)
+            except (StoreError, OSError, ValueError, RuntimeError, OverflowError) as err:
+                # a damaged group (a truncated or corrupted file, a missing array): report it, go on
+                row.update(status="differs", detail=f"unreadable x layout: {err}")
+                res["ok"] = False
             finally:
-                reader.close()
+                if reader is not None:
+                    reader.close()
     return res

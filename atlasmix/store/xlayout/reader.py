@@ -26,6 +26,31 @@ from atlasmix.store.xlayout.roots import dataset_ready, layout_root
 _NO_CHUNK = np.iinfo(np.uint64).max  # a shard index's offset for an empty inner chunk (the zarr v3 spec)
 
 
+def _checked_index(raw: bytes, chunk_bytes: int, where: str) -> np.ndarray:
+    """A shard file's index from its last bytes (``raw``: the index then its little-endian crc32c, as
+    the zarr v3 sharding codec writes it with index codecs bytes + crc32c), checked: complete, its
+    checksum right, every chunk inside the file's first ``chunk_bytes`` bytes.
+
+    Raises
+    ------
+    StoreError
+        Any of those fails.
+    """
+    import google_crc32c
+
+    if chunk_bytes < 0 or len(raw) < 4 or (len(raw) - 4) % 16:
+        raise StoreError(f"x layout: {where} is truncated")
+    body = raw[:-4]
+    if google_crc32c.value(body) != int.from_bytes(raw[-4:], "little"):
+        raise StoreError(f"x layout: {where}: the shard index fails its checksum")
+    ix = np.frombuffer(body, dtype="<u8").reshape(-1, 2)
+    off, nb = ix[:, 0], ix[:, 1]
+    used = off != _NO_CHUNK
+    if np.any(off[used] > chunk_bytes) or np.any(nb[used] > chunk_bytes - off[used]):
+        raise StoreError(f"x layout: {where}: a chunk lies past the end of the file (truncated?)")
+    return ix
+
+
 class _ShardedArray:
     """One 1-D zarr v3 array of the layout, read by the sharding specification (see module doc)."""
 
@@ -70,12 +95,19 @@ class _ShardedArray:
 
     def _shard_index(self, k: int) -> np.ndarray | None:
         """Shard ``k``'s index, (offset, nbytes) uint64 per inner chunk (cached); None: no shard file
-        (every chunk of it empty: zarr writes no file)."""
+        (every chunk of it empty: zarr writes no file).
+
+        Raises
+        ------
+        StoreError
+            The file is shorter than its index, the index fails its crc32c, or a chunk lies past the
+            chunks' bytes: a damaged shard is an error, never read as other values.
+        """
         if k in self._index:
             return self._index[k]
         with self._lock:
             if k not in self._index:
-                nb = self.per_shard * 16
+                nb = self.per_shard * 16 + 4  # the index and its crc32c (index_codecs bytes, crc32c)
                 if self.root.local:
                     try:
                         fd = os.open(self._path(k), os.O_RDONLY)
@@ -83,7 +115,8 @@ class _ShardedArray:
                         self._index[k] = None
                         return None
                     try:
-                        raw = os.pread(fd, nb, os.fstat(fd).st_size - nb - 4)
+                        size = os.fstat(fd).st_size
+                        raw = os.pread(fd, nb, size - nb) if size >= nb else b""
                     finally:
                         os.close(fd)
                 else:
@@ -91,8 +124,8 @@ class _ShardedArray:
                     if size is None:
                         self._index[k] = None
                         return None
-                    raw = self.root.read_range(f"{self.rel}/c/{k}", size - nb - 4, nb)
-                self._index[k] = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+                    raw = self.root.read_range(f"{self.rel}/c/{k}", size - nb, nb) if size >= nb else b""
+                self._index[k] = _checked_index(raw, size - nb, f"{self.rel}/c/{k}")
         return self._index[k]
 
     def _decode_chunk(self, c: int, out: np.ndarray, fds: dict[int, int]) -> None:
@@ -116,7 +149,10 @@ class _ShardedArray:
             raw = os.pread(fd, int(nb), int(off))
         else:
             raw = self.root.read_range(f"{self.rel}/c/{k}", int(off), int(nb))
-        blosc.decompress(raw, out)
+        try:
+            blosc.decompress(raw, out)
+        except (ValueError, RuntimeError) as e:  # a damaged chunk (numcodecs' errors)
+            raise StoreError(f"x layout: {self.rel}/c/{k}: inner chunk {j} cannot be decoded ({e})") from None
         if self.delta:
             np.cumsum(out, out=out)
 
@@ -279,6 +315,11 @@ class LayoutReader:
                 # whole-row buffers, and they serve the next read
                 indices, data = indices.copy(), data.copy()
         return sp.csr_matrix((data, indices, indptr), shape=(n, n_vars))
+
+    def dataset_sizes(self, k: int = 0) -> tuple[int, int]:
+        """Elements of the reader's ``k``-th dataset's ``indices`` and ``data`` arrays (their zarr
+        shapes; both equal ``indptr[-1]`` in a sound layout)."""
+        return self._ds[k].indices.size, self._ds[k].data.size
 
     def dataset_indptr(self, k: int = 0) -> np.ndarray:
         """Row starts (int64, ``n_cells + 1``) of the reader's ``k``-th dataset (in ``obs_joinid`` order)."""
