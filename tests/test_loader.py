@@ -165,6 +165,7 @@ def test_ddp_ranks_and_workers_iterate_their_shards(mix):
 
 
 def test_mid_epoch_resume_continues_exactly(mix):
+    _, _, train = mix
     ref = make(mix)
     e0 = ids_of(list(ref))
     e1 = ids_of(list(ref))
@@ -181,6 +182,17 @@ def test_mid_epoch_resume_continues_exactly(mix):
     assert np.array_equal(ids_of(list(R)), e1)  # and the next epoch is the uninterrupted run's
     with pytest.raises(AtlasmixError, match="seed"):
         make(mix, seed=9).load_state_dict(state)
+    # uneven and drop_last change a shard's minibatches too: a state saved with others is refused
+    with pytest.raises(AtlasmixError, match="drop_last"):
+        make(mix, drop_last=True).load_state_dict(state)
+    with pytest.raises(AtlasmixError, match="uneven"):
+        make(mix).with_shard(0, 1, uneven="pad").load_state_dict(state)
+    # a shard with no minibatch is an error, not an epoch that yields nothing (and skips the next)
+    empty = make(mix, block_size=64).with_shard(0, 2, 0, len(train) // 64)
+    assert len(empty) == 0
+    with pytest.raises(AtlasmixError, match="no minibatch"):
+        next(iter(empty))
+    assert empty.epoch == 0
     # a loader pickles (for spawn-started workers: the store is reopened by URI) with its position
     import pickle
 
@@ -217,10 +229,15 @@ def test_dataloader_worker_processes_serve_their_shards(mix):
 
     _, _, train = mix
     L = make(mix, batch_size=128, io_batch_size=512)
-    ds = MixtureIterableDataset(L)
+    with pytest.raises(TypeError, match="num_workers"):  # unsized: its length depends on the workers
+        len(MixtureIterableDataset(L))
+    ds = MixtureIterableDataset(L, num_workers=2)
     ds.set_epoch(1)
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
-    got = ids_of(list(dl))
+    batches = list(dl)
+    assert len(dl) == len(batches)  # the length the DataLoader reports is what its workers yield
+    assert len(L.with_shard(0, 1, 0, 1)) != len(batches)  # (so one shard's count would be wrong here)
+    got = ids_of(batches)
     # whole blocks are dealt: fewer than 2 blocks' worth of cells wait for another epoch
     assert len(np.unique(got)) == len(got) and len(train) - len(got) < 2 * L.block_size and np.isin(got, train).all()
     L.set_epoch(1)
@@ -531,9 +548,15 @@ def test_memory_follows_the_manifest(mix, monkeypatch):
     assert all(c.dtype == np.int32 for c in L.codes.values())
     b = next(iter(L))
     assert b["dataset_id"].dtype == torch.int64
+    n_calls = len(calls)
     other = L.with_shard(1, 2)
     assert other.shard_positions() is not None and len(L._order_cache) == 1  # one order, shared
     assert L._order_cache is other._order_cache
+    # a shard is a copy over the same Store (its context: an s3 region, a memory budget), not the
+    # store reopened by URI with default settings, and reads nothing from it
+    assert other.store is L.store and len(calls) == n_calls
+    held = make(mix, in_memory=True)
+    assert held.ensure_in_memory() and held.with_shard(0, 1)._memory is held._memory  # not read again
 
 
 def test_reads_bounded_in_bytes(mix, monkeypatch):

@@ -34,23 +34,43 @@ class MixtureIterableDataset(torch.utils.data.IterableDataset):
     ----------
     loader : MixtureLoader
         Built with the rank's ``rank``/``world_size`` (its ``device`` is forced to the CPU).
+    num_workers : int, optional
+        The DataLoader's ``num_workers`` (0 and 1: one shard). Needed for ``len()`` (the DataLoader
+        asks its dataset's length in the main process, which cannot see its workers, and the
+        number of minibatches depends on how many shards the rank's cells are dealt into); a
+        worker checks it against the DataLoader's.
+
+    Raises
+    ------
+    TypeError
+        ``len()`` without ``num_workers`` (a length-less IterableDataset, as torch expects).
+    AtlasmixError
+        In a worker, when ``num_workers`` is not the DataLoader's.
     """
 
-    def __init__(self, loader: MixtureLoader):
+    def __init__(self, loader: MixtureLoader, num_workers: int | None = None):
         super().__init__()
         self.loader = loader
         self.loader.device = torch.device("cpu")
+        self.num_workers = None if num_workers is None else max(1, int(num_workers))
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
 
     def __len__(self) -> int:
-        info = torch.utils.data.get_worker_info()
-        n = 1 if info is None else info.num_workers
+        if self.num_workers is None:
+            raise TypeError("the length depends on the DataLoader's workers: "
+                            "MixtureIterableDataset(loader, num_workers=...) to size it")
+        n = self.num_workers
         return len(self.loader.with_shard(self.loader.rank, self.loader.world_size, 0, n)) * n
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
+        if self.num_workers is not None and self.num_workers != (1 if info is None else info.num_workers):
+            from atlasmix.errors import AtlasmixError
+
+            raise AtlasmixError(f"MixtureIterableDataset was sized for {self.num_workers} worker(s), the DataLoader "
+                                f"has {1 if info is None else info.num_workers}")
         L = self.loader
         if info is not None and info.num_workers > 1:
             if not hasattr(self, "_shard"):

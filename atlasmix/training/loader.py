@@ -54,7 +54,6 @@ pure function of (seed, epoch, shard, IO batch index).
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import math
 from collections.abc import Iterator, Sequence
@@ -271,7 +270,12 @@ class MixtureLoader:
         """
         if not (0 <= rank < world_size and 0 <= worker < num_workers):
             raise AtlasmixError(f"rank {rank}/{world_size}, worker {worker}/{num_workers} out of range")
-        other = copy.copy(self)
+        # a plain attribute copy: the same Store (its context), held split and order cache; not
+        # copy.copy, which pickles by URI (__getstate__) and so reopened the store with a default
+        # context and dropped the held split. Read processes stay with the loader that started them.
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other._pool = None
         other.rank, other.world_size, other.worker, other.num_workers = rank, world_size, worker, num_workers
         other.uneven = uneven or self.uneven
         if other.uneven not in ("drop", "pad"):
@@ -290,7 +294,8 @@ class MixtureLoader:
         return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed, "n_obs": self.n_obs,
                 "batch_size": self.batch_size, "io_batch_size": self.io_batch_size, "block_size": self.block_size,
                 "rank": self.rank, "world_size": self.world_size, "worker": self.worker,
-                "num_workers": self.num_workers, "shuffle": self.shuffle}
+                "num_workers": self.num_workers, "shuffle": self.shuffle, "uneven": self.uneven,
+                "drop_last": self.drop_last}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the next iteration continues with the next minibatch.
@@ -301,7 +306,7 @@ class MixtureLoader:
             The state was saved by a loader with another order (seed, cells, sizes, sharding).
         """
         for k in ("seed", "n_obs", "batch_size", "io_batch_size", "block_size", "rank", "world_size", "worker",
-                  "num_workers", "shuffle"):
+                  "num_workers", "shuffle", "uneven", "drop_last"):  # (a state saved before a key existed: skipped)
             if k in state and state[k] != getattr(self, k):
                 raise AtlasmixError(f"loader state has {k}={state[k]}, this loader {getattr(self, k)}")
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
@@ -485,6 +490,13 @@ class MixtureLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         n = len(self)
+        if n == 0:  # would yield nothing and skip epochs; a loop waiting for steps would never end
+            shards = self.world_size * self.num_workers
+            raise AtlasmixError(
+                f"this shard has no minibatch: {self.n_obs:,} cells over {shards} shard(s) of whole "
+                f"{self.block_size}-cell blocks (uneven={self.uneven!r}), batch_size {self.batch_size}, "
+                f"drop_last={self.drop_last}; use uneven='pad', a smaller block_size, fewer shards or "
+                f"drop_last=False")
         if self.batches_done >= n:
             self.set_epoch(self.epoch + 1)
         cut = Minibatches(cells=self.cells, codes=self.codes, library=self.library,
