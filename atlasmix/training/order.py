@@ -112,8 +112,10 @@ def shard_order(order: np.ndarray, shard: int, n_shards: int, uneven: str = "dro
         ``drop``: only the first ``n_shards * (len(order) // (block_size * n_shards))`` whole
         blocks of the order are dealt; the rest of the epoch (fewer than ``n_shards + 1`` blocks:
         mostly the edge blocks, whose cells change every epoch, see :func:`epoch_order`) is left
-        out. ``pad``: every block is dealt and each shard is extended with its own first cells to
-        the longest shard's length, so a few cells are seen twice.
+        out. ``pad``: every block is dealt and each shard is extended with its own first cells
+        (cycled) to the longest shard's length, so a few cells are seen twice. With barely more
+        cells than ``block_size * n_shards`` a shard may own a single short block (cycled to a full
+        block) or none (filled with the order's first cells): cells are then seen several times.
     block_size : int
         The order's block size: consecutive chunks of ``block_size`` positions are dealt
         round-robin (shard ``k`` takes chunks ``k, k + n_shards, ...``), so a shard's IO batch
