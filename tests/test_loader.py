@@ -182,6 +182,8 @@ def test_mid_epoch_resume_continues_exactly(mix):
     assert np.array_equal(ids_of(list(R)), e1)  # and the next epoch is the uninterrupted run's
     with pytest.raises(AtlasmixError, match="seed"):
         make(mix, seed=9).load_state_dict(state)
+    with pytest.raises(AtlasmixError, match="seed must be >= 0"):  # not numpy's bare ValueError at the first batch
+        make(mix, seed=-1)
     # uneven and drop_last change a shard's minibatches too: a state saved with others is refused
     with pytest.raises(AtlasmixError, match="drop_last"):
         make(mix, drop_last=True).load_state_dict(state)

@@ -75,6 +75,7 @@ class LoaderOptions(_Options):
     shuffle : bool
         False: store order, no permutation (inference, validation).
     seed : int
+        Seed of the epoch order (>= 0: numpy's SeedSequence takes no negative seed).
     drop_last : bool
         Drop each shard's last short minibatch.
     uneven : {"drop", "pad"}
@@ -169,6 +170,8 @@ class LoaderOptions(_Options):
     def __post_init__(self):
         if self.batch_size < 1 or self.io_batch_size < 1 or self.block_size < 1:
             raise AtlasmixError("batch_size, io_batch_size and block_size must be >= 1")
+        if self.seed < 0:
+            raise AtlasmixError(f"seed must be >= 0, got {self.seed}")
         if self.io_batch_bytes is not None and self.io_batch_bytes < 1:
             raise AtlasmixError(f"io_batch_bytes must be >= 1, got {self.io_batch_bytes}")
         if self.library not in LIBRARY_SOURCES:
