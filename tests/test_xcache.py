@@ -137,11 +137,83 @@ def test_stale_and_unfinished_entries_are_cleaned_and_listed(lake, tmp_path):
     assert r.returncode == 0, r.stderr
     kinds = {e["name"]: e["kind"] for e in json.loads(r.stdout)["entries"]}
     assert kinds[old] == kinds[new] == "projection" and sorted(kinds.values()).count("unfinished") == 2
-    r = run_cli("x-cache", "clean", root, "--store", copy.uri)
+    r = run_cli("x-cache", "clean", root, "--store", f"{tmp_path}/./store")  # the store spelled otherwise
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.splitlines()[0])
     assert sorted(out["removed"]) == sorted([old, f"x-{'0' * 24}-h5.tmp-{dead_pid}-1"])
     assert sorted(p.name for p in root.iterdir()) == sorted([new, live.name])
     assert (root / new / META).exists()
-    r = run_cli("x-cache", "clean", tmp_path / "nowhere")
-    assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    for args in (("clean", tmp_path / "nowhere"), ("list", tmp_path / "nowhere"), ("clean", root, "--max-gb", "nan")):
+        r = run_cli("x-cache", *args)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1, args
+    assert "finite" in r.stderr
+
+
+def test_a_build_is_held_through_its_rename_and_listing_skips_vanished_entries(lake, tmp_path, monkeypatch):
+    """Another process cleaning the folder (everything not in use) right after a build's rename does
+    not delete the new projection: its lock is taken before the rename. A listing or clean-up over a
+    folder whose entries another process deletes meanwhile skips them instead of failing."""
+    from atlasmix.training.xcache import build as build_mod
+    from atlasmix.training.xcache import folder as folder_mod
+
+    store, cells, _ = lake
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cleaner = ("import sys; from atlasmix.training.xcache import clean_x_cache; "
+               "print(clean_x_cache(sys.argv[1], everything=True)['removed'])")
+    rename, cleaned = os.rename, []
+
+    def rename_then_clean(src, dst):
+        rename(src, dst)
+        if ".tmp-" in Path(src).name and ".del-" not in Path(dst).name:  # a finished build moved into place
+            out = subprocess.run([sys.executable, "-c", cleaner, str(tmp_path)], capture_output=True, text=True,
+                                 env=env, check=True)
+            cleaned.append(out.stdout.strip())
+
+    monkeypatch.setattr(build_mod.os, "rename", rename_then_clean)
+    uri, meta = ensure_x_cache(store, cells, np.arange(0, 60), tmp_path, fmt="h5")
+    monkeypatch.setattr(build_mod.os, "rename", rename)
+    assert meta["built"] and cleaned == ["[]"] and Path(uri).exists()
+    release_leases()
+
+    entry = folder_mod._entry
+
+    def vanishing(p):  # another process deletes the entry just before it is looked at
+        import shutil
+
+        shutil.rmtree(p)
+        return entry(p)
+
+    monkeypatch.setattr(folder_mod, "_entry", vanishing)
+    assert list_x_cache(tmp_path) == [] and clean_x_cache(tmp_path, max_bytes=0)["removed"] == []
+
+
+def test_an_h5_copy_over_the_cap_on_disk_is_refused(lake, tmp_path):
+    """The running check counts the nonzeros; HDF5 stores whole 2**16-element chunks, so the file can
+    pass a cap its nonzeros are under: the size on disk is checked before the copy is kept."""
+    store, cells, _ = lake
+    with pytest.raises(AtlasmixError, match="over the cap"):
+        _build(store, cells, np.arange(0, 40), tmp_path, max_bytes=300_000)
+    assert list(tmp_path.iterdir()) == []
+    _, meta = _build(store, cells, np.arange(0, 40), tmp_path)
+    assert 8 * meta["nnz"] < 300_000 < meta["bytes"]  # (so the nonzeros alone were under that cap)
+
+
+def test_x_source_layout_with_an_x_cache_reads_the_cache(lake, tmp_path):
+    """x_source applies without an x cache; with one it must not claim the store has no layout."""
+    from atlasmix.training.loader import MixtureLoader
+
+    store, cells, _ = lake
+    L = MixtureLoader(store, cells, x_source="layout", x_cache=tmp_path, var_joinids=np.arange(0, 40), batch_size=256)
+    assert sum(b["X"].shape[0] for b in L) == len(cells)
+
+
+def test_release_leases_under_a_folder_frees_only_that_folder(lake, tmp_path):
+    """A study grid cell drops its locks on its own cache folder before deleting it; locks this
+    process holds elsewhere stay (a long-lived process does not pile up locks on deleted copies)."""
+    store, cells, _ = lake
+    a, b = tmp_path / "a", tmp_path / "b"
+    _build(store, cells, np.arange(0, 30), a)
+    _build(store, cells, np.arange(0, 30), b)
+    release_leases(a)
+    assert clean_x_cache(a, everything=True)["kept_in_use"] == []
+    assert len(clean_x_cache(b, everything=True)["kept_in_use"]) == 1

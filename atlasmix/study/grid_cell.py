@@ -126,8 +126,10 @@ def _run_grid_cell(task: dict) -> dict:
                 io_threads=1, checkpoint_every=0, validation=True, progress=False, prior_cells=5000,
                 x_cache=run_dir / "xcache", x_cache_format="h5")
         finally:
+            from atlasmix.training.xcache import release_leases
+
+            release_leases(run_dir / "xcache")  # this run's locks on its own cache, deleted next
             shutil.rmtree(run_dir / "xcache", ignore_errors=True)
-        shutil.rmtree(run_dir / "xcache", ignore_errors=True)
         run["study_train_key"] = task["train_key"]
         (model_dir / "run.json").write_text(json.dumps(run, indent=1) + "\n")
         status = "trained"

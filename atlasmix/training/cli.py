@@ -15,6 +15,21 @@ from atlasmix.training.options import LDVAE_LOADER, LDVAEModelOptions, LDVAETrai
 _MODEL, _TRAIN, _LOADER = LDVAEModelOptions(), LDVAETrainOptions(), LDVAE_LOADER
 
 
+def _bytes(value: float | None, flag: str, unit: float) -> int | None:
+    """A size option given in GB (``unit`` 1e9) or MB (1e6) as bytes, or None when not given.
+
+    Raises
+    ------
+    AtlasmixError
+        A negative, NaN or infinite value (one line at the CLI, not a conversion error).
+    """
+    if value is None:
+        return None
+    if not 0 <= value < float("inf"):
+        raise AtlasmixError(f"{flag} must be a finite number >= 0, got {value}")
+    return int(value * unit)
+
+
 def check_devices(devices: int, model: str) -> None:
     """Refuse ``--devices`` other than 1 with one line (Geneformer runs one device per process, under torchrun).
 
@@ -186,12 +201,12 @@ def register(app: typer.Typer) -> None:
                                      num_nodes=num_nodes, validation=validation, checkpoint_every=checkpoint_every,
                                      rda={"p": rda_p, "min_total": rda_min_total} if rda else None)
         loader = _LOADER.replace(batch_size=batch_size, io_batch_size=io_batch_size,
-                                 io_batch_bytes=None if io_batch_mb is None else int(io_batch_mb * 1e6),
+                                 io_batch_bytes=_bytes(io_batch_mb, "--io-batch-mb", 1e6),
                                  block_size=block_size, prefetch_io=prefetch, io_threads=io_threads,
                                  read_processes=read_processes, x_cache=x_cache, x_cache_format=x_cache_format,
-                                 x_cache_max_bytes=None if x_cache_max_gb is None else int(x_cache_max_gb * 1e9),
+                                 x_cache_max_bytes=_bytes(x_cache_max_gb, "--x-cache-max-gb", 1e9),
                                  in_memory=held,
-                                 in_memory_max_bytes=None if in_memory_max_gb is None else int(in_memory_max_gb * 1e9))
+                                 in_memory_max_bytes=_bytes(in_memory_max_gb, "--in-memory-max-gb", 1e9))
         store_ = Store(store)
         gl = resolve_gene_axis(store_, [mixture], GeneAxis.parse(genes), seed=seed)
         run = train_ldvae(store_, mixture, out, model_options=model, train_options=training, loader_options=loader,
@@ -215,6 +230,8 @@ def register(app: typer.Typer) -> None:
 
         from atlasmix.training.xcache import cap_bytes, list_x_cache
 
+        if not cache_dir.is_dir():
+            raise AtlasmixError(f"{cache_dir} is not a folder")
         rows = list_x_cache(cache_dir)
         if as_json:
             typer.echo(json.dumps({"cache_dir": str(cache_dir), "cap_bytes": cap_bytes(), "entries": rows}, indent=1))
@@ -248,14 +265,13 @@ def register(app: typer.Typer) -> None:
 
         if not cache_dir.is_dir():
             raise AtlasmixError(f"{cache_dir} is not a folder")
-        if max_gb is not None and max_gb < 0:
-            raise AtlasmixError(f"--max-gb must be >= 0, got {max_gb}")
+        max_bytes = _bytes(max_gb, "--max-gb", 1e9)
         st = None
         if store is not None:
             from atlasmix.store import Store
 
             st = Store(store)
-        r = clean_x_cache(cache_dir, max_bytes=None if max_gb is None else int(max_gb * 1e9), stale_for=st,
+        r = clean_x_cache(cache_dir, max_bytes=max_bytes, stale_for=st,
                           everything=everything)
         typer.echo(json.dumps(r))
         typer.echo(f"removed {len(r['removed'])} entries ({r['freed_bytes'] / 1e9:.3f} GB); "

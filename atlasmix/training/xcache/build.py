@@ -29,7 +29,7 @@ from atlasmix.errors import AtlasmixError
 from atlasmix.store import schema as S
 from atlasmix.store import xlayout
 from atlasmix.training.read import gene_columns, read_csr
-from atlasmix.training.xcache.folder import META, _lease, _size, cap_bytes, clean_x_cache
+from atlasmix.training.xcache.folder import META, _adopt_lease, _lease, _size, cap_bytes, clean_x_cache
 
 #: cache formats: compressed TileDB-SOMA array, or uncompressed CSR in HDF5.
 FORMATS = ("tiledb", "h5")
@@ -170,13 +170,19 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
                 if progress:
                     print(f"x cache: {min(s + chunk_cells, len(cells)):,}/{len(cells):,} cells, {nnz:,} nonzeros",
                           flush=True)
-        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        size = _size(tmp)
+        if size > cap:  # the estimate above counts the nonzeros; the file holds whole HDF5 chunks
+            raise AtlasmixError(f"x cache: the projection of {len(cells):,} cells x {len(var_joinids):,} genes takes "
+                                f"{size / 1e9:.3g} GB, over the cap of {cap / 1e9:.3g} GB; raise it "
+                                "(--x-cache-max-gb, ATLASMIX_X_CACHE_MAX_GB) or train from the store without an x cache")
         meta = {"format": fmt, "state_hash": state, "n_obs": int(len(cells)), "n_vars": int(len(var_joinids)),
                 "nnz": nnz, "build_s": round(time.perf_counter() - t0, 3), "bytes": int(size), "store_uri": store.uri}
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+        lock = _shared_lock(tmp / META)  # held through the rename: no clean-up deletes it before our lease
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished the same projection first: use it
+            os.close(lock)
             if not (final / META).exists():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
@@ -189,9 +195,18 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _lease(final)
+    _adopt_lease(final, lock)
     clean_x_cache(root, max_bytes=cap, keep=final)
     return str(final / leaf), {**meta, "built": True}
+
+
+def _shared_lock(path: Path) -> int:
+    """An fd of ``path`` holding a shared ``flock`` (the lease :mod:`~atlasmix.training.xcache.folder` checks)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
 
 
 class _Writer:

@@ -77,15 +77,36 @@ def _lease(final: Path) -> bool:
     return True
 
 
-def release_leases() -> None:
-    """Drop every shared lock this process holds on projections (they become deletable)."""
-    for fd in _LEASES.values():
-        os.close(fd)
-    _LEASES.clear()
+def _adopt_lease(final: Path, fd: int) -> None:
+    """Record ``fd``, a shared lock taken on a build's metadata file before its folder was renamed to
+    ``final`` (the lock moves with the file), as this process's lease on ``final``: no clean-up can
+    delete the projection between the rename and the lease."""
+    key = str(final / META)
+    old = _LEASES.pop(key, None)
+    if old is not None:
+        os.close(old)
+    _LEASES[key] = fd
+    os.utime(key)
+
+
+def release_leases(under: str | Path | None = None) -> None:
+    """Drop the shared locks this process holds on projections (they become deletable): every one, or
+    only those inside folder ``under`` (a run's own cache folder, before it is deleted)."""
+    base = None if under is None else os.path.join(os.path.abspath(under), "")
+    for key in [k for k in _LEASES if base is None or os.path.abspath(k).startswith(base)]:
+        os.close(_LEASES.pop(key))
 
 
 def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+    """Bytes of the files under ``path``; files another process deletes meanwhile count as gone."""
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(d, f)).st_size
+            except FileNotFoundError:
+                pass
+    return total
 
 
 def _lock_unused(final: Path) -> int | None:
@@ -110,9 +131,8 @@ def _delete_unless_in_use(final: Path) -> bool:
     """Delete projection ``final`` if no process holds it (exclusive lock, not waiting)."""
     try:
         fd = _lock_unused(final)
-    except FileNotFoundError:
-        shutil.rmtree(final, ignore_errors=True)
-        return True
+    except FileNotFoundError:  # another clean-up renamed it away meanwhile; never delete blind here:
+        return True            # a build may have just renamed a finished projection into its place
     if fd is None:
         return False
     try:  # the metadata file goes first: a reader that got its lock after us finds it gone and rebuilds
@@ -122,6 +142,16 @@ def _delete_unless_in_use(final: Path) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+def _same_store(a: str | None, b: str) -> bool:
+    """Whether two store URIs name the same store: local paths compared resolved (``s6``, ``./s6``
+    and ``/abs/s6`` alike), object-store URIs as written (less a trailing slash)."""
+    if a is None:
+        return False
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -148,30 +178,40 @@ def list_x_cache(cache_dir: str | Path) -> list[dict]:
     root = Path(cache_dir)
     out = []
     for p in sorted(root.iterdir()) if root.is_dir() else []:
-        if not p.is_dir() or not p.name.startswith("x-"):
+        try:
+            row = _entry(p)
+        except FileNotFoundError:  # deleted by another process (a clean-up, a finished build) meanwhile
             continue
-        row = {"name": p.name, "bytes": _size(p), "last_used": p.stat().st_mtime, "in_use": False}
-        if ".tmp-" in p.name or ".del-" in p.name:  # <name>.tmp-<pid>-<ns>: in use while <pid> lives
-            pid = p.name.split("-")[-2]
-            row.update(kind="unfinished", in_use=pid.isdigit() and _pid_alive(int(pid)))
-        elif (p / META).exists():
-            try:
-                meta = json.loads((p / META).read_text())
-            except (OSError, ValueError):
-                meta = None
-            if meta is None:
-                row["kind"] = "unknown"
-            else:
-                row.update(kind="projection", last_used=(p / META).stat().st_mtime,
-                           **{k: meta.get(k) for k in ("format", "store_uri", "state_hash", "n_obs", "n_vars", "nnz")})
-                fd = _lock_unused(p)
-                row["in_use"] = fd is None
-                if fd is not None:
-                    os.close(fd)
-        else:
-            row["kind"] = "unknown"
-        out.append(row)
+        if row is not None:
+            out.append(row)
     return sorted(out, key=lambda r: -r["last_used"])
+
+
+def _entry(p: Path) -> dict | None:
+    """:func:`list_x_cache`'s row for folder ``p`` (None: not an x cache entry)."""
+    if not p.is_dir() or not p.name.startswith("x-"):
+        return None
+    row = {"name": p.name, "bytes": _size(p), "last_used": p.stat().st_mtime, "in_use": False}
+    if ".tmp-" in p.name or ".del-" in p.name:  # <name>.tmp-<pid>-<ns>: in use while <pid> lives
+        pid = p.name.split("-")[-2]
+        row.update(kind="unfinished", in_use=pid.isdigit() and _pid_alive(int(pid)))
+    elif (p / META).exists():
+        try:
+            meta = json.loads((p / META).read_text())
+        except (OSError, ValueError):
+            meta = None
+        if meta is None:
+            row["kind"] = "unknown"
+        else:
+            row.update(kind="projection", last_used=(p / META).stat().st_mtime,
+                       **{k: meta.get(k) for k in ("format", "store_uri", "state_hash", "n_obs", "n_vars", "nnz")})
+            fd = _lock_unused(p)
+            row["in_use"] = fd is None
+            if fd is not None:
+                os.close(fd)
+    else:
+        row["kind"] = "unknown"
+    return row
 
 
 def clean_x_cache(cache_dir: str | Path, *, max_bytes: int | None = None, stale_for=None,
@@ -230,7 +270,7 @@ def clean_x_cache(cache_dir: str | Path, *, max_bytes: int | None = None, stale_
     for r in rows:
         if r["kind"] == "unfinished" and not r["in_use"]:
             drop(r)
-        elif r["kind"] == "projection" and (everything or (state is not None and r["store_uri"] == stale_for.uri
+        elif r["kind"] == "projection" and (everything or (state is not None and _same_store(r["store_uri"], stale_for.uri)
                                                            and r["state_hash"] != state)):
             if not drop(r):
                 left.append(r)
