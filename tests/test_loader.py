@@ -323,6 +323,79 @@ def test_read_processes_serve_the_same_batches_and_free_shared_memory(mix, gathe
     assert _shm_blocks() == set()  # every shared-memory block was unlinked
 
 
+def test_read_process_errors_reach_the_caller_and_leave_no_shared_memory(mix, tmp_path, monkeypatch):
+    """In a read process, an X that cannot be opened gives its own error (not a bare BrokenProcessPool
+    from a failed initializer) and the same loader reads again once X is back; an augmentation that
+    fails and a /dev/shm with no room leave no shared-memory block behind."""
+    import errno
+    import os
+    import shutil
+
+    import scipy.sparse as sp
+
+    from atlasmix.errors import StoreError
+    from atlasmix.store import Store
+    from atlasmix.store.xlayout import LAYOUT_DIR
+    from atlasmix.training import read
+    from atlasmix.training.memory import InMemoryX
+
+    store, _, train = mix
+    copy = Store(str(shutil.copytree(store.uri, tmp_path / "store")))
+    L = MixtureLoader(copy, train, batch_size=64, io_batch_size=256, block_size=4, seed=3, read_processes=1)
+    layout = tmp_path / "store" / LAYOUT_DIR
+    shutil.move(layout, tmp_path / "away")  # e.g. a concurrent `store optimize` rewriting it
+    try:
+        with pytest.raises(StoreError, match="no complete x layout"):
+            next(iter(L))
+    finally:
+        shutil.move(tmp_path / "away", layout)
+    assert sum(b["X"].shape[0] for b in L) == len(L.shard_positions())  # the same read process, X back
+    assert _shm_blocks() == set()
+
+    class Failing:  # fails on the second IO batch
+        n = 0
+
+        def csr(self, m, ids, epoch):
+            Failing.n += 1
+            if Failing.n == 2:
+                raise ValueError("augment failed")
+            return m
+
+    L.augment = Failing()
+    with pytest.raises(ValueError, match="augment failed"):
+        list(L)
+    L.augment = None
+    assert _shm_blocks() == set()
+
+    # a read process killed mid-epoch (the OOM killer): one clear error, and the next pass starts afresh
+    import signal
+
+    it = iter(L)
+    next(it)
+    for pid in list(L._pool._pool._processes):
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(AtlasmixError, match="a read process died"):
+        list(it)
+    assert L._pool is None
+    L.set_epoch(0)
+    assert sum(b["X"].shape[0] for b in L) == len(L.shard_positions())
+    L.close()
+    assert _shm_blocks() == set()
+
+    # no room in /dev/shm: posix_fallocate fails before any write (a write would be a SIGBUS)
+    m = sp.random(6, 10, density=0.5, format="csr", dtype=np.float32, random_state=0)
+    monkeypatch.setattr(read, "_W", {"X": InMemoryX(np.arange(6), m), "col_of": None, "n_vars": 10})
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(read.os, "posix_fallocate", full)
+    mine = f"{read.shm_prefix(os.getppid())}{os.getpid()}_"
+    with pytest.raises(AtlasmixError, match="no room in /dev/shm"):
+        read._worker_read(np.arange(6))
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith(mine)]
+
+
 @pytest.mark.parametrize("fmt", ["tiledb", "h5"])
 def test_x_cache_projection_serves_the_same_batches_and_is_reused(mix, tmp_path, fmt):
     """A gene-subset projection of X (cells x genes, in axis order) gives exactly the batches read

@@ -57,6 +57,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
@@ -457,18 +458,24 @@ class MixtureLoader:
             # consumed would stay alive while the next reads are submitted and could not lend them its
             # buffers (atlasmix._buffers; 12 % fewer cells/s, +0.2 GiB RSS)
             k = -1
-            for pos, m, perm, shms in ahead:
-                k += 1
-                if self.augment is not None:  # a new CSR: the read's (shared) arrays are not written
-                    m = self.augment.csr(m, self.cells[pos], self.epoch)
-                held = [shms] if shms else []  # the read's shared-memory blocks, freed once m is not read
-                try:
-                    yield from cut.cut(pos, m, perm, (skip if k == 0 else 0) * self.batch_size,
-                                       functools.partial(release_held, held))
-                finally:
-                    del m
-                    release_held(held)
-                del pos, perm
+            try:
+                for pos, m, perm, shms in ahead:
+                    k += 1
+                    held = [shms] if shms else []  # the read's shared-memory blocks, freed once m is not read
+                    try:
+                        if self.augment is not None:  # a new CSR: the read's (shared) arrays are not written
+                            m = self.augment.csr(m, self.cells[pos], self.epoch)
+                        yield from cut.cut(pos, m, perm, (skip if k == 0 else 0) * self.batch_size,
+                                           functools.partial(release_held, held))
+                    finally:
+                        del m
+                        release_held(held)
+                    del pos, perm
+            except BrokenProcessPool as e:  # a read process died: its pool is unusable, start afresh next time
+                self.close()
+                raise AtlasmixError("a read process died (killed by the system: out of memory?); "
+                                    "lower io_batch_size or read_processes, or read in threads "
+                                    "(read_processes=0)") from e
 
     def _read_processes(self, source: XSource, ctx, col_of) -> ReadProcesses:
         """The loader's read processes (started once, on first use; see :mod:`atlasmix.training.read`)."""

@@ -48,6 +48,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 import tiledbsoma as soma
 
+from atlasmix.errors import AtlasmixError
 from atlasmix.store.xlayout import LayoutReader
 
 _OPEN_LOCK = threading.Lock()  # X opens and closes of all loaders, one at a time
@@ -214,9 +215,22 @@ _W: dict[str, Any] = {}
 
 
 def _worker_init(source: XSource, tiledb_config: dict, col_of: np.ndarray | None, n_vars: int) -> None:
-    """Read-process initializer: open X (``source``) once (spawned process; see the module doc)."""
-    ctx = soma.SOMATileDBContext(tiledb_config=tiledb_config)
-    _W.update(X=source.open(ctx), col_of=col_of, n_vars=n_vars)
+    """Read-process initializer: open X (``source``) once (spawned process; see the module doc).
+
+    An error opening it is not raised here (an initializer's exception only breaks the pool:
+    ``BrokenProcessPool``, the cause logged to stderr, never reaching the caller): each read tries
+    again and raises it, so the caller gets the error, and a later read succeeds once it is fixed."""
+    _W.update(source=source, tiledb_config=tiledb_config, col_of=col_of, n_vars=n_vars, X=None)
+    try:
+        _open_worker_x()
+    except Exception:  # noqa: BLE001  (raised again by the first read, in the caller)
+        pass
+
+
+def _open_worker_x():
+    if _W["X"] is None:
+        _W["X"] = _W["source"].open(soma.SOMATileDBContext(tiledb_config=_W["tiledb_config"]))
+    return _W["X"]
 
 
 def shm_prefix(training_pid: int) -> str:
@@ -230,13 +244,28 @@ def _worker_read(ids_sorted: np.ndarray) -> tuple:
 
     Blocks are named ``atlasmix_<training pid>_<read pid>_<random>`` (see :func:`shm_prefix`), so
     what a killed run leaves in ``/dev/shm`` says whose it was."""
-    m = read_csr(_W["X"], ids_sorted, _W["col_of"], _W["n_vars"])
-    out = []
-    for a in (m.indptr, m.indices, m.data):
-        shm = shared_memory.SharedMemory(name=f"{shm_prefix(os.getppid())}{os.getpid()}_{secrets.token_hex(8)}",
-                                         create=True, size=max(1, a.nbytes))
-        np.ndarray(a.shape, a.dtype, buffer=shm.buf)[:] = a
-        out.append((shm.name, a.dtype.str, len(a)))
+    m = read_csr(_open_worker_x(), ids_sorted, _W["col_of"], _W["n_vars"])
+    out, made = [], []
+    try:
+        for a in (m.indptr, m.indices, m.data):
+            shm = shared_memory.SharedMemory(name=f"{shm_prefix(os.getppid())}{os.getpid()}_{secrets.token_hex(8)}",
+                                             create=True, size=max(1, a.nbytes))
+            made.append(shm)
+            try:  # reserve the pages now: on a full tmpfs, writing into a merely truncated block is a SIGBUS
+                os.posix_fallocate(shm._fd, 0, max(1, a.nbytes))
+            except OSError as e:
+                need = sum(x.nbytes for x in (m.indptr, m.indices, m.data))
+                raise AtlasmixError(f"no room in /dev/shm for a read process's IO batch ({need / 1e6:,.0f} MB: "
+                                    f"{e.strerror}); enlarge /dev/shm (e.g. docker --shm-size), lower "
+                                    "io_batch_size, or read in threads (read_processes=0)") from None
+            np.ndarray(a.shape, a.dtype, buffer=shm.buf)[:] = a
+            out.append((shm.name, a.dtype.str, len(a)))
+    except BaseException:
+        for shm in made:  # nothing of a failed read is left in /dev/shm
+            shm.close()
+            shm.unlink()
+        raise
+    for shm in made:
         shm.close()
         resource_tracker.unregister(shm._name, "shared_memory")  # the training process unlinks it
     return tuple(out), m.shape
