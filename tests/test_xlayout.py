@@ -99,6 +99,13 @@ def test_layout_reader_matches_tiledb_on_random_cells_and_gene_subsets(base):
     # no layout file stays open between reads (a store's shard files can outnumber the fd limit)
     assert not [f for f in _open_files() if xlayout.LAYOUT_DIR in f]
     reader.close()
+    # Store.iter_X takes ascending unique ids: TileDB returns each cell once, so a repeat or an
+    # out-of-order id would come back as an empty or another cell's row
+    from atlasmix.errors import StoreError
+
+    for bad in (ids[[5, 5, 6]], ids[[7, 3]]):
+        with pytest.raises(StoreError, match="ascending and unique"):
+            next(s.iter_X(bad))
 
 
 def _open_files() -> list[str]:

@@ -299,7 +299,7 @@ class Store:
         Parameters
         ----------
         joinids : numpy.ndarray of int64
-            Cell soma_joinids, sorted ascending.
+            Cell soma_joinids, ascending and unique.
         var_joinids : numpy.ndarray of int64, optional
             Genes to return (columns in this order). Default: all var.
         chunk_size : int
@@ -310,11 +310,20 @@ class Store:
         (numpy.ndarray, scipy.sparse.csr_matrix)
             The chunk's joinids and its counts, shape (len(chunk), len(var_joinids)), float32.
 
+        Raises
+        ------
+        StoreError
+            ``joinids`` not ascending and unique (TileDB returns each cell once, in its order: a
+            repeated or out-of-order id would come back as an empty or another cell's row).
+
         Notes
         -----
         Read from the store's x layout (:mod:`atlasmix.store.xlayout`) when every dataset holding
         ``joinids`` has one (local stores), else from TileDB X; the values are the same.
         """
+        joinids = np.asarray(joinids, dtype=np.int64)
+        if np.any(np.diff(joinids) <= 0):
+            raise StoreError("iter_X: joinids must be ascending and unique")
         if var_joinids is None:
             var_joinids = self.var().index.to_numpy(dtype=np.int64)
         var_joinids = np.asarray(var_joinids, dtype=np.int64)
