@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from atlasmix.errors import AtlasmixError
+
 if TYPE_CHECKING:  # annotations only: the loader does not import this module
     from atlasmix.training.loader import MixtureLoader
 
@@ -67,8 +69,6 @@ class MixtureIterableDataset(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         if self.num_workers is not None and self.num_workers != (1 if info is None else info.num_workers):
-            from atlasmix.errors import AtlasmixError
-
             raise AtlasmixError(f"MixtureIterableDataset was sized for {self.num_workers} worker(s), the DataLoader "
                                 f"has {1 if info is None else info.num_workers}")
         L = self.loader

@@ -216,7 +216,8 @@ class MixtureLoader:
         # the store's x layout (atlasmix.store.xlayout) when every dataset of the split has one
         self._layout_datasets = (xlayout.datasets_for(store, self.cells)
                                  if self.x_source != "tiledb" and self.x_cache is None else None)
-        if self.x_source == "layout" and self.x_cache is None and self._layout_datasets is None:  # (x_source: without x_cache)
+        # x_source applies without an x cache (with one, X is read from the cache)
+        if self.x_source == "layout" and self.x_cache is None and self._layout_datasets is None:
             raise AtlasmixError("x_source='layout' but a dataset of this split has no x layout "
                                 "(run `atlasmix store optimize`, or use an x_source of 'auto')")
 

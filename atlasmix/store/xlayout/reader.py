@@ -237,9 +237,9 @@ class LayoutReader:
     -----
     Memory: the ``indptr`` of each dataset read from (8 bytes per cell of that dataset, loaded on its
     first read) and each shard file's index (16 bytes per inner chunk of
-    :data:`~atlasmix.store.xlayout.writer.INNER_CHUNK` nonzeros), plus the result. No file stays open between reads (each read opens the shard files it
-    touches and closes them), so a store of any number of shards fits the open-file limit. Safe to
-    use from several threads at once.
+    :data:`~atlasmix.store.xlayout.writer.INNER_CHUNK` nonzeros), plus the result. No file stays
+    open between reads (each read opens the shard files it touches and closes them), so a store of
+    any number of shards fits the open-file limit. Safe to use from several threads at once.
 
     Raises
     ------

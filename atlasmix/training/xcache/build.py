@@ -172,9 +172,10 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
                           flush=True)
         size = _size(tmp)
         if size > cap:  # the estimate above counts the nonzeros; the file holds whole HDF5 chunks
-            raise AtlasmixError(f"x cache: the projection of {len(cells):,} cells x {len(var_joinids):,} genes takes "
-                                f"{size / 1e9:.3g} GB, over the cap of {cap / 1e9:.3g} GB; raise it "
-                                "(--x-cache-max-gb, ATLASMIX_X_CACHE_MAX_GB) or train from the store without an x cache")
+            raise AtlasmixError(f"x cache: the projection of {len(cells):,} cells x {len(var_joinids):,} genes "
+                                f"takes {size / 1e9:.3g} GB, over the cap of {cap / 1e9:.3g} GB; raise it "
+                                "(--x-cache-max-gb, ATLASMIX_X_CACHE_MAX_GB) or train from the store without "
+                                "an x cache")
         meta = {"format": fmt, "state_hash": state, "n_obs": int(len(cells)), "n_vars": int(len(var_joinids)),
                 "nnz": nnz, "build_s": round(time.perf_counter() - t0, 3), "bytes": int(size), "store_uri": store.uri}
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")

@@ -270,8 +270,8 @@ def clean_x_cache(cache_dir: str | Path, *, max_bytes: int | None = None, stale_
     for r in rows:
         if r["kind"] == "unfinished" and not r["in_use"]:
             drop(r)
-        elif r["kind"] == "projection" and (everything or (state is not None and _same_store(r["store_uri"], stale_for.uri)
-                                                           and r["state_hash"] != state)):
+        elif r["kind"] == "projection" and (everything or (
+                state is not None and _same_store(r["store_uri"], stale_for.uri) and r["state_hash"] != state)):
             if not drop(r):
                 left.append(r)
         else:
