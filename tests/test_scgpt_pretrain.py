@@ -163,3 +163,57 @@ def test_masked_prediction_baseline_leaves_the_scored_cell_out():
     ev = EvalSet()
     ev.obs = pd.DataFrame({"soma_joinid": [-1, -1, -1]})  # a file set: no joinids, keys are positions
     assert cell_keys(ev).tolist() == [0, 1, 2] and cell_keys(EvalSet()).tolist() == [0, 1, 2]
+
+
+def test_a_split_with_no_training_batch_is_an_error_not_an_endless_loop(mix, tmp_path):
+    """A vocabulary of genes no training cell expresses: every cell is dropped as empty, so no pass
+    over the split gives a training batch. A step budget used to loop forever and an epoch budget
+    to "train" 0 steps; both are one AtlasmixError."""
+    import scipy.sparse as sp
+
+    from atlasmix.errors import AtlasmixError
+    from atlasmix.mixing import read_manifest
+    from atlasmix.training.scgpt.pretrain import train_scgpt
+
+    store, path = mix
+    table, _ = read_manifest(path, store=store)
+    ids = np.unique(table["soma_joinid"].to_numpy())
+    used = np.asarray(sp.vstack([m for _, m in store.iter_X(ids)]).sum(axis=0)).ravel() > 0
+    var = store.var()
+    silent = sorted(set(var["feature_name"].astype(str)[~used]) - set(var["feature_name"].astype(str)[used]))[:3]
+    assert len(silent) == 3
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps({g: i for i, g in enumerate(silent)}))
+    for budget in ({"max_steps": 5}, {"epochs": 2}):
+        with pytest.raises(AtlasmixError, match="no training batch"):
+            train_scgpt(store, path, tmp_path / str(budget), vocab=vocab, **{**KW, "checkpoint_every": 0}, **budget)
+
+
+def test_stream_length_and_state_follow_its_batch_split(mix):
+    """len() counts the epoch's last, shorter megabatch as it is split (the learning-rate schedule of
+    an epoch budget is sized from it), and a state saved with another split of the megabatches is
+    refused instead of resuming at the wrong place."""
+    from atlasmix.errors import AtlasmixError
+    from atlasmix.training.stream import EncodedStream, train_loader
+
+    store, path = mix
+
+    class Rows(EncodedStream):  # one token per cell: every cell kept, only the batching is tested
+        n_special = 0
+        thread_name = "test-stream"
+
+        def encode(self, b):
+            n = int(b["soma_joinid"].shape[0])
+            return {"row": np.arange(n)[:, None]}, np.ones(n, dtype=np.int64)
+
+    def stream(batch_size, group_batches):
+        L = train_loader(store, path, store.var().index.to_numpy()[:100], batch_size=batch_size,
+                         group_batches=group_batches, io_batch_size=512, block_size=64, seed=0)
+        return Rows(L, batch_size=batch_size)
+
+    s = stream(16, 4)
+    assert s.loader.shard_size % s.loader.batch_size  # (the last megabatch is short here)
+    assert len(s) == sum(1 for _ in s)  # every batch counted, no more
+    st = s.state_dict()
+    with pytest.raises(AtlasmixError, match="batch_size"):
+        stream(32, 2).load_state_dict(st)

@@ -415,18 +415,21 @@ def run_pretraining(*, model: torch.nn.Module, net: torch.nn.Module, stream, out
                 "data_wait_fraction": acc_wait / max(now - t_log, 1e-9), "wall_s": now - t0}
 
     done = stopping()
+    empty_passes = 0  # passes over the split that gave no training batch (one is possible right after a resume)
     while not done and (bool(max_steps) or epoch < epochs):
         if stream.sub_done == 0 and loader.batches_done == 0:
             loader.set_epoch(epoch)
         elif loader.epoch != epoch:  # resumed at an epoch boundary
             epoch = loader.epoch
         it = iter(stream)
+        got = 0
         while True:
             tw = time.perf_counter()
             try:
                 b = next(it)
             except StopIteration:
                 break
+            got += 1
             dt = time.perf_counter() - tw
             wait += dt
             acc_wait += dt
@@ -456,6 +459,10 @@ def run_pretraining(*, model: torch.nn.Module, net: torch.nn.Module, stream, out
             if stopping():
                 done = True
                 break
+        empty_passes = 0 if got else empty_passes + 1
+        if empty_passes >= 2:  # a step budget would loop forever, an epoch budget "train" 0 steps
+            raise AtlasmixError("the training split gives no training batch: every cell is empty on the "
+                                "model's gene axis (choose genes its datasets measure)")
         if not done:
             epoch += 1
     if acc_n:

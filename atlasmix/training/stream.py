@@ -71,9 +71,13 @@ class EncodedStream:
         return d
 
     def __len__(self) -> int:
-        """Training batches per epoch (upper bound when empty cells are dropped)."""
-        per = -(-self.loader.batch_size // self.batch_size)
-        return len(self.loader) * per
+        """Training batches per epoch (an upper bound when empty cells are dropped): each loader
+        minibatch of ``loader.batch_size`` cells gives ceil(cells / ``batch_size``) batches, the
+        epoch's last, shorter one fewer."""
+        L = self.loader
+        cells = len(L) * L.batch_size if L.drop_last else L.shard_size
+        full, rest = divmod(cells, L.batch_size)
+        return full * -(-L.batch_size // self.batch_size) + -(-rest // self.batch_size)
 
     def _split(self, b: dict[str, Any], arrays: dict[str, np.ndarray], lengths: np.ndarray,
                mega_index: int) -> list[dict]:
@@ -139,9 +143,23 @@ class EncodedStream:
         st = self.loader.state_dict()
         if hasattr(self, "_epoch"):
             st["epoch"], st["batches_done"] = self._epoch, self._mega
-        return {"loader": st, "sub_done": self.sub_done}
+        return {"loader": st, "sub_done": self.sub_done, "batch_size": self.batch_size,
+                "group_by_length": self.group_by_length, "drop_empty": self.drop_empty}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`.
+
+        Raises
+        ------
+        AtlasmixError
+            The state was saved with another split of the megabatches into training batches
+            (``sub_done`` would point elsewhere), or by a loader with another order.
+        """
+        from atlasmix.errors import AtlasmixError
+
+        for k in ("batch_size", "group_by_length", "drop_empty"):  # (older states lack them: skipped)
+            if k in state and state[k] != getattr(self, k):
+                raise AtlasmixError(f"stream state has {k}={state[k]}, this run {getattr(self, k)}")
         self.loader.load_state_dict(state["loader"])
         self.sub_done = int(state.get("sub_done", 0))
         self._epoch, self._mega = self.loader.epoch, self.loader.batches_done
@@ -239,7 +257,7 @@ def embedding_table(store, joinids: np.ndarray, ids: list[np.ndarray], embs: lis
     df.insert(0, "n_tokens", nt)
     cols = list(obs_columns)
     if cols:
-        obs = store.obs(cols).to_pandas().set_index("soma_joinid").loc[joinids]
+        obs = store.obs(cols, joinids=joinids).to_pandas().set_index("soma_joinid").loc[joinids]  # these cells only
         for i, c in enumerate(cols):
             df.insert(i, c, obs[c].astype(str).to_numpy())
     return df
