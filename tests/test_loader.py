@@ -396,6 +396,34 @@ def test_read_process_errors_reach_the_caller_and_leave_no_shared_memory(mix, tm
     assert not [p for p in os.listdir("/dev/shm") if p.startswith(mine)]
 
 
+def test_every_x_source_gives_the_same_batches_for_padded_shards_unsorted_axes_and_augments(mix, tmp_path):
+    """The same minibatches from the x layout, TileDB X and an x cache when: a padded shard repeats
+    cells inside one IO batch (TileDB returns a repeated cell once); the gene axis is unsorted with
+    read-depth downsampling (its draws follow the nonzeros' order, which an x cache stores sorted);
+    and sparse minibatches on an unsorted axis meet torch's CSR rules (sorted columns per row)."""
+    from atlasmix.training.rda import ReadDepthAugment
+
+    pad = {src: make(mix, x_source=src, block_size=64).with_shard(7, 8, uneven="pad") for src in ("layout", "tiledb")}
+    cells = pad["layout"].cells[pad["layout"].shard_positions()]
+    assert len(np.unique(cells)) < len(cells) <= pad["layout"].io_batch_size  # repeats within one IO batch
+    for a, b in zip(*pad.values(), strict=True):
+        assert torch.equal(a["soma_joinid"], b["soma_joinid"]) and torch.equal(a["X"], b["X"])
+
+    axis = base_loader(mix).var_joinids
+    vj = np.random.default_rng(0).permutation(axis)[:97]  # an unsorted gene subset
+    runs = {}
+    for name, kw in (("layout", {}), ("tiledb", {"x_source": "tiledb"}), ("x_cache", {"x_cache": tmp_path})):
+        L = make(mix, var_joinids=vj, augment=ReadDepthAugment(p=0.5, min_total=0, seed=7), **kw)
+        runs[name] = [(b["soma_joinid"], b["X"], b["library_size"]) for b in L]
+    for same in zip(*runs.values(), strict=True):
+        assert all(all(torch.equal(f[0], g) for g in f[1:]) for f in zip(*same, strict=True))
+
+    with torch.sparse.check_sparse_tensor_invariants():  # sorted, distinct columns in every row
+        for b in make(mix, var_joinids=vj, sparse=True):
+            X = b["X"]
+            torch.sparse_csr_tensor(X.crow_indices(), X.col_indices(), X.values(), X.shape)
+
+
 @pytest.mark.parametrize("fmt", ["tiledb", "h5"])
 def test_x_cache_projection_serves_the_same_batches_and_is_reused(mix, tmp_path, fmt):
     """A gene-subset projection of X (cells x genes, in axis order) gives exactly the batches read

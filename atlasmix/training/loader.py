@@ -464,6 +464,11 @@ class MixtureLoader:
                     k += 1
                     held = [shms] if shms else []  # the read's shared-memory blocks, freed once m is not read
                     try:
+                        if (self.sparse or self.augment is not None) and not m.has_sorted_indices:
+                            # an unsorted gene axis leaves each row's columns in var order: torch's
+                            # sparse CSR wants them sorted, and the augment's draws follow their order
+                            # (an x cache stores them sorted: the same draws either way)
+                            m.sort_indices()
                         if self.augment is not None:  # a new CSR: the read's (shared) arrays are not written
                             m = self.augment.csr(m, self.cells[pos], self.epoch)
                         yield from cut.cut(pos, m, perm, (skip if k == 0 else 0) * self.batch_size,

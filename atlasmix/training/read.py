@@ -169,6 +169,11 @@ def read_csr(X, ids_sorted: np.ndarray, col_of: np.ndarray | None, n_vars: int) 
         return X.read(ids_sorted, col_of, n_vars)
     if isinstance(X, RowReader):  # an h5 x cache or a split in memory: rows already on the gene axis
         return X.read_rows(ids_sorted)
+    if len(ids_sorted) > 1 and np.any(ids_sorted[1:] == ids_sorted[:-1]):
+        # a repeated cell (uneven="pad" can repeat a shard's cells within one IO batch): TileDB returns
+        # its nonzeros once, so read each cell once and repeat the rows
+        u, inv = np.unique(ids_sorted, return_inverse=True)
+        return read_csr(X, u, col_of, n_vars)[inv]
     n = len(ids_sorted)
     if col_of is not None and col_of.dtype != np.int32:
         col_of = col_of.astype(np.int32)
