@@ -308,7 +308,8 @@ class LDVAETrainOptions(_Options):
         Read-depth-aware downsampling of the training cells (scFoundation's augmentation,
         :class:`atlasmix.training.rda.ReadDepthAugment`): ``{}`` for its defaults, or ``p``,
         ``beta``, ``min_total``; drawn anew each epoch (seeded by ``seed``), applied to every IO
-        batch, so each minibatch's library size is the downsampled one. Validation cells and the
+        batch, so each minibatch's library size is the downsampled one (with the loader's default
+        ``library="counts"``; ``"total_counts"`` keeps obs' whole-cell totals). Validation cells and the
         library-size prior's sample stay whole. None (default): off.
 
     Raises
