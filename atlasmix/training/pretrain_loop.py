@@ -469,6 +469,13 @@ def run_pretraining(*, model: torch.nn.Module, net: torch.nn.Module, stream, out
         rows.append(log_row(time.perf_counter()))
     wall = time.perf_counter() - t0
     save_checkpoint()
+    if dist:
+        # every rank got here (a run that ended normally; after a failure, destroying could hang on
+        # the other ranks) and no collective follows: shut the process group down now, while the
+        # interpreter is whole. Left to interpreter exit, gloo's worker threads can abort a rank
+        # (SIGABRT, "terminate called without an active exception": pytorch/pytorch#190489), which
+        # failed a resumed 2-rank run once in CI.
+        torch.distributed.destroy_process_group()
     if rank == 0:
         curve = pd.DataFrame(rows)
         curve.to_csv(out / "training_curve.csv", index=False)
