@@ -68,9 +68,10 @@ class MixtureIterableDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        if self.num_workers is not None and self.num_workers != (1 if info is None else info.num_workers):
+        workers = 1 if info is None else info.num_workers
+        if self.num_workers is not None and self.num_workers != workers:
             raise AtlasmixError(f"MixtureIterableDataset was sized for {self.num_workers} worker(s), the DataLoader "
-                                f"has {1 if info is None else info.num_workers}")
+                                f"has {workers}")
         L = self.loader
         if info is not None and info.num_workers > 1:
             if not hasattr(self, "_shard"):

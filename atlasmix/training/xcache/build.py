@@ -29,7 +29,8 @@ from atlasmix.errors import AtlasmixError
 from atlasmix.store import schema as S
 from atlasmix.store import xlayout
 from atlasmix.training.read import gene_columns, read_csr
-from atlasmix.training.xcache.folder import META, _adopt_lease, _lease, _size, cap_bytes, clean_x_cache
+from atlasmix.training.xcache.folder import (META, _adopt_lease, _lease, _shared_lock, _size, cap_bytes,
+                                             clean_x_cache)
 
 #: cache formats: compressed TileDB-SOMA array, or uncompressed CSR in HDF5.
 FORMATS = ("tiledb", "h5")
@@ -199,15 +200,6 @@ def ensure_x_cache(store, cells: np.ndarray, var_joinids: np.ndarray, cache_dir:
     _adopt_lease(final, lock)
     clean_x_cache(root, max_bytes=cap, keep=final)
     return str(final / leaf), {**meta, "built": True}
-
-
-def _shared_lock(path: Path) -> int:
-    """An fd of ``path`` holding a shared ``flock`` (the lease :mod:`~atlasmix.training.xcache.folder` checks)."""
-    import fcntl
-
-    fd = os.open(path, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    return fd
 
 
 class _Writer:

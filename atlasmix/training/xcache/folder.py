@@ -58,23 +58,30 @@ def cap_bytes(max_bytes: int | None = None) -> int:
 def _lease(final: Path) -> bool:
     """Hold a shared lock on projection ``final`` for the rest of this process; False when it was
     deleted while we waited for the lock (then it must be built again)."""
-    import fcntl
-
     key = str(final / META)
     if key in _LEASES:
         os.utime(key)
         return True
     try:
-        fd = os.open(key, os.O_RDONLY)
+        fd = _shared_lock(key)  # waits only while a clean-up holds it to delete the projection
     except FileNotFoundError:
         return False
-    fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a clean-up holds it to delete the projection
     if not os.path.exists(key):
         os.close(fd)
         return False
     _LEASES[key] = fd
     os.utime(key)  # last use, for least-recently-used eviction
     return True
+
+
+def _shared_lock(path: str | Path) -> int:
+    """An fd of ``path`` holding a shared ``flock``: a lease on a projection's metadata file, which
+    deletion (an exclusive lock, :func:`_lock_unused`) cannot take. Raises FileNotFoundError."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
 
 
 def _adopt_lease(final: Path, fd: int) -> None:
