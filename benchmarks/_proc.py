@@ -1,4 +1,4 @@
-"""CPU time of a process and its live descendants, from Linux ``/proc`` (standard library only).
+"""CPU time of a process and its descendants, and its peak RSS, from Linux ``/proc`` (standard library only).
 
 Shared by ``bench_loader.py`` and ``peer_annbatch.py`` (which runs in annbatch's own Python 3.12
 venv, so this module imports nothing outside the standard library).
@@ -67,3 +67,16 @@ def tree_cpu_s(pid: int | None = None) -> float:
         ticks += _ticks(p)
         todo += _children(p)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS (MiB) of this process's own address space: Linux ``VmHWM``, reset by ``execve``
+    (``ru_maxrss`` is kept across ``execve``, so a benchmark subprocess would report its parent's
+    peak); ``nan`` without ``/proc``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")

@@ -276,7 +276,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _proc import tree_cpu_s  # noqa: E402
+from _proc import peak_rss_mib, tree_cpu_s  # noqa: E402
 
 
 def build_store(workdir: Path, n_cells: int, seed: int = 0) -> str:
@@ -304,18 +304,9 @@ def build_store(workdir: Path, n_cells: int, seed: int = 0) -> str:
 
 
 def _rss_mib() -> float:
-    """Peak RSS (MiB) of this process's own address space.
-
-    Linux ``VmHWM`` (reset by ``execve``); ``ru_maxrss`` is kept across ``execve`` on Linux, so a
-    loader subprocess started after the parent built the store would report the build's peak.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS (MiB) of this process (:func:`_proc.peak_rss_mib`; ``ru_maxrss`` off Linux)."""
+    v = peak_rss_mib()
+    return v if v == v else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _measure(batches, n_warm: int, max_cells: int, codes_of, dense_of) -> dict:

@@ -25,14 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _proc import tree_cpu_s  # noqa: E402  (standard library only: runs in annbatch's venv)
-
-
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from _proc import peak_rss_mib, tree_cpu_s  # noqa: E402  (standard library only: runs in annbatch's venv)
 
 
 def main() -> None:
@@ -68,7 +61,7 @@ def main() -> None:
         (a.collection / ".built").write_text(json.dumps({"prep_s": prep_s}))
     else:
         prep_s = json.loads((a.collection / ".built").read_text())["prep_s"]
-    prep_rss = _rss_mib()
+    prep_rss = peak_rss_mib()
     nbytes = sum(f.stat().st_size for f in a.collection.rglob("*") if f.is_file())
 
     loader = Loader(batch_size=a.batch_size, shuffle=True, chunk_size=512, preload_nchunks=32, preload_to_gpu=False,
@@ -91,7 +84,7 @@ def main() -> None:
     print(json.dumps({"method": "annbatch", "cells": n, "seconds": dt, "cells_per_s": n / dt if dt else float("nan"),
                       "cpu_s": cpu,
                       "prep_s": prep_s, "prep_built_now": built, "prep_peak_rss_mib": prep_rss if built else None,
-                      "collection_bytes": nbytes, "peak_rss_mib": _rss_mib(), "codes": codes,
+                      "collection_bytes": nbytes, "peak_rss_mib": peak_rss_mib(), "codes": codes,
                       "n_vars": int(X.shape[1])}))
 
 
